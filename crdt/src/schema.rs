@@ -1,0 +1,103 @@
+//! The SQLite schema and its migrations.
+//!
+//! The database is identified by `PRAGMA application_id` ("LCHN") and versioned by
+//! `PRAGMA user_version`. Opening runs the migrations from the stored version up to
+//! [`SCHEMA_VERSION`] inside one transaction. A file that is not a Lichen database, or one
+//! written by a newer schema, is refused and never touched.
+//!
+//! Tables:
+//! * `meta(key, value)`: the cluster id.
+//! * `changes`: every authenticated change, by hash, with signature, author, seq, start_op,
+//!   `max_op` (start_op - 1 + number of ops), dependencies, and `status` (0 valid, 1 void).
+//!   `UNIQUE(doc, author, seq)` doubles as the per-author chain index used by sync.
+//! * `evidence`: the second change of an equivocating pair, kept as proof against the key.
+//! * `docs`: per document: heads, change count, and an optional Automerge snapshot with the
+//!   last change rowid it covers (so a lazy load applies only what came after).
+//! * `kv`: the materialized view: the JSON value of each top-level key, maintained in the same
+//!   transaction as the changes, so reads never need Automerge.
+
+use rusqlite::Connection;
+
+/// `PRAGMA application_id` of a Lichen database ("LCHN").
+pub const APPLICATION_ID: i64 = 0x4c43_484e;
+/// The newest schema this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+     CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        hash BLOB NOT NULL UNIQUE,
+        doc TEXT NOT NULL,
+        author BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        start_op INTEGER NOT NULL,
+        max_op INTEGER NOT NULL,
+        time INTEGER NOT NULL,
+        deps BLOB NOT NULL,
+        sig BLOB NOT NULL,
+        bytes BLOB NOT NULL,
+        status INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (doc, author, seq)
+     );
+     CREATE INDEX changes_by_doc ON changes (doc, id);
+     CREATE TABLE evidence (
+        hash BLOB PRIMARY KEY,
+        doc TEXT NOT NULL,
+        author BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        sig BLOB NOT NULL,
+        bytes BLOB NOT NULL,
+        conflicts_with BLOB NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE docs (
+        doc TEXT PRIMARY KEY,
+        heads BLOB NOT NULL,
+        n_changes INTEGER NOT NULL,
+        snapshot BLOB,
+        snapshot_upto INTEGER NOT NULL DEFAULT 0
+     ) WITHOUT ROWID;
+     CREATE TABLE kv (
+        doc TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (doc, key)
+     ) WITHOUT ROWID;",
+];
+
+/// Why a database could not be prepared.
+pub(crate) enum SchemaProblem {
+    NotLichen,
+    Newer(i64),
+    Sql(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for SchemaProblem {
+    fn from(e: rusqlite::Error) -> Self {
+        SchemaProblem::Sql(e)
+    }
+}
+
+/// Check identity and version, then migrate to the latest schema.
+pub(crate) fn prepare(conn: &mut Connection, fresh: bool) -> Result<(), SchemaProblem> {
+    let app: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if !fresh && app != APPLICATION_ID {
+        return Err(SchemaProblem::NotLichen);
+    }
+    if version > SCHEMA_VERSION {
+        return Err(SchemaProblem::Newer(version));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for (v, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", v as i64 + 1)?;
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,1770 @@
+//! The durable store: signed changes in SQLite, documents in Automerge, reads from a
+//! materialized view.
+//!
+//! # Data flow
+//! * **Local write** ([`Store::write`], [`Store::write_batch`]): authorize the local key against
+//!   membership → make the Automerge change on the in-memory document (loaded lazily) → sign →
+//!   one SQLite transaction inserts the change and updates the materialized `kv` rows → commit
+//!   (fsync) → only then is the signed change returned, for the caller to announce. A batch of
+//!   writes shares one transaction and so one fsync (group commit).
+//! * **Remote changes** ([`Store::ingest`]): authenticate every change without Automerge
+//!   (frame, hash, signature, actor = signer; see [`crate::signed`]) → membership changes first,
+//!   evaluated by the deterministic rule in [`crate::membership`] → per document: authorize,
+//!   check dependencies, seq contiguity, equivocation and `start_op` → parse with Automerge under
+//!   `catch_unwind` → apply the whole batch at once (one at a time is quadratic) → one SQLite
+//!   transaction. Changes that may become valid later (unknown author, missing dependencies,
+//!   seq gap) wait in a bounded pending set and are retried whenever something is applied.
+//! * **Reads** ([`Store::get`], [`Store::keys`], [`Store::list_docs`]) are served from the `kv`
+//!   table, so opening the store and reading a document costs the same for 10 or 100k changes.
+//!   Automerge is loaded lazily (from a snapshot plus the changes after it) only for writes,
+//!   conflicts and history.
+//!
+//! # Durability and fsync policy
+//! SQLite runs in WAL mode with `synchronous = FULL`: every committed transaction is fsynced
+//! before `commit` returns, so an acknowledged write survives both a process crash (`kill -9`)
+//! and a power loss. Concurrent writers share fsyncs by batching into one transaction
+//! ([`Store::write_batch`]); the agent's writer task does this for requests that arrive while
+//! a commit is in flight.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use automerge::{ActorId, Automerge, Change, ChangeHash, ROOT};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::Value;
+
+use crate::error::{RejectReason, StoreError};
+use crate::header::ChangeHeader;
+use crate::identity::{hex, NodeId, SecretKey};
+use crate::json::{self, PathSeg};
+use crate::membership::{self, Member, MemberChange, Membership, Role};
+use crate::schema::{self, SchemaProblem};
+use crate::signed::{valid_doc_name, ClusterId, SignedChange, MEMBERSHIP_DOC};
+
+/// Most changes held in the pending set.
+pub const MAX_PENDING: usize = 10_000;
+/// Most bytes held in the pending set.
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
+
+/// A local edit of a document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Set the value at a path (creating intermediate maps), with minimal CRDT operations.
+    Put {
+        /// Where.
+        path: Vec<PathSeg>,
+        /// The new JSON value.
+        value: Value,
+    },
+    /// Delete the value at a path.
+    Delete {
+        /// Where.
+        path: Vec<PathSeg>,
+    },
+    /// Make the whole document equal to a JSON object, with minimal CRDT operations.
+    Replace {
+        /// The new content (must be an object).
+        value: Value,
+    },
+}
+
+/// What happened to one change offered to [`Store::ingest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored and applied.
+    Applied,
+    /// Already held.
+    Duplicate,
+    /// Held in the pending set until its dependencies or its author's membership arrive.
+    Pending(RejectReason),
+    /// Refused; not stored, not applied.
+    Rejected(RejectReason),
+}
+
+/// The result of ingesting a batch.
+#[derive(Debug, Default, Clone)]
+pub struct IngestReport {
+    /// Per offered change (in offered order, then retried pending changes): doc, author, hash
+    /// (if it could be computed), outcome.
+    pub outcomes: Vec<(String, NodeId, Option<[u8; 32]>, Outcome)>,
+    /// Changes that were valid before and became void because of membership changes.
+    pub voided: Vec<[u8; 32]>,
+    /// Changes that were void before and became valid again.
+    pub revived: Vec<[u8; 32]>,
+    /// Documents whose content changed.
+    pub changed_docs: BTreeSet<String>,
+    /// Whether the evaluated membership changed.
+    pub membership_changed: bool,
+}
+
+impl IngestReport {
+    /// Hashes of the changes applied by this call (for relaying).
+    pub fn applied(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.outcomes.iter().filter_map(|(_, _, h, o)| match o {
+            Outcome::Applied => h.as_ref(),
+            _ => None,
+        })
+    }
+
+    /// Number of changes applied.
+    pub fn applied_count(&self) -> usize {
+        self.applied().count()
+    }
+
+    /// The rejected changes with their reasons.
+    pub fn rejected(&self) -> impl Iterator<Item = &RejectReason> {
+        self.outcomes.iter().filter_map(|(_, _, _, o)| match o {
+            Outcome::Rejected(r) => Some(r),
+            _ => None,
+        })
+    }
+}
+
+/// One verified entry of a document's history.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistoryEntry {
+    /// Change hash (hex).
+    pub hash: String,
+    /// Author node id.
+    pub author: NodeId,
+    /// Author's name in the membership document.
+    pub author_name: String,
+    /// Per-author sequence number.
+    pub seq: u64,
+    /// Time the author claims, in milliseconds since the epoch (informational).
+    pub time_ms: i64,
+    /// What the change did.
+    pub edits: Vec<Edit>,
+}
+
+/// One effect of a change.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Edit {
+    /// Dotted path.
+    pub path: String,
+    /// `put`, `delete`, `insert`, `increment` or `splice`.
+    pub action: &'static str,
+    /// The value written, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+}
+
+struct Loaded {
+    am: Automerge,
+}
+
+struct PendingSet {
+    queue: VecDeque<SignedChange>,
+    hashes: HashSet<[u8; 32]>,
+    bytes: usize,
+}
+
+impl PendingSet {
+    fn insert(&mut self, c: SignedChange, hash: [u8; 32]) {
+        if !self.hashes.insert(hash) {
+            return;
+        }
+        self.bytes += c.bytes.len();
+        self.queue.push_back(c);
+        while self.queue.len() > MAX_PENDING || self.bytes > MAX_PENDING_BYTES {
+            if let Some(old) = self.queue.pop_front() {
+                self.bytes -= old.bytes.len();
+                if let Ok(h) = crate::header::parse(&old.bytes) {
+                    self.hashes.remove(&h.hash);
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) -> Vec<SignedChange> {
+        self.hashes.clear();
+        self.bytes = 0;
+        self.queue.drain(..).collect()
+    }
+}
+
+/// Row data of a change accepted for insertion.
+struct Accepted {
+    signed: SignedChange,
+    header: ChangeHeader,
+    change: Change,
+    max_op: u64,
+}
+
+/// The store. Single-threaded: the agent gives it to one task.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    cluster: ClusterId,
+    membership: Membership,
+    member_changes: Vec<MemberChange>,
+    member_valid: HashSet<[u8; 32]>,
+    loaded: HashMap<String, Loaded>,
+    pending: PendingSet,
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn panic_safe<T>(f: impl FnOnce() -> T) -> Option<T> {
+    catch_unwind(AssertUnwindSafe(f)).ok()
+}
+
+fn hashes_to_blob(h: &[[u8; 32]]) -> Vec<u8> {
+    h.iter().flatten().copied().collect()
+}
+
+fn blob_to_hashes(b: &[u8]) -> Vec<[u8; 32]> {
+    b.chunks_exact(32)
+        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+        .collect()
+}
+
+fn member_json(m: &Member) -> Value {
+    serde_json::to_value(m).unwrap_or(Value::Null)
+}
+
+impl Store {
+    fn open_conn(path: &Path, create: bool) -> Result<(Connection, bool), StoreError> {
+        let exists = path.exists() && std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
+        if create && exists {
+            return Err(StoreError::Invalid(format!(
+                "{} already exists; refusing to overwrite it",
+                path.display()
+            )));
+        }
+        if !create && !exists {
+            return Err(StoreError::Invalid(format!(
+                "{} does not exist (create or join a cluster first)",
+                path.display()
+            )));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | if create {
+                OpenFlags::SQLITE_OPEN_CREATE
+            } else {
+                OpenFlags::empty()
+            };
+        let mut conn = Connection::open_with_flags(path, flags)?;
+        // A non-database file fails here ("file is not a database").
+        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| corrupt(path, e.to_string()))?;
+        match schema::prepare(&mut conn, create) {
+            Ok(()) => {}
+            Err(SchemaProblem::NotLichen) => {
+                return Err(corrupt(path, "not a Lichen database (wrong application id)"))
+            }
+            Err(SchemaProblem::Newer(v)) => {
+                return Err(StoreError::NewerSchema {
+                    path: path.display().to_string(),
+                    found: v,
+                    supported: schema::SCHEMA_VERSION,
+                })
+            }
+            Err(SchemaProblem::Sql(e)) => return Err(corrupt(path, e.to_string())),
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| corrupt(path, e.to_string()))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok((conn, create))
+    }
+
+    fn empty(conn: Connection, path: &Path, cluster: ClusterId) -> Store {
+        Store {
+            conn,
+            path: path.to_path_buf(),
+            cluster,
+            membership: Membership::default(),
+            member_changes: Vec::new(),
+            member_valid: HashSet::new(),
+            loaded: HashMap::new(),
+            pending: PendingSet {
+                queue: VecDeque::new(),
+                hashes: HashSet::new(),
+                bytes: 0,
+            },
+        }
+    }
+
+    /// Found a new cluster: `key` becomes its root admin. Returns the store; its cluster id is
+    /// the hash of the genesis change.
+    pub fn create(path: &Path, key: &SecretKey, name: &str, now_ms: i64) -> Result<Store, StoreError> {
+        let me = key.node_id();
+        let mut am = Automerge::new().with_actor(ActorId::from(me.0.as_slice()));
+        let member = Member {
+            name: name.to_string(),
+            role: Role::Admin,
+            addrs: Vec::new(),
+            scopes: Vec::new(),
+            cutoff: BTreeMap::new(),
+        };
+        let mut tx = am.transaction();
+        let ops = json::put_path(&mut tx, &[PathSeg::Key("root".into())], &Value::String(me.to_string()))
+            .and_then(|_| {
+                json::put_path(
+                    &mut tx,
+                    &[PathSeg::Key("members".into()), PathSeg::Key(me.to_string())],
+                    &member_json(&member),
+                )
+            });
+        if let Err(e) = ops {
+            return Err(StoreError::Automerge(e.to_string()));
+        }
+        tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now_ms));
+        let change = am
+            .get_last_local_change()
+            .ok_or_else(|| StoreError::Automerge("genesis produced no change".into()))?;
+        let cluster = change.hash().0;
+        let (conn, _) = Self::open_conn(path, true)?;
+        let mut store = Store::empty(conn, path, cluster);
+        store.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('cluster_id', ?1)",
+            params![cluster.to_vec()],
+        )?;
+        let signed = SignedChange::sign(key, &cluster, MEMBERSHIP_DOC, &cluster, change.raw_bytes().to_vec());
+        let report = store.ingest(vec![signed])?;
+        if report.applied_count() != 1 {
+            return Err(StoreError::Automerge(format!(
+                "genesis was not accepted: {:?}",
+                report.outcomes
+            )));
+        }
+        Ok(store)
+    }
+
+    /// Create an empty store for a node joining cluster `cluster`; it fills in by sync.
+    pub fn join(path: &Path, cluster: ClusterId) -> Result<Store, StoreError> {
+        let (conn, _) = Self::open_conn(path, true)?;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('cluster_id', ?1)",
+            params![cluster.to_vec()],
+        )?;
+        Ok(Store::empty(conn, path, cluster))
+    }
+
+    /// Open an existing store. If `expected` is given, the store must belong to that cluster.
+    pub fn open(path: &Path, expected: Option<ClusterId>) -> Result<Store, StoreError> {
+        let (conn, _) = Self::open_conn(path, false)?;
+        let cluster: Vec<u8> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'cluster_id'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| corrupt(path, e.to_string()))?
+            .ok_or_else(|| corrupt(path, "no cluster id recorded"))?;
+        let cluster: ClusterId = cluster
+            .try_into()
+            .map_err(|_| corrupt(path, "cluster id is not 32 bytes"))?;
+        if let Some(exp) = expected {
+            if exp != cluster {
+                return Err(StoreError::WrongCluster {
+                    path: path.display().to_string(),
+                    found: hex(&cluster),
+                    expected: hex(&exp),
+                });
+            }
+        }
+        let mut store = Store::empty(conn, path, cluster);
+        store.load_membership()?;
+        Ok(store)
+    }
+
+    fn load_membership(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT hash, author, seq, start_op, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![MEMBERSHIP_DOC], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+            ))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (hash, author, seq, start_op, deps, bytes) = row?;
+            let path = self.path.clone();
+            let change = panic_safe(|| Change::try_from(bytes.as_slice()))
+                .and_then(|r| r.ok())
+                .ok_or_else(|| corrupt(&path, "a stored membership change does not parse"))?;
+            changes.push(MemberChange {
+                hash: hash.try_into().map_err(|_| corrupt(&path, "bad hash"))?,
+                author: NodeId::from_slice(&author).ok_or_else(|| corrupt(&path, "bad author"))?,
+                seq: seq as u64,
+                start_op: start_op as u64,
+                deps: blob_to_hashes(&deps),
+                change,
+            });
+        }
+        drop(stmt);
+        let eval = membership::evaluate(&self.cluster, &changes);
+        self.member_valid = eval.valid.iter().copied().collect();
+        self.membership = eval.state;
+        self.member_changes = changes;
+        Ok(())
+    }
+
+    /// The cluster id (hash of the genesis change).
+    pub fn cluster_id(&self) -> ClusterId {
+        self.cluster
+    }
+
+    /// The evaluated membership.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of changes waiting in the pending set.
+    pub fn pending_len(&self) -> usize {
+        self.pending.queue.len()
+    }
+
+    // ------------------------------------------------------------------ reads
+
+    /// Names of all documents (not including the membership document).
+    pub fn list_docs(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT doc FROM docs WHERE doc != ?1 ORDER BY doc")?;
+        let rows = stmt.query_map(params![MEMBERSHIP_DOC], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether a document exists.
+    pub fn has_doc(&self, doc: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM docs WHERE doc = ?1")?
+            .exists(params![doc])?)
+    }
+
+    /// The value at `path` in `doc` (the whole document for an empty path), from the
+    /// materialized view. `None` if the document or path does not exist.
+    pub fn get(&self, doc: &str, path: &[PathSeg]) -> Result<Option<Value>, StoreError> {
+        if !self.has_doc(doc)? {
+            return Ok(None);
+        }
+        let Some((first, rest)) = path.split_first() else {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT key, value FROM kv WHERE doc = ?1 ORDER BY key")?;
+            let rows = stmt.query_map(params![doc], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut map = serde_json::Map::new();
+            for row in rows {
+                let (k, v) = row?;
+                map.insert(k, serde_json::from_str(&v).map_err(|e| corrupt(&self.path, e.to_string()))?);
+            }
+            return Ok(Some(Value::Object(map)));
+        };
+        let key = match first {
+            PathSeg::Key(k) => k.clone(),
+            PathSeg::Index(_) => return Ok(None),
+        };
+        let text: Option<String> = self
+            .conn
+            .prepare_cached("SELECT value FROM kv WHERE doc = ?1 AND key = ?2")?
+            .query_row(params![doc, key], |r| r.get(0))
+            .optional()?;
+        let Some(text) = text else { return Ok(None) };
+        let mut value: Value = serde_json::from_str(&text).map_err(|e| corrupt(&self.path, e.to_string()))?;
+        for seg in rest {
+            let next = match (seg, value) {
+                (PathSeg::Key(k), Value::Object(mut m)) => m.remove(k),
+                (PathSeg::Key(k), Value::Array(mut a)) => match k.parse::<usize>() {
+                    Ok(i) if i < a.len() => Some(a.swap_remove(i)),
+                    _ => None,
+                },
+                (PathSeg::Index(i), Value::Array(mut a)) if *i < a.len() => Some(a.swap_remove(*i)),
+                _ => None,
+            };
+            match next {
+                Some(v) => value = v,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(value))
+    }
+
+    /// Keys of the object (or indices of the list) at `path`.
+    pub fn keys(&self, doc: &str, path: &[PathSeg]) -> Result<Option<Vec<String>>, StoreError> {
+        Ok(self.get(doc, path)?.map(|v| match v {
+            Value::Object(m) => m.keys().cloned().collect(),
+            Value::Array(a) => (0..a.len()).map(|i| i.to_string()).collect(),
+            _ => Vec::new(),
+        }))
+    }
+
+    /// All concurrent values at `path` (winner first): more than one means a conflict.
+    pub fn conflicts(&mut self, doc: &str, path: &[PathSeg]) -> Result<Vec<Value>, StoreError> {
+        if !self.has_doc(doc)? {
+            return Err(StoreError::NoSuchDocument(doc.to_string()));
+        }
+        let am = &self.loaded_doc(doc)?.am;
+        Ok(json::conflicts_at(am, path)?)
+    }
+
+    /// Current heads of a document (sorted).
+    pub fn heads(&self, doc: &str) -> Result<Vec<[u8; 32]>, StoreError> {
+        let blob: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT heads FROM docs WHERE doc = ?1")?
+            .query_row(params![doc], |r| r.get(0))
+            .optional()?;
+        Ok(blob.map(|b| blob_to_hashes(&b)).unwrap_or_default())
+    }
+
+    /// Number of valid changes in a document.
+    pub fn change_count(&self, doc: &str) -> Result<u64, StoreError> {
+        let n: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT n_changes FROM docs WHERE doc = ?1")?
+            .query_row(params![doc], |r| r.get(0))
+            .optional()?;
+        Ok(n.unwrap_or(0) as u64)
+    }
+
+    /// Per-author highest valid seq of a document: its version vector.
+    pub fn clock(&self, doc: &str) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT author, MAX(seq) FROM changes WHERE doc = ?1 AND status = 0 GROUP BY author",
+        )?;
+        let rows = stmt.query_map(params![doc], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (a, s) = row?;
+            if let Some(id) = NodeId::from_slice(&a) {
+                out.insert(id, s as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Version vectors of every document, including the membership document.
+    pub fn all_clocks(&self) -> Result<BTreeMap<String, BTreeMap<NodeId, u64>>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT doc, author, MAX(seq) FROM changes WHERE status = 0 GROUP BY doc, author",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?))
+        })?;
+        let mut out: BTreeMap<String, BTreeMap<NodeId, u64>> = BTreeMap::new();
+        for row in rows {
+            let (d, a, s) = row?;
+            if let Some(id) = NodeId::from_slice(&a) {
+                out.entry(d).or_default().insert(id, s as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Turn fsync off (`false`) or on (`true`, the default). Off trades power-loss durability
+    /// for speed and is meant for simulations and tests only: a committed transaction still
+    /// survives a process crash, but not a power loss.
+    pub fn set_fsync(&mut self, on: bool) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "synchronous", if on { "FULL" } else { "OFF" })?;
+        Ok(())
+    }
+
+    /// Valid changes of `author` in `doc` with seq > `after`, in seq order, at most `limit`.
+    pub fn changes_after(
+        &self,
+        doc: &str,
+        author: &NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SignedChange>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT sig, bytes FROM changes WHERE doc = ?1 AND author = ?2 AND seq > ?3 AND status = 0
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![doc, author.0.to_vec(), after as i64, limit as i64], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (sig, bytes) = row?;
+            out.push(SignedChange {
+                doc: doc.to_string(),
+                author: *author,
+                sig: sig.try_into().map_err(|_| corrupt(&self.path, "bad signature length"))?,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A stored valid change by hash.
+    pub fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached("SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1 AND status = 0")?
+            .query_row(params![hash.to_vec()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .optional()?;
+        let Some((doc, author, sig, bytes)) = row else { return Ok(None) };
+        Ok(Some(SignedChange {
+            doc,
+            author: NodeId::from_slice(&author).ok_or_else(|| corrupt(&self.path, "bad author"))?,
+            sig: sig.try_into().map_err(|_| corrupt(&self.path, "bad signature length"))?,
+            bytes,
+        }))
+    }
+
+    /// Keys flagged for equivocation (two different changes at the same doc, author and seq).
+    pub fn equivocators(&self) -> Result<Vec<NodeId>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT author FROM evidence")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Some(id) = NodeId::from_slice(&r?) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Verified history of a document, optionally only the edits under `path`, newest last,
+    /// at most `limit` entries (the newest ones).
+    pub fn history(&mut self, doc: &str, path: &[PathSeg], limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
+        if !self.has_doc(doc)? {
+            return Err(StoreError::NoSuchDocument(doc.to_string()));
+        }
+        let rows: Vec<(Vec<u8>, Vec<u8>, i64, i64, Vec<u8>)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT hash, author, seq, time, deps FROM changes WHERE doc = ?1 AND status = 0 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let prefix = json::format_path(path);
+        let names = self.membership.clone();
+        let am = &self.loaded_doc(doc)?.am;
+        let mut out = Vec::new();
+        for (hash, author, seq, time, deps) in rows {
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+            let Some(author) = NodeId::from_slice(&author) else { continue };
+            let before: Vec<ChangeHash> = blob_to_hashes(&deps).into_iter().map(ChangeHash).collect();
+            let patches = panic_safe(|| am.diff(&before, &[ChangeHash(hash)])).unwrap_or_default();
+            let edits: Vec<Edit> = patches
+                .into_iter()
+                .filter_map(|p| patch_to_edit(am, p))
+                .filter(|e| prefix.is_empty() || e.path == prefix || e.path.starts_with(&format!("{prefix}.")) || prefix.starts_with(&format!("{}.", e.path)))
+                .collect();
+            if !path.is_empty() && edits.is_empty() {
+                continue;
+            }
+            out.push(HistoryEntry {
+                hash: hex(&hash),
+                author,
+                author_name: names.name_of(&author),
+                seq: seq as u64,
+                time_ms: time,
+                edits,
+            });
+        }
+        let skip = out.len().saturating_sub(limit);
+        Ok(out.split_off(skip))
+    }
+
+    // ------------------------------------------------------------------ local writes
+
+    /// Make one local edit signed by `key`. Returns the committed signed change, or `None` if
+    /// the edit changed nothing. The change is durable when this returns.
+    pub fn write(&mut self, key: &SecretKey, doc: &str, op: &Op, now_ms: i64) -> Result<Option<SignedChange>, StoreError> {
+        self.write_batch(key, &[(doc.to_string(), op.clone())], now_ms)
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Invalid("empty batch".into())))
+    }
+
+    /// Make several local edits in one SQLite transaction (one fsync): group commit.
+    /// Each edit gets its own result; a failed edit does not affect the others.
+    pub fn write_batch(
+        &mut self,
+        key: &SecretKey,
+        ops: &[(String, Op)],
+        now_ms: i64,
+    ) -> Vec<Result<Option<SignedChange>, StoreError>> {
+        let me = key.node_id();
+        let mut results: Vec<Result<Option<SignedChange>, StoreError>> = Vec::with_capacity(ops.len());
+        let mut made: Vec<(usize, Accepted)> = Vec::new();
+        let mut touched: BTreeMap<String, Vec<ChangeHash>> = BTreeMap::new();
+        for (i, (doc, op)) in ops.iter().enumerate() {
+            let r = self.make_local_change(key, &me, doc, op, now_ms);
+            match r {
+                Ok(Some((acc, before))) => {
+                    touched.entry(doc.clone()).or_insert(before);
+                    results.push(Ok(Some(acc.signed.clone())));
+                    made.push((i, acc));
+                }
+                Ok(None) => results.push(Ok(None)),
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if made.is_empty() {
+            return results;
+        }
+        let accepted: Vec<&Accepted> = made.iter().map(|(_, a)| a).collect();
+        if let Err(e) = self.persist(&accepted, &touched) {
+            // Nothing was committed: forget the in-memory documents that ran ahead of disk.
+            for doc in touched.keys() {
+                self.loaded.remove(doc);
+            }
+            let msg = e.to_string();
+            for (i, _) in &made {
+                results[*i] = Err(StoreError::Invalid(format!("commit failed: {msg}")));
+            }
+        }
+        results
+    }
+
+    fn make_local_change(
+        &mut self,
+        key: &SecretKey,
+        me: &NodeId,
+        doc: &str,
+        op: &Op,
+        now_ms: i64,
+    ) -> Result<Option<(Accepted, Vec<ChangeHash>)>, StoreError> {
+        if !valid_doc_name(doc) || doc == MEMBERSHIP_DOC {
+            return Err(StoreError::Invalid(format!(
+                "`{doc}` is not a valid document name (lowercase a-z 0-9 . _ - separated by /)"
+            )));
+        }
+        let next_seq = self.last_seq(doc, me)? + 1;
+        self.membership
+            .authorize_write(me, doc, next_seq)
+            .map_err(|r| StoreError::Denied(format!("this node may not write `{doc}`: {r}")))?;
+        let cluster = self.cluster;
+        let loaded = self.loaded_doc_or_new(doc)?;
+        let before = loaded.am.get_heads();
+        loaded.am.set_actor(ActorId::from(me.0.as_slice()));
+        let mut tx = loaded.am.transaction();
+        let res = match op {
+            Op::Put { path, value } => json::put_path(&mut tx, path, value),
+            Op::Delete { path } => json::delete_path(&mut tx, path),
+            Op::Replace { value } => json::reconcile_root(&mut tx, value),
+        };
+        match res {
+            Ok(true) => {}
+            Ok(false) => {
+                tx.rollback();
+                return Ok(None);
+            }
+            Err(e) => {
+                tx.rollback();
+                return Err(e.into());
+            }
+        }
+        tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now_ms));
+        let change = loaded
+            .am
+            .get_last_local_change()
+            .ok_or_else(|| StoreError::Automerge("no change after commit".into()))?;
+        let header = crate::header::parse(change.raw_bytes())
+            .map_err(|e| StoreError::Automerge(format!("own change does not parse: {e}")))?;
+        let signed = SignedChange::sign(key, &cluster, doc, &header.hash, change.raw_bytes().to_vec());
+        let max_op = header.start_op - 1 + change.len() as u64;
+        Ok(Some((
+            Accepted {
+                signed,
+                header,
+                change,
+                max_op,
+            },
+            before,
+        )))
+    }
+
+    /// Add a member (admin only). The change is durable when this returns.
+    pub fn add_member(
+        &mut self,
+        key: &SecretKey,
+        id: NodeId,
+        name: &str,
+        role: Role,
+        addrs: Vec<String>,
+        scopes: Vec<String>,
+        now_ms: i64,
+    ) -> Result<SignedChange, StoreError> {
+        if role == Role::Removed {
+            return Err(StoreError::Invalid("use remove to remove a member".into()));
+        }
+        if let Some(m) = self.membership.get(&id) {
+            if m.role == Role::Removed {
+                return Err(StoreError::Denied(format!(
+                    "{id} was removed for good; a removed key cannot come back: generate a new key on that node"
+                )));
+            }
+            return Err(StoreError::Invalid(format!("{id} is already a member ({})", m.role.as_str())));
+        }
+        let m = Member {
+            name: name.to_string(),
+            role,
+            addrs,
+            scopes,
+            cutoff: BTreeMap::new(),
+        };
+        self.member_edit(key, &id, Some(m), now_ms)
+    }
+
+    /// Change a member's role (admin only). A demotion records the cut-off (see
+    /// [`crate::membership`]).
+    pub fn set_role(&mut self, key: &SecretKey, id: NodeId, role: Role, now_ms: i64) -> Result<SignedChange, StoreError> {
+        let mut m = self
+            .membership
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::Invalid(format!("{id} is not a member")))?;
+        if role < m.role {
+            m.cutoff = self.cutoff_for(&id)?;
+        }
+        m.role = role;
+        self.member_edit(key, &id, Some(m), now_ms)
+    }
+
+    /// Change a member's scopes (admin only). Narrowing records the cut-off.
+    pub fn set_scopes(&mut self, key: &SecretKey, id: NodeId, scopes: Vec<String>, now_ms: i64) -> Result<SignedChange, StoreError> {
+        let mut m = self
+            .membership
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::Invalid(format!("{id} is not a member")))?;
+        m.cutoff = self.cutoff_for(&id)?;
+        m.scopes = scopes;
+        self.member_edit(key, &id, Some(m), now_ms)
+    }
+
+    /// Remove a member for good (admin only), recording the revocation cut-off: the member's
+    /// changes this node holds stay valid; any others it made are void everywhere.
+    pub fn remove_member(&mut self, key: &SecretKey, id: NodeId, now_ms: i64) -> Result<SignedChange, StoreError> {
+        let mut m = self
+            .membership
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::Invalid(format!("{id} is not a member")))?;
+        m.cutoff = self.cutoff_for(&id)?;
+        m.role = Role::Removed;
+        self.member_edit(key, &id, Some(m), now_ms)
+    }
+
+    /// Set this node's own advertised addresses (any member).
+    pub fn set_own_addrs(&mut self, key: &SecretKey, addrs: Vec<String>, now_ms: i64) -> Result<Option<SignedChange>, StoreError> {
+        let me = key.node_id();
+        let mut m = self
+            .membership
+            .get(&me)
+            .cloned()
+            .ok_or_else(|| StoreError::Denied("this node is not a member yet".into()))?;
+        if m.addrs == addrs {
+            return Ok(None);
+        }
+        m.addrs = addrs;
+        self.member_edit(key, &me, Some(m), now_ms).map(Some)
+    }
+
+    fn cutoff_for(&self, id: &NodeId) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT doc, MAX(seq) FROM changes WHERE author = ?1 AND status = 0 GROUP BY doc")?;
+        let rows = stmt.query_map(params![id.0.to_vec()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (d, s) = row?;
+            out.insert(d, s as u64);
+        }
+        Ok(out)
+    }
+
+    fn member_edit(&mut self, key: &SecretKey, id: &NodeId, m: Option<Member>, now_ms: i64) -> Result<SignedChange, StoreError> {
+        let me = key.node_id();
+        if self.membership.root.is_none() {
+            return Err(StoreError::Denied(
+                "membership has not been received yet: wait for sync with a member".into(),
+            ));
+        }
+        let mut am = self.membership_doc()?;
+        am.set_actor(ActorId::from(me.0.as_slice()));
+        let mut tx = am.transaction();
+        let path = [PathSeg::Key("members".into()), PathSeg::Key(id.to_string())];
+        let res = match &m {
+            Some(m) => json::put_path(&mut tx, &path, &member_json(m)),
+            None => json::delete_path(&mut tx, &path),
+        };
+        match res {
+            Ok(true) => {}
+            Ok(false) => {
+                tx.rollback();
+                return Err(StoreError::Invalid("nothing to change".into()));
+            }
+            Err(e) => {
+                tx.rollback();
+                return Err(e.into());
+            }
+        }
+        tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now_ms));
+        let change = am
+            .get_last_local_change()
+            .ok_or_else(|| StoreError::Automerge("no change after commit".into()))?;
+        let hash = change.hash().0;
+        let signed = SignedChange::sign(key, &self.cluster, MEMBERSHIP_DOC, &hash, change.raw_bytes().to_vec());
+        // The same rule that judges remote changes judges our own: check before storing.
+        let mut candidate = self.member_changes.clone();
+        candidate.push(MemberChange {
+            hash,
+            author: me,
+            seq: change.seq(),
+            start_op: change.start_op().get(),
+            deps: change.deps().iter().map(|d| d.0).collect(),
+            change: change.clone(),
+        });
+        let eval = membership::evaluate(&self.cluster, &candidate);
+        if let Some(reason) = eval.void.get(&hash) {
+            return Err(StoreError::Denied(format!("membership change refused: {reason}")));
+        }
+        let report = self.ingest(vec![signed.clone()])?;
+        match report.outcomes.first().map(|o| &o.3) {
+            Some(Outcome::Applied) => Ok(signed),
+            other => Err(StoreError::Denied(format!("membership change not applied: {other:?}"))),
+        }
+    }
+
+    fn membership_doc(&self) -> Result<Automerge, StoreError> {
+        let mut am = Automerge::new();
+        let changes: Vec<Change> = membership::topo_order(&self.member_changes)
+            .into_iter()
+            .map(|i| &self.member_changes[i])
+            .filter(|c| self.member_valid.contains(&c.hash))
+            .map(|c| c.change.clone())
+            .collect();
+        am.apply_changes(changes).map_err(|e| StoreError::Automerge(e.to_string()))?;
+        Ok(am)
+    }
+
+    // ------------------------------------------------------------------ documents in memory
+
+    fn last_seq(&self, doc: &str, author: &NodeId) -> Result<u64, StoreError> {
+        let s: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MAX(seq) FROM changes WHERE doc = ?1 AND author = ?2")?
+            .query_row(params![doc, author.0.to_vec()], |r| r.get(0))?;
+        Ok(s.unwrap_or(0) as u64)
+    }
+
+    fn loaded_doc_or_new(&mut self, doc: &str) -> Result<&mut Loaded, StoreError> {
+        if !self.loaded.contains_key(doc) {
+            let am = if self.has_doc(doc)? {
+                self.load_from_disk(doc)?
+            } else {
+                Automerge::new()
+            };
+            self.loaded.insert(doc.to_string(), Loaded { am });
+        }
+        self.loaded
+            .get_mut(doc)
+            .ok_or_else(|| StoreError::NoSuchDocument(doc.to_string()))
+    }
+
+    fn loaded_doc(&mut self, doc: &str) -> Result<&mut Loaded, StoreError> {
+        self.loaded_doc_or_new(doc)
+    }
+
+    /// Load a document from its snapshot plus the valid changes after it.
+    fn load_from_disk(&self, doc: &str) -> Result<Automerge, StoreError> {
+        let (snapshot, upto): (Option<Vec<u8>>, i64) = self
+            .conn
+            .prepare_cached("SELECT snapshot, snapshot_upto FROM docs WHERE doc = ?1")?
+            .query_row(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .unwrap_or((None, 0));
+        let (mut am, upto) = match snapshot
+            .and_then(|s| panic_safe(|| Automerge::load(&s)))
+            .and_then(|r| r.ok())
+        {
+            Some(am) => (am, upto),
+            None => (Automerge::new(), 0),
+        };
+        let changes = self.valid_changes_after(doc, upto)?;
+        let path = self.path.clone();
+        panic_safe(|| am.apply_changes(changes))
+            .ok_or_else(|| corrupt(&path, format!("document {doc} panicked on load")))?
+            .map_err(|e| corrupt(&path, format!("document {doc}: {e}")))?;
+        Ok(am)
+    }
+
+    fn valid_changes_after(&self, doc: &str, after_id: i64) -> Result<Vec<Change>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT bytes FROM changes WHERE doc = ?1 AND id > ?2 AND status = 0 ORDER BY id")?;
+        let rows = stmt.query_map(params![doc, after_id], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let bytes = r?;
+            let c = panic_safe(|| Change::try_from(bytes.as_slice()))
+                .and_then(|r| r.ok())
+                .ok_or_else(|| corrupt(&self.path, format!("a stored change of {doc} does not parse")))?;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Save Automerge snapshots of loaded documents that have many changes since their last
+    /// snapshot, so later lazy loads are fast. Call when idle.
+    pub fn maintenance(&mut self) -> Result<usize, StoreError> {
+        let mut saved = 0;
+        let docs: Vec<String> = self.loaded.keys().cloned().collect();
+        for doc in docs {
+            let (n, upto): (i64, i64) = self
+                .conn
+                .prepare_cached(
+                    "SELECT (SELECT COUNT(*) FROM changes WHERE doc = ?1 AND id > d.snapshot_upto), d.snapshot_upto
+                     FROM docs d WHERE d.doc = ?1",
+                )?
+                .query_row(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .unwrap_or((0, 0));
+            if n < 1000 {
+                continue;
+            }
+            let _ = upto;
+            let max_id: i64 = self
+                .conn
+                .query_row("SELECT COALESCE(MAX(id), 0) FROM changes WHERE doc = ?1", params![doc], |r| r.get(0))?;
+            let Some(l) = self.loaded.get(&doc) else { continue };
+            let bytes = l.am.save();
+            self.conn.execute(
+                "UPDATE docs SET snapshot = ?2, snapshot_upto = ?3 WHERE doc = ?1",
+                params![doc, bytes, max_id],
+            )?;
+            saved += 1;
+        }
+        Ok(saved)
+    }
+
+    // ------------------------------------------------------------------ persistence
+
+    /// Insert accepted changes and refresh the materialized view of the touched documents in
+    /// one transaction. `touched` maps each document to its heads before these changes.
+    fn persist(&mut self, accepted: &[&Accepted], touched: &BTreeMap<String, Vec<ChangeHash>>) -> Result<(), StoreError> {
+        // Compute the view updates before opening the transaction.
+        let mut updates: Vec<(String, Vec<u8>, BTreeMap<String, Option<String>>)> = Vec::new();
+        for (doc, before) in touched {
+            let Some(l) = self.loaded.get(doc) else { continue };
+            let after = l.am.get_heads();
+            let keys = touched_keys(&l.am, before, &after);
+            let mut rows = BTreeMap::new();
+            for k in keys {
+                let v = json::get_path(&l.am, &[PathSeg::Key(k.clone())])?;
+                rows.insert(k, v.map(|v| v.to_string()));
+            }
+            let heads: Vec<[u8; 32]> = after.iter().map(|h| h.0).collect();
+            updates.push((doc.clone(), hashes_to_blob(&heads), rows));
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)",
+            )?;
+            for a in accepted {
+                ins.execute(params![
+                    a.header.hash.to_vec(),
+                    a.signed.doc,
+                    a.signed.author.0.to_vec(),
+                    a.header.seq as i64,
+                    a.header.start_op as i64,
+                    a.max_op as i64,
+                    a.header.time,
+                    hashes_to_blob(&a.header.deps),
+                    a.signed.sig.to_vec(),
+                    a.signed.bytes,
+                ])?;
+            }
+            let mut put = tx.prepare_cached("INSERT OR REPLACE INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
+            let mut del = tx.prepare_cached("DELETE FROM kv WHERE doc = ?1 AND key = ?2")?;
+            let mut docs = tx.prepare_cached(
+                "INSERT INTO docs (doc, heads, n_changes) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (doc) DO UPDATE SET heads = excluded.heads, n_changes = n_changes + excluded.n_changes",
+            )?;
+            for (doc, heads, rows) in &updates {
+                for (k, v) in rows {
+                    match v {
+                        Some(v) => put.execute(params![doc, k, v])?,
+                        None => del.execute(params![doc, k])?,
+                    };
+                }
+                let n = accepted.iter().filter(|a| &a.signed.doc == doc).count() as i64;
+                docs.execute(params![doc, heads, n])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ remote changes
+
+    /// Verify and apply a batch of received changes (see module docs). Returns a per-change
+    /// report; `Err` only for local failures (disk), in which case nothing was stored.
+    pub fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
+        let mut report = IngestReport::default();
+        let mut work = batch;
+        let mut first = true;
+        loop {
+            let progress = self.ingest_round(std::mem::take(&mut work), &mut report, first)?;
+            first = false;
+            if !progress || self.pending.queue.is_empty() {
+                break;
+            }
+            work = self.pending.drain();
+        }
+        Ok(report)
+    }
+
+    fn ingest_round(&mut self, batch: Vec<SignedChange>, report: &mut IngestReport, record: bool) -> Result<bool, StoreError> {
+        let cluster = self.cluster;
+        // 1. Authenticate without Automerge (in parallel for big batches).
+        let authed = authenticate_all(&batch, &cluster);
+        let mut members: Vec<(SignedChange, ChangeHeader)> = Vec::new();
+        let mut others: Vec<(SignedChange, ChangeHeader)> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut outcome = |report: &mut IngestReport, c: &SignedChange, h: Option<[u8; 32]>, o: Outcome| {
+            // Pending changes retried silently do not repeat their outcome.
+            if record || !matches!(o, Outcome::Pending(_)) {
+                report.outcomes.push((c.doc.clone(), c.author, h, o));
+            }
+        };
+        for (c, r) in batch.into_iter().zip(authed) {
+            match r {
+                Err(reason) => {
+                    let h = c.hash();
+                    outcome(report, &c, h, Outcome::Rejected(reason));
+                }
+                Ok(h) => {
+                    if !seen.insert(h.hash) || self.has_change(&h.hash)? {
+                        outcome(report, &c, Some(h.hash), Outcome::Duplicate);
+                    } else if c.doc == MEMBERSHIP_DOC {
+                        members.push((c, h));
+                    } else {
+                        others.push((c, h));
+                    }
+                }
+            }
+        }
+        let mut progress = false;
+        // 2. Membership first.
+        if !members.is_empty() {
+            progress |= self.ingest_membership(members, report, &mut outcome)?;
+        }
+        // 3. Config documents, grouped per document.
+        let mut by_doc: BTreeMap<String, Vec<(SignedChange, ChangeHeader)>> = BTreeMap::new();
+        for (c, h) in others {
+            by_doc.entry(c.doc.clone()).or_default().push((c, h));
+        }
+        for (doc, changes) in by_doc {
+            progress |= self.ingest_doc(&doc, changes, report, &mut outcome)?;
+        }
+        Ok(progress)
+    }
+
+    fn has_change(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM changes WHERE hash = ?1")?
+            .exists(params![hash.to_vec()])?)
+    }
+
+    /// Status and max_op of a stored change: `Some((valid, max_op))`.
+    fn dep_info(&self, hash: &[u8; 32]) -> Result<Option<(bool, u64)>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT status, max_op FROM changes WHERE hash = ?1")?
+            .query_row(params![hash.to_vec()], |r| Ok((r.get::<_, i64>(0)? == 0, r.get::<_, i64>(1)? as u64)))
+            .optional()?)
+    }
+
+    /// The hash of the stored change at (doc, author, seq), if any.
+    fn hash_at(&self, doc: &str, author: &NodeId, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        let h: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3")?
+            .query_row(params![doc, author.0.to_vec(), seq as i64], |r| r.get(0))
+            .optional()?;
+        Ok(h.and_then(|h| h.try_into().ok()))
+    }
+
+    fn record_equivocation(&self, c: &SignedChange, h: &ChangeHeader, other: [u8; 32]) -> Result<(), StoreError> {
+        tracing::warn!(author = %c.author, doc = %c.doc, seq = h.seq, "equivocation: two different changes at the same seq; keeping evidence");
+        self.conn.execute(
+            "INSERT OR IGNORE INTO evidence (hash, doc, author, seq, sig, bytes, conflicts_with) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![h.hash.to_vec(), c.doc, c.author.0.to_vec(), h.seq as i64, c.sig.to_vec(), c.bytes, other.to_vec()],
+        )?;
+        Ok(())
+    }
+
+    /// Structural checks shared by all documents: deps, seq, equivocation, start_op, parse.
+    /// `batch_info` holds (valid, max_op) of changes accepted earlier in this batch, and
+    /// `batch_seq` the last seq per author accepted in this batch.
+    #[allow(clippy::too_many_arguments)]
+    fn check_structure(
+        &self,
+        c: &SignedChange,
+        h: &ChangeHeader,
+        batch_info: &HashMap<[u8; 32], u64>,
+        batch_seq: &HashMap<NodeId, u64>,
+    ) -> Result<Result<(Change, u64), RejectReason>, StoreError> {
+        // Dependencies.
+        let mut max_dep_op = 0u64;
+        let mut missing = 0usize;
+        for d in &h.deps {
+            if let Some(m) = batch_info.get(d) {
+                max_dep_op = max_dep_op.max(*m);
+                continue;
+            }
+            match self.dep_info(d)? {
+                Some((true, m)) => max_dep_op = max_dep_op.max(m),
+                Some((false, _)) => return Ok(Err(RejectReason::DependsOnVoid)),
+                None => missing += 1,
+            }
+        }
+        // Seq and equivocation.
+        let last = match batch_seq.get(&c.author) {
+            Some(s) => *s,
+            None => self.last_seq(&c.doc, &c.author)?,
+        };
+        if h.seq <= last {
+            if let Some(other) = self.hash_at(&c.doc, &c.author, h.seq)? {
+                if other != h.hash {
+                    self.record_equivocation(c, h, other)?;
+                    return Ok(Err(RejectReason::Equivocation));
+                }
+            }
+            return Ok(Err(RejectReason::Equivocation));
+        }
+        if missing > 0 {
+            return Ok(Err(RejectReason::MissingDeps(missing)));
+        }
+        if h.seq > last + 1 {
+            return Ok(Err(RejectReason::SeqGap { seq: h.seq, last }));
+        }
+        let expected = max_dep_op + 1;
+        if h.start_op != expected {
+            return Ok(Err(RejectReason::BadStartOp {
+                got: h.start_op,
+                expected,
+            }));
+        }
+        // Only now, authenticated and structurally sound, does Automerge parse the bytes.
+        let parsed = panic_safe(|| Change::try_from(c.bytes.as_slice()));
+        let change = match parsed {
+            None => return Ok(Err(RejectReason::AutomergePanic)),
+            Some(Err(e)) => return Ok(Err(RejectReason::Automerge(e.to_string()))),
+            Some(Ok(ch)) => ch,
+        };
+        if change.hash().0 != h.hash || change.seq() != h.seq || change.start_op().get() != h.start_op {
+            return Ok(Err(RejectReason::Malformed("automerge reads a different header")));
+        }
+        let max_op = h.start_op - 1 + change.len() as u64;
+        Ok(Ok((change, max_op)))
+    }
+
+    fn ingest_membership(
+        &mut self,
+        changes: Vec<(SignedChange, ChangeHeader)>,
+        report: &mut IngestReport,
+        outcome: &mut impl FnMut(&mut IngestReport, &SignedChange, Option<[u8; 32]>, Outcome),
+    ) -> Result<bool, StoreError> {
+        // Order within the batch by dependencies (parents first), then check structure.
+        let ordered = order_by_deps(changes);
+        let mut batch_info = HashMap::new();
+        let mut batch_seq = HashMap::new();
+        let mut candidates: Vec<(SignedChange, ChangeHeader, Change, u64)> = Vec::new();
+        for (c, h) in ordered {
+            if self.membership.root.is_none() && h.deps.is_empty() && h.hash != self.cluster {
+                outcome(report, &c, Some(h.hash), Outcome::Rejected(RejectReason::WrongCluster));
+                continue;
+            }
+            match self.check_structure(&c, &h, &batch_info, &batch_seq)? {
+                Ok((change, max_op)) => {
+                    batch_info.insert(h.hash, max_op);
+                    batch_seq.insert(c.author, h.seq);
+                    candidates.push((c, h, change, max_op));
+                }
+                Err(r) if r.is_transient() => {
+                    outcome(report, &c, Some(h.hash), Outcome::Pending(r));
+                    self.pending.insert(c, h.hash);
+                }
+                Err(r) => outcome(report, &c, Some(h.hash), Outcome::Rejected(r)),
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(false);
+        }
+        let mut all = self.member_changes.clone();
+        for (c, h, change, _) in &candidates {
+            all.push(MemberChange {
+                hash: h.hash,
+                author: c.author,
+                seq: h.seq,
+                start_op: h.start_op,
+                deps: h.deps.clone(),
+                change: change.clone(),
+            });
+        }
+        let eval = membership::evaluate(&self.cluster, &all);
+        let new_valid: HashSet<[u8; 32]> = eval.valid.iter().copied().collect();
+        // New changes: valid ones are stored; void ones rejected (not stored). A void change
+        // whose author is not (yet) a member waits in the pending set.
+        let mut accepted = Vec::new();
+        for (c, h, change, max_op) in candidates {
+            if new_valid.contains(&h.hash) {
+                accepted.push(Accepted {
+                    signed: c,
+                    header: h,
+                    change,
+                    max_op,
+                });
+            } else {
+                let reason = eval.void.get(&h.hash).cloned().unwrap_or(RejectReason::NotAMember);
+                all.retain(|m| m.hash != h.hash);
+                if reason == RejectReason::NotAMember {
+                    outcome(report, &c, Some(h.hash), Outcome::Pending(reason));
+                    self.pending.insert(c, h.hash);
+                } else {
+                    outcome(report, &c, Some(h.hash), Outcome::Rejected(reason));
+                }
+            }
+        }
+        let flips: Vec<([u8; 32], bool)> = self
+            .member_changes
+            .iter()
+            .filter(|m| self.member_valid.contains(&m.hash) != new_valid.contains(&m.hash))
+            .map(|m| (m.hash, new_valid.contains(&m.hash)))
+            .collect();
+        let changed_members: BTreeSet<NodeId> = eval
+            .state
+            .members
+            .iter()
+            .filter(|(id, m)| self.membership.members.get(id) != Some(m))
+            .map(|(id, _)| *id)
+            .chain(
+                self.membership
+                    .members
+                    .keys()
+                    .filter(|id| !eval.state.members.contains_key(id))
+                    .copied(),
+            )
+            .collect();
+        // Persist: new membership changes, status flips, and the membership view.
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)",
+            )?;
+            for a in &accepted {
+                ins.execute(params![
+                    a.header.hash.to_vec(),
+                    MEMBERSHIP_DOC,
+                    a.signed.author.0.to_vec(),
+                    a.header.seq as i64,
+                    a.header.start_op as i64,
+                    a.max_op as i64,
+                    a.header.time,
+                    hashes_to_blob(&a.header.deps),
+                    a.signed.sig.to_vec(),
+                    a.signed.bytes,
+                ])?;
+            }
+            let mut flip = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
+            for (h, valid) in &flips {
+                flip.execute(params![h.to_vec(), if *valid { 0 } else { 1 }])?;
+            }
+            let heads: Vec<[u8; 32]> = eval.doc.get_heads().iter().map(|h| h.0).collect();
+            tx.execute(
+                "INSERT INTO docs (doc, heads, n_changes) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (doc) DO UPDATE SET heads = excluded.heads, n_changes = excluded.n_changes",
+                params![MEMBERSHIP_DOC, hashes_to_blob(&heads), eval.valid.len() as i64],
+            )?;
+            tx.execute("DELETE FROM kv WHERE doc = ?1", params![MEMBERSHIP_DOC])?;
+            if let Ok(Value::Object(root)) = json::to_json(&eval.doc, &ROOT) {
+                let mut put = tx.prepare_cached("INSERT INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
+                for (k, v) in root {
+                    put.execute(params![MEMBERSHIP_DOC, k, v.to_string()])?;
+                }
+            }
+        }
+        tx.commit()?;
+        for a in &accepted {
+            outcome(report, &a.signed, Some(a.header.hash), Outcome::Applied);
+        }
+        for (h, valid) in &flips {
+            if *valid {
+                report.revived.push(*h);
+            } else {
+                report.voided.push(*h);
+            }
+        }
+        let changed = self.membership != eval.state;
+        self.member_changes = all;
+        self.member_valid = new_valid;
+        self.membership = eval.state;
+        if changed {
+            report.membership_changed = true;
+            report.changed_docs.insert(MEMBERSHIP_DOC.to_string());
+            self.reevaluate_authors(&changed_members, report)?;
+        }
+        Ok(!accepted.is_empty())
+    }
+
+    /// After membership changed: re-judge stored changes by `authors` in every document;
+    /// rebuild documents in which any change flipped between valid and void.
+    fn reevaluate_authors(&mut self, authors: &BTreeSet<NodeId>, report: &mut IngestReport) -> Result<(), StoreError> {
+        let mut flips: Vec<(String, [u8; 32], bool)> = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT doc, hash, seq, status FROM changes WHERE author = ?1 AND doc != ?2 ORDER BY id",
+            )?;
+            for a in authors {
+                let rows = stmt.query_map(params![a.0.to_vec(), MEMBERSHIP_DOC], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+                })?;
+                for row in rows {
+                    let (doc, hash, seq, status) = row?;
+                    let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+                    let ok = self.membership.authorize_write(a, &doc, seq as u64).is_ok();
+                    if ok != (status == 0) {
+                        flips.push((doc, hash, ok));
+                    }
+                }
+            }
+        }
+        if flips.is_empty() {
+            return Ok(());
+        }
+        let docs: BTreeSet<String> = flips.iter().map(|f| f.0.clone()).collect();
+        let tx = self.conn.transaction()?;
+        {
+            let mut up = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
+            for (_, h, ok) in &flips {
+                up.execute(params![h.to_vec(), if *ok { 0 } else { 1 }])?;
+            }
+        }
+        tx.commit()?;
+        for (_, h, ok) in &flips {
+            if *ok {
+                report.revived.push(*h);
+            } else {
+                report.voided.push(*h);
+            }
+        }
+        for doc in docs {
+            let mut extra = self.rebuild(&doc)?;
+            report.voided.append(&mut extra);
+            report.changed_docs.insert(doc);
+        }
+        Ok(())
+    }
+
+    /// Rebuild a document from its valid changes, voiding changes whose dependencies are void.
+    /// Returns the hashes newly voided as dependents.
+    fn rebuild(&mut self, doc: &str) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.loaded.remove(doc);
+        let rows: Vec<(Vec<u8>, i64, Vec<u8>, Vec<u8>)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT hash, status, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id")?;
+            let rows = stmt.query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut valid: HashSet<[u8; 32]> = HashSet::new();
+        let mut newly_void = Vec::new();
+        let mut changes = Vec::new();
+        for (hash, status, deps, bytes) in rows {
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+            if status != 0 {
+                continue;
+            }
+            if !blob_to_hashes(&deps).iter().all(|d| valid.contains(d)) {
+                newly_void.push(hash);
+                continue;
+            }
+            let Some(Ok(c)) = panic_safe(|| Change::try_from(bytes.as_slice())) else {
+                return Err(corrupt(&self.path, format!("a stored change of {doc} does not parse")));
+            };
+            valid.insert(hash);
+            changes.push(c);
+        }
+        let mut am = Automerge::new();
+        let path = self.path.clone();
+        panic_safe(|| am.apply_changes(changes))
+            .ok_or_else(|| corrupt(&path, format!("document {doc} panicked on rebuild")))?
+            .map_err(|e| corrupt(&path, format!("document {doc}: {e}")))?;
+        let heads: Vec<[u8; 32]> = am.get_heads().iter().map(|h| h.0).collect();
+        let root = json::to_json(&am, &ROOT)?;
+        let tx = self.conn.transaction()?;
+        {
+            let mut up = tx.prepare_cached("UPDATE changes SET status = 1 WHERE hash = ?1")?;
+            for h in &newly_void {
+                up.execute(params![h.to_vec()])?;
+            }
+            tx.execute("DELETE FROM kv WHERE doc = ?1", params![doc])?;
+            if let Value::Object(m) = root {
+                let mut put = tx.prepare_cached("INSERT INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
+                for (k, v) in m {
+                    put.execute(params![doc, k, v.to_string()])?;
+                }
+            }
+            tx.execute(
+                "UPDATE docs SET heads = ?2, n_changes = ?3, snapshot = NULL, snapshot_upto = 0 WHERE doc = ?1",
+                params![doc, hashes_to_blob(&heads), valid.len() as i64],
+            )?;
+        }
+        tx.commit()?;
+        self.loaded.insert(doc.to_string(), Loaded { am });
+        Ok(newly_void)
+    }
+
+    fn ingest_doc(
+        &mut self,
+        doc: &str,
+        changes: Vec<(SignedChange, ChangeHeader)>,
+        report: &mut IngestReport,
+        outcome: &mut impl FnMut(&mut IngestReport, &SignedChange, Option<[u8; 32]>, Outcome),
+    ) -> Result<bool, StoreError> {
+        let ordered = order_by_deps(changes);
+        let mut batch_info: HashMap<[u8; 32], u64> = HashMap::new();
+        let mut batch_seq: HashMap<NodeId, u64> = HashMap::new();
+        let mut accepted: Vec<Accepted> = Vec::new();
+        for (c, h) in ordered {
+            if let Err(r) = self.membership.authorize_write(&c.author, doc, h.seq) {
+                if r.is_transient() {
+                    outcome(report, &c, Some(h.hash), Outcome::Pending(r));
+                    self.pending.insert(c, h.hash);
+                } else {
+                    outcome(report, &c, Some(h.hash), Outcome::Rejected(r));
+                }
+                continue;
+            }
+            match self.check_structure(&c, &h, &batch_info, &batch_seq)? {
+                Ok((change, max_op)) => {
+                    batch_info.insert(h.hash, max_op);
+                    batch_seq.insert(c.author, h.seq);
+                    accepted.push(Accepted {
+                        signed: c,
+                        header: h,
+                        change,
+                        max_op,
+                    });
+                }
+                Err(r) if r.is_transient() => {
+                    outcome(report, &c, Some(h.hash), Outcome::Pending(r));
+                    self.pending.insert(c, h.hash);
+                }
+                Err(r) => outcome(report, &c, Some(h.hash), Outcome::Rejected(r)),
+            }
+        }
+        if accepted.is_empty() {
+            return Ok(false);
+        }
+        // Apply the whole batch to the in-memory document, containing any panic.
+        let before = self.loaded_doc_or_new(doc)?.am.get_heads();
+        let all: Vec<Change> = accepted.iter().map(|a| a.change.clone()).collect();
+        let ok = {
+            let l = self.loaded_doc_or_new(doc)?;
+            matches!(panic_safe(|| l.am.apply_changes(all)), Some(Ok(())))
+        };
+        if !ok {
+            // Find the culprits one by one on a fresh copy (rare path).
+            self.loaded.remove(doc);
+            let mut good = Vec::new();
+            let mut bad: HashSet<[u8; 32]> = HashSet::new();
+            for a in accepted {
+                if a.header.deps.iter().any(|d| bad.contains(d)) {
+                    outcome(report, &a.signed, Some(a.header.hash), Outcome::Rejected(RejectReason::DependsOnVoid));
+                    bad.insert(a.header.hash);
+                    continue;
+                }
+                let l = self.loaded_doc_or_new(doc)?;
+                let mut trial = l.am.clone();
+                match panic_safe(|| trial.apply_changes([a.change.clone()])) {
+                    Some(Ok(())) => {
+                        l.am = trial;
+                        good.push(a);
+                    }
+                    Some(Err(e)) => {
+                        outcome(report, &a.signed, Some(a.header.hash), Outcome::Rejected(RejectReason::Automerge(e.to_string())));
+                        bad.insert(a.header.hash);
+                    }
+                    None => {
+                        tracing::warn!(doc, author = %a.signed.author, "automerge panicked on an authenticated change; rejected");
+                        outcome(report, &a.signed, Some(a.header.hash), Outcome::Rejected(RejectReason::AutomergePanic));
+                        bad.insert(a.header.hash);
+                    }
+                }
+            }
+            accepted = good;
+            if accepted.is_empty() {
+                return Ok(false);
+            }
+        }
+        let mut touched = BTreeMap::new();
+        touched.insert(doc.to_string(), before);
+        let refs: Vec<&Accepted> = accepted.iter().collect();
+        if let Err(e) = self.persist(&refs, &touched) {
+            self.loaded.remove(doc);
+            return Err(e);
+        }
+        for a in &accepted {
+            outcome(report, &a.signed, Some(a.header.hash), Outcome::Applied);
+        }
+        report.changed_docs.insert(doc.to_string());
+        Ok(true)
+    }
+}
+
+/// Authenticate every change; big batches use all cores (signature checks dominate).
+fn authenticate_all(batch: &[SignedChange], cluster: &ClusterId) -> Vec<Result<ChangeHeader, RejectReason>> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    if batch.len() < 64 || threads < 2 {
+        return batch.iter().map(|c| c.authenticate(cluster)).collect();
+    }
+    let chunk = batch.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = batch
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(|c| c.authenticate(cluster)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// Order changes so that a change comes after those of its dependencies present in the batch
+/// (stable otherwise).
+fn order_by_deps(changes: Vec<(SignedChange, ChangeHeader)>) -> Vec<(SignedChange, ChangeHeader)> {
+    let in_batch: HashSet<[u8; 32]> = changes.iter().map(|(_, h)| h.hash).collect();
+    let mut done: HashSet<[u8; 32]> = HashSet::new();
+    let mut rest = changes;
+    let mut out = Vec::with_capacity(rest.len());
+    loop {
+        let before = rest.len();
+        let mut next = Vec::new();
+        for (c, h) in rest {
+            if h.deps.iter().all(|d| !in_batch.contains(d) || done.contains(d)) {
+                done.insert(h.hash);
+                out.push((c, h));
+            } else {
+                next.push((c, h));
+            }
+        }
+        rest = next;
+        if rest.is_empty() || rest.len() == before {
+            out.extend(rest);
+            return out;
+        }
+    }
+}
+
+/// Top-level keys touched between two sets of heads.
+fn touched_keys(am: &Automerge, before: &[ChangeHash], after: &[ChangeHash]) -> BTreeSet<String> {
+    let patches = panic_safe(|| am.diff(before, after)).unwrap_or_default();
+    let mut keys = BTreeSet::new();
+    for p in patches {
+        let key = match p.path.first() {
+            Some((_, automerge::Prop::Map(k))) => Some(k.clone()),
+            Some(_) => None,
+            None => match &p.action {
+                automerge::PatchAction::PutMap { key, .. } => Some(key.clone()),
+                automerge::PatchAction::DeleteMap { key } => Some(key.clone()),
+                automerge::PatchAction::Increment { prop: automerge::Prop::Map(k), .. } => Some(k.clone()),
+                automerge::PatchAction::Conflict { prop: automerge::Prop::Map(k) } => Some(k.clone()),
+                _ => None,
+            },
+        };
+        if let Some(k) = key {
+            keys.insert(k);
+        }
+    }
+    keys
+}
+
+fn patch_to_edit(am: &Automerge, p: automerge::Patch) -> Option<Edit> {
+    use automerge::{PatchAction, Prop};
+    let mut segs: Vec<PathSeg> = p
+        .path
+        .iter()
+        .map(|(_, prop)| match prop {
+            Prop::Map(k) => PathSeg::Key(k.clone()),
+            Prop::Seq(i) => PathSeg::Index(*i),
+        })
+        .collect();
+    let (action, value) = match p.action {
+        PatchAction::PutMap { key, value, .. } => {
+            segs.push(PathSeg::Key(key));
+            ("put", Some(value_json(am, &value.0, &value.1)))
+        }
+        PatchAction::PutSeq { index, value, .. } => {
+            segs.push(PathSeg::Index(index));
+            ("put", Some(value_json(am, &value.0, &value.1)))
+        }
+        PatchAction::Insert { index, values, .. } => {
+            segs.push(PathSeg::Index(index));
+            let vals: Vec<Value> = values.iter().map(|(v, id, _)| value_json(am, v, id)).collect();
+            ("insert", Some(Value::Array(vals)))
+        }
+        PatchAction::DeleteMap { key } => {
+            segs.push(PathSeg::Key(key));
+            ("delete", None)
+        }
+        PatchAction::DeleteSeq { index, .. } => {
+            segs.push(PathSeg::Index(index));
+            ("delete", None)
+        }
+        PatchAction::Increment { prop, value } => {
+            segs.push(match prop {
+                Prop::Map(k) => PathSeg::Key(k),
+                Prop::Seq(i) => PathSeg::Index(i),
+            });
+            ("increment", Some(Value::from(value)))
+        }
+        PatchAction::SpliceText { index, value, .. } => {
+            segs.push(PathSeg::Index(index));
+            ("splice", Some(Value::String(value.make_string())))
+        }
+        _ => return None,
+    };
+    Some(Edit {
+        path: json::format_path(&segs),
+        action,
+        value,
+    })
+}
+
+fn value_json(am: &Automerge, v: &automerge::Value<'_>, id: &automerge::ObjId) -> Value {
+    match v {
+        automerge::Value::Object(_) => json::to_json(am, id).unwrap_or(Value::Null),
+        automerge::Value::Scalar(s) => json::scalar_to_json(s),
+    }
+}
