@@ -1,1 +1,277 @@
-//! placeholder
+//! Lichen's network layer: authenticated QUIC connections between cluster
+//! members carrying opaque, length-delimited frames.
+//!
+//! This crate knows nothing about Automerge. The agent gives it a node key, a
+//! cluster id and an [`Authorizer`] (answered from the membership document);
+//! it gets back an [`Endpoint`] to send frames with and a bounded channel of
+//! [`Event`]s (peer connected / disconnected / frame received).
+//!
+//! # Using it from the agent
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use lichen_transport::*;
+//! # struct Members;
+//! # impl Authorizer for Members { fn is_member(&self, _k: &PeerKey) -> bool { true } }
+//! # async fn run(seed: [u8; 32], cluster: [u8; 32], peer: PeerKey) -> Result<(), Error> {
+//! let config = Config::new("0.0.0.0:7946".parse().unwrap(), seed, cluster);
+//! let (endpoint, mut events) = Endpoint::bind(config, Arc::new(Members)).await?;
+//! endpoint.add_peer(peer, vec!["192.0.2.7:7946".parse().unwrap()]); // keep a connection
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::Connected { peer, .. } => { /* (re)start sync with `peer` */
+//!             let _ = endpoint.try_send(&peer, bytes::Bytes::from_static(b"hello"));
+//!         }
+//!         Event::Frame { peer, frame } => { /* feed the sync engine */ }
+//!         Event::Disconnected { peer, reason } => { /* drop per-peer sync state */ }
+//!     }
+//! }
+//! // After the membership document changes:
+//! endpoint.membership_changed();
+//! # Ok(()) }
+//! ```
+//!
+//! # Design
+//!
+//! * **Identity = key** (`tls` module). Self-signed certificates carry the
+//!   ed25519 node key; custom rustls verifiers on both sides extract it,
+//!   verify the TLS 1.3 handshake signature and ask the [`Authorizer`]. The
+//!   cluster id is the ALPN protocol (`lichen/1/<hex>`), so members of another
+//!   cluster fail the handshake. TLS 1.3 only, mutual auth, no resumption.
+//! * **Streams** (`endpoint` module). Each connection has one long-lived
+//!   unidirectional stream per direction, opened lazily by the sender, that
+//!   carries every frame queued by [`Endpoint::try_send`]/[`Endpoint::send`]
+//!   in order. One ordered stream is what a sync protocol wants (messages to a
+//!   peer are applied in the order they were produced) and costs one stream
+//!   header per connection instead of per frame. The receiver nevertheless
+//!   accepts any number of uni streams (up to 4 at once) and reads each
+//!   independently: if a stream is rejected (garbage, oversized frame) it is
+//!   stopped with an application error code while the connection and its
+//!   other streams go on, and the sender simply opens a fresh stream for the
+//!   next frames. Bidirectional streams are not used (limit 0).
+//! * **Framing** (`frame` module). Streams start with the preamble `lch\x01`,
+//!   then frames `u32be length ‖ payload`. The length is checked against
+//!   [`Config::max_frame_len`] before any buffer grows to hold the payload.
+//! * **One connection per pair**. Both sides may dial at once. When a second
+//!   live connection to the same peer completes, the one *dialled by the
+//!   lower key* (bytewise comparison of the ed25519 public keys) wins; the
+//!   other is closed with [`close_code::DUPLICATE`]. Both ends compute the same
+//!   answer because each knows who dialled each connection. If both
+//!   connections were dialled by the same side (a redial after a restart),
+//!   the newer one wins.
+//! * **Reconnects**. Each peer added with [`Endpoint::add_peer`] has a dialer
+//!   task that keeps one connection up: exponential backoff with equal
+//!   jitter, `base = min(backoff_max, backoff_min·2ⁿ)`, pause uniform in
+//!   `[base/2, base]` (defaults 200 ms → 30 s). A connection that drops after
+//!   living less than 10 s does not reset the attempt counter, so a peer that
+//!   accepts-then-closes is not hammered. The QUIC stateless-reset key is
+//!   derived from the node key, so a restarted peer resets our stale
+//!   connection at the first packet instead of leaving us to wait for the idle
+//!   timeout.
+//! * **Membership**. [`Endpoint::membership_changed`] re-asks the
+//!   [`Authorizer`] for every live connection and closes rejected ones
+//!   immediately ([`close_code::NOT_MEMBER`]).
+//! * **Flow control and backpressure**. Each connection has a bounded send
+//!   queue ([`Config::send_queue_frames`]); [`Endpoint::try_send`] returns
+//!   [`SendError::Full`] instead of buffering. The event channel is bounded
+//!   ([`Config::event_queue`]); when the consumer is slow, stream readers wait,
+//!   QUIC flow control then stops the remote sender, and its queue fills.
+//!   Memory per peer is bounded by the queue, QUIC windows and
+//!   `4 × max_frame_len` of reassembly buffers.
+//!
+//! # Benchmark
+//!
+//! BENCH-PLACEHOLDER
+
+#![warn(missing_docs)]
+
+mod backoff;
+mod endpoint;
+pub mod frame;
+mod tls;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use endpoint::{ConnectionInfo, Endpoint};
+pub use tls::alpn_for;
+
+/// The ed25519 public key for a 32-byte secret seed (what peers will see).
+pub fn public_key_from_secret(secret_key: &[u8; 32]) -> Result<PeerKey, Error> {
+    tls::public_key_from_secret(secret_key)
+}
+
+/// A node's identity: its ed25519 public key.
+pub type PeerKey = [u8; 32];
+
+/// Answers "is this key a member of our cluster?", from the membership document.
+///
+/// Called during every handshake (from a rustls callback, so it must be quick
+/// and must not block or call back into the [`Endpoint`]) and for every live
+/// connection by [`Endpoint::membership_changed`].
+pub trait Authorizer: Send + Sync + 'static {
+    /// `true` if `key` may connect to us.
+    fn is_member(&self, key: &PeerKey) -> bool;
+}
+
+/// Application error codes used to close connections and stop streams.
+pub mod close_code {
+    /// The endpoint is shutting down.
+    pub const SHUTDOWN: u32 = 0x00;
+    /// The connection lost the simultaneous-dial tie-break.
+    pub const DUPLICATE: u32 = 0x01;
+    /// The peer's key is (no longer) a member.
+    pub const NOT_MEMBER: u32 = 0x02;
+    /// The agent removed the peer ([`crate::Endpoint::remove_peer`]).
+    pub const REMOVED: u32 = 0x03;
+    /// The peer presented no usable identity, or our own key.
+    pub const PROTOCOL: u32 = 0x04;
+    /// Stream error: a frame exceeded the maximum length.
+    pub const FRAME_TOO_LARGE: u32 = 0x10;
+    /// Stream error: bad preamble or stream ended inside a frame.
+    pub const MALFORMED: u32 = 0x11;
+}
+
+/// Endpoint settings. Build with [`Config::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP address to listen on (and dial from).
+    pub bind: SocketAddr,
+    /// ed25519 secret seed of this node.
+    pub secret_key: [u8; 32],
+    /// Cluster id, bound into every handshake via ALPN.
+    pub cluster_id: [u8; 32],
+    /// Largest accepted/sent frame payload, in bytes. Default 16 MiB.
+    pub max_frame_len: usize,
+    /// Frames that may wait per peer before `try_send` says `Full`. Default 1024.
+    pub send_queue_frames: usize,
+    /// Capacity of the [`Event`] channel. Default 1024.
+    pub event_queue: usize,
+    /// QUIC keep-alive interval. Default 5 s.
+    pub keep_alive: Duration,
+    /// QUIC idle timeout (also the handshake timeout). Default 30 s.
+    pub idle_timeout: Duration,
+    /// First reconnect pause (before jitter). Default 200 ms.
+    pub backoff_min: Duration,
+    /// Largest reconnect pause (before jitter). Default 30 s.
+    pub backoff_max: Duration,
+    /// Seed for the backoff jitter RNG; `None` seeds from the OS.
+    pub rng_seed: Option<u64>,
+}
+
+impl Config {
+    /// Settings with the documented defaults.
+    pub fn new(bind: SocketAddr, secret_key: [u8; 32], cluster_id: [u8; 32]) -> Self {
+        Self {
+            bind,
+            secret_key,
+            cluster_id,
+            max_frame_len: 16 << 20,
+            send_queue_frames: 1024,
+            event_queue: 1024,
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            rng_seed: None,
+        }
+    }
+}
+
+/// What the endpoint reports to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A connection to `peer` is up (handshake and membership check passed).
+    ///
+    /// May be repeated without an intervening `Disconnected` when a duplicate
+    /// connection replaces the current one; treat every `Connected` as "start
+    /// a fresh session with this peer" (frames queued on the replaced
+    /// connection may have been lost).
+    Connected {
+        /// The peer's key.
+        peer: PeerKey,
+        /// Its address as seen by us.
+        addr: SocketAddr,
+    },
+    /// The last connection to `peer` closed. All `Frame`s it carried were
+    /// delivered before this event.
+    Disconnected {
+        /// The peer's key.
+        peer: PeerKey,
+        /// Human-readable cause.
+        reason: String,
+    },
+    /// A frame from `peer`.
+    Frame {
+        /// The peer's key.
+        peer: PeerKey,
+        /// The frame payload.
+        frame: bytes::Bytes,
+    },
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No live connection to that peer.
+    #[error("not connected to that peer")]
+    NotConnected,
+    /// The peer's send queue is full (it is slow or stalled); try later.
+    #[error("send queue to that peer is full")]
+    Full,
+    /// The frame exceeds [`Config::max_frame_len`].
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge {
+        /// Frame length.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+}
+
+/// Errors from [`Endpoint::bind`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// rustls refused the TLS configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The self-signed certificate could not be made.
+    #[error("certificate generation: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// Binding the UDP socket failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Counters since [`Endpoint::bind`]. Cheap snapshot of atomics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames written to QUIC streams.
+    pub frames_sent: u64,
+    /// Payload bytes of those frames.
+    pub bytes_sent: u64,
+    /// Frames received and delivered as [`Event::Frame`].
+    pub frames_received: u64,
+    /// Payload bytes of those frames.
+    pub bytes_received: u64,
+    /// Streams rejected because a frame exceeded the maximum length.
+    pub rejected_too_large: u64,
+    /// Streams rejected for a bad preamble or a truncated frame.
+    pub rejected_malformed: u64,
+    /// Frames lost because the peer stopped our stream or the connection died
+    /// while they were being written.
+    pub frames_dropped: u64,
+    /// `try_send` calls answered with [`SendError::Full`].
+    pub send_full: u64,
+    /// Handshakes (incoming or outgoing) that failed or timed out.
+    pub handshakes_failed: u64,
+    /// Connections established (incl. ones that replaced a duplicate).
+    pub connects: u64,
+    /// [`Event::Disconnected`] events emitted.
+    pub disconnects: u64,
+    /// Connections closed by the simultaneous-dial tie-break.
+    pub duplicates_closed: u64,
+}
