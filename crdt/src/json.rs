@@ -106,7 +106,7 @@ pub enum JsonError {
     /// An error reported by Automerge.
     #[error("automerge error: {0}")]
     Automerge(String),
-    /// The value or document is nested deeper than [`MAX_DEPTH`].
+    /// The value or document is nested deeper than 64 containers.
     #[error("nesting deeper than {} levels", MAX_DEPTH)]
     TooDeep,
 }
@@ -514,20 +514,6 @@ pub(crate) fn conflicts_at<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Vec<
         .rev()
         .map(|child| child_to_json(doc, child, path.len()))
         .collect()
-}
-
-/// The keys at `path`: sorted map keys, or list indices as strings. Empty
-/// when nothing is at `path`.
-pub(crate) fn keys_at<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Vec<String>, JsonError> {
-    match walk(doc, path)? {
-        None => Ok(Vec::new()),
-        Some((obj, typ)) if is_map(typ) => {
-            let mut keys: Vec<String> = doc.keys(&obj).collect();
-            keys.sort();
-            Ok(keys)
-        }
-        Some((obj, _)) => Ok((0..doc.length(&obj)).map(|i| i.to_string()).collect()),
-    }
 }
 
 // ---------------------------------------------------------------------------

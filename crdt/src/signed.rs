@@ -84,8 +84,8 @@ pub fn valid_doc_name(name: &str) -> bool {
 }
 
 impl SignedChange {
-    /// Sign raw change bytes made locally by `key`.
-    pub(crate) fn sign(
+    /// Sign raw change bytes made locally by `key`, whose hash is already known.
+    pub(crate) fn sign_hashed(
         key: &SecretKey,
         cluster: &ClusterId,
         doc: &str,
@@ -99,6 +99,18 @@ impl SignedChange {
             sig,
             bytes,
         }
+    }
+
+    /// Sign an Automerge change chunk (for tools and tests; the store signs its own changes).
+    /// Fails if the bytes are not a well-framed change chunk.
+    pub fn sign(
+        key: &SecretKey,
+        cluster: &ClusterId,
+        doc: &str,
+        bytes: Vec<u8>,
+    ) -> Result<SignedChange, RejectReason> {
+        let h = header::parse(&bytes)?;
+        Ok(Self::sign_hashed(key, cluster, doc, &h.hash, bytes))
     }
 
     /// Authenticate a change without Automerge: frame and hash, signature, actor = signer.

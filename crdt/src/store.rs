@@ -329,7 +329,7 @@ impl Store {
             "INSERT INTO meta (key, value) VALUES ('cluster_id', ?1)",
             params![cluster.to_vec()],
         )?;
-        let signed = SignedChange::sign(key, &cluster, MEMBERSHIP_DOC, &cluster, change.raw_bytes().to_vec());
+        let signed = SignedChange::sign_hashed(key, &cluster, MEMBERSHIP_DOC, &cluster, change.raw_bytes().to_vec());
         let report = store.ingest(vec![signed])?;
         if report.applied_count() != 1 {
             return Err(StoreError::Automerge(format!(
@@ -783,7 +783,7 @@ impl Store {
             .ok_or_else(|| StoreError::Automerge("no change after commit".into()))?;
         let header = crate::header::parse(change.raw_bytes())
             .map_err(|e| StoreError::Automerge(format!("own change does not parse: {e}")))?;
-        let signed = SignedChange::sign(key, &cluster, doc, &header.hash, change.raw_bytes().to_vec());
+        let signed = SignedChange::sign_hashed(key, &cluster, doc, &header.hash, change.raw_bytes().to_vec());
         let max_op = header.start_op - 1 + change.len() as u64;
         Ok(Some((
             Accepted {
@@ -927,7 +927,7 @@ impl Store {
             .get_last_local_change()
             .ok_or_else(|| StoreError::Automerge("no change after commit".into()))?;
         let hash = change.hash().0;
-        let signed = SignedChange::sign(key, &self.cluster, MEMBERSHIP_DOC, &hash, change.raw_bytes().to_vec());
+        let signed = SignedChange::sign_hashed(key, &self.cluster, MEMBERSHIP_DOC, &hash, change.raw_bytes().to_vec());
         // The same rule that judges remote changes judges our own: check before storing.
         let mut candidate = self.member_changes.clone();
         candidate.push(MemberChange {
@@ -1534,13 +1534,20 @@ impl Store {
                     put.execute(params![doc, k, v.to_string()])?;
                 }
             }
-            tx.execute(
-                "UPDATE docs SET heads = ?2, n_changes = ?3, snapshot = NULL, snapshot_upto = 0 WHERE doc = ?1",
-                params![doc, hashes_to_blob(&heads), valid.len() as i64],
-            )?;
+            if valid.is_empty() {
+                // A document none of whose changes stand does not exist.
+                tx.execute("DELETE FROM docs WHERE doc = ?1", params![doc])?;
+            } else {
+                tx.execute(
+                    "UPDATE docs SET heads = ?2, n_changes = ?3, snapshot = NULL, snapshot_upto = 0 WHERE doc = ?1",
+                    params![doc, hashes_to_blob(&heads), valid.len() as i64],
+                )?;
+            }
         }
         tx.commit()?;
-        self.loaded.insert(doc.to_string(), Loaded { am });
+        if !valid.is_empty() {
+            self.loaded.insert(doc.to_string(), Loaded { am });
+        }
         Ok(newly_void)
     }
 

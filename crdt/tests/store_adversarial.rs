@@ -1,0 +1,293 @@
+//! Attacks on the store. Each one is offered to a replica that already holds real data, and
+//! each must be refused with a named reason while leaving every stored change and every
+//! document exactly as it was.
+
+mod common;
+
+use automerge::{transaction::Transactable, ActorId, Automerge, ROOT};
+use common::*;
+use lichen_crdt::{Outcome, RejectReason, Role, SecretKey, SignedChange, Store};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// A cluster (admin + writer `w` scoped to `app/`) whose replica 1 holds a document.
+fn setup() -> (Cluster, SecretKey) {
+    let mut c = Cluster::new(2);
+    let w = key(2);
+    c.add(&w, "w", Role::Writer, &["app/"]);
+    let admin = c.admin.clone();
+    put(&mut c.stores[0], &admin, "app/x", "a", json!(1));
+    put(&mut c.stores[0], &admin, "app/x", "b", json!("two"));
+    c.sync_all();
+    (c, w)
+}
+
+/// An Automerge change authored by `actor` (the next seq after `prev`), for crafting attacks.
+fn raw_change(actor: &SecretKey, prev: &[SignedChange], k: &str, v: i64) -> Vec<u8> {
+    let mut doc = Automerge::new();
+    let changes: Vec<automerge::Change> = prev
+        .iter()
+        .map(|c| automerge::Change::try_from(c.bytes.as_slice()).unwrap())
+        .collect();
+    doc.apply_changes(changes).unwrap();
+    doc.set_actor(ActorId::from(actor.node_id().0.as_slice()));
+    let mut tx = doc.transaction();
+    tx.put(ROOT, k, v).unwrap();
+    tx.commit();
+    doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+}
+
+fn assert_refused(c: &mut Cluster, change: SignedChange, want: impl Fn(&Outcome) -> bool) {
+    let s = &mut c.stores[1];
+    let before = fingerprint(s);
+    let report = s.ingest(vec![change]).unwrap();
+    let got = outcome(&report);
+    assert!(want(&got), "unexpected outcome {got:?}");
+    assert_eq!(report.applied_count(), 0);
+    assert_eq!(fingerprint(s), before, "a refused change altered the store");
+    // And after reopening, nothing of it is on disk either.
+    let path = s.path().to_path_buf();
+    let cluster = s.cluster_id();
+    let reopened = Store::open(&path, Some(cluster)).unwrap();
+    assert_eq!(fingerprint(&reopened), before);
+}
+
+fn rejected(r: RejectReason) -> impl Fn(&Outcome) -> bool {
+    move |o| *o == Outcome::Rejected(r.clone())
+}
+
+fn writer_change(c: &mut Cluster, w: &SecretKey) -> SignedChange {
+    let prev = all_changes(&c.stores[1])
+        .into_iter()
+        .filter(|x| x.doc == "app/x")
+        .collect::<Vec<_>>();
+    let cluster = c.stores[1].cluster_id();
+    SignedChange::sign(w, &cluster, "app/x", raw_change(w, &prev, "c", 3)).unwrap()
+}
+
+#[test]
+fn a_valid_writer_change_is_accepted_as_the_control_case() {
+    let (mut c, w) = setup();
+    let ch = writer_change(&mut c, &w);
+    let r = c.stores[1].ingest(vec![ch]).unwrap();
+    assert_eq!(outcome(&r), Outcome::Applied);
+    assert_eq!(get(&c.stores[1], "app/x", "c"), Some(json!(3)));
+}
+
+#[test]
+fn forged_signature_is_rejected() {
+    let (mut c, w) = setup();
+    let mut ch = writer_change(&mut c, &w);
+    ch.sig[10] ^= 1;
+    assert_refused(&mut c, ch, rejected(RejectReason::BadSignature));
+}
+
+#[test]
+fn a_change_signed_by_someone_else_than_its_claimed_author_is_rejected() {
+    let (mut c, w) = setup();
+    let mut ch = writer_change(&mut c, &w);
+    ch.author = c.admin.node_id();
+    assert_refused(&mut c, ch, rejected(RejectReason::BadSignature));
+}
+
+#[test]
+fn every_tampered_byte_is_rejected() {
+    let (mut c, w) = setup();
+    let ch = writer_change(&mut c, &w);
+    for i in 0..ch.bytes.len() {
+        let mut t = ch.clone();
+        t.bytes[i] ^= 0x40;
+        assert_refused(&mut c, t, |o| matches!(o, Outcome::Rejected(_)));
+    }
+}
+
+#[test]
+fn a_change_replayed_into_another_document_is_rejected() {
+    let (mut c, w) = setup();
+    let mut ch = writer_change(&mut c, &w);
+    ch.doc = "app/y".into();
+    assert_refused(&mut c, ch, rejected(RejectReason::BadSignature));
+}
+
+#[test]
+fn a_change_signed_for_another_cluster_is_rejected() {
+    let (mut c, w) = setup();
+    let prev: Vec<SignedChange> = Vec::new();
+    let ch = SignedChange::sign(&w, &[7; 32], "app/x", raw_change(&w, &prev, "z", 1)).unwrap();
+    assert_refused(&mut c, ch, rejected(RejectReason::BadSignature));
+}
+
+#[test]
+fn a_change_whose_actor_is_not_its_signer_is_rejected() {
+    let (mut c, w) = setup();
+    let admin = c.admin.clone();
+    let prev: Vec<SignedChange> = all_changes(&c.stores[1])
+        .into_iter()
+        .filter(|x| x.doc == "app/x")
+        .collect();
+    let cluster = c.stores[1].cluster_id();
+    // The writer signs a change whose Automerge actor is the admin.
+    let ch = SignedChange::sign(&w, &cluster, "app/x", raw_change(&admin, &prev, "z", 1)).unwrap();
+    assert_refused(&mut c, ch, rejected(RejectReason::ActorNotSigner));
+}
+
+#[test]
+fn a_non_member_author_is_not_stored() {
+    let (mut c, _) = setup();
+    let stranger = key(7);
+    let prev: Vec<SignedChange> = Vec::new();
+    let cluster = c.stores[1].cluster_id();
+    let ch = SignedChange::sign(&stranger, &cluster, "app/z", raw_change(&stranger, &prev, "k", 1)).unwrap();
+    assert_refused(&mut c, ch, |o| *o == Outcome::Pending(RejectReason::NotAMember));
+    assert_eq!(c.stores[1].pending_len(), 1, "held in the bounded pending set only");
+}
+
+#[test]
+fn a_member_writing_outside_its_scope_is_rejected() {
+    let (mut c, w) = setup();
+    let prev: Vec<SignedChange> = Vec::new();
+    let cluster = c.stores[1].cluster_id();
+    let ch = SignedChange::sign(&w, &cluster, "region/us/x", raw_change(&w, &prev, "k", 1)).unwrap();
+    assert_refused(&mut c, ch, rejected(RejectReason::OutOfScope));
+    // The writer's own store refuses to make such a change in the first place.
+    let err = c.stores[1]
+        .write(
+            &w,
+            "region/us/x",
+            &lichen_crdt::Op::Put {
+                path: lichen_crdt::parse_path("k").unwrap(),
+                value: json!(1),
+            },
+            T0,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("may not write"), "{err}");
+}
+
+#[test]
+fn a_reader_cannot_write() {
+    let (mut c, _) = setup();
+    let r = key(3);
+    c.add(&r, "reader", Role::Reader, &[]);
+    let prev: Vec<SignedChange> = Vec::new();
+    let cluster = c.stores[1].cluster_id();
+    let ch = SignedChange::sign(&r, &cluster, "app/r", raw_change(&r, &prev, "k", 1)).unwrap();
+    assert_refused(&mut c, ch, |o| matches!(o, Outcome::Rejected(RejectReason::NotAuthorized(_))));
+}
+
+#[test]
+fn a_writer_cannot_change_membership() {
+    let (mut c, w) = setup();
+    let err = c.stores[1]
+        .add_member(&w, key(9).node_id(), "x", Role::Admin, vec![], vec![], T0)
+        .unwrap_err();
+    assert!(err.to_string().contains("not an admin"), "{err}");
+    assert!(c.stores[1].membership().get(&key(9).node_id()).is_none());
+}
+
+#[test]
+fn equivocation_is_rejected_and_kept_as_evidence() {
+    let (mut c, w) = setup();
+    // The writer's key is cloned onto two machines that each write seq 1 in app/q.
+    let cluster = c.stores[1].cluster_id();
+    let none: Vec<SignedChange> = Vec::new();
+    let first = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &none, "k", 1)).unwrap();
+    let second = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &none, "k", 2)).unwrap();
+    assert_eq!(outcome(&c.stores[1].ingest(vec![first]).unwrap()), Outcome::Applied);
+    assert_refused(&mut c, second, rejected(RejectReason::Equivocation));
+    assert_eq!(c.stores[1].equivocators().unwrap(), vec![w.node_id()]);
+}
+
+/// Rebuild a change chunk with a different start_op, fixing up length and checksum, so that
+/// only the start_op check can catch it.
+fn with_start_op(bytes: &[u8], new_start_op: u64) -> Vec<u8> {
+    fn uleb(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    fn read_uleb(b: &[u8], pos: &mut usize) -> u64 {
+        let (mut r, mut s) = (0u64, 0);
+        loop {
+            let x = b[*pos];
+            *pos += 1;
+            r |= u64::from(x & 0x7f) << s;
+            s += 7;
+            if x & 0x80 == 0 {
+                return r;
+            }
+        }
+    }
+    let mut pos = 9;
+    let len = read_uleb(bytes, &mut pos) as usize;
+    let data = &bytes[pos..pos + len];
+    let mut p = 0;
+    let ndeps = read_uleb(data, &mut p) as usize;
+    p += 32 * ndeps;
+    let alen = read_uleb(data, &mut p) as usize;
+    p += alen;
+    read_uleb(data, &mut p); // seq
+    let so_start = p;
+    read_uleb(data, &mut p); // start_op
+    let mut new_data = data[..so_start].to_vec();
+    uleb(new_start_op, &mut new_data);
+    new_data.extend_from_slice(&data[p..]);
+    let mut hashed = vec![1u8];
+    uleb(new_data.len() as u64, &mut hashed);
+    hashed.extend_from_slice(&new_data);
+    let hash = Sha256::digest(&hashed);
+    let mut out = bytes[..4].to_vec();
+    out.extend_from_slice(&hash[..4]);
+    out.extend_from_slice(&hashed);
+    out
+}
+
+#[test]
+fn an_inflated_start_op_is_rejected() {
+    let (mut c, w) = setup();
+    let honest = writer_change(&mut c, &w);
+    let cluster = c.stores[1].cluster_id();
+    let hdr = lichen_crdt::header::parse(&honest.bytes).unwrap();
+    let forged = with_start_op(&honest.bytes, hdr.start_op + 1000);
+    let ch = SignedChange::sign(&w, &cluster, "app/x", forged).unwrap();
+    assert_refused(&mut c, ch, |o| matches!(o, Outcome::Rejected(RejectReason::BadStartOp { .. })));
+    // One that would not fit Automerge's 32-bit counters is rejected before Automerge sees it.
+    // (The header check runs before the signature check, so the signature does not matter.)
+    let huge = with_start_op(&honest.bytes, 1 << 33);
+    assert!(SignedChange::sign(&w, &cluster, "app/x", huge.clone()).is_err());
+    let ch = SignedChange {
+        bytes: huge,
+        ..honest
+    };
+    assert_refused(&mut c, ch, rejected(RejectReason::InflatedStartOp));
+}
+
+#[test]
+fn truncated_and_random_bytes_are_rejected() {
+    let (mut c, w) = setup();
+    let ch = writer_change(&mut c, &w);
+    for n in [0, 1, 8, 9, ch.bytes.len() / 2, ch.bytes.len() - 1] {
+        let mut t = ch.clone();
+        t.bytes.truncate(n);
+        assert_refused(&mut c, t, |o| matches!(o, Outcome::Rejected(_)));
+    }
+    let mut seed = 0x1234_5678_u64;
+    for len in [0usize, 3, 40, 200, 5000] {
+        let mut t = ch.clone();
+        t.bytes = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        assert_refused(&mut c, t, |o| matches!(o, Outcome::Rejected(_)));
+    }
+}

@@ -1,0 +1,207 @@
+//! The store as a user sees it: create a cluster, write and read documents, see conflicts and
+//! history, reopen, and refuse databases that are not ours.
+
+mod common;
+
+use common::*;
+use lichen_crdt::{parse_path, Op, Role, Store, StoreError};
+use serde_json::json;
+
+#[test]
+fn founding_admin_writes_reads_and_lists_documents() {
+    let mut c = Cluster::new(1);
+    let admin = c.admin.clone();
+    let s = &mut c.stores[0];
+    put(s, &admin, "app/nginx", "workers", json!(4));
+    put(s, &admin, "app/nginx", "limits", json!({"rate": 10, "burst": [1, 2]}));
+    put(s, &admin, "region/eu/limits", "max", json!(null));
+    assert_eq!(get(s, "app/nginx", "workers"), Some(json!(4)));
+    assert_eq!(get(s, "app/nginx", "limits.rate"), Some(json!(10)));
+    assert_eq!(get(s, "app/nginx", "limits.burst.1"), Some(json!(2)));
+    assert_eq!(get(s, "app/nginx", "missing"), None);
+    assert_eq!(
+        get(s, "app/nginx", ""),
+        Some(json!({"workers": 4, "limits": {"rate": 10, "burst": [1, 2]}}))
+    );
+    assert_eq!(s.list_docs().unwrap(), vec!["app/nginx", "region/eu/limits"]);
+    assert_eq!(
+        s.keys("app/nginx", &[]).unwrap().unwrap(),
+        vec!["limits", "workers"]
+    );
+    // Writing the same value again makes no change at all.
+    let again = s
+        .write(
+            &admin,
+            "app/nginx",
+            &Op::Put {
+                path: parse_path("workers").unwrap(),
+                value: json!(4),
+            },
+            T0,
+        )
+        .unwrap();
+    assert!(again.is_none());
+    // Delete by path.
+    s.write(
+        &admin,
+        "app/nginx",
+        &Op::Delete {
+            path: parse_path("limits.rate").unwrap(),
+        },
+        T0,
+    )
+    .unwrap();
+    assert_eq!(get(s, "app/nginx", "limits"), Some(json!({"burst": [1, 2]})));
+}
+
+#[test]
+fn invalid_document_names_and_paths_are_refused() {
+    let mut c = Cluster::new(1);
+    let admin = c.admin.clone();
+    let s = &mut c.stores[0];
+    for bad in ["", "App", "_members", "a//b", "/x"] {
+        let r = s.write(
+            &admin,
+            bad,
+            &Op::Put {
+                path: parse_path("k").unwrap(),
+                value: json!(1),
+            },
+            T0,
+        );
+        assert!(r.is_err(), "{bad:?} accepted");
+    }
+    assert!(parse_path("a..b").is_err());
+}
+
+#[test]
+fn everything_survives_close_and_reopen() {
+    let mut c = Cluster::new(1);
+    let admin = c.admin.clone();
+    let writer = key(2);
+    c.add(&writer, "w", Role::Writer, &[]);
+    put(&mut c.stores[0], &admin, "app/x", "a", json!("b"));
+    let cluster = c.stores[0].cluster_id();
+    let heads = c.stores[0].heads("app/x").unwrap();
+    let path = c.stores[0].path().to_path_buf();
+    drop(c.stores.pop());
+    let mut s = Store::open(&path, Some(cluster)).unwrap();
+    assert_eq!(get(&s, "app/x", "a"), Some(json!("b")));
+    assert_eq!(s.heads("app/x").unwrap(), heads);
+    assert_eq!(s.membership().get(&writer.node_id()).unwrap().role, Role::Writer);
+    // And the lazily loaded document continues the author's chain correctly.
+    put(&mut s, &admin, "app/x", "c", json!(1));
+    assert_eq!(get(&s, "app/x", ""), Some(json!({"a": "b", "c": 1})));
+}
+
+#[test]
+fn concurrent_writes_to_one_key_are_visible_as_a_conflict() {
+    let mut c = Cluster::new(2);
+    let admin = c.admin.clone();
+    let w = key(2);
+    c.add(&w, "w", Role::Writer, &[]);
+    put(&mut c.stores[0], &admin, "app/x", "port", json!(80));
+    put(&mut c.stores[1], &w, "app/x", "port", json!(8080));
+    c.sync_all();
+    let a = get(&c.stores[0], "app/x", "port");
+    assert_eq!(a, get(&c.stores[1], "app/x", "port"));
+    let all = c.stores[0].conflicts("app/x", &parse_path("port").unwrap()).unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(Some(all[0].clone()), a, "the winner comes first");
+    assert!(all.contains(&json!(80)) && all.contains(&json!(8080)));
+}
+
+#[test]
+fn history_names_who_changed_what_in_causal_order() {
+    let mut c = Cluster::new(2);
+    let admin = c.admin.clone();
+    let w = key(2);
+    c.add(&w, "eu-writer", Role::Writer, &[]);
+    put(&mut c.stores[0], &admin, "app/x", "a", json!(1));
+    c.sync_all();
+    put(&mut c.stores[1], &w, "app/x", "b", json!({"c": 2}));
+    c.sync_all();
+    let h = c.stores[0].history("app/x", &[], 100).unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[0].author, admin.node_id());
+    assert_eq!(h[0].author_name, "root");
+    assert_eq!(h[0].edits[0].path, "a");
+    assert_eq!(h[1].author, w.node_id());
+    assert_eq!(h[1].author_name, "eu-writer");
+    assert_eq!(h[1].edits[0].path, "b");
+    assert_eq!(h[1].edits[0].value, Some(json!({"c": 2})));
+    // Filter by path.
+    let hb = c.stores[0].history("app/x", &parse_path("b.c").unwrap(), 100).unwrap();
+    assert_eq!(hb.len(), 1);
+    assert_eq!(hb[0].author, w.node_id());
+}
+
+#[test]
+fn a_database_of_another_cluster_is_refused_and_untouched() {
+    let c1 = Cluster::new(1);
+    let other = Store::create(&c1.path("other.db"), &key(9), "other", T0).unwrap();
+    assert_ne!(other.cluster_id(), c1.stores[0].cluster_id());
+    let path = c1.stores[0].path().to_path_buf();
+    let before = std::fs::read(&path).unwrap();
+    let err = Store::open(&path, Some(other.cluster_id())).err().unwrap();
+    assert!(matches!(err, StoreError::WrongCluster { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.db");
+    let junk = b"this is not sqlite at all, just some bytes that happen to be here".repeat(100);
+    std::fs::write(&path, &junk).unwrap();
+    let err = Store::open(&path, None).err().unwrap();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), junk);
+    // Creating over it is refused too.
+    assert!(Store::create(&path, &key(1), "x", T0).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), junk);
+}
+
+#[test]
+fn another_sqlite_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
+    drop(conn);
+    let err = Store::open(&path, None).err().unwrap();
+    assert!(err.to_string().contains("not a Lichen database"), "{err}");
+}
+
+#[test]
+fn a_newer_schema_is_refused_with_a_clear_error() {
+    let c = Cluster::new(1);
+    let path = c.stores[0].path().to_path_buf();
+    drop(c.stores);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = Store::open(&path, None).err().unwrap();
+    assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("upgrade"), "{err}");
+}
+
+#[test]
+fn a_damaged_database_file_gives_a_clear_error() {
+    let c = Cluster::new(1);
+    let path = c.stores[0].path().to_path_buf();
+    drop(c.stores);
+    // Overwrite the middle of the file (past the header) with garbage.
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in bytes.iter_mut().skip(100).take(4000) {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    match Store::open(&path, None) {
+        Err(e) => assert!(!e.to_string().is_empty()),
+        Ok(s) => {
+            // If SQLite could still open it, reads must fail cleanly rather than panic.
+            let _ = s.list_docs();
+        }
+    }
+}
