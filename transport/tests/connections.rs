@@ -1,0 +1,151 @@
+//! Connection lifecycle on loopback: simultaneous dial, restart and
+//! reconnect, removal from membership.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use lichen_transport::{Endpoint, Event};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dial_leaves_exactly_one_connection() {
+    init_tracing();
+    let members = Members::of(&[key(1), key(2)]);
+    let a_is_lower = key(1) < key(2);
+    let mut raced = 0;
+    for round in 0..5 {
+        let (a, mut arx) = node(1, &members).await;
+        let (b, mut brx) = node(2, &members).await;
+        // Both dial at once.
+        a.add_peer(key(2), vec![b.local_addr()]);
+        b.add_peer(key(1), vec![a.local_addr()]);
+        wait_connected(&mut arx, key(2)).await;
+        wait_connected(&mut brx, key(1)).await;
+
+        // Both ends settle on one connection and agree on who dialled it. If
+        // both dials completed, the one dialled by the lower key won.
+        wait_until("one agreed connection on each side", || {
+            let (ca, cb) = (a.connections(), b.connections());
+            ca.len() == 1 && cb.len() == 1 && ca[0].dialed_by_us != cb[0].dialed_by_us
+        })
+        .await;
+        let both_completed = a.stats().duplicates_closed + b.stats().duplicates_closed > 0;
+        if both_completed {
+            raced += 1;
+            assert_eq!(a.connections()[0].dialed_by_us, a_is_lower);
+        }
+        // Frames flow both ways over it, in order.
+        for i in 0..10u8 {
+            a.send(&key(2), Bytes::copy_from_slice(&[round, i]))
+                .await
+                .unwrap();
+            b.send(&key(1), Bytes::copy_from_slice(&[round, i]))
+                .await
+                .unwrap();
+        }
+        for i in 0..10u8 {
+            assert_eq!(&wait_frame(&mut brx, key(1)).await[..], [round, i]);
+            assert_eq!(&wait_frame(&mut arx, key(2)).await[..], [round, i]);
+        }
+        assert_eq!(a.connections().len(), 1);
+        assert_eq!(b.connections().len(), 1);
+        a.close().await;
+        b.close().await;
+    }
+    eprintln!("{raced} of 5 rounds had both dials complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_peer_restarts_on_same_port() {
+    init_tracing();
+    let members = Members::of(&[key(1), key(2)]);
+    let (a, mut arx) = node(1, &members).await;
+    let (b, brx) = node(2, &members).await;
+    let b_addr = b.local_addr();
+    a.add_peer(key(2), vec![b_addr]);
+    wait_connected(&mut arx, key(2)).await;
+
+    // The peer goes away: dropping every handle shuts it down.
+    drop(b);
+    drop(brx);
+    let reason = wait_disconnected(&mut arx, key(2)).await;
+    assert!(!reason.is_empty());
+    assert!(a.connected_peers().is_empty());
+
+    // Restart with the same key on the same port (the old socket is released
+    // asynchronously, so retry the bind until it is free).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (_b2, mut b2rx) = loop {
+        match Endpoint::bind(config_at(2, b_addr), Arc::new(members.clone())).await {
+            Ok(x) => break x,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "rebind: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // A's dialer finds it again without being told.
+    wait_connected(&mut arx, key(2)).await;
+    wait_connected(&mut b2rx, key(1)).await;
+    a.send(&key(2), Bytes::from_static(b"welcome back"))
+        .await
+        .unwrap();
+    assert_eq!(&wait_frame(&mut b2rx, key(1)).await[..], b"welcome back");
+    assert_eq!(a.stats().connects, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_member_is_disconnected_within_a_second() {
+    init_tracing();
+    let members = Members::of(&[key(1), key(2), key(3)]);
+    // A has its own view of membership, which the "agent" will change.
+    let a_view = Members::of(&[key(1), key(2), key(3)]);
+    let (a, mut arx) = node(1, &a_view).await;
+    let (b, mut brx) = node(2, &members).await;
+    let (c, mut crx) = node(3, &members).await;
+    a.add_peer(key(2), vec![b.local_addr()]);
+    // C dials A: the incoming side must be cut too.
+    c.add_peer(key(1), vec![a.local_addr()]);
+    wait_connected(&mut brx, key(1)).await;
+    wait_connected(&mut crx, key(1)).await;
+    wait_until("A sees both", || a.connected_peers().len() == 2).await;
+
+    a_view.remove(&key(3));
+    let started = tokio::time::Instant::now();
+    a.membership_changed();
+    // Closed at once on A's side...
+    assert_eq!(a.connected_peers(), vec![key(2)]);
+    // ...and both ends are told within a second.
+    tokio::time::timeout(Duration::from_secs(1), async {
+        wait_disconnected(&mut crx, key(1)).await;
+        loop {
+            match arx.recv().await {
+                Some(Event::Disconnected { peer, reason }) if peer == key(3) => {
+                    assert!(reason.contains("member"), "{reason}");
+                    break;
+                }
+                Some(Event::Disconnected { peer, .. }) => panic!("{peer:?} disconnected"),
+                Some(_) => {}
+                None => panic!("events closed"),
+            }
+        }
+    })
+    .await
+    .expect("removed member still connected after 1 s");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // B is unaffected; C's redials are refused.
+    a.send(&key(2), Bytes::from_static(b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(&wait_frame(&mut brx, key(1)).await[..], b"still here");
+    let failed = a.stats().handshakes_failed;
+    wait_until("C's redial is refused by A", || {
+        a.stats().handshakes_failed > failed
+    })
+    .await;
+    assert_eq!(a.connected_peers(), vec![key(2)]);
+}
