@@ -39,6 +39,7 @@ pub mod membership;
 mod schema;
 pub mod signed;
 pub mod store;
+pub mod sync;
 
 pub use error::{KeyError, RejectReason, StoreError};
 pub use identity::{NodeId, SecretKey};

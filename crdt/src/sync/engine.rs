@@ -1,0 +1,763 @@
+//! The sans-IO sync engine: a state machine that decides which messages to send when.
+//!
+//! Why it exists: sync logic is where distributed bugs live, so it must be testable under a
+//! deterministic simulator. The engine therefore performs no I/O, reads no clock and draws no
+//! global randomness. The caller (the agent's network task, or the simulator) feeds it inputs
+//! and drains its outputs:
+//!
+//! ```text
+//!  inputs                                   outputs (drained by the caller)
+//!  handle(now, peer, msg, store)  ─┐       ┌─ poll_transmit() -> (peer, SyncMessage)
+//!  local_commit(now, changes, store)├─ SyncEngine ─┼─ poll_timeout()  -> next deadline (ms)
+//!  handle_timeout(now, store)      │       └─ poll_event()    -> applied / rejected / caught up
+//!  peer_up / peer_down / set_peer_ready ┘
+//! ```
+//!
+//! The store is passed by `&mut` to the calls that need it (it is not owned), through the
+//! [`Replica`] trait, so the same engine runs on the SQLite [`crate::Store`] or a test double.
+//! All verification happens in the store's `ingest`; the engine only routes bytes, so a
+//! malicious peer can waste bounded bandwidth but cannot get an invalid change applied.
+//!
+//! Every buffer is bounded: each peer has its own outbound queue limited in messages and bytes
+//! (a full queue drops pushes and announcements for that peer only, counted in [`Stats`], and
+//! anti-entropy repairs the gap later), batches are limited in bytes and changes, and the
+//! event queue drops its oldest entries when full.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+
+use super::rng::SplitMix64;
+use super::wire::{Clocks, SyncMessage, VersionVector};
+use super::{clocks_digest, Replica, SyncError};
+use crate::identity::NodeId;
+use crate::signed::{SignedChange, MEMBERSHIP_DOC};
+use crate::store::Outcome;
+
+/// Tuning knobs. The defaults suit a LAN or WAN cluster of up to tens of thousands of nodes.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Peers a node relays newly applied pushed changes to (not counting the sender).
+    pub fanout: usize,
+    /// Mean period of anti-entropy rounds, in milliseconds.
+    pub anti_entropy_interval_ms: u64,
+    /// Each period is drawn uniformly from `interval ± jitter` so nodes do not synchronize.
+    pub anti_entropy_jitter_ms: u64,
+    /// Target payload of one `Changes` batch (at least one change is always sent).
+    pub batch_bytes: usize,
+    /// Most changes in one batch.
+    pub batch_changes: usize,
+    /// Most messages queued for one peer.
+    pub queue_messages: usize,
+    /// Most bytes queued for one peer.
+    pub queue_bytes: usize,
+    /// Relayed changes go as a full `Push` when their encoding is at most this many bytes,
+    /// else as a `Have` announcement that peers missing them answer with `Want`.
+    pub relay_inline_bytes: usize,
+    /// Least time between two pulls (`Clocks` requests) triggered by pushes from one peer.
+    pub pull_gap_ms: u64,
+    /// Most events kept until [`SyncEngine::poll_event`] drains them.
+    pub max_events: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            fanout: 3,
+            anti_entropy_interval_ms: 1_000,
+            anti_entropy_jitter_ms: 250,
+            batch_bytes: 1 << 20,
+            batch_changes: 4_096,
+            queue_messages: 256,
+            queue_bytes: 8 << 20,
+            relay_inline_bytes: 1_024,
+            pull_gap_ms: 200,
+            max_events: 4_096,
+        }
+    }
+}
+
+/// Something the caller may want to know (logs, metrics, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Changes received from `from` were verified and applied.
+    Applied {
+        /// The peer they came from.
+        from: NodeId,
+        /// Documents that changed.
+        docs: BTreeSet<String>,
+        /// Number of changes applied (including held changes that became applicable).
+        count: usize,
+    },
+    /// Changes received from `from` were refused by the store (or a message did not decode).
+    Rejected {
+        /// The peer they came from.
+        from: NodeId,
+        /// Stable reason label ([`crate::RejectReason::label`], or `decode`).
+        label: &'static str,
+        /// How many changes of that message had this reason.
+        count: usize,
+    },
+    /// This node holds everything `peer` had, as of the last exchange.
+    CaughtUp {
+        /// The peer.
+        peer: NodeId,
+    },
+}
+
+/// Counters, for metrics and for the simulator's bandwidth report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages handed to the caller by `poll_transmit`.
+    pub sent_messages: u64,
+    /// Their encoded bytes.
+    pub sent_bytes: u64,
+    /// Messages received (decoded).
+    pub received_messages: u64,
+    /// Their encoded bytes.
+    pub received_bytes: u64,
+    /// Pushes or announcements dropped because a peer's queue was full.
+    pub dropped_pushes: u64,
+    /// Other messages dropped because a peer's queue was full.
+    pub dropped_other: u64,
+    /// Received messages that did not decode.
+    pub decode_errors: u64,
+    /// Changes applied from received messages.
+    pub applied: u64,
+    /// Received changes already held (not verified again).
+    pub duplicates: u64,
+    /// Received changes the store refused.
+    pub rejected: u64,
+    /// Anti-entropy rounds started by this node.
+    pub rounds: u64,
+}
+
+#[derive(Debug, Default)]
+struct Peer {
+    up: bool,
+    ready: bool,
+    queue: VecDeque<SyncMessage>,
+    queued_bytes: usize,
+    last_pull: Option<u64>,
+}
+
+/// The sync engine of one node. See the module docs.
+#[derive(Debug)]
+pub struct SyncEngine {
+    me: NodeId,
+    cfg: Config,
+    rng: SplitMix64,
+    peers: BTreeMap<NodeId, Peer>,
+    /// Round-robin cursor for `poll_transmit`.
+    cursor: Option<NodeId>,
+    next_round: Option<u64>,
+    events: VecDeque<Event>,
+    cache: Option<(Clocks, [u8; 32])>,
+    stats: Stats,
+}
+
+impl SyncEngine {
+    /// A new engine for node `me`. `seed` drives every random choice.
+    pub fn new(me: NodeId, config: Config, seed: u64) -> SyncEngine {
+        SyncEngine {
+            me,
+            cfg: config,
+            rng: SplitMix64::new(seed),
+            peers: BTreeMap::new(),
+            cursor: None,
+            next_round: None,
+            events: VecDeque::new(),
+            cache: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.me
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Peers currently up.
+    pub fn peers_up(&self) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.up)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Messages and bytes queued for `peer`.
+    pub fn queued(&self, peer: &NodeId) -> (usize, usize) {
+        self.peers
+            .get(peer)
+            .map(|p| (p.queue.len(), p.queued_bytes))
+            .unwrap_or((0, 0))
+    }
+
+    /// Forget the cached version vector (call after changing the store behind the engine's
+    /// back other than through [`SyncEngine::local_commit`]).
+    pub fn invalidate(&mut self) {
+        self.cache = None;
+    }
+
+    // ------------------------------------------------------------------ inputs
+
+    /// A connection to `peer` is established: start an anti-entropy exchange with it at once.
+    pub fn peer_up(
+        &mut self,
+        now: u64,
+        peer: NodeId,
+        store: &mut impl Replica,
+    ) -> Result<(), SyncError> {
+        if peer == self.me {
+            return Ok(());
+        }
+        let p = self.peers.entry(peer).or_default();
+        p.up = true;
+        p.ready = true;
+        p.last_pull = None;
+        if self.next_round.is_none() {
+            self.schedule_round(now);
+        }
+        let digest = self.clocks(store)?.1;
+        self.enqueue(peer, SyncMessage::Digest { digest });
+        Ok(())
+    }
+
+    /// The connection to `peer` is gone: drop what was queued for it.
+    pub fn peer_down(&mut self, _now: u64, peer: NodeId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.up = false;
+            p.queue.clear();
+            p.queued_bytes = 0;
+        }
+    }
+
+    /// Flow control: while `ready` is false (the transport to `peer` is backed up),
+    /// `poll_transmit` skips `peer` and its bounded queue fills, then drops.
+    pub fn set_peer_ready(&mut self, peer: NodeId, ready: bool) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.ready = ready;
+        }
+    }
+
+    /// Changes committed locally (already durable in `store`): push them to every connected
+    /// peer at once.
+    pub fn local_commit(
+        &mut self,
+        now: u64,
+        changes: &[SignedChange],
+        store: &mut impl Replica,
+    ) -> Result<(), SyncError> {
+        let _ = (now, &*store);
+        self.cache = None;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let targets = self.peers_up();
+        for chunk in self.chunks(changes.to_vec()) {
+            for t in &targets {
+                self.enqueue(
+                    *t,
+                    SyncMessage::Push {
+                        changes: chunk.clone(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode and handle a message received from `from`. Undecodable input is counted and
+    /// reported as an event; it is never an error.
+    pub fn handle_bytes(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        bytes: &[u8],
+        store: &mut impl Replica,
+    ) -> Result<(), SyncError> {
+        match SyncMessage::decode(bytes) {
+            Ok(msg) => self.handle(now, from, msg, store),
+            Err(_) => {
+                self.stats.decode_errors += 1;
+                self.event(Event::Rejected {
+                    from,
+                    label: "decode",
+                    count: 1,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Handle a message received from `from`.
+    pub fn handle(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        msg: SyncMessage,
+        store: &mut impl Replica,
+    ) -> Result<(), SyncError> {
+        self.stats.received_messages += 1;
+        self.stats.received_bytes += msg.encoded_len() as u64;
+        if from == self.me {
+            return Ok(());
+        }
+        match msg {
+            SyncMessage::Digest { digest } => {
+                let (clocks, mine) = self.clocks(store)?;
+                if digest == mine {
+                    self.event(Event::CaughtUp { peer: from });
+                } else {
+                    self.enqueue(
+                        from,
+                        SyncMessage::Clocks {
+                            reply: true,
+                            clocks,
+                        },
+                    );
+                }
+            }
+            SyncMessage::Clocks { reply, clocks } => {
+                let (mine, _) = self.clocks(store)?;
+                let (changes, more) = self.missing(store, &mine, &clocks, false)?;
+                if !changes.is_empty() {
+                    self.enqueue(from, SyncMessage::Changes { more, changes });
+                }
+                if reply && lacks(&mine, &clocks) {
+                    self.enqueue(
+                        from,
+                        SyncMessage::Clocks {
+                            reply: false,
+                            clocks: mine,
+                        },
+                    );
+                }
+            }
+            SyncMessage::Changes { more, changes } => {
+                let outcome = self.ingest(from, changes, store)?;
+                if more {
+                    let clocks = self.clocks(store)?.0;
+                    self.enqueue(
+                        from,
+                        SyncMessage::Clocks {
+                            reply: false,
+                            clocks,
+                        },
+                    );
+                } else if outcome.waiting == 0 {
+                    self.event(Event::CaughtUp { peer: from });
+                }
+            }
+            SyncMessage::Push { changes } => {
+                let outcome = self.ingest(from, changes, store)?;
+                if !outcome.applied.is_empty() {
+                    self.relay(from, outcome.applied);
+                }
+                if outcome.waiting > 0 {
+                    self.pull(now, from, store)?;
+                }
+            }
+            SyncMessage::Have { clocks } => {
+                let (mine, _) = self.clocks(store)?;
+                let mut want = Clocks::new();
+                for (doc, vv) in &clocks {
+                    for (author, seq) in vv {
+                        let have = seq_of(&mine, doc, author);
+                        if have < *seq {
+                            want.entry(doc.clone()).or_default().insert(*author, have);
+                        }
+                    }
+                }
+                if !want.is_empty() {
+                    self.enqueue(from, SyncMessage::Want { clocks: want });
+                }
+            }
+            SyncMessage::Want { clocks } => {
+                let (mine, _) = self.clocks(store)?;
+                let (changes, _) = self.missing(store, &mine, &clocks, true)?;
+                if !changes.is_empty() {
+                    self.enqueue(from, SyncMessage::Push { changes });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Timers: start an anti-entropy round with one random connected peer when it is due.
+    pub fn handle_timeout(&mut self, now: u64, store: &mut impl Replica) -> Result<(), SyncError> {
+        let Some(due) = self.next_round else {
+            return Ok(());
+        };
+        if now < due {
+            return Ok(());
+        }
+        self.schedule_round(now);
+        let up = self.peers_up();
+        if up.is_empty() {
+            return Ok(());
+        }
+        let peer = up[self.rng.below(up.len() as u64) as usize];
+        let digest = self.clocks(store)?.1;
+        self.stats.rounds += 1;
+        self.enqueue(peer, SyncMessage::Digest { digest });
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ outputs
+
+    /// The next message to send, taken from the peers' queues in turn. Peers marked not
+    /// ready are skipped.
+    pub fn poll_transmit(&mut self) -> Option<(NodeId, SyncMessage)> {
+        let ids: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.ready && !p.queue.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return None;
+        }
+        let start = match self.cursor {
+            Some(c) => ids.iter().position(|id| *id > c).unwrap_or(0),
+            None => 0,
+        };
+        let id = ids[start];
+        self.cursor = Some(id);
+        self.poll_transmit_to(&id).map(|m| (id, m))
+    }
+
+    /// The next message queued for `peer` (whether or not it is marked ready).
+    pub fn poll_transmit_to(&mut self, peer: &NodeId) -> Option<SyncMessage> {
+        let p = self.peers.get_mut(peer)?;
+        let msg = p.queue.pop_front()?;
+        let len = msg.encoded_len();
+        p.queued_bytes -= len;
+        self.stats.sent_messages += 1;
+        self.stats.sent_bytes += len as u64;
+        Some(msg)
+    }
+
+    /// When [`SyncEngine::handle_timeout`] should next be called (ms, same epoch as `now`).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.next_round
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    fn schedule_round(&mut self, now: u64) {
+        let base = self.cfg.anti_entropy_interval_ms.max(1);
+        let j = self.cfg.anti_entropy_jitter_ms.min(base - 1);
+        self.next_round = Some(now + self.rng.range(base - j, base + j));
+    }
+
+    fn event(&mut self, e: Event) {
+        if self.events.len() >= self.cfg.max_events {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    fn enqueue(&mut self, peer: NodeId, msg: SyncMessage) {
+        let len = msg.encoded_len();
+        let (qm, qb) = (self.cfg.queue_messages, self.cfg.queue_bytes);
+        let Some(p) = self.peers.get_mut(&peer).filter(|p| p.up) else {
+            return;
+        };
+        if !p.queue.is_empty() && (p.queue.len() >= qm || p.queued_bytes + len > qb) {
+            if matches!(msg, SyncMessage::Push { .. } | SyncMessage::Have { .. }) {
+                self.stats.dropped_pushes += 1;
+            } else {
+                self.stats.dropped_other += 1;
+            }
+            return;
+        }
+        p.queued_bytes += len;
+        p.queue.push_back(msg);
+    }
+
+    /// The store's version vectors and their digest, cached until the store changes.
+    fn clocks(&mut self, store: &impl Replica) -> Result<(Clocks, [u8; 32]), SyncError> {
+        if let Some(c) = &self.cache {
+            return Ok(c.clone());
+        }
+        let clocks = store.clocks()?;
+        let digest = clocks_digest(&clocks);
+        self.cache = Some((clocks.clone(), digest));
+        Ok((clocks, digest))
+    }
+
+    /// Ask `peer` for what we lack (its answer is a `Changes` batch), at most once per gap.
+    fn pull(&mut self, now: u64, peer: NodeId, store: &impl Replica) -> Result<(), SyncError> {
+        let gap = self.cfg.pull_gap_ms;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        if p.last_pull.is_some_and(|t| now < t + gap) {
+            return Ok(());
+        }
+        p.last_pull = Some(now);
+        let clocks = self.clocks(store)?.0;
+        self.enqueue(
+            peer,
+            SyncMessage::Clocks {
+                reply: false,
+                clocks,
+            },
+        );
+        Ok(())
+    }
+
+    /// Split changes into messages within the batch limits.
+    fn chunks(&self, changes: Vec<SignedChange>) -> Vec<Vec<SignedChange>> {
+        let mut out = Vec::new();
+        let mut cur = Vec::new();
+        let mut bytes = 0;
+        for c in changes {
+            let len = c.encoded_len();
+            if !cur.is_empty()
+                && (bytes + len > self.cfg.batch_bytes || cur.len() >= self.cfg.batch_changes)
+            {
+                out.push(std::mem::take(&mut cur));
+                bytes = 0;
+            }
+            bytes += len;
+            cur.push(c);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+
+    /// Relay newly applied changes to `fanout` random peers other than the sender.
+    fn relay(&mut self, from: NodeId, applied: Vec<SignedChange>) {
+        let others: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.up && **id != from)
+            .map(|(id, _)| *id)
+            .collect();
+        let targets = self.rng.choose(&others, self.cfg.fanout);
+        if targets.is_empty() {
+            return;
+        }
+        let bytes: usize = applied.iter().map(SignedChange::encoded_len).sum();
+        if bytes <= self.cfg.relay_inline_bytes {
+            for chunk in self.chunks(applied) {
+                for t in &targets {
+                    self.enqueue(
+                        *t,
+                        SyncMessage::Push {
+                            changes: chunk.clone(),
+                        },
+                    );
+                }
+            }
+        } else {
+            let mut have = Clocks::new();
+            for c in &applied {
+                if let Ok(h) = crate::header::parse(&c.bytes) {
+                    let e = have
+                        .entry(c.doc.clone())
+                        .or_default()
+                        .entry(c.author)
+                        .or_insert(0);
+                    *e = (*e).max(h.seq);
+                }
+            }
+            for t in targets {
+                self.enqueue(
+                    t,
+                    SyncMessage::Have {
+                        clocks: have.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Give received changes to the store: drop those already held (so duplicates cost no
+    /// signature check), ingest the rest, report.
+    fn ingest(
+        &mut self,
+        from: NodeId,
+        changes: Vec<SignedChange>,
+        store: &mut impl Replica,
+    ) -> Result<Ingested, SyncError> {
+        let mut fresh = Vec::with_capacity(changes.len());
+        let mut seen = HashSet::new();
+        for c in changes {
+            if let Ok(h) = crate::header::parse(&c.bytes) {
+                if !seen.insert(h.hash) || store.contains(&h.hash)? {
+                    self.stats.duplicates += 1;
+                    continue;
+                }
+            }
+            fresh.push(c);
+        }
+        if fresh.is_empty() {
+            return Ok(Ingested::default());
+        }
+        let mut by_hash: BTreeMap<[u8; 32], SignedChange> = BTreeMap::new();
+        for c in &fresh {
+            if let Ok(h) = crate::header::parse(&c.bytes) {
+                by_hash.insert(h.hash, c.clone());
+            }
+        }
+        let report = store.ingest(fresh)?;
+        let mut out = Ingested::default();
+        let mut rejected: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for (_, _, hash, o) in &report.outcomes {
+            match o {
+                Outcome::Applied => {
+                    let Some(h) = hash else { continue };
+                    let c = match by_hash.remove(h) {
+                        Some(c) => Some(c),
+                        None => store.get_change(h)?,
+                    };
+                    out.applied.extend(c);
+                }
+                Outcome::Duplicate => self.stats.duplicates += 1,
+                Outcome::Pending(_) => out.waiting += 1,
+                Outcome::Rejected(r) => *rejected.entry(r.label()).or_default() += 1,
+            }
+        }
+        if !out.applied.is_empty()
+            || !report.voided.is_empty()
+            || !report.revived.is_empty()
+            || report.membership_changed
+        {
+            self.cache = None;
+        }
+        if !out.applied.is_empty() {
+            // Membership first, then in the order applied: relaying keeps dependencies ahead.
+            out.applied.sort_by_key(|c| c.doc != MEMBERSHIP_DOC);
+            self.stats.applied += out.applied.len() as u64;
+            self.event(Event::Applied {
+                from,
+                docs: report.changed_docs.clone(),
+                count: out.applied.len(),
+            });
+        }
+        for (label, count) in rejected {
+            self.stats.rejected += count as u64;
+            self.event(Event::Rejected { from, label, count });
+        }
+        Ok(out)
+    }
+
+    /// The changes `theirs` lacks, membership first, each document in causal order, within
+    /// the batch limits. With `partial`, only the listed (document, author) pairs count.
+    /// Returns the batch and whether more was left out.
+    fn missing(
+        &self,
+        store: &impl Replica,
+        mine: &Clocks,
+        theirs: &Clocks,
+        partial: bool,
+    ) -> Result<(Vec<SignedChange>, bool), SyncError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let limit = self.cfg.batch_changes.max(1);
+        let docs = mine
+            .keys()
+            .filter(|d| d.as_str() == MEMBERSHIP_DOC)
+            .chain(mine.keys().filter(|d| d.as_str() != MEMBERSHIP_DOC));
+        for doc in docs {
+            let vv = &mine[doc];
+            let their_vv = theirs.get(doc);
+            if partial && their_vv.is_none() {
+                continue;
+            }
+            // (start_op, change) for every change of this document they lack.
+            let mut fetched: Vec<(u64, SignedChange)> = Vec::new();
+            // Lowest last start_op among authors whose list was cut by the limit.
+            let mut horizon = u64::MAX;
+            for (author, seq) in vv {
+                let theirs_seq = match their_vv.and_then(|v| v.get(author)) {
+                    Some(s) => *s,
+                    None if partial => continue,
+                    None => 0,
+                };
+                if *seq <= theirs_seq {
+                    continue;
+                }
+                let room = limit - out.len();
+                let list = store.changes_after(doc, author, theirs_seq, room)?;
+                let cut = list.len() >= room && (*seq - theirs_seq) as usize > list.len();
+                let mut last = 0;
+                for c in list {
+                    let Ok(h) = crate::header::parse(&c.bytes) else {
+                        continue;
+                    };
+                    last = h.start_op;
+                    fetched.push((h.start_op, c));
+                }
+                if cut {
+                    horizon = horizon.min(last);
+                }
+            }
+            // start_op exceeds the start_op of every dependency, so this order is causal.
+            fetched.sort_by_key(|a| a.0);
+            let mut complete = horizon == u64::MAX;
+            for (start_op, c) in fetched {
+                if start_op > horizon {
+                    break;
+                }
+                let len = c.encoded_len();
+                if !out.is_empty() && (bytes + len > self.cfg.batch_bytes || out.len() >= limit) {
+                    return Ok((out, true));
+                }
+                bytes += len;
+                out.push(c);
+            }
+            if out.len() >= limit {
+                complete = false;
+            }
+            if !complete {
+                return Ok((out, true));
+            }
+        }
+        Ok((out, false))
+    }
+}
+
+#[derive(Default)]
+struct Ingested {
+    /// Newly applied changes (for relaying).
+    applied: Vec<SignedChange>,
+    /// Changes held in the pending set (their dependencies or author are not known yet).
+    waiting: usize,
+}
+
+fn seq_of(clocks: &Clocks, doc: &str, author: &NodeId) -> u64 {
+    clocks
+        .get(doc)
+        .and_then(|v| v.get(author))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Whether `mine` lacks something `theirs` has.
+fn lacks(mine: &Clocks, theirs: &Clocks) -> bool {
+    theirs.iter().any(|(doc, vv)| {
+        let empty = VersionVector::new();
+        let m = mine.get(doc).unwrap_or(&empty);
+        vv.iter().any(|(a, s)| *s > m.get(a).copied().unwrap_or(0))
+    })
+}

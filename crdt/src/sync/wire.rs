@@ -1,0 +1,512 @@
+//! The sync wire format: a versioned binary encoding of [`SyncMessage`].
+//!
+//! Why it exists: sync messages cross the network between nodes that trust nothing they
+//! receive, and may run different Lichen versions. The format is therefore explicit (no serde
+//! layout that could shift under a dependency upgrade), versioned, canonical (a message has
+//! exactly one encoding, so `encode(decode(b)) == b` for every `b` that decodes, which the fuzz
+//! target checks), and every count and length is checked against both the input that remains
+//! and a fixed limit *before* anything is allocated.
+//!
+//! Data flow: the engine produces [`SyncMessage`] values; the transport sends
+//! [`SyncMessage::encode`]d bytes; the receiving engine runs [`SyncMessage::decode`] (through
+//! [`crate::sync::SyncEngine::handle_bytes`]) and only then looks at the content. Signed changes
+//! inside are still unverified at that point: the store verifies each one on ingest.
+//!
+//! # Layout (all integers big-endian)
+//! ```text
+//! message   = version:u8 (=1) | type:u8 | body
+//! Digest    (1) = digest[32]
+//! Clocks    (2) = flags:u8 (bit 0: reply wanted; other bits 0) | clocks
+//! Changes   (3) = flags:u8 (bit 0: more to come; other bits 0) | changes
+//! Push      (4) = changes
+//! Have      (5) = clocks
+//! Want      (6) = clocks
+//! clocks    = n_docs:u32 | n_docs × ( doc_len:u16 | doc | n_authors:u32 | n_authors × (author[32] | seq:u64) )
+//!             docs strictly ascending (byte order), authors strictly ascending per doc
+//! changes   = n:u32 | n × signed change (see crate::signed: u8 version | u16 doc_len | doc |
+//!             author[32] | sig[64] | u32 len | bytes)
+//! ```
+//! Limits: a message is at most [`MAX_MESSAGE_BYTES`] (8 MiB) long; document names are valid
+//! names of at most 128 bytes; counts are bounded by what the remaining bytes could hold.
+//! Unknown version → [`DecodeError::UnknownVersion`]; unknown type or flag bits →
+//! [`DecodeError::Invalid`]; bytes after the message → [`DecodeError::Trailing`].
+
+use std::collections::BTreeMap;
+
+use crate::identity::NodeId;
+use crate::signed::{valid_doc_name, DecodeError, SignedChange, MAX_DOC_NAME};
+
+/// The wire format version this build writes and reads.
+pub const WIRE_VERSION: u8 = 1;
+/// Hard upper bound on an encoded message; longer input is refused before decoding.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// Per-author highest sequence number in one document.
+pub type VersionVector = BTreeMap<NodeId, u64>;
+/// Version vectors of several documents, by document name.
+pub type Clocks = BTreeMap<String, VersionVector>;
+
+const T_DIGEST: u8 = 1;
+const T_CLOCKS: u8 = 2;
+const T_CHANGES: u8 = 3;
+const T_PUSH: u8 = 4;
+const T_HAVE: u8 = 5;
+const T_WANT: u8 = 6;
+
+/// Smallest encoding of one signed change (empty doc name and change bytes).
+const MIN_CHANGE_LEN: usize = 1 + 2 + 32 + 64 + 4;
+/// Smallest encoding of one document entry of a clock list.
+const MIN_DOC_ENTRY: usize = 2 + 1 + 4;
+/// Encoding of one (author, seq) entry.
+const AUTHOR_ENTRY: usize = 32 + 8;
+
+/// One message of the sync protocol (see [`crate::sync`] for the protocol itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncMessage {
+    /// Anti-entropy opener: SHA-256 of the sender's full version vector.
+    Digest {
+        /// The digest (see [`crate::sync::clocks_digest`]).
+        digest: [u8; 32],
+    },
+    /// The sender's version vectors; the receiver answers with the changes the sender lacks
+    /// and, if `reply`, with its own `Clocks` when it lacks something the sender has.
+    Clocks {
+        /// Whether the receiver should send its own clocks back if it lacks something.
+        reply: bool,
+        /// Version vectors per document (documents absent: the sender has none of them).
+        clocks: Clocks,
+    },
+    /// A bounded batch of changes answering `Clocks`, membership changes first.
+    Changes {
+        /// The sender had more to send: answer with updated `Clocks` to get the next batch.
+        more: bool,
+        /// The changes, in an order where each follows its dependencies.
+        changes: Vec<SignedChange>,
+    },
+    /// Eagerly pushed changes (a local commit, a relay, or the answer to `Want`).
+    Push {
+        /// The changes.
+        changes: Vec<SignedChange>,
+    },
+    /// Announcement of new changes by (document, author, highest seq), without the bodies.
+    Have {
+        /// Announced entries.
+        clocks: Clocks,
+    },
+    /// Request for the changes after the given seqs, for exactly the listed (document, author)
+    /// pairs; answered with `Push`.
+    Want {
+        /// What the sender holds of the pairs it wants.
+        clocks: Clocks,
+    },
+}
+
+impl SyncMessage {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SyncMessage::Digest { .. } => "digest",
+            SyncMessage::Clocks { .. } => "clocks",
+            SyncMessage::Changes { .. } => "changes",
+            SyncMessage::Push { .. } => "push",
+            SyncMessage::Have { .. } => "have",
+            SyncMessage::Want { .. } => "want",
+        }
+    }
+
+    /// Length of [`SyncMessage::encode`]'s output, computed without encoding.
+    pub fn encoded_len(&self) -> usize {
+        2 + match self {
+            SyncMessage::Digest { .. } => 32,
+            SyncMessage::Clocks { clocks, .. } => 1 + clocks_len(clocks),
+            SyncMessage::Changes { changes, .. } => 1 + changes_len(changes),
+            SyncMessage::Push { changes } => changes_len(changes),
+            SyncMessage::Have { clocks } | SyncMessage::Want { clocks } => clocks_len(clocks),
+        }
+    }
+
+    /// Encode. Callers keep messages within [`MAX_MESSAGE_BYTES`] (the engine's batches do);
+    /// a longer message encodes but is refused by every decoder.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.push(WIRE_VERSION);
+        match self {
+            SyncMessage::Digest { digest } => {
+                out.push(T_DIGEST);
+                out.extend_from_slice(digest);
+            }
+            SyncMessage::Clocks { reply, clocks } => {
+                out.push(T_CLOCKS);
+                out.push(u8::from(*reply));
+                encode_clocks(clocks, &mut out);
+            }
+            SyncMessage::Changes { more, changes } => {
+                out.push(T_CHANGES);
+                out.push(u8::from(*more));
+                encode_changes(changes, &mut out);
+            }
+            SyncMessage::Push { changes } => {
+                out.push(T_PUSH);
+                encode_changes(changes, &mut out);
+            }
+            SyncMessage::Have { clocks } => {
+                out.push(T_HAVE);
+                encode_clocks(clocks, &mut out);
+            }
+            SyncMessage::Want { clocks } => {
+                out.push(T_WANT);
+                encode_clocks(clocks, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Decode one complete message; never panics, allocates only what the input can back.
+    pub fn decode(buf: &[u8]) -> Result<SyncMessage, DecodeError> {
+        if buf.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::TooLong("message"));
+        }
+        let mut r = Reader { buf, pos: 0 };
+        let version = r.u8()?;
+        if version != WIRE_VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let msg = match r.u8()? {
+            T_DIGEST => SyncMessage::Digest { digest: r.array()? },
+            T_CLOCKS => {
+                let reply = r.flag()?;
+                SyncMessage::Clocks {
+                    reply,
+                    clocks: r.clocks()?,
+                }
+            }
+            T_CHANGES => {
+                let more = r.flag()?;
+                SyncMessage::Changes {
+                    more,
+                    changes: r.changes()?,
+                }
+            }
+            T_PUSH => SyncMessage::Push {
+                changes: r.changes()?,
+            },
+            T_HAVE => SyncMessage::Have {
+                clocks: r.clocks()?,
+            },
+            T_WANT => SyncMessage::Want {
+                clocks: r.clocks()?,
+            },
+            _ => return Err(DecodeError::Invalid("unknown message type")),
+        };
+        if r.pos != buf.len() {
+            return Err(DecodeError::Trailing);
+        }
+        Ok(msg)
+    }
+}
+
+fn clocks_len(clocks: &Clocks) -> usize {
+    4 + clocks
+        .iter()
+        .map(|(d, v)| 2 + d.len() + 4 + v.len() * AUTHOR_ENTRY)
+        .sum::<usize>()
+}
+
+fn changes_len(changes: &[SignedChange]) -> usize {
+    4 + changes.iter().map(SignedChange::encoded_len).sum::<usize>()
+}
+
+/// Canonical encoding of a clock list (also the input of the anti-entropy digest).
+pub(crate) fn encode_clocks(clocks: &Clocks, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(clocks.len() as u32).to_be_bytes());
+    for (doc, vv) in clocks {
+        out.extend_from_slice(&(doc.len() as u16).to_be_bytes());
+        out.extend_from_slice(doc.as_bytes());
+        out.extend_from_slice(&(vv.len() as u32).to_be_bytes());
+        for (author, seq) in vv {
+            out.extend_from_slice(&author.0);
+            out.extend_from_slice(&seq.to_be_bytes());
+        }
+    }
+}
+
+fn encode_changes(changes: &[SignedChange], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(changes.len() as u32).to_be_bytes());
+    for c in changes {
+        c.encode_into(out);
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.remaining() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.take(N)?.try_into().map_err(|_| DecodeError::Truncated)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn flag(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::Invalid("unknown flag bits")),
+        }
+    }
+
+    /// A count of items of at least `min_item` bytes each, checked against what remains.
+    fn count(&mut self, min_item: usize, what: &'static str) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > self.remaining() / min_item {
+            return Err(if n.saturating_mul(min_item) > MAX_MESSAGE_BYTES {
+                DecodeError::TooLong(what)
+            } else {
+                DecodeError::Truncated
+            });
+        }
+        Ok(n)
+    }
+
+    fn clocks(&mut self) -> Result<Clocks, DecodeError> {
+        let n_docs = self.count(MIN_DOC_ENTRY, "document count")?;
+        let mut clocks = Clocks::new();
+        let mut last_doc: Option<&str> = None;
+        for _ in 0..n_docs {
+            let len = self.u16()? as usize;
+            if len > MAX_DOC_NAME {
+                return Err(DecodeError::TooLong("document name"));
+            }
+            let doc = std::str::from_utf8(self.take(len)?)
+                .map_err(|_| DecodeError::Invalid("document name is not UTF-8"))?;
+            if !valid_doc_name(doc) {
+                return Err(DecodeError::Invalid("invalid document name"));
+            }
+            if last_doc.is_some_and(|l| l >= doc) {
+                return Err(DecodeError::Invalid("documents not strictly ascending"));
+            }
+            last_doc = Some(doc);
+            let n_authors = self.count(AUTHOR_ENTRY, "author count")?;
+            let mut vv = VersionVector::new();
+            let mut last_author: Option<[u8; 32]> = None;
+            for _ in 0..n_authors {
+                let author: [u8; 32] = self.array()?;
+                if last_author.is_some_and(|l| l >= author) {
+                    return Err(DecodeError::Invalid("authors not strictly ascending"));
+                }
+                last_author = Some(author);
+                let seq = self.u64()?;
+                vv.insert(NodeId(author), seq);
+            }
+            clocks.insert(doc.to_string(), vv);
+        }
+        Ok(clocks)
+    }
+
+    fn changes(&mut self) -> Result<Vec<SignedChange>, DecodeError> {
+        let n = self.count(MIN_CHANGE_LEN, "change count")?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (c, used) = SignedChange::decode(&self.buf[self.pos..])?;
+            self.pos += used;
+            out.push(c);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(b: u8) -> NodeId {
+        NodeId([b; 32])
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn clocks() -> Clocks {
+        let mut c = Clocks::new();
+        c.insert("_members".into(), [(id(1), 2)].into_iter().collect());
+        c.insert("a".into(), [(id(1), 1), (id(2), 258)].into_iter().collect());
+        c
+    }
+
+    fn change() -> SignedChange {
+        SignedChange {
+            doc: "a".into(),
+            author: id(0xaa),
+            sig: [0xbb; 64],
+            bytes: vec![1, 2, 3],
+        }
+    }
+
+    /// Golden bytes of the clock list of [`clocks`].
+    const CLOCKS_HEX: &str = "00000002
+        0008 5f6d656d62657273 00000001
+          0101010101010101010101010101010101010101010101010101010101010101 0000000000000002
+        0001 61 00000002
+          0101010101010101010101010101010101010101010101010101010101010101 0000000000000001
+          0202020202020202020202020202020202020202020202020202020202020202 0000000000000102";
+
+    const CHANGE_HEX: &str = "01 0001 61
+        aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
+        bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
+        bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
+        00000003 010203";
+
+    fn golden() -> Vec<(SyncMessage, Vec<u8>)> {
+        vec![
+            (
+                SyncMessage::Digest { digest: [7; 32] },
+                hex("01 01 0707070707070707070707070707070707070707070707070707070707070707"),
+            ),
+            (
+                SyncMessage::Clocks {
+                    reply: true,
+                    clocks: clocks(),
+                },
+                hex(&format!("01 02 01 {CLOCKS_HEX}")),
+            ),
+            (
+                SyncMessage::Clocks {
+                    reply: false,
+                    clocks: Clocks::new(),
+                },
+                hex("01 02 00 00000000"),
+            ),
+            (
+                SyncMessage::Changes {
+                    more: true,
+                    changes: vec![change()],
+                },
+                hex(&format!("01 03 01 00000001 {CHANGE_HEX}")),
+            ),
+            (
+                SyncMessage::Push {
+                    changes: vec![change(), change()],
+                },
+                hex(&format!("01 04 00000002 {CHANGE_HEX} {CHANGE_HEX}")),
+            ),
+            (
+                SyncMessage::Have { clocks: clocks() },
+                hex(&format!("01 05 {CLOCKS_HEX}")),
+            ),
+            (
+                SyncMessage::Want { clocks: clocks() },
+                hex(&format!("01 06 {CLOCKS_HEX}")),
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_message_type_has_pinned_bytes() {
+        for (msg, bytes) in golden() {
+            assert_eq!(msg.encode(), bytes, "{}", msg.kind());
+            assert_eq!(msg.encoded_len(), bytes.len(), "{}", msg.kind());
+            assert_eq!(SyncMessage::decode(&bytes).unwrap(), msg, "{}", msg.kind());
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_any_trailing_byte_is_refused() {
+        for (msg, bytes) in golden() {
+            for cut in 0..bytes.len() {
+                assert!(
+                    SyncMessage::decode(&bytes[..cut]).is_err(),
+                    "{} cut at {cut}",
+                    msg.kind()
+                );
+            }
+            let mut long = bytes.clone();
+            long.push(0);
+            assert_eq!(SyncMessage::decode(&long), Err(DecodeError::Trailing));
+        }
+    }
+
+    #[test]
+    fn unknown_version_type_and_flags_are_typed_errors() {
+        assert_eq!(
+            SyncMessage::decode(&hex("02 01")),
+            Err(DecodeError::UnknownVersion(2))
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex("01 09")),
+            Err(DecodeError::Invalid("unknown message type"))
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex("01 02 02 00000000")),
+            Err(DecodeError::Invalid("unknown flag bits"))
+        );
+        assert_eq!(SyncMessage::decode(&[]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn huge_counts_are_refused_before_allocating() {
+        // 4 billion documents in a 7-byte message.
+        assert_eq!(
+            SyncMessage::decode(&hex("01 05 ffffffff")),
+            Err(DecodeError::TooLong("document count"))
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex("01 04 00001000")),
+            Err(DecodeError::Truncated)
+        );
+        let big = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert_eq!(
+            SyncMessage::decode(&big),
+            Err(DecodeError::TooLong("message"))
+        );
+    }
+
+    #[test]
+    fn non_canonical_clocks_are_refused() {
+        // Same document twice.
+        let dup = hex("01 05 00000002 0001 61 00000000 0001 61 00000000");
+        assert!(SyncMessage::decode(&dup).is_err());
+        // Descending authors.
+        let desc = format!(
+            "01 05 00000001 0001 61 00000002 {} 0000000000000001 {} 0000000000000001",
+            "02".repeat(32),
+            "01".repeat(32)
+        );
+        assert!(SyncMessage::decode(&hex(&desc)).is_err());
+        // Invalid document name.
+        assert!(SyncMessage::decode(&hex("01 05 00000001 0001 41 00000000")).is_err());
+    }
+}

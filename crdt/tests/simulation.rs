@@ -1,0 +1,464 @@
+//! Cluster simulations of the sync engine over real stores (see `sim/mod.rs`).
+//!
+//! Each test is a story: a cluster, something going wrong (loss, partitions, crashes, a removed
+//! member, a cloned key, a forger, a stalled peer), and the end state every honest node must
+//! reach. Invariants are checked at every step (every ingest report), and convergence (same
+//! heads and state everywhere) at quiescence. A failure prints its seed; replay one with
+//! `LICHEN_SIM_SEED=<n> cargo test -p lichen-crdt --test simulation <name>`.
+
+mod sim;
+
+use lichen_crdt::sync::{Config, Event};
+use lichen_crdt::MEMBERSHIP_DOC;
+use sim::{sweep, Kind, Sim, SimConfig};
+
+#[test]
+fn one_write_reaches_nodes_with_no_link_to_its_author() {
+    sweep("one_write_reaches", 0..5, |seed| {
+        let mut s = Sim::new(seed, SimConfig::new(24).degree(4));
+        s.run_until(200);
+        let c = s.write(0, "app/web", "replicas").unwrap();
+        let h = c.hash().unwrap();
+        // Gossip alone (well before the first anti-entropy round ends) reaches most nodes.
+        s.run_until(s.now + 400);
+        let have = s
+            .nodes
+            .iter()
+            .filter(|n| n.store().get_change(&h).unwrap().is_some())
+            .count();
+        assert!(have > 12, "seed {seed}: only {have} nodes after gossip");
+        s.settle(10_000);
+        s.assert_converged();
+        assert!(s.everywhere(&h));
+    });
+}
+
+#[test]
+fn partition_heals_and_both_sides_converge() {
+    sweep("partition_heals", 0..6, |seed| {
+        let n = 3 + (seed as usize % 8);
+        let mut s = Sim::new(seed, SimConfig::new(n).lossy(0.05, 0.02));
+        s.run_until(100);
+        s.split(move |i| i < n / 2 + 1);
+        for k in 0..10u64 {
+            let t = 200 + k * 300;
+            s.at(t, move |s| {
+                let a = (k as usize * 7 + 1) % n;
+                s.write(a, "app/shared", &format!("k{}", k % 5));
+                s.write(a, &format!("app/n{a}"), "x");
+            });
+        }
+        s.run_until(4_000);
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+        }
+    });
+}
+
+#[test]
+fn isolated_node_catches_up_in_bounded_batches() {
+    sweep("isolated_catches_up", 0..2, |seed| {
+        let mut cfg = SimConfig::new(4);
+        cfg.sync.batch_bytes = 4 << 10;
+        let mut s = Sim::new(seed, cfg);
+        s.isolate(3);
+        for k in 0..100u64 {
+            let a = (k % 3) as usize;
+            s.at(10 + k * 5, move |s| {
+                s.write(a, &format!("app/d{}", k % 7), &format!("k{k}"));
+            });
+        }
+        s.run_until(4_000);
+        let batches_before = s.by_kind.get("changes").map(|c| c.0).unwrap_or(0);
+        s.heal();
+        s.settle(20_000);
+        s.assert_converged();
+        let batches = s.by_kind["changes"].0 - batches_before;
+        // ~30 KB of changes in 4 KiB batches: several rounds, but bounded.
+        assert!(batches >= 3, "seed {seed}: {batches} batches");
+        let caught_up = s.nodes[3]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::CaughtUp { .. }));
+        assert!(caught_up);
+    });
+}
+
+#[test]
+fn ring_and_flapping_links_still_converge() {
+    sweep("ring_and_flapping", 0..2, |seed| {
+        let mut s = Sim::new(seed, SimConfig::new(8).lossy(0.05, 0.05));
+        s.at(100, |s| s.ring());
+        for k in 0..12u64 {
+            s.at(150 + k * 130, move |s| {
+                s.write((k as usize * 3) % 8, "app/ring", &format!("k{}", k % 4));
+            });
+        }
+        // Node 3 flaps: cut off and back every 300 ms.
+        for k in 0..8u64 {
+            s.at(2_000 + k * 300, move |s| {
+                if k % 2 == 0 {
+                    s.isolate(3);
+                } else {
+                    s.heal();
+                    s.ring();
+                }
+                s.write(3, "app/flap", &format!("k{k}"));
+                s.write(5, "app/flap", &format!("k{k}"));
+            });
+        }
+        s.run_until(5_000);
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+        }
+    });
+}
+
+#[test]
+fn crashed_nodes_restart_from_their_store_and_catch_up() {
+    sweep("crash_restart", 0..3, |seed| {
+        let mut s = Sim::new(seed, SimConfig::new(6).lossy(0.02, 0.02));
+        for k in 0..16u64 {
+            s.at(100 + k * 200, move |s| {
+                s.write((k as usize) % 6, "app/c", &format!("k{}", k % 3));
+            });
+        }
+        s.at(500, |s| s.crash(2));
+        s.at(900, |s| s.crash(0)); // the admin too
+        s.at(1_700, |s| s.restart(0));
+        s.at(2_500, |s| s.restart(2));
+        s.at(2_600, |s| s.crash(4));
+        s.at(2_650, |s| s.restart(4));
+        s.run_until(3_500);
+        s.settle(30_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+        }
+    });
+}
+
+#[test]
+fn removed_member_writes_on_a_fork_are_void_everywhere() {
+    sweep("removed_member_fork", 0..4, |seed| {
+        let n = 6;
+        let victim = 5;
+        let mut s = Sim::new(seed, SimConfig::new(n).lossy(0.03, 0.03));
+        s.at(50, move |s| {
+            s.write(victim, "app/m", "before");
+        });
+        s.run_until(1_000);
+        let before: Vec<[u8; 32]> = s.written.iter().copied().collect();
+        // The admin's side and the victim's side lose contact.
+        s.split(|i| i < 3);
+        s.remove_member(0, victim);
+        s.run_until(1_300);
+        // On its side, the removed member keeps writing, and its side accepts it.
+        let mut fork = Vec::new();
+        for k in 0..3 {
+            fork.push(
+                s.write(victim, "app/m", &format!("after{k}"))
+                    .unwrap()
+                    .hash()
+                    .unwrap(),
+            );
+            fork.push(s.write(victim, "app/other", "x").unwrap().hash().unwrap());
+            s.run_until(s.now + 100);
+        }
+        s.write(3, "app/b", "honest");
+        s.write(1, "app/a", "honest");
+        s.run_until(2_500);
+        assert!(
+            fork.iter()
+                .all(|h| s.nodes[3].store().get_change(h).unwrap().is_some()),
+            "seed {seed}: the victim's side should have accepted its writes before learning"
+        );
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in &fork {
+            assert!(s.nowhere(h), "seed {seed}: a post-removal write survived");
+        }
+        for h in &before {
+            assert!(
+                s.everywhere(h),
+                "seed {seed}: a pre-removal write was voided"
+            );
+        }
+        for h in s.written.clone() {
+            assert!(
+                fork.contains(&h) || s.everywhere(&h),
+                "seed {seed}: an honest write was lost"
+            );
+        }
+        let m = s.nodes[1]
+            .store()
+            .membership()
+            .get(&s.nodes[victim].id)
+            .unwrap()
+            .role;
+        assert_eq!(m, lichen_crdt::Role::Removed);
+    });
+}
+
+#[test]
+fn cloned_key_equivocation_is_rejected_and_recorded() {
+    sweep("cloned_key", 0..3, |seed| {
+        let n = 5;
+        let (original, clone) = (1, 4);
+        let mut s = Sim::with_kinds(seed, SimConfig::new(n), &[(clone, Kind::Clone)]);
+        s.isolate(clone);
+        for k in 0..2 {
+            s.write(original, "app/c", &format!("k{k}"));
+        }
+        s.run_until(1_000);
+        // Someone copies the original's disk image, key included.
+        s.clone_node(clone, original);
+        s.isolate(clone);
+        for k in 2..6 {
+            s.write(original, "app/c", &format!("k{k}"));
+        }
+        s.excluded.insert(clone);
+        s.settle(10_000);
+        // The clone comes online and writes at sequence numbers the original already used.
+        s.heal();
+        for k in 0..3 {
+            s.write(clone, "app/c", &format!("clone{k}"));
+        }
+        s.run_until(s.now + 5_000);
+        s.settle(10_000);
+        s.assert_converged();
+        let key = s.nodes[original].id;
+        let evidence = (0..n)
+            .filter(|i| *i != clone)
+            .filter(|i| s.nodes[*i].store().equivocators().unwrap().contains(&key))
+            .count();
+        assert!(
+            evidence > 0,
+            "seed {seed}: no node recorded the equivocation"
+        );
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: an honest write was lost");
+        }
+    });
+}
+
+#[test]
+fn forged_and_foreign_changes_are_never_applied() {
+    sweep("forged", 0..3, |seed| {
+        let n = 5;
+        let forger = 4;
+        let mut s = Sim::with_kinds(seed, SimConfig::new(n), &[(forger, Kind::Forger)]);
+        s.write(0, "app/x", "a");
+        s.run_until(500);
+        let cluster = s.cluster;
+        let fkey = s.nodes[forger].key.clone();
+        // 1. A well-signed change by a key that is not a member.
+        let own = sim::forged_change(&fkey, &cluster, "app/x", "mine");
+        // 2. The same change claiming the admin as author (signature does not verify).
+        let mut claimed = own.clone();
+        claimed.author = s.nodes[0].id;
+        // 3. A change signed for another cluster.
+        let foreign = sim::forged_change(&fkey, &[9; 32], "app/x", "foreign");
+        // 4. A tampered honest change.
+        let mut tampered = s.nodes[0]
+            .store()
+            .changes_after("app/x", &s.nodes[0].id, 0, 1)
+            .unwrap()
+            .remove(0);
+        let last = tampered.bytes.len() - 1;
+        tampered.bytes[last] ^= 1;
+        s.forbidden_hashes.insert(own.hash().unwrap());
+        s.forbidden_hashes.insert(foreign.hash().unwrap());
+        for to in 0..n - 1 {
+            s.inject(
+                forger,
+                to,
+                vec![
+                    own.clone(),
+                    claimed.clone(),
+                    foreign.clone(),
+                    tampered.clone(),
+                ],
+            );
+            s.inject_bytes(forger, to, vec![1, 4, 0xff, 0xff, 0xff, 0xff]);
+            s.inject_bytes(forger, to, vec![9, 9, 9]);
+        }
+        s.committed(forger, vec![own.clone()]);
+        s.run_until(3_000);
+        s.write(1, "app/x", "b");
+        s.settle(10_000);
+        s.assert_converged();
+        let labels: std::collections::BTreeSet<&str> = s.nodes[..n - 1]
+            .iter()
+            .flat_map(|nd| nd.events.iter())
+            .filter_map(|e| match e {
+                Event::Rejected { label, .. } => Some(*label),
+                _ => None,
+            })
+            .collect();
+        assert!(labels.contains("bad_signature"), "seed {seed}: {labels:?}");
+        assert!(labels.contains("decode"), "seed {seed}: {labels:?}");
+        assert!(s.total(|st| st.decode_errors) >= 2 * (n as u64 - 1));
+    });
+}
+
+#[test]
+fn a_new_members_write_waits_for_its_membership_then_applies() {
+    sweep("new_member", 0..3, |seed| {
+        let n = 5;
+        let joiner = 1;
+        let mut s = Sim::with_kinds(seed, SimConfig::new(n), &[(joiner, Kind::Joiner)]);
+        // Only the admin and the joiner can talk: the others will hear of the joiner's write
+        // before they hear of its membership.
+        s.split(|i| i <= 1);
+        s.add_member(0, joiner);
+        s.run_until(2_000);
+        assert!(s.nodes[joiner]
+            .store()
+            .membership()
+            .is_active(&s.nodes[joiner].id));
+        let c = s.write(joiner, "app/j", "hello").unwrap();
+        s.run_until(s.now + 500);
+        s.heal();
+        // Pushed straight to node 3, which does not know the joiner yet.
+        s.inject(joiner, 3, vec![c.clone()]);
+        s.run_until(s.now + 2);
+        assert_eq!(
+            s.nodes[3].store().pending_len(),
+            1,
+            "seed {seed}: should wait"
+        );
+        s.settle(10_000);
+        s.assert_converged();
+        assert!(s.everywhere(&c.hash().unwrap()));
+        for nd in &s.nodes {
+            assert_eq!(nd.store().pending_len(), 0);
+        }
+        assert!(s.nodes[3]
+            .store()
+            .get(MEMBERSHIP_DOC, &[])
+            .unwrap()
+            .is_some());
+    });
+}
+
+#[test]
+fn a_stalled_peer_does_not_hold_back_the_others() {
+    sweep("stalled_peer", 0..2, |seed| {
+        let n = 5;
+        let stalled = 4;
+        let mut cfg = SimConfig::new(n);
+        cfg.sync = Config {
+            queue_messages: 16,
+            queue_bytes: 16 << 10,
+            ..Config::default()
+        };
+        let limits = (cfg.sync.queue_messages, cfg.sync.queue_bytes);
+        let mut s = Sim::new(seed, cfg);
+        s.run_until(100);
+        s.stall(stalled, true);
+        s.excluded.insert(stalled);
+        for k in 0..40u64 {
+            s.at(200 + k * 10, move |s| {
+                s.write(
+                    (k % 4) as usize,
+                    &format!("app/s{}", k % 3),
+                    &format!("k{k}"),
+                );
+            });
+        }
+        s.run_until(1_500);
+        let stalled_id = s.nodes[stalled].id;
+        for i in 0..n - 1 {
+            let (m, b) = s.nodes[i].engine.as_ref().unwrap().queued(&stalled_id);
+            assert!(
+                m <= limits.0 && b <= limits.1,
+                "seed {seed}: queue {m} msgs {b} bytes"
+            );
+        }
+        assert!(
+            s.total(|st| st.dropped_pushes) > 0,
+            "seed {seed}: nothing dropped"
+        );
+        s.settle(10_000);
+        s.assert_converged();
+        s.stall(stalled, false);
+        s.excluded.clear();
+        s.settle(20_000);
+        s.assert_converged();
+    });
+}
+
+/// Random chaos from the seed: writes (some to the same keys), splits, isolations, ring
+/// topologies, crashes and restarts, over a lossy, duplicating, reordering network.
+fn chaos(seed: u64, n: usize, degree: Option<usize>, writes: usize) {
+    use lichen_crdt::sync::rng::SplitMix64;
+    let mut cfg = SimConfig::new(n).lossy(0.05, 0.05);
+    cfg.degree = degree;
+    let mut s = Sim::new(seed, cfg);
+    let mut r = SplitMix64::new(seed ^ 0xc4a0_5c4a_05c4_a05c);
+    let mut t = 100;
+    let mut w = 0;
+    while w < writes {
+        t += r.range(50, 400);
+        let roll = r.below(100);
+        let a = r.below(n as u64) as usize;
+        let b = r.below(n as u64) as usize;
+        let doc = format!("app/d{}", r.below(3));
+        let key = format!("k{}", r.below(4));
+        match roll {
+            0..=59 => {
+                w += 1;
+                s.at(t, move |s| {
+                    s.write(a, &doc, &key);
+                });
+            }
+            60..=67 => s.at(t, move |s| s.split(move |i| (i + b) % 3 == 0)),
+            68..=71 => s.at(t, move |s| s.isolate(a)),
+            72..=74 => s.at(t, |s| s.ring()),
+            75..=84 => s.at(t, |s| s.heal()),
+            85..=91 if a != 0 => s.at(t, move |s| {
+                if s.nodes[a].alive() {
+                    s.crash(a)
+                }
+            }),
+            _ => s.at(t, move |s| {
+                if !s.nodes[a].alive() {
+                    s.restart(a)
+                }
+            }),
+        }
+    }
+    s.run_until(t + 100);
+    for i in 0..n {
+        if !s.nodes[i].alive() {
+            s.restart(i);
+        }
+    }
+    s.heal();
+    s.settle(60_000);
+    s.assert_converged();
+    for h in s.written.clone() {
+        assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+    }
+}
+
+#[test]
+fn seed_sweep_small_clusters_converge_under_chaos() {
+    sweep("seed_sweep_small", 0..20, |seed| {
+        let n = 3 + (seed as usize * 5) % 8; // 3..=10 nodes
+        chaos(seed, n, None, 8);
+    });
+}
+
+#[test]
+fn fifty_node_clusters_converge_under_chaos() {
+    sweep("fifty_nodes", 100..102, |seed| chaos(seed, 50, Some(8), 6));
+}
