@@ -68,6 +68,8 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 const READ_CHUNK: usize = 64 * 1024;
 /// Most bytes the sender gathers from its queue into one write.
 const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Frames up to this size are coalesced into one buffer by the sender.
+const SMALL_FRAME: usize = 1024;
 /// Upper bound on a handshake (dial or accept), whatever the idle timeout.
 const MAX_HANDSHAKE_TIME: Duration = Duration::from_secs(10);
 /// A connection that lived at least this long resets the dial backoff.
@@ -935,6 +937,7 @@ async fn send_loop(
         }
     };
     let mut chunks: Vec<Bytes> = Vec::new();
+    let mut small = BytesMut::new();
     while let Some(first) = rx.recv().await {
         chunks.clear();
         let s = match stream.as_mut() {
@@ -955,8 +958,15 @@ async fn send_loop(
                 Ok(h) => {
                     bytes += f.len();
                     frames += 1;
-                    chunks.push(Bytes::copy_from_slice(&h));
-                    chunks.push(f);
+                    // Small frames are copied into one buffer (fewer, larger
+                    // writes); large ones are passed through without a copy.
+                    small.extend_from_slice(&h);
+                    if f.len() <= SMALL_FRAME {
+                        small.extend_from_slice(&f);
+                    } else {
+                        chunks.push(small.split().freeze());
+                        chunks.push(f);
+                    }
                 }
                 // try_send/send already refuse these; count defensively.
                 Err(_) => add(&inner.stats.frames_dropped, 1),
@@ -964,6 +974,9 @@ async fn send_loop(
             if bytes < MAX_BATCH_BYTES {
                 next = rx.try_recv().ok();
             }
+        }
+        if !small.is_empty() {
+            chunks.push(small.split().freeze());
         }
         match s.write_all_chunks(&mut chunks).await {
             Ok(()) => {

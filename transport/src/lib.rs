@@ -39,16 +39,20 @@
 //!   cluster id is the ALPN protocol (`lichen/1/<hex>`), so members of another
 //!   cluster fail the handshake. TLS 1.3 only, mutual auth, no resumption.
 //! * **Streams** (`endpoint` module). Each connection has one long-lived
-//!   unidirectional stream per direction, opened lazily by the sender, that
-//!   carries every frame queued by [`Endpoint::try_send`]/[`Endpoint::send`]
-//!   in order. One ordered stream is what a sync protocol wants (messages to a
-//!   peer are applied in the order they were produced) and costs one stream
-//!   header per connection instead of per frame. The receiver nevertheless
-//!   accepts any number of uni streams (up to 4 at once) and reads each
-//!   independently: if a stream is rejected (garbage, oversized frame) it is
-//!   stopped with an application error code while the connection and its
-//!   other streams go on, and the sender simply opens a fresh stream for the
-//!   next frames. Bidirectional streams are not used (limit 0).
+//!   unidirectional stream per direction, opened as soon as the connection is
+//!   registered, that carries every frame queued by
+//!   [`Endpoint::try_send`]/[`Endpoint::send`] in order. One ordered stream is
+//!   what a sync protocol wants (messages to a peer are applied in the order
+//!   they were produced) and costs one stream open per connection instead of
+//!   per frame. Opening it eagerly also closes a TLS 1.3 gap: the dialler
+//!   finishes its handshake before the server has checked the client
+//!   certificate, so the dialler only reports `Connected` once the server's
+//!   stream arrives (proof that the server accepted it). The receiver accepts
+//!   any number of uni streams (up to 4 at once) and reads each
+//!   independently: a stream that breaks the framing (garbage, oversized or
+//!   truncated frame) is stopped with an application error code while the
+//!   connection and its other streams go on, and the sender opens a fresh
+//!   stream for the next frames. Bidirectional streams are not used (limit 0).
 //! * **Framing** (`frame` module). Streams start with the preamble `lch\x01`,
 //!   then frames `u32be length ‖ payload`. The length is checked against
 //!   [`Config::max_frame_len`] before any buffer grows to hold the payload.
@@ -81,7 +85,20 @@
 //!
 //! # Benchmark
 //!
-//! BENCH-PLACEHOLDER
+//! Loopback, two endpoints in one process, Tokio multi-thread runtime with 2
+//! workers, on the 2-core development VM (other builds were running, so
+//! figures varied by about ±30% between runs; three runs shown as ranges):
+//!
+//! ```text
+//! cargo run --release -p lichen-transport --example bench 2
+//!
+//! frames of    100 B: 400000 frames  440k – 537k frames/s   44 –  54 MB/s
+//! frames of  16384 B:  40000 frames   18k –  22k frames/s  293 – 352 MB/s
+//! connection set-up (dial → Connected, mutual TLS 1.3 + ed25519): 1.8 – 2.4 ms mean over 50
+//! ```
+//!
+//! Frames are pushed with the awaiting [`Endpoint::send`] (default 1024-frame
+//! queue) and counted from B's event channel; MB/s counts payload bytes.
 
 #![warn(missing_docs)]
 
