@@ -1,14 +1,17 @@
 //! Connection lifecycle on loopback: simultaneous dial, restart and
-//! reconnect, removal from membership.
+//! reconnect, network loss and recovery (through an in-process UDP relay),
+//! removal from membership.
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use lichen_transport::{Endpoint, Event};
+use tokio::net::UdpSocket;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_dial_leaves_exactly_one_connection() {
@@ -147,5 +150,62 @@ async fn removed_member_is_disconnected_within_a_second() {
         a.stats().handshakes_failed > failed
     })
     .await;
+    assert_eq!(a.connected_peers(), vec![key(2)]);
+}
+
+/// A UDP relay in front of `target` that can black-hole traffic, to simulate
+/// the network going away and coming back.
+async fn relay(target: std::net::SocketAddr, blackhole: Arc<AtomicBool>) -> std::net::SocketAddr {
+    let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(target).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut client = None;
+        let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut b1) => if let Ok((n, from)) = r {
+                    client = Some(from);
+                    if !blackhole.load(Ordering::SeqCst) {
+                        let _ = back.send(&b1[..n]).await;
+                    }
+                },
+                r = back.recv(&mut b2) => if let (Ok(n), Some(c)) = (r, client) {
+                    if !blackhole.load(Ordering::SeqCst) {
+                        let _ = front.send_to(&b2[..n], c).await;
+                    }
+                },
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_when_the_network_comes_back() {
+    init_tracing();
+    let members = Members::of(&[key(1), key(2)]);
+    let (a, mut arx) = node(1, &members).await;
+    let (b, mut brx) = node(2, &members).await;
+    let blackhole = Arc::new(AtomicBool::new(false));
+    let via = relay(b.local_addr(), blackhole.clone()).await;
+    a.add_peer(key(2), vec![via]);
+    wait_connected(&mut arx, key(2)).await;
+    wait_connected(&mut brx, key(1)).await;
+
+    // Network down: keep-alives go unanswered and the idle timeout (3 s in
+    // these tests) closes the connection.
+    blackhole.store(true, Ordering::SeqCst);
+    let reason = wait_disconnected(&mut arx, key(2)).await;
+    assert!(reason.contains("timed out"), "{reason}");
+
+    // Network back: A's dialer gets through on a later attempt.
+    blackhole.store(false, Ordering::SeqCst);
+    wait_connected(&mut arx, key(2)).await;
+    a.send(&key(2), Bytes::from_static(b"back online"))
+        .await
+        .unwrap();
+    assert_eq!(&wait_frame(&mut brx, key(1)).await[..], b"back online");
     assert_eq!(a.connected_peers(), vec![key(2)]);
 }
