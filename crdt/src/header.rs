@@ -72,7 +72,11 @@ pub fn parse(bytes: &[u8]) -> Result<ChangeHeader, RejectReason> {
     }
     let mut deps = Vec::with_capacity(ndeps as usize);
     for _ in 0..ndeps {
-        deps.push(r.take(32)?.try_into().map_err(|_| RejectReason::Truncated)?);
+        deps.push(
+            r.take(32)?
+                .try_into()
+                .map_err(|_| RejectReason::Truncated)?,
+        );
     }
     let actor_len = r.uleb()?;
     if actor_len > 64 || actor_len > r.remaining() as u64 {
@@ -172,7 +176,7 @@ mod tests {
         let mut tx = doc.transaction();
         tx.put(ROOT, "b", "x").unwrap();
         tx.commit();
-        assert_eq!(doc.get(ROOT, "a").unwrap().is_some(), true);
+        assert!(doc.get(ROOT, "a").unwrap().is_some());
         doc.get_last_local_change().unwrap()
     }
 
@@ -184,7 +188,10 @@ mod tests {
         assert_eq!(h.actor, change.actor_id().to_bytes());
         assert_eq!(h.seq, change.seq());
         assert_eq!(h.start_op, change.start_op().get());
-        assert_eq!(h.deps, change.deps().iter().map(|d| d.0).collect::<Vec<_>>());
+        assert_eq!(
+            h.deps,
+            change.deps().iter().map(|d| d.0).collect::<Vec<_>>()
+        );
         assert_eq!(h.time, change.timestamp());
     }
 

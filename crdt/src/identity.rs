@@ -148,8 +148,8 @@ impl SecretKey {
             return Err(KeyError::Malformed(path.display().to_string()));
         }
         let text = fs::read_to_string(path).map_err(io)?;
-        let seed =
-            parse_hex32(text.trim()).ok_or_else(|| KeyError::Malformed(path.display().to_string()))?;
+        let seed = parse_hex32(text.trim())
+            .ok_or_else(|| KeyError::Malformed(path.display().to_string()))?;
         Ok(SecretKey::from_seed(seed))
     }
 }
@@ -215,7 +215,10 @@ mod tests {
         key.write_file(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(SecretKey::read_file(&path).unwrap().node_id(), key.node_id());
+        assert_eq!(
+            SecretKey::read_file(&path).unwrap().node_id(),
+            key.node_id()
+        );
         // Never overwritten.
         assert!(SecretKey::from_seed([1; 32]).write_file(&path).is_err());
     }
@@ -227,7 +230,10 @@ mod tests {
         SecretKey::from_seed([9; 32]).write_file(&path).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = SecretKey::read_file(&path).unwrap_err();
-        assert!(matches!(err, KeyError::Permissions { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, KeyError::Permissions { mode: 0o644, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"), "{err}");
     }
 

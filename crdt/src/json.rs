@@ -806,6 +806,21 @@ fn edit_script<R: ReadDoc>(
     Ok(script)
 }
 
+/// The keys at `path`: sorted map keys, or list indices as strings. Empty when nothing is at
+/// `path`. (Reads are served from the store's materialized view; this is kept for tests.)
+#[cfg(test)]
+pub(crate) fn keys_at<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Vec<String>, JsonError> {
+    match walk(doc, path)? {
+        None => Ok(Vec::new()),
+        Some((obj, typ)) if is_map(typ) => {
+            let mut keys: Vec<String> = doc.keys(&obj).collect();
+            keys.sort();
+            Ok(keys)
+        }
+        Some((obj, _)) => Ok((0..doc.length(&obj)).map(|i| i.to_string()).collect()),
+    }
+}
+
 /// Set the value at `path` with the minimal set of operations.
 ///
 /// Missing intermediate containers are created (a map, or a list when the

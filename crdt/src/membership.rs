@@ -161,7 +161,9 @@ impl Membership {
 
     /// Whether `id` is a member that is not removed.
     pub fn is_active(&self, id: &NodeId) -> bool {
-        self.members.get(id).is_some_and(|m| m.role != Role::Removed)
+        self.members
+            .get(id)
+            .is_some_and(|m| m.role != Role::Removed)
     }
 
     /// Display name of a node, or its short id.
@@ -173,7 +175,12 @@ impl Membership {
     }
 
     /// Decide whether a change by `author` with `seq` in config document `doc` is authorized.
-    pub fn authorize_write(&self, author: &NodeId, doc: &str, seq: u64) -> Result<(), RejectReason> {
+    pub fn authorize_write(
+        &self,
+        author: &NodeId,
+        doc: &str,
+        seq: u64,
+    ) -> Result<(), RejectReason> {
         let Some(m) = self.members.get(author) else {
             return Err(RejectReason::NotAMember);
         };
@@ -232,7 +239,10 @@ pub(crate) fn evaluate(cluster: &[u8; 32], changes: &[MemberChange]) -> Evaluati
         // Check every accepted change against the final state's cut-offs.
         let mut newly = Vec::new();
         for (hash, needed_admin) in &run.accepted {
-            let c = changes.iter().find(|c| &c.hash == hash).expect("accepted change exists");
+            let c = changes
+                .iter()
+                .find(|c| &c.hash == hash)
+                .expect("accepted change exists");
             if let Err(reason) = final_check(&run.state, c, *needed_admin) {
                 newly.push((*hash, reason));
             }
@@ -255,14 +265,21 @@ pub(crate) fn evaluate(cluster: &[u8; 32], changes: &[MemberChange]) -> Evaluati
     }
 }
 
-fn final_check(state: &Membership, c: &MemberChange, needed_admin: bool) -> Result<(), RejectReason> {
+fn final_check(
+    state: &Membership,
+    c: &MemberChange,
+    needed_admin: bool,
+) -> Result<(), RejectReason> {
     if Some(c.author) == state.root {
         return Ok(());
     }
     let Some(m) = state.members.get(&c.author) else {
         return Err(RejectReason::NotAMember);
     };
-    if m.cutoff.get(MEMBERSHIP_DOC).is_some_and(|cut| c.seq <= *cut) {
+    if m.cutoff
+        .get(MEMBERSHIP_DOC)
+        .is_some_and(|cut| c.seq <= *cut)
+    {
         return Ok(());
     }
     let ok = if needed_admin {
@@ -305,8 +322,8 @@ pub(crate) fn topo_order(changes: &[MemberChange]) -> Vec<usize> {
         let c = &changes[i];
         std::cmp::Reverse((c.start_op, c.author.0, c.hash))
     };
-    let mut heap: BinaryHeap<(std::cmp::Reverse<(u64, [u8; 32], [u8; 32])>, usize)> = (0
-        ..changes.len())
+    type Key = std::cmp::Reverse<(u64, [u8; 32], [u8; 32])>;
+    let mut heap: BinaryHeap<(Key, usize)> = (0..changes.len())
         .filter(|&i| indegree[i] == 0)
         .map(|i| (key(i), i))
         .collect();
@@ -323,7 +340,11 @@ pub(crate) fn topo_order(changes: &[MemberChange]) -> Vec<usize> {
     order
 }
 
-fn replay(cluster: &[u8; 32], changes: &[MemberChange], void: &BTreeMap<[u8; 32], RejectReason>) -> Replay {
+fn replay(
+    cluster: &[u8; 32],
+    changes: &[MemberChange],
+    void: &BTreeMap<[u8; 32], RejectReason>,
+) -> Replay {
     let mut doc = Automerge::new();
     let mut state = Membership::default();
     let mut applied: HashSet<[u8; 32]> = HashSet::new();
@@ -357,7 +378,10 @@ fn replay(cluster: &[u8; 32], changes: &[MemberChange], void: &BTreeMap<[u8; 32]
             }
         }
         let Some((root, after)) = Membership::read(&fork) else {
-            rejected.push((c.hash, RejectReason::NotAuthorized("leaves membership unreadable".into())));
+            rejected.push((
+                c.hash,
+                RejectReason::NotAuthorized("leaves membership unreadable".into()),
+            ));
             continue;
         };
         let verdict = if is_genesis {
@@ -464,7 +488,9 @@ fn transition_check(
             )));
         }
         if id == root && now.role != Role::Admin {
-            return Err(RejectReason::NotAuthorized("the root cannot be demoted or removed".into()));
+            return Err(RejectReason::NotAuthorized(
+                "the root cannot be demoted or removed".into(),
+            ));
         }
         if let Some(b) = before {
             if b.role == Role::Removed {

@@ -234,10 +234,26 @@ mod tests {
 
     #[test]
     fn document_names() {
-        for ok in ["app/nginx", "region/eu/limits", "a", "x-1.2_3", MEMBERSHIP_DOC] {
+        for ok in [
+            "app/nginx",
+            "region/eu/limits",
+            "a",
+            "x-1.2_3",
+            MEMBERSHIP_DOC,
+        ] {
             assert!(valid_doc_name(ok), "{ok}");
         }
-        for bad in ["", "/a", "a/", "a//b", "A", "_x", "a/../b", "a b", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "A",
+            "_x",
+            "a/../b",
+            "a b",
+            &"x".repeat(129),
+        ] {
             assert!(!valid_doc_name(bad), "{bad}");
         }
     }

@@ -42,6 +42,8 @@ use crate::membership::{self, Member, MemberChange, Membership, Role};
 use crate::schema::{self, SchemaProblem};
 use crate::signed::{valid_doc_name, ClusterId, SignedChange, MEMBERSHIP_DOC};
 
+type Clocks = BTreeMap<String, BTreeMap<NodeId, u64>>;
+
 /// Most changes held in the pending set.
 pub const MAX_PENDING: usize = 10_000;
 /// Most bytes held in the pending set.
@@ -184,6 +186,39 @@ impl PendingSet {
     }
 }
 
+/// Which top-level keys of a document's materialized view need refreshing.
+enum Touched {
+    /// Whatever changed since these heads (remote batches; found with an Automerge diff).
+    Since(Vec<ChangeHash>),
+    /// These keys (local edits know what they touched).
+    Keys(BTreeSet<String>),
+    /// Every key.
+    All,
+}
+
+impl Touched {
+    fn of_op(op: &Op) -> Touched {
+        let first = match op {
+            Op::Put { path, .. } | Op::Delete { path } => path.first(),
+            Op::Replace { .. } => None,
+        };
+        match first {
+            Some(PathSeg::Key(k)) => Touched::Keys([k.clone()].into()),
+            _ => Touched::All,
+        }
+    }
+
+    fn merge(self, other: Touched) -> Touched {
+        match (self, other) {
+            (Touched::Keys(mut a), Touched::Keys(b)) => {
+                a.extend(b);
+                Touched::Keys(a)
+            }
+            _ => Touched::All,
+        }
+    }
+}
+
 /// Row data of a change accepted for insertion.
 struct Accepted {
     signed: SignedChange,
@@ -202,6 +237,8 @@ pub struct Store {
     member_valid: HashSet<[u8; 32]>,
     loaded: HashMap<String, Loaded>,
     pending: PendingSet,
+    /// Cached version vectors (None: recompute from disk on next use).
+    clocks: std::cell::RefCell<Option<Clocks>>,
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -231,7 +268,10 @@ fn member_json(m: &Member) -> Value {
 
 impl Store {
     fn open_conn(path: &Path, create: bool) -> Result<(Connection, bool), StoreError> {
-        let exists = path.exists() && std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
+        let exists = path.exists()
+            && std::fs::metadata(path)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false);
         if create && exists {
             return Err(StoreError::Invalid(format!(
                 "{} already exists; refusing to overwrite it",
@@ -258,7 +298,10 @@ impl Store {
         match schema::prepare(&mut conn, create) {
             Ok(()) => {}
             Err(SchemaProblem::NotLichen) => {
-                return Err(corrupt(path, "not a Lichen database (wrong application id)"))
+                return Err(corrupt(
+                    path,
+                    "not a Lichen database (wrong application id)",
+                ))
             }
             Err(SchemaProblem::Newer(v)) => {
                 return Err(StoreError::NewerSchema {
@@ -286,6 +329,7 @@ impl Store {
             member_changes: Vec::new(),
             member_valid: HashSet::new(),
             loaded: HashMap::new(),
+            clocks: std::cell::RefCell::new(None),
             pending: PendingSet {
                 queue: VecDeque::new(),
                 hashes: HashSet::new(),
@@ -296,7 +340,12 @@ impl Store {
 
     /// Found a new cluster: `key` becomes its root admin. Returns the store; its cluster id is
     /// the hash of the genesis change.
-    pub fn create(path: &Path, key: &SecretKey, name: &str, now_ms: i64) -> Result<Store, StoreError> {
+    pub fn create(
+        path: &Path,
+        key: &SecretKey,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Store, StoreError> {
         let me = key.node_id();
         let mut am = Automerge::new().with_actor(ActorId::from(me.0.as_slice()));
         let member = Member {
@@ -307,14 +356,18 @@ impl Store {
             cutoff: BTreeMap::new(),
         };
         let mut tx = am.transaction();
-        let ops = json::put_path(&mut tx, &[PathSeg::Key("root".into())], &Value::String(me.to_string()))
-            .and_then(|_| {
-                json::put_path(
-                    &mut tx,
-                    &[PathSeg::Key("members".into()), PathSeg::Key(me.to_string())],
-                    &member_json(&member),
-                )
-            });
+        let ops = json::put_path(
+            &mut tx,
+            &[PathSeg::Key("root".into())],
+            &Value::String(me.to_string()),
+        )
+        .and_then(|_| {
+            json::put_path(
+                &mut tx,
+                &[PathSeg::Key("members".into()), PathSeg::Key(me.to_string())],
+                &member_json(&member),
+            )
+        });
         if let Err(e) = ops {
             return Err(StoreError::Automerge(e.to_string()));
         }
@@ -329,7 +382,13 @@ impl Store {
             "INSERT INTO meta (key, value) VALUES ('cluster_id', ?1)",
             params![cluster.to_vec()],
         )?;
-        let signed = SignedChange::sign_hashed(key, &cluster, MEMBERSHIP_DOC, &cluster, change.raw_bytes().to_vec());
+        let signed = SignedChange::sign_hashed(
+            key,
+            &cluster,
+            MEMBERSHIP_DOC,
+            &cluster,
+            change.raw_bytes().to_vec(),
+        );
         let report = store.ingest(vec![signed])?;
         if report.applied_count() != 1 {
             return Err(StoreError::Automerge(format!(
@@ -354,7 +413,9 @@ impl Store {
     pub fn open(path: &Path, expected: Option<ClusterId>) -> Result<Store, StoreError> {
         let (conn, _) = Self::open_conn(path, false)?;
         let cluster: Vec<u8> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'cluster_id'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'cluster_id'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| corrupt(path, e.to_string()))?
             .ok_or_else(|| corrupt(path, "no cluster id recorded"))?;
@@ -462,11 +523,16 @@ impl Store {
             let mut stmt = self
                 .conn
                 .prepare_cached("SELECT key, value FROM kv WHERE doc = ?1 ORDER BY key")?;
-            let rows = stmt.query_map(params![doc], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let rows = stmt.query_map(params![doc], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
             let mut map = serde_json::Map::new();
             for row in rows {
                 let (k, v) = row?;
-                map.insert(k, serde_json::from_str(&v).map_err(|e| corrupt(&self.path, e.to_string()))?);
+                map.insert(
+                    k,
+                    serde_json::from_str(&v).map_err(|e| corrupt(&self.path, e.to_string()))?,
+                );
             }
             return Ok(Some(Value::Object(map)));
         };
@@ -480,7 +546,8 @@ impl Store {
             .query_row(params![doc, key], |r| r.get(0))
             .optional()?;
         let Some(text) = text else { return Ok(None) };
-        let mut value: Value = serde_json::from_str(&text).map_err(|e| corrupt(&self.path, e.to_string()))?;
+        let mut value: Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(&self.path, e.to_string()))?;
         for seg in rest {
             let next = match (seg, value) {
                 (PathSeg::Key(k), Value::Object(mut m)) => m.remove(k),
@@ -539,36 +606,53 @@ impl Store {
 
     /// Per-author highest valid seq of a document: its version vector.
     pub fn clock(&self, doc: &str) -> Result<BTreeMap<NodeId, u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT author, MAX(seq) FROM changes WHERE doc = ?1 AND status = 0 GROUP BY author",
-        )?;
-        let rows = stmt.query_map(params![doc], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
-        let mut out = BTreeMap::new();
-        for row in rows {
-            let (a, s) = row?;
-            if let Some(id) = NodeId::from_slice(&a) {
-                out.insert(id, s as u64);
-            }
-        }
-        Ok(out)
+        self.with_clocks(|c| c.get(doc).cloned().unwrap_or_default())
     }
 
     /// Version vectors of every document, including the membership document.
     pub fn all_clocks(&self) -> Result<BTreeMap<String, BTreeMap<NodeId, u64>>, StoreError> {
+        self.with_clocks(|c| c.clone())
+    }
+
+    /// Run `f` on the cached version vectors, computing them from disk if needed.
+    fn with_clocks<T>(&self, f: impl FnOnce(&Clocks) -> T) -> Result<T, StoreError> {
+        if let Some(c) = self.clocks.borrow().as_ref() {
+            return Ok(f(c));
+        }
         let mut stmt = self.conn.prepare_cached(
             "SELECT doc, author, MAX(seq) FROM changes WHERE status = 0 GROUP BY doc, author",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?;
-        let mut out: BTreeMap<String, BTreeMap<NodeId, u64>> = BTreeMap::new();
+        let mut out: Clocks = BTreeMap::new();
         for row in rows {
             let (d, a, s) = row?;
             if let Some(id) = NodeId::from_slice(&a) {
                 out.entry(d).or_default().insert(id, s as u64);
             }
         }
-        Ok(out)
+        let r = f(&out);
+        *self.clocks.borrow_mut() = Some(out);
+        Ok(r)
+    }
+
+    /// Record newly stored valid changes in the cached version vectors.
+    fn note_valid(&self, accepted: &[&Accepted]) {
+        if let Some(c) = self.clocks.borrow_mut().as_mut() {
+            for a in accepted {
+                let e = c
+                    .entry(a.signed.doc.clone())
+                    .or_default()
+                    .entry(a.signed.author)
+                    .or_insert(0);
+                *e = (*e).max(a.header.seq);
+            }
+        }
     }
 
     /// Turn fsync off (`false`) or on (`true`, the default). Off trades power-loss durability
@@ -592,16 +676,19 @@ impl Store {
             "SELECT sig, bytes FROM changes WHERE doc = ?1 AND author = ?2 AND seq > ?3 AND status = 0
              ORDER BY seq LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![doc, author.0.to_vec(), after as i64, limit as i64], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
+        let rows = stmt.query_map(
+            params![doc, author.0.to_vec(), after as i64, limit as i64],
+            |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
+        )?;
         let mut out = Vec::new();
         for row in rows {
             let (sig, bytes) = row?;
             out.push(SignedChange {
                 doc: doc.to_string(),
                 author: *author,
-                sig: sig.try_into().map_err(|_| corrupt(&self.path, "bad signature length"))?,
+                sig: sig
+                    .try_into()
+                    .map_err(|_| corrupt(&self.path, "bad signature length"))?,
                 bytes,
             });
         }
@@ -612,7 +699,9 @@ impl Store {
     pub fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
         let row = self
             .conn
-            .prepare_cached("SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1 AND status = 0")?
+            .prepare_cached(
+                "SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1 AND status = 0",
+            )?
             .query_row(params![hash.to_vec()], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
@@ -622,18 +711,24 @@ impl Store {
                 ))
             })
             .optional()?;
-        let Some((doc, author, sig, bytes)) = row else { return Ok(None) };
+        let Some((doc, author, sig, bytes)) = row else {
+            return Ok(None);
+        };
         Ok(Some(SignedChange {
             doc,
             author: NodeId::from_slice(&author).ok_or_else(|| corrupt(&self.path, "bad author"))?,
-            sig: sig.try_into().map_err(|_| corrupt(&self.path, "bad signature length"))?,
+            sig: sig
+                .try_into()
+                .map_err(|_| corrupt(&self.path, "bad signature length"))?,
             bytes,
         }))
     }
 
     /// Keys flagged for equivocation (two different changes at the same doc, author and seq).
     pub fn equivocators(&self) -> Result<Vec<NodeId>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT author FROM evidence")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT author FROM evidence")?;
         let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for r in rows {
@@ -646,15 +741,23 @@ impl Store {
 
     /// Verified history of a document, optionally only the edits under `path`, newest last,
     /// at most `limit` entries (the newest ones).
-    pub fn history(&mut self, doc: &str, path: &[PathSeg], limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
+    pub fn history(
+        &mut self,
+        doc: &str,
+        path: &[PathSeg],
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         if !self.has_doc(doc)? {
             return Err(StoreError::NoSuchDocument(doc.to_string()));
         }
-        let rows: Vec<(Vec<u8>, Vec<u8>, i64, i64, Vec<u8>)> = {
+        type Row = (Vec<u8>, Vec<u8>, i64, i64, Vec<u8>);
+        let rows: Vec<Row> = {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT hash, author, seq, time, deps FROM changes WHERE doc = ?1 AND status = 0 ORDER BY id",
             )?;
-            let rows = stmt.query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            let rows = stmt.query_map(params![doc], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
             rows.collect::<Result<_, _>>()?
         };
         let prefix = json::format_path(path);
@@ -662,14 +765,24 @@ impl Store {
         let am = &self.loaded_doc(doc)?.am;
         let mut out = Vec::new();
         for (hash, author, seq, time, deps) in rows {
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
-            let Some(author) = NodeId::from_slice(&author) else { continue };
-            let before: Vec<ChangeHash> = blob_to_hashes(&deps).into_iter().map(ChangeHash).collect();
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
+            let Some(author) = NodeId::from_slice(&author) else {
+                continue;
+            };
+            let before: Vec<ChangeHash> =
+                blob_to_hashes(&deps).into_iter().map(ChangeHash).collect();
             let patches = panic_safe(|| am.diff(&before, &[ChangeHash(hash)])).unwrap_or_default();
             let edits: Vec<Edit> = patches
                 .into_iter()
                 .filter_map(|p| patch_to_edit(am, p))
-                .filter(|e| prefix.is_empty() || e.path == prefix || e.path.starts_with(&format!("{prefix}.")) || prefix.starts_with(&format!("{}.", e.path)))
+                .filter(|e| {
+                    prefix.is_empty()
+                        || e.path == prefix
+                        || e.path.starts_with(&format!("{prefix}."))
+                        || prefix.starts_with(&format!("{}.", e.path))
+                })
                 .collect();
             if !path.is_empty() && edits.is_empty() {
                 continue;
@@ -691,7 +804,13 @@ impl Store {
 
     /// Make one local edit signed by `key`. Returns the committed signed change, or `None` if
     /// the edit changed nothing. The change is durable when this returns.
-    pub fn write(&mut self, key: &SecretKey, doc: &str, op: &Op, now_ms: i64) -> Result<Option<SignedChange>, StoreError> {
+    pub fn write(
+        &mut self,
+        key: &SecretKey,
+        doc: &str,
+        op: &Op,
+        now_ms: i64,
+    ) -> Result<Option<SignedChange>, StoreError> {
         self.write_batch(key, &[(doc.to_string(), op.clone())], now_ms)
             .pop()
             .unwrap_or_else(|| Err(StoreError::Invalid("empty batch".into())))
@@ -706,14 +825,19 @@ impl Store {
         now_ms: i64,
     ) -> Vec<Result<Option<SignedChange>, StoreError>> {
         let me = key.node_id();
-        let mut results: Vec<Result<Option<SignedChange>, StoreError>> = Vec::with_capacity(ops.len());
+        let mut results: Vec<Result<Option<SignedChange>, StoreError>> =
+            Vec::with_capacity(ops.len());
         let mut made: Vec<(usize, Accepted)> = Vec::new();
-        let mut touched: BTreeMap<String, Vec<ChangeHash>> = BTreeMap::new();
+        let mut touched: BTreeMap<String, Touched> = BTreeMap::new();
         for (i, (doc, op)) in ops.iter().enumerate() {
             let r = self.make_local_change(key, &me, doc, op, now_ms);
             match r {
-                Ok(Some((acc, before))) => {
-                    touched.entry(doc.clone()).or_insert(before);
+                Ok(Some(acc)) => {
+                    let t = match touched.remove(doc) {
+                        Some(prev) => prev.merge(Touched::of_op(op)),
+                        None => Touched::of_op(op),
+                    };
+                    touched.insert(doc.clone(), t);
                     results.push(Ok(Some(acc.signed.clone())));
                     made.push((i, acc));
                 }
@@ -745,7 +869,7 @@ impl Store {
         doc: &str,
         op: &Op,
         now_ms: i64,
-    ) -> Result<Option<(Accepted, Vec<ChangeHash>)>, StoreError> {
+    ) -> Result<Option<Accepted>, StoreError> {
         if !valid_doc_name(doc) || doc == MEMBERSHIP_DOC {
             return Err(StoreError::Invalid(format!(
                 "`{doc}` is not a valid document name (lowercase a-z 0-9 . _ - separated by /)"
@@ -757,7 +881,6 @@ impl Store {
             .map_err(|r| StoreError::Denied(format!("this node may not write `{doc}`: {r}")))?;
         let cluster = self.cluster;
         let loaded = self.loaded_doc_or_new(doc)?;
-        let before = loaded.am.get_heads();
         loaded.am.set_actor(ActorId::from(me.0.as_slice()));
         let mut tx = loaded.am.transaction();
         let res = match op {
@@ -783,20 +906,24 @@ impl Store {
             .ok_or_else(|| StoreError::Automerge("no change after commit".into()))?;
         let header = crate::header::parse(change.raw_bytes())
             .map_err(|e| StoreError::Automerge(format!("own change does not parse: {e}")))?;
-        let signed = SignedChange::sign_hashed(key, &cluster, doc, &header.hash, change.raw_bytes().to_vec());
+        let signed = SignedChange::sign_hashed(
+            key,
+            &cluster,
+            doc,
+            &header.hash,
+            change.raw_bytes().to_vec(),
+        );
         let max_op = header.start_op - 1 + change.len() as u64;
-        Ok(Some((
-            Accepted {
-                signed,
-                header,
-                change,
-                max_op,
-            },
-            before,
-        )))
+        Ok(Some(Accepted {
+            signed,
+            header,
+            change,
+            max_op,
+        }))
     }
 
     /// Add a member (admin only). The change is durable when this returns.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_member(
         &mut self,
         key: &SecretKey,
@@ -816,7 +943,10 @@ impl Store {
                     "{id} was removed for good; a removed key cannot come back: generate a new key on that node"
                 )));
             }
-            return Err(StoreError::Invalid(format!("{id} is already a member ({})", m.role.as_str())));
+            return Err(StoreError::Invalid(format!(
+                "{id} is already a member ({})",
+                m.role.as_str()
+            )));
         }
         let m = Member {
             name: name.to_string(),
@@ -830,7 +960,13 @@ impl Store {
 
     /// Change a member's role (admin only). A demotion records the cut-off (see
     /// [`crate::membership`]).
-    pub fn set_role(&mut self, key: &SecretKey, id: NodeId, role: Role, now_ms: i64) -> Result<SignedChange, StoreError> {
+    pub fn set_role(
+        &mut self,
+        key: &SecretKey,
+        id: NodeId,
+        role: Role,
+        now_ms: i64,
+    ) -> Result<SignedChange, StoreError> {
         let mut m = self
             .membership
             .get(&id)
@@ -844,7 +980,13 @@ impl Store {
     }
 
     /// Change a member's scopes (admin only). Narrowing records the cut-off.
-    pub fn set_scopes(&mut self, key: &SecretKey, id: NodeId, scopes: Vec<String>, now_ms: i64) -> Result<SignedChange, StoreError> {
+    pub fn set_scopes(
+        &mut self,
+        key: &SecretKey,
+        id: NodeId,
+        scopes: Vec<String>,
+        now_ms: i64,
+    ) -> Result<SignedChange, StoreError> {
         let mut m = self
             .membership
             .get(&id)
@@ -857,7 +999,12 @@ impl Store {
 
     /// Remove a member for good (admin only), recording the revocation cut-off: the member's
     /// changes this node holds stay valid; any others it made are void everywhere.
-    pub fn remove_member(&mut self, key: &SecretKey, id: NodeId, now_ms: i64) -> Result<SignedChange, StoreError> {
+    pub fn remove_member(
+        &mut self,
+        key: &SecretKey,
+        id: NodeId,
+        now_ms: i64,
+    ) -> Result<SignedChange, StoreError> {
         let mut m = self
             .membership
             .get(&id)
@@ -869,7 +1016,12 @@ impl Store {
     }
 
     /// Set this node's own advertised addresses (any member).
-    pub fn set_own_addrs(&mut self, key: &SecretKey, addrs: Vec<String>, now_ms: i64) -> Result<Option<SignedChange>, StoreError> {
+    pub fn set_own_addrs(
+        &mut self,
+        key: &SecretKey,
+        addrs: Vec<String>,
+        now_ms: i64,
+    ) -> Result<Option<SignedChange>, StoreError> {
         let me = key.node_id();
         let mut m = self
             .membership
@@ -884,10 +1036,12 @@ impl Store {
     }
 
     fn cutoff_for(&self, id: &NodeId) -> Result<BTreeMap<String, u64>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT doc, MAX(seq) FROM changes WHERE author = ?1 AND status = 0 GROUP BY doc")?;
-        let rows = stmt.query_map(params![id.0.to_vec()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT doc, MAX(seq) FROM changes WHERE author = ?1 AND status = 0 GROUP BY doc",
+        )?;
+        let rows = stmt.query_map(params![id.0.to_vec()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
         let mut out = BTreeMap::new();
         for row in rows {
             let (d, s) = row?;
@@ -896,7 +1050,13 @@ impl Store {
         Ok(out)
     }
 
-    fn member_edit(&mut self, key: &SecretKey, id: &NodeId, m: Option<Member>, now_ms: i64) -> Result<SignedChange, StoreError> {
+    fn member_edit(
+        &mut self,
+        key: &SecretKey,
+        id: &NodeId,
+        m: Option<Member>,
+        now_ms: i64,
+    ) -> Result<SignedChange, StoreError> {
         let me = key.node_id();
         if self.membership.root.is_none() {
             return Err(StoreError::Denied(
@@ -927,7 +1087,13 @@ impl Store {
             .get_last_local_change()
             .ok_or_else(|| StoreError::Automerge("no change after commit".into()))?;
         let hash = change.hash().0;
-        let signed = SignedChange::sign_hashed(key, &self.cluster, MEMBERSHIP_DOC, &hash, change.raw_bytes().to_vec());
+        let signed = SignedChange::sign_hashed(
+            key,
+            &self.cluster,
+            MEMBERSHIP_DOC,
+            &hash,
+            change.raw_bytes().to_vec(),
+        );
         // The same rule that judges remote changes judges our own: check before storing.
         let mut candidate = self.member_changes.clone();
         candidate.push(MemberChange {
@@ -940,12 +1106,16 @@ impl Store {
         });
         let eval = membership::evaluate(&self.cluster, &candidate);
         if let Some(reason) = eval.void.get(&hash) {
-            return Err(StoreError::Denied(format!("membership change refused: {reason}")));
+            return Err(StoreError::Denied(format!(
+                "membership change refused: {reason}"
+            )));
         }
         let report = self.ingest(vec![signed.clone()])?;
         match report.outcomes.first().map(|o| &o.3) {
             Some(Outcome::Applied) => Ok(signed),
-            other => Err(StoreError::Denied(format!("membership change not applied: {other:?}"))),
+            other => Err(StoreError::Denied(format!(
+                "membership change not applied: {other:?}"
+            ))),
         }
     }
 
@@ -957,7 +1127,8 @@ impl Store {
             .filter(|c| self.member_valid.contains(&c.hash))
             .map(|c| c.change.clone())
             .collect();
-        am.apply_changes(changes).map_err(|e| StoreError::Automerge(e.to_string()))?;
+        am.apply_changes(changes)
+            .map_err(|e| StoreError::Automerge(e.to_string()))?;
         Ok(am)
     }
 
@@ -966,8 +1137,11 @@ impl Store {
     fn last_seq(&self, doc: &str, author: &NodeId) -> Result<u64, StoreError> {
         let s: Option<i64> = self
             .conn
-            .prepare_cached("SELECT MAX(seq) FROM changes WHERE doc = ?1 AND author = ?2")?
-            .query_row(params![doc, author.0.to_vec()], |r| r.get(0))?;
+            .prepare_cached(
+                "SELECT seq FROM changes WHERE doc = ?1 AND author = ?2 ORDER BY seq DESC LIMIT 1",
+            )?
+            .query_row(params![doc, author.0.to_vec()], |r| r.get(0))
+            .optional()?;
         Ok(s.unwrap_or(0) as u64)
     }
 
@@ -1013,16 +1187,21 @@ impl Store {
     }
 
     fn valid_changes_after(&self, doc: &str, after_id: i64) -> Result<Vec<Change>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT bytes FROM changes WHERE doc = ?1 AND id > ?2 AND status = 0 ORDER BY id")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT bytes FROM changes WHERE doc = ?1 AND id > ?2 AND status = 0 ORDER BY id",
+        )?;
         let rows = stmt.query_map(params![doc, after_id], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for r in rows {
             let bytes = r?;
             let c = panic_safe(|| Change::try_from(bytes.as_slice()))
                 .and_then(|r| r.ok())
-                .ok_or_else(|| corrupt(&self.path, format!("a stored change of {doc} does not parse")))?;
+                .ok_or_else(|| {
+                    corrupt(
+                        &self.path,
+                        format!("a stored change of {doc} does not parse"),
+                    )
+                })?;
             out.push(c);
         }
         Ok(out)
@@ -1047,10 +1226,14 @@ impl Store {
                 continue;
             }
             let _ = upto;
-            let max_id: i64 = self
-                .conn
-                .query_row("SELECT COALESCE(MAX(id), 0) FROM changes WHERE doc = ?1", params![doc], |r| r.get(0))?;
-            let Some(l) = self.loaded.get(&doc) else { continue };
+            let max_id: i64 = self.conn.query_row(
+                "SELECT COALESCE(MAX(id), 0) FROM changes WHERE doc = ?1",
+                params![doc],
+                |r| r.get(0),
+            )?;
+            let Some(l) = self.loaded.get(&doc) else {
+                continue;
+            };
             let bytes = l.am.save();
             self.conn.execute(
                 "UPDATE docs SET snapshot = ?2, snapshot_upto = ?3 WHERE doc = ?1",
@@ -1065,13 +1248,34 @@ impl Store {
 
     /// Insert accepted changes and refresh the materialized view of the touched documents in
     /// one transaction. `touched` maps each document to its heads before these changes.
-    fn persist(&mut self, accepted: &[&Accepted], touched: &BTreeMap<String, Vec<ChangeHash>>) -> Result<(), StoreError> {
+    fn persist(
+        &mut self,
+        accepted: &[&Accepted],
+        touched: &BTreeMap<String, Touched>,
+    ) -> Result<(), StoreError> {
         // Compute the view updates before opening the transaction.
-        let mut updates: Vec<(String, Vec<u8>, BTreeMap<String, Option<String>>)> = Vec::new();
-        for (doc, before) in touched {
-            let Some(l) = self.loaded.get(doc) else { continue };
+        type ViewUpdate = (String, Vec<u8>, BTreeMap<String, Option<String>>);
+        let mut updates: Vec<ViewUpdate> = Vec::new();
+        for (doc, t) in touched {
+            let Some(l) = self.loaded.get(doc) else {
+                continue;
+            };
             let after = l.am.get_heads();
-            let keys = touched_keys(&l.am, before, &after);
+            let keys = match t {
+                Touched::Since(before) => touched_keys(&l.am, before, &after),
+                Touched::Keys(k) => k.clone(),
+                Touched::All => {
+                    let mut k: BTreeSet<String> = self
+                        .conn
+                        .prepare_cached("SELECT key FROM kv WHERE doc = ?1")?
+                        .query_map(params![doc], |r| r.get::<_, String>(0))?
+                        .collect::<Result<_, _>>()?;
+                    if let Value::Object(m) = json::to_json(&l.am, &ROOT)? {
+                        k.extend(m.keys().cloned());
+                    }
+                    k
+                }
+            };
             let mut rows = BTreeMap::new();
             for k in keys {
                 let v = json::get_path(&l.am, &[PathSeg::Key(k.clone())])?;
@@ -1100,7 +1304,9 @@ impl Store {
                     a.signed.bytes,
                 ])?;
             }
-            let mut put = tx.prepare_cached("INSERT OR REPLACE INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO kv (doc, key, value) VALUES (?1, ?2, ?3)",
+            )?;
             let mut del = tx.prepare_cached("DELETE FROM kv WHERE doc = ?1 AND key = ?2")?;
             let mut docs = tx.prepare_cached(
                 "INSERT INTO docs (doc, heads, n_changes) VALUES (?1, ?2, ?3)
@@ -1118,6 +1324,7 @@ impl Store {
             }
         }
         tx.commit()?;
+        self.note_valid(accepted);
         Ok(())
     }
 
@@ -1140,19 +1347,25 @@ impl Store {
         Ok(report)
     }
 
-    fn ingest_round(&mut self, batch: Vec<SignedChange>, report: &mut IngestReport, record: bool) -> Result<bool, StoreError> {
+    fn ingest_round(
+        &mut self,
+        batch: Vec<SignedChange>,
+        report: &mut IngestReport,
+        record: bool,
+    ) -> Result<bool, StoreError> {
         let cluster = self.cluster;
         // 1. Authenticate without Automerge (in parallel for big batches).
         let authed = authenticate_all(&batch, &cluster);
         let mut members: Vec<(SignedChange, ChangeHeader)> = Vec::new();
         let mut others: Vec<(SignedChange, ChangeHeader)> = Vec::new();
         let mut seen = HashSet::new();
-        let mut outcome = |report: &mut IngestReport, c: &SignedChange, h: Option<[u8; 32]>, o: Outcome| {
-            // Pending changes retried silently do not repeat their outcome.
-            if record || !matches!(o, Outcome::Pending(_)) {
-                report.outcomes.push((c.doc.clone(), c.author, h, o));
-            }
-        };
+        let mut outcome =
+            |report: &mut IngestReport, c: &SignedChange, h: Option<[u8; 32]>, o: Outcome| {
+                // Pending changes retried silently do not repeat their outcome.
+                if record || !matches!(o, Outcome::Pending(_)) {
+                    report.outcomes.push((c.doc.clone(), c.author, h, o));
+                }
+            };
         for (c, r) in batch.into_iter().zip(authed) {
             match r {
                 Err(reason) => {
@@ -1198,12 +1411,19 @@ impl Store {
         Ok(self
             .conn
             .prepare_cached("SELECT status, max_op FROM changes WHERE hash = ?1")?
-            .query_row(params![hash.to_vec()], |r| Ok((r.get::<_, i64>(0)? == 0, r.get::<_, i64>(1)? as u64)))
+            .query_row(params![hash.to_vec()], |r| {
+                Ok((r.get::<_, i64>(0)? == 0, r.get::<_, i64>(1)? as u64))
+            })
             .optional()?)
     }
 
     /// The hash of the stored change at (doc, author, seq), if any.
-    fn hash_at(&self, doc: &str, author: &NodeId, seq: u64) -> Result<Option<[u8; 32]>, StoreError> {
+    fn hash_at(
+        &self,
+        doc: &str,
+        author: &NodeId,
+        seq: u64,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
         let h: Option<Vec<u8>> = self
             .conn
             .prepare_cached("SELECT hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3")?
@@ -1212,7 +1432,12 @@ impl Store {
         Ok(h.and_then(|h| h.try_into().ok()))
     }
 
-    fn record_equivocation(&self, c: &SignedChange, h: &ChangeHeader, other: [u8; 32]) -> Result<(), StoreError> {
+    fn record_equivocation(
+        &self,
+        c: &SignedChange,
+        h: &ChangeHeader,
+        other: [u8; 32],
+    ) -> Result<(), StoreError> {
         tracing::warn!(author = %c.author, doc = %c.doc, seq = h.seq, "equivocation: two different changes at the same seq; keeping evidence");
         self.conn.execute(
             "INSERT OR IGNORE INTO evidence (hash, doc, author, seq, sig, bytes, conflicts_with) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1280,8 +1505,13 @@ impl Store {
             Some(Err(e)) => return Ok(Err(RejectReason::Automerge(e.to_string()))),
             Some(Ok(ch)) => ch,
         };
-        if change.hash().0 != h.hash || change.seq() != h.seq || change.start_op().get() != h.start_op {
-            return Ok(Err(RejectReason::Malformed("automerge reads a different header")));
+        if change.hash().0 != h.hash
+            || change.seq() != h.seq
+            || change.start_op().get() != h.start_op
+        {
+            return Ok(Err(RejectReason::Malformed(
+                "automerge reads a different header",
+            )));
         }
         let max_op = h.start_op - 1 + change.len() as u64;
         Ok(Ok((change, max_op)))
@@ -1300,7 +1530,12 @@ impl Store {
         let mut candidates: Vec<(SignedChange, ChangeHeader, Change, u64)> = Vec::new();
         for (c, h) in ordered {
             if self.membership.root.is_none() && h.deps.is_empty() && h.hash != self.cluster {
-                outcome(report, &c, Some(h.hash), Outcome::Rejected(RejectReason::WrongCluster));
+                outcome(
+                    report,
+                    &c,
+                    Some(h.hash),
+                    Outcome::Rejected(RejectReason::WrongCluster),
+                );
                 continue;
             }
             match self.check_structure(&c, &h, &batch_info, &batch_seq)? {
@@ -1344,7 +1579,11 @@ impl Store {
                     max_op,
                 });
             } else {
-                let reason = eval.void.get(&h.hash).cloned().unwrap_or(RejectReason::NotAMember);
+                let reason = eval
+                    .void
+                    .get(&h.hash)
+                    .cloned()
+                    .unwrap_or(RejectReason::NotAMember);
                 all.retain(|m| m.hash != h.hash);
                 if reason == RejectReason::NotAMember {
                     outcome(report, &c, Some(h.hash), Outcome::Pending(reason));
@@ -1407,13 +1646,15 @@ impl Store {
             )?;
             tx.execute("DELETE FROM kv WHERE doc = ?1", params![MEMBERSHIP_DOC])?;
             if let Ok(Value::Object(root)) = json::to_json(&eval.doc, &ROOT) {
-                let mut put = tx.prepare_cached("INSERT INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
+                let mut put =
+                    tx.prepare_cached("INSERT INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
                 for (k, v) in root {
                     put.execute(params![MEMBERSHIP_DOC, k, v.to_string()])?;
                 }
             }
         }
         tx.commit()?;
+        *self.clocks.borrow_mut() = None;
         for a in &accepted {
             outcome(report, &a.signed, Some(a.header.hash), Outcome::Applied);
         }
@@ -1438,7 +1679,11 @@ impl Store {
 
     /// After membership changed: re-judge stored changes by `authors` in every document;
     /// rebuild documents in which any change flipped between valid and void.
-    fn reevaluate_authors(&mut self, authors: &BTreeSet<NodeId>, report: &mut IngestReport) -> Result<(), StoreError> {
+    fn reevaluate_authors(
+        &mut self,
+        authors: &BTreeSet<NodeId>,
+        report: &mut IngestReport,
+    ) -> Result<(), StoreError> {
         let mut flips: Vec<(String, [u8; 32], bool)> = Vec::new();
         {
             let mut stmt = self.conn.prepare_cached(
@@ -1446,11 +1691,18 @@ impl Store {
             )?;
             for a in authors {
                 let rows = stmt.query_map(params![a.0.to_vec(), MEMBERSHIP_DOC], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
                 })?;
                 for row in rows {
                     let (doc, hash, seq, status) = row?;
-                    let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+                    let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                        continue;
+                    };
                     let ok = self.membership.authorize_write(a, &doc, seq as u64).is_ok();
                     if ok != (status == 0) {
                         flips.push((doc, hash, ok));
@@ -1470,6 +1722,7 @@ impl Store {
             }
         }
         tx.commit()?;
+        *self.clocks.borrow_mut() = None;
         for (_, h, ok) in &flips {
             if *ok {
                 report.revived.push(*h);
@@ -1489,18 +1742,23 @@ impl Store {
     /// Returns the hashes newly voided as dependents.
     fn rebuild(&mut self, doc: &str) -> Result<Vec<[u8; 32]>, StoreError> {
         self.loaded.remove(doc);
-        let rows: Vec<(Vec<u8>, i64, Vec<u8>, Vec<u8>)> = {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT hash, status, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id")?;
-            let rows = stmt.query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        type Row = (Vec<u8>, i64, Vec<u8>, Vec<u8>);
+        let rows: Vec<Row> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT hash, status, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![doc], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
             rows.collect::<Result<_, _>>()?
         };
         let mut valid: HashSet<[u8; 32]> = HashSet::new();
         let mut newly_void = Vec::new();
         let mut changes = Vec::new();
         for (hash, status, deps, bytes) in rows {
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
             if status != 0 {
                 continue;
             }
@@ -1509,7 +1767,10 @@ impl Store {
                 continue;
             }
             let Some(Ok(c)) = panic_safe(|| Change::try_from(bytes.as_slice())) else {
-                return Err(corrupt(&self.path, format!("a stored change of {doc} does not parse")));
+                return Err(corrupt(
+                    &self.path,
+                    format!("a stored change of {doc} does not parse"),
+                ));
             };
             valid.insert(hash);
             changes.push(c);
@@ -1529,7 +1790,8 @@ impl Store {
             }
             tx.execute("DELETE FROM kv WHERE doc = ?1", params![doc])?;
             if let Value::Object(m) = root {
-                let mut put = tx.prepare_cached("INSERT INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
+                let mut put =
+                    tx.prepare_cached("INSERT INTO kv (doc, key, value) VALUES (?1, ?2, ?3)")?;
                 for (k, v) in m {
                     put.execute(params![doc, k, v.to_string()])?;
                 }
@@ -1545,6 +1807,7 @@ impl Store {
             }
         }
         tx.commit()?;
+        *self.clocks.borrow_mut() = None;
         if !valid.is_empty() {
             self.loaded.insert(doc.to_string(), Loaded { am });
         }
@@ -1607,7 +1870,12 @@ impl Store {
             let mut bad: HashSet<[u8; 32]> = HashSet::new();
             for a in accepted {
                 if a.header.deps.iter().any(|d| bad.contains(d)) {
-                    outcome(report, &a.signed, Some(a.header.hash), Outcome::Rejected(RejectReason::DependsOnVoid));
+                    outcome(
+                        report,
+                        &a.signed,
+                        Some(a.header.hash),
+                        Outcome::Rejected(RejectReason::DependsOnVoid),
+                    );
                     bad.insert(a.header.hash);
                     continue;
                 }
@@ -1619,12 +1887,22 @@ impl Store {
                         good.push(a);
                     }
                     Some(Err(e)) => {
-                        outcome(report, &a.signed, Some(a.header.hash), Outcome::Rejected(RejectReason::Automerge(e.to_string())));
+                        outcome(
+                            report,
+                            &a.signed,
+                            Some(a.header.hash),
+                            Outcome::Rejected(RejectReason::Automerge(e.to_string())),
+                        );
                         bad.insert(a.header.hash);
                     }
                     None => {
                         tracing::warn!(doc, author = %a.signed.author, "automerge panicked on an authenticated change; rejected");
-                        outcome(report, &a.signed, Some(a.header.hash), Outcome::Rejected(RejectReason::AutomergePanic));
+                        outcome(
+                            report,
+                            &a.signed,
+                            Some(a.header.hash),
+                            Outcome::Rejected(RejectReason::AutomergePanic),
+                        );
                         bad.insert(a.header.hash);
                     }
                 }
@@ -1635,7 +1913,7 @@ impl Store {
             }
         }
         let mut touched = BTreeMap::new();
-        touched.insert(doc.to_string(), before);
+        touched.insert(doc.to_string(), Touched::Since(before));
         let refs: Vec<&Accepted> = accepted.iter().collect();
         if let Err(e) = self.persist(&refs, &touched) {
             self.loaded.remove(doc);
@@ -1650,8 +1928,14 @@ impl Store {
 }
 
 /// Authenticate every change; big batches use all cores (signature checks dominate).
-fn authenticate_all(batch: &[SignedChange], cluster: &ClusterId) -> Vec<Result<ChangeHeader, RejectReason>> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+fn authenticate_all(
+    batch: &[SignedChange],
+    cluster: &ClusterId,
+) -> Vec<Result<ChangeHeader, RejectReason>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
     if batch.len() < 64 || threads < 2 {
         return batch.iter().map(|c| c.authenticate(cluster)).collect();
     }
@@ -1659,7 +1943,13 @@ fn authenticate_all(batch: &[SignedChange], cluster: &ClusterId) -> Vec<Result<C
     std::thread::scope(|s| {
         let handles: Vec<_> = batch
             .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|c| c.authenticate(cluster)).collect::<Vec<_>>()))
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|c| c.authenticate(cluster))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -1679,7 +1969,10 @@ fn order_by_deps(changes: Vec<(SignedChange, ChangeHeader)>) -> Vec<(SignedChang
         let before = rest.len();
         let mut next = Vec::new();
         for (c, h) in rest {
-            if h.deps.iter().all(|d| !in_batch.contains(d) || done.contains(d)) {
+            if h.deps
+                .iter()
+                .all(|d| !in_batch.contains(d) || done.contains(d))
+            {
                 done.insert(h.hash);
                 out.push((c, h));
             } else {
@@ -1705,8 +1998,13 @@ fn touched_keys(am: &Automerge, before: &[ChangeHash], after: &[ChangeHash]) -> 
             None => match &p.action {
                 automerge::PatchAction::PutMap { key, .. } => Some(key.clone()),
                 automerge::PatchAction::DeleteMap { key } => Some(key.clone()),
-                automerge::PatchAction::Increment { prop: automerge::Prop::Map(k), .. } => Some(k.clone()),
-                automerge::PatchAction::Conflict { prop: automerge::Prop::Map(k) } => Some(k.clone()),
+                automerge::PatchAction::Increment {
+                    prop: automerge::Prop::Map(k),
+                    ..
+                } => Some(k.clone()),
+                automerge::PatchAction::Conflict {
+                    prop: automerge::Prop::Map(k),
+                } => Some(k.clone()),
                 _ => None,
             },
         };
@@ -1738,7 +2036,10 @@ fn patch_to_edit(am: &Automerge, p: automerge::Patch) -> Option<Edit> {
         }
         PatchAction::Insert { index, values, .. } => {
             segs.push(PathSeg::Index(index));
-            let vals: Vec<Value> = values.iter().map(|(v, id, _)| value_json(am, v, id)).collect();
+            let vals: Vec<Value> = values
+                .iter()
+                .map(|(v, id, _)| value_json(am, v, id))
+                .collect();
             ("insert", Some(Value::Array(vals)))
         }
         PatchAction::DeleteMap { key } => {

@@ -137,9 +137,21 @@ fn a_non_member_author_is_not_stored() {
     let stranger = key(7);
     let prev: Vec<SignedChange> = Vec::new();
     let cluster = c.stores[1].cluster_id();
-    let ch = SignedChange::sign(&stranger, &cluster, "app/z", raw_change(&stranger, &prev, "k", 1)).unwrap();
-    assert_refused(&mut c, ch, |o| *o == Outcome::Pending(RejectReason::NotAMember));
-    assert_eq!(c.stores[1].pending_len(), 1, "held in the bounded pending set only");
+    let ch = SignedChange::sign(
+        &stranger,
+        &cluster,
+        "app/z",
+        raw_change(&stranger, &prev, "k", 1),
+    )
+    .unwrap();
+    assert_refused(&mut c, ch, |o| {
+        *o == Outcome::Pending(RejectReason::NotAMember)
+    });
+    assert_eq!(
+        c.stores[1].pending_len(),
+        1,
+        "held in the bounded pending set only"
+    );
 }
 
 #[test]
@@ -147,7 +159,8 @@ fn a_member_writing_outside_its_scope_is_rejected() {
     let (mut c, w) = setup();
     let prev: Vec<SignedChange> = Vec::new();
     let cluster = c.stores[1].cluster_id();
-    let ch = SignedChange::sign(&w, &cluster, "region/us/x", raw_change(&w, &prev, "k", 1)).unwrap();
+    let ch =
+        SignedChange::sign(&w, &cluster, "region/us/x", raw_change(&w, &prev, "k", 1)).unwrap();
     assert_refused(&mut c, ch, rejected(RejectReason::OutOfScope));
     // The writer's own store refuses to make such a change in the first place.
     let err = c.stores[1]
@@ -172,7 +185,9 @@ fn a_reader_cannot_write() {
     let prev: Vec<SignedChange> = Vec::new();
     let cluster = c.stores[1].cluster_id();
     let ch = SignedChange::sign(&r, &cluster, "app/r", raw_change(&r, &prev, "k", 1)).unwrap();
-    assert_refused(&mut c, ch, |o| matches!(o, Outcome::Rejected(RejectReason::NotAuthorized(_))));
+    assert_refused(&mut c, ch, |o| {
+        matches!(o, Outcome::Rejected(RejectReason::NotAuthorized(_)))
+    });
 }
 
 #[test]
@@ -193,7 +208,10 @@ fn equivocation_is_rejected_and_kept_as_evidence() {
     let none: Vec<SignedChange> = Vec::new();
     let first = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &none, "k", 1)).unwrap();
     let second = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &none, "k", 2)).unwrap();
-    assert_eq!(outcome(&c.stores[1].ingest(vec![first]).unwrap()), Outcome::Applied);
+    assert_eq!(
+        outcome(&c.stores[1].ingest(vec![first]).unwrap()),
+        Outcome::Applied
+    );
     assert_refused(&mut c, second, rejected(RejectReason::Equivocation));
     assert_eq!(c.stores[1].equivocators().unwrap(), vec![w.node_id()]);
 }
@@ -256,7 +274,9 @@ fn an_inflated_start_op_is_rejected() {
     let hdr = lichen_crdt::header::parse(&honest.bytes).unwrap();
     let forged = with_start_op(&honest.bytes, hdr.start_op + 1000);
     let ch = SignedChange::sign(&w, &cluster, "app/x", forged).unwrap();
-    assert_refused(&mut c, ch, |o| matches!(o, Outcome::Rejected(RejectReason::BadStartOp { .. })));
+    assert_refused(&mut c, ch, |o| {
+        matches!(o, Outcome::Rejected(RejectReason::BadStartOp { .. }))
+    });
     // One that would not fit Automerge's 32-bit counters is rejected before Automerge sees it.
     // (The header check runs before the signature check, so the signature does not matter.)
     let huge = with_start_op(&honest.bytes, 1 << 33);

@@ -13,7 +13,13 @@ fn founding_admin_writes_reads_and_lists_documents() {
     let admin = c.admin.clone();
     let s = &mut c.stores[0];
     put(s, &admin, "app/nginx", "workers", json!(4));
-    put(s, &admin, "app/nginx", "limits", json!({"rate": 10, "burst": [1, 2]}));
+    put(
+        s,
+        &admin,
+        "app/nginx",
+        "limits",
+        json!({"rate": 10, "burst": [1, 2]}),
+    );
     put(s, &admin, "region/eu/limits", "max", json!(null));
     assert_eq!(get(s, "app/nginx", "workers"), Some(json!(4)));
     assert_eq!(get(s, "app/nginx", "limits.rate"), Some(json!(10)));
@@ -23,7 +29,10 @@ fn founding_admin_writes_reads_and_lists_documents() {
         get(s, "app/nginx", ""),
         Some(json!({"workers": 4, "limits": {"rate": 10, "burst": [1, 2]}}))
     );
-    assert_eq!(s.list_docs().unwrap(), vec!["app/nginx", "region/eu/limits"]);
+    assert_eq!(
+        s.list_docs().unwrap(),
+        vec!["app/nginx", "region/eu/limits"]
+    );
     assert_eq!(
         s.keys("app/nginx", &[]).unwrap().unwrap(),
         vec!["limits", "workers"]
@@ -51,7 +60,10 @@ fn founding_admin_writes_reads_and_lists_documents() {
         T0,
     )
     .unwrap();
-    assert_eq!(get(s, "app/nginx", "limits"), Some(json!({"burst": [1, 2]})));
+    assert_eq!(
+        get(s, "app/nginx", "limits"),
+        Some(json!({"burst": [1, 2]}))
+    );
 }
 
 #[test]
@@ -88,7 +100,10 @@ fn everything_survives_close_and_reopen() {
     let mut s = Store::open(&path, Some(cluster)).unwrap();
     assert_eq!(get(&s, "app/x", "a"), Some(json!("b")));
     assert_eq!(s.heads("app/x").unwrap(), heads);
-    assert_eq!(s.membership().get(&writer.node_id()).unwrap().role, Role::Writer);
+    assert_eq!(
+        s.membership().get(&writer.node_id()).unwrap().role,
+        Role::Writer
+    );
     // And the lazily loaded document continues the author's chain correctly.
     put(&mut s, &admin, "app/x", "c", json!(1));
     assert_eq!(get(&s, "app/x", ""), Some(json!({"a": "b", "c": 1})));
@@ -105,7 +120,9 @@ fn concurrent_writes_to_one_key_are_visible_as_a_conflict() {
     c.sync_all();
     let a = get(&c.stores[0], "app/x", "port");
     assert_eq!(a, get(&c.stores[1], "app/x", "port"));
-    let all = c.stores[0].conflicts("app/x", &parse_path("port").unwrap()).unwrap();
+    let all = c.stores[0]
+        .conflicts("app/x", &parse_path("port").unwrap())
+        .unwrap();
     assert_eq!(all.len(), 2, "{all:?}");
     assert_eq!(Some(all[0].clone()), a, "the winner comes first");
     assert!(all.contains(&json!(80)) && all.contains(&json!(8080)));
@@ -131,7 +148,9 @@ fn history_names_who_changed_what_in_causal_order() {
     assert_eq!(h[1].edits[0].path, "b");
     assert_eq!(h[1].edits[0].value, Some(json!({"c": 2})));
     // Filter by path.
-    let hb = c.stores[0].history("app/x", &parse_path("b.c").unwrap(), 100).unwrap();
+    let hb = c.stores[0]
+        .history("app/x", &parse_path("b.c").unwrap(), 100)
+        .unwrap();
     assert_eq!(hb.len(), 1);
     assert_eq!(hb[0].author, w.node_id());
 }
@@ -167,7 +186,8 @@ fn another_sqlite_database_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.db");
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
+    conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+        .unwrap();
     drop(conn);
     let err = Store::open(&path, None).err().unwrap();
     assert!(err.to_string().contains("not a Lichen database"), "{err}");
@@ -182,7 +202,10 @@ fn a_newer_schema_is_refused_with_a_clear_error() {
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
     let err = Store::open(&path, None).err().unwrap();
-    assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::NewerSchema { found: 99, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("upgrade"), "{err}");
 }
 

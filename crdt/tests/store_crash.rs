@@ -17,7 +17,9 @@ const CHILD_ENV: &str = "LICHEN_CRASH_CHILD_DB";
 #[test]
 #[ignore = "run by kill9_loses_no_acknowledged_write as a child process"]
 fn crash_child_writer() {
-    let Ok(path) = std::env::var(CHILD_ENV) else { return };
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let admin = key(1);
     let mut s = Store::open(std::path::Path::new(&path), None).unwrap();
     for i in 0u64.. {
@@ -36,10 +38,18 @@ fn hex(b: &[u8]) -> String {
 fn kill9_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.db");
-    let cluster = Store::create(&path, &key(1), "root", T0).unwrap().cluster_id();
+    let cluster = Store::create(&path, &key(1), "root", T0)
+        .unwrap()
+        .cluster_id();
     for round in 0..3 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child_writer", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child_writer",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, &path)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -67,7 +77,10 @@ fn kill9_loses_no_acknowledged_write() {
                 .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
                 .collect();
             let got = s.get_change(&hash.try_into().unwrap()).unwrap();
-            assert!(got.is_some(), "round {round}: acknowledged change {h} of {doc} lost");
+            assert!(
+                got.is_some(),
+                "round {round}: acknowledged change {h} of {doc} lost"
+            );
         }
         // The materialized view agrees with the changes: the last acknowledged value is there.
         assert!(s.get("app/d0", &[]).unwrap().is_some());

@@ -13,7 +13,10 @@ use serde_json::json;
 
 /// Build a history on three forks (admin, writer a, writer b) with interleaved syncs, and
 /// optionally a removal of writer b in the middle. Returns the cluster and every change made.
-fn history(steps: &[(u8, u8, u8, bool)], remove_b_at: Option<usize>) -> (Cluster, Vec<SignedChange>) {
+fn history(
+    steps: &[(u8, u8, u8, bool)],
+    remove_b_at: Option<usize>,
+) -> (Cluster, Vec<SignedChange>) {
     let mut c = Cluster::new(3);
     let keys = [c.admin.clone(), key(2), key(3)];
     c.add(&keys[1], "a", Role::Writer, &[]);
@@ -22,7 +25,11 @@ fn history(steps: &[(u8, u8, u8, bool)], remove_b_at: Option<usize>) -> (Cluster
     for (i, &(who, doc, k, sync)) in steps.iter().enumerate() {
         if Some(i) == remove_b_at {
             let admin = keys[0].clone();
-            made.push(c.stores[0].remove_member(&admin, keys[2].node_id(), T0).unwrap());
+            made.push(
+                c.stores[0]
+                    .remove_member(&admin, keys[2].node_id(), T0)
+                    .unwrap(),
+            );
         }
         let who = (who % 3) as usize;
         let doc = ["app/one", "app/two"][(doc % 2) as usize];
@@ -50,7 +57,11 @@ fn history(steps: &[(u8, u8, u8, bool)], remove_b_at: Option<usize>) -> (Cluster
 }
 
 fn state(s: &Store) -> Vec<(String, Vec<[u8; 32]>, Option<serde_json::Value>)> {
-    let mut docs = vec!["app/one".to_string(), "app/two".to_string(), MEMBERSHIP_DOC.to_string()];
+    let mut docs = vec![
+        "app/one".to_string(),
+        "app/two".to_string(),
+        MEMBERSHIP_DOC.to_string(),
+    ];
     docs.sort();
     docs.into_iter()
         .map(|d| (d.clone(), s.heads(&d).unwrap(), s.get(&d, &[]).unwrap()))

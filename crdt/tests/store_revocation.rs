@@ -33,8 +33,16 @@ fn a_removed_writer_backdating_on_a_fork_is_void_everywhere_in_any_order() {
     let also = put(&mut c.stores[1], &w, "app/y", "k", json!(1));
 
     // The admin's replica refuses the fork's writes as revoked.
-    let r = c.stores[0].ingest(vec![backdated.clone(), also.clone()]).unwrap();
-    assert!(r.outcomes.iter().all(|o| o.3 == Outcome::Rejected(RejectReason::Revoked)), "{:?}", r.outcomes);
+    let r = c.stores[0]
+        .ingest(vec![backdated.clone(), also.clone()])
+        .unwrap();
+    assert!(
+        r.outcomes
+            .iter()
+            .all(|o| o.3 == Outcome::Rejected(RejectReason::Revoked)),
+        "{:?}",
+        r.outcomes
+    );
 
     // The writer's replica voids them when the removal arrives.
     let r = c.stores[1].ingest(vec![removal.clone()]).unwrap();
@@ -48,19 +56,41 @@ fn a_removed_writer_backdating_on_a_fork_is_void_everywhere_in_any_order() {
         .filter(|x| x.hash() != removal.hash())
         .collect();
     let orders: Vec<Vec<SignedChange>> = vec![
-        [base.clone(), vec![removal.clone(), backdated.clone(), also.clone()]].concat(),
-        [base.clone(), vec![backdated.clone(), also.clone(), removal.clone()]].concat(),
-        [base.clone(), vec![backdated.clone(), removal.clone(), also.clone()]].concat(),
+        [
+            base.clone(),
+            vec![removal.clone(), backdated.clone(), also.clone()],
+        ]
+        .concat(),
+        [
+            base.clone(),
+            vec![backdated.clone(), also.clone(), removal.clone()],
+        ]
+        .concat(),
+        [
+            base.clone(),
+            vec![backdated.clone(), removal.clone(), also.clone()],
+        ]
+        .concat(),
     ];
     for (i, order) in orders.iter().enumerate() {
         let s = replica_from(&c, &format!("order{i}.db"), order);
         assert_eq!(get(&s, "app/x", "k"), Some(json!("honest")), "order {i}");
-        assert_eq!(s.heads("app/x").unwrap(), c.stores[0].heads("app/x").unwrap(), "order {i}");
-        assert_eq!(s.get("app/y", &[]).unwrap(), c.stores[0].get("app/y", &[]).unwrap());
+        assert_eq!(
+            s.heads("app/x").unwrap(),
+            c.stores[0].heads("app/x").unwrap(),
+            "order {i}"
+        );
+        assert_eq!(
+            s.get("app/y", &[]).unwrap(),
+            c.stores[0].get("app/y", &[]).unwrap()
+        );
         assert_eq!(s.membership(), c.stores[0].membership(), "order {i}");
     }
     // The write made before the removal stays.
-    assert!(c.stores[0].get_change(&before_removal.hash().unwrap()).unwrap().is_some());
+    assert!(c.stores[0]
+        .get_change(&before_removal.hash().unwrap())
+        .unwrap()
+        .is_some());
 }
 
 #[test]
@@ -115,8 +145,15 @@ fn a_junior_admin_cannot_remove_a_senior_one_and_its_concurrent_acts_die_with_it
         let s = replica_from(&c, &format!("m{i}.db"), &[base.clone(), order].concat());
         let m = s.membership().clone();
         assert_eq!(m.get(&b.node_id()).unwrap().role, Role::Admin, "order {i}");
-        assert_eq!(m.get(&cc.node_id()).unwrap().role, Role::Removed, "order {i}");
-        assert!(m.get(&d.node_id()).is_none(), "order {i}: d's admission was past c's cut-off");
+        assert_eq!(
+            m.get(&cc.node_id()).unwrap().role,
+            Role::Removed,
+            "order {i}"
+        );
+        assert!(
+            m.get(&d.node_id()).is_none(),
+            "order {i}: d's admission was past c's cut-off"
+        );
         seen.push((m, s.heads(lichen_crdt::MEMBERSHIP_DOC).unwrap()));
     }
     assert_eq!(seen[0], seen[1]);
@@ -132,13 +169,23 @@ fn the_root_admin_cannot_be_removed_and_a_removed_key_cannot_return() {
     let admin = c.admin.clone();
     let b = key(2);
     c.add(&b, "b", Role::Admin, &[]);
-    let err = c.stores[1].remove_member(&b, admin.node_id(), T0).unwrap_err();
+    let err = c.stores[1]
+        .remove_member(&b, admin.node_id(), T0)
+        .unwrap_err();
     assert!(err.to_string().contains("root"), "{err}");
     let w = key(4);
     c.add(&w, "w", Role::Writer, &[]);
     c.stores[0].remove_member(&admin, w.node_id(), T0).unwrap();
     let err = c.stores[0]
-        .add_member(&admin, w.node_id(), "again", Role::Writer, vec![], vec![], T0)
+        .add_member(
+            &admin,
+            w.node_id(),
+            "again",
+            Role::Writer,
+            vec![],
+            vec![],
+            T0,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("new key"), "{err}");
 }
@@ -151,7 +198,9 @@ fn a_demoted_writer_keeps_its_past_writes_but_cannot_write_more() {
     c.add(&w, "w", Role::Writer, &[]);
     put(&mut c.stores[1], &w, "app/x", "k", json!(1));
     c.sync_all();
-    c.stores[0].set_role(&admin, w.node_id(), Role::Reader, T0).unwrap();
+    c.stores[0]
+        .set_role(&admin, w.node_id(), Role::Reader, T0)
+        .unwrap();
     let late = put(&mut c.stores[1], &w, "app/x", "k", json!(2));
     let r = c.stores[0].ingest(vec![late]).unwrap();
     assert_eq!(outcome(&r), Outcome::Rejected(RejectReason::Revoked));

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use lichen_crdt::{parse_path, IngestReport, NodeId, Op, Outcome, Role, SecretKey, SignedChange, Store};
+use lichen_crdt::{
+    parse_path, IngestReport, NodeId, Op, Outcome, Role, SecretKey, SignedChange, Store,
+};
 use serde_json::Value;
 
 pub const T0: i64 = 1_700_000_000_000;
@@ -106,7 +108,9 @@ pub fn outcome(r: &IngestReport) -> Outcome {
 }
 
 /// A snapshot of everything observable in a store, to prove a rejection changed nothing.
-pub fn fingerprint(s: &Store) -> (Vec<(String, Vec<[u8; 32]>, Option<Value>)>, usize) {
+pub type Fingerprint = (Vec<(String, Vec<[u8; 32]>, Option<Value>)>, usize);
+
+pub fn fingerprint(s: &Store) -> Fingerprint {
     let mut docs = s.list_docs().unwrap();
     docs.push(lichen_crdt::MEMBERSHIP_DOC.to_string());
     let v = docs
