@@ -98,6 +98,7 @@ struct Counters {
     rejected_malformed: AtomicU64,
     frames_dropped: AtomicU64,
     send_full: AtomicU64,
+    dials_started: AtomicU64,
     handshakes_failed: AtomicU64,
     connects: AtomicU64,
     disconnects: AtomicU64,
@@ -120,6 +121,7 @@ impl Counters {
             rejected_malformed: g(&self.rejected_malformed),
             frames_dropped: g(&self.frames_dropped),
             send_full: g(&self.send_full),
+            dials_started: g(&self.dials_started),
             handshakes_failed: g(&self.handshakes_failed),
             connects: g(&self.connects),
             disconnects: g(&self.disconnects),
@@ -708,6 +710,7 @@ async fn dial(
     addr: SocketAddr,
     sd: &mut watch::Receiver<bool>,
 ) -> Option<(quinn::Connection, quinn::RecvStream)> {
+    add(&inner.stats.dials_started, 1);
     let connecting = match inner
         .quinn
         .connect_with(client.clone(), addr, tls::SERVER_NAME)

@@ -283,6 +283,8 @@ pub struct Stats {
     pub frames_dropped: u64,
     /// `try_send` calls answered with [`SendError::Full`].
     pub send_full: u64,
+    /// Outgoing connection attempts started by dialers.
+    pub dials_started: u64,
     /// Handshakes (incoming or outgoing) that failed or timed out.
     pub handshakes_failed: u64,
     /// Connections established (incl. ones that replaced a duplicate).
