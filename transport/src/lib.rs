@@ -61,8 +61,8 @@
 //!   lower key* (bytewise comparison of the ed25519 public keys) wins; the
 //!   other is closed with [`close_code::DUPLICATE`]. Both ends compute the same
 //!   answer because each knows who dialled each connection. If both
-//!   connections were dialled by the same side (a redial after a restart),
-//!   the newer one wins.
+//!   connections were dialled by the same side (a redial after a restart), or
+//!   the current one is already closing, the newer one wins.
 //! * **Reconnects**. Each peer added with [`Endpoint::add_peer`] has a dialer
 //!   task that keeps one connection up: exponential backoff with equal
 //!   jitter, `base = min(backoff_max, backoff_min·2ⁿ)`, pause uniform in
@@ -99,6 +99,16 @@
 //!
 //! Frames are pushed with the awaiting [`Endpoint::send`] (default 1024-frame
 //! queue) and counted from B's event channel; MB/s counts payload bytes.
+//!
+//! # Tests
+//!
+//! Unit tests cover the codec (golden bytes, partial input, limits, a
+//! pseudo-random round trip mirroring `fuzz/fuzz_targets/frame.rs`), backoff
+//! and certificate/key handling. `tests/` runs real endpoints on loopback UDP:
+//! handshakes (members, non-member, other cluster), streams (garbage,
+//! oversized and truncated frames; stalled peer) and connections
+//! (simultaneous dial, restart on the same port, network loss through a UDP
+//! relay, removal from membership).
 
 #![warn(missing_docs)]
 
@@ -166,7 +176,8 @@ pub struct Config {
     pub event_queue: usize,
     /// QUIC keep-alive interval. Default 5 s.
     pub keep_alive: Duration,
-    /// QUIC idle timeout (also the handshake timeout). Default 30 s.
+    /// QUIC idle timeout. Handshakes time out after `min(idle_timeout, 10 s)`.
+    /// Default 30 s.
     pub idle_timeout: Duration,
     /// First reconnect pause (before jitter). Default 200 ms.
     pub backoff_min: Duration,
@@ -203,7 +214,8 @@ pub enum Event {
     /// May be repeated without an intervening `Disconnected` when a duplicate
     /// connection replaces the current one; treat every `Connected` as "start
     /// a fresh session with this peer" (frames queued on the replaced
-    /// connection may have been lost).
+    /// connection may have been lost, and frames it had already delivered to
+    /// the reader may still arrive just after this event).
     Connected {
         /// The peer's key.
         peer: PeerKey,
