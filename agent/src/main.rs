@@ -1,1 +1,368 @@
-fn main() {}
+//! `lichen`: the agent binary. One process per node: `lichen run` is the daemon; every other
+//! command is a client of the local agent's HTTP API (see [`api`]).
+//!
+//! Flow: clap parses ([`cli`]) → [`config::Config::resolve`] validates → only then are runtime
+//! handles built ([`daemon::run`]). Exit codes are in [`client::exit`] and the README.
+
+mod api;
+mod cli;
+mod client;
+mod config;
+mod daemon;
+mod demo;
+mod metrics;
+mod node;
+mod render;
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::{json, Value};
+
+use crate::cli::{Cli, Command, MembersCommand, RunArgs};
+use crate::client::{exit, Client, ClientError};
+use crate::config::{Config, Overrides};
+
+fn overrides(a: &RunArgs, api: &str, api_given: bool) -> Overrides {
+    Overrides {
+        config: a.config.clone(),
+        data_dir: a.data_dir.clone(),
+        name: a.name.clone(),
+        listen: a.listen.clone(),
+        advertise: a.advertise.clone(),
+        api: api_given.then(|| api.to_string()),
+        log_format: a.log_format.clone(),
+        join: a.join.clone(),
+    }
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    // `--api` counts as given if it differs from the default or came from the environment.
+    let api_given = cli.api != config::DEFAULT_API || std::env::var_os("LICHEN_API").is_some();
+    let code = match cli.command {
+        None => run_daemon(RunArgs::default(), &cli.api, api_given),
+        Some(Command::Run(a)) => run_daemon(a, &cli.api, api_given),
+        Some(Command::Demo { keep }) => report(demo::run(keep)),
+        Some(Command::Init(a)) => report(
+            Config::resolve(&overrides(&a, &cli.api, api_given)).and_then(|c| daemon::init(&c)),
+        ),
+        Some(Command::Keygen { out }) => report((|| {
+            let key = lichen_crdt::SecretKey::from_seed(daemon::random_seed()?);
+            key.write_file(&out)?;
+            println!("{}", key.node_id());
+            Ok(())
+        })()),
+        Some(cmd) => match client_command(&Client::new(&cli.api), cmd, cli.json) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("error: {}", e.message);
+                e.code
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn report(r: anyhow::Result<()>) -> i32 {
+    match r {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::FAILURE
+        }
+    }
+}
+
+fn run_daemon(a: RunArgs, api: &str, api_given: bool) -> i32 {
+    let o = overrides(&a, api, api_given);
+    let cfg = match Config::resolve(&o) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::USAGE;
+        }
+    };
+    let log = daemon::init_logging(cfg.log_format, &cfg.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::FAILURE;
+        }
+    };
+    report(rt.block_on(daemon::run(o, cfg, log)))
+}
+
+fn usage(msg: impl Into<String>) -> ClientError {
+    ClientError {
+        code: exit::USAGE,
+        message: msg.into(),
+    }
+}
+
+fn print(v: &Value, as_json: bool) {
+    if as_json {
+        println!("{}", serde_json::to_string(v).unwrap_or_default());
+    } else {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}
+
+fn client_command(c: &Client, cmd: Command, as_json: bool) -> Result<(), ClientError> {
+    match cmd {
+        Command::Put { doc, path, value } => {
+            let v: Value = serde_json::from_str(&value).map_err(|e| {
+                usage(format!(
+                    "VALUE must be JSON ({e}); for a string, quote it: lichen put {doc} {path} '\"{value}\"'"
+                ))
+            })?;
+            let r = c.put("/v1/put", &[("doc", &doc), ("path", &path)], &v)?;
+            if as_json {
+                print(&r, true);
+            } else if r["changed"] == json!(false) {
+                eprintln!("unchanged");
+            }
+        }
+        Command::Get { doc, path } => {
+            let p = path.unwrap_or_default();
+            let r = c.get("/v1/get", &[("doc", &doc), ("path", &p)])?;
+            print(if as_json { &r } else { &r["value"] }, as_json);
+        }
+        Command::Del { doc, path } => {
+            let r = c.delete("/v1/del", &[("doc", &doc), ("path", &path)])?;
+            if as_json {
+                print(&r, true);
+            }
+        }
+        Command::Ls { doc, path } => {
+            let mut q: Vec<(&str, &str)> = Vec::new();
+            if let Some(d) = &doc {
+                q.push(("doc", d));
+            }
+            if let Some(p) = &path {
+                q.push(("path", p));
+            }
+            let r = c.get("/v1/ls", &q)?;
+            if as_json {
+                print(&r, true);
+            } else if let Some(items) = r.as_array() {
+                for i in items {
+                    println!("{}", i.as_str().unwrap_or_default());
+                }
+            }
+        }
+        Command::Watch {
+            doc,
+            path,
+            since,
+            count,
+        } => {
+            let p = path.unwrap_or_default();
+            let mut q = vec![("doc", doc.as_str()), ("path", p.as_str())];
+            if let Some(s) = &since {
+                q.push(("since", s));
+            }
+            let mut seen = 0usize;
+            c.sse("/v1/watch", &q, |ev| {
+                if as_json {
+                    print(&ev, true);
+                } else {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&ev["value"]).unwrap_or_default()
+                    );
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                seen += 1;
+                count.is_none_or(|n| seen < n)
+            })?;
+        }
+        Command::History { doc, path, limit } => {
+            let p = path.unwrap_or_default();
+            let l = limit.to_string();
+            let r = c.get("/v1/history", &[("doc", &doc), ("path", &p), ("limit", &l)])?;
+            if as_json {
+                print(&r, true);
+            } else {
+                for e in r.as_array().into_iter().flatten() {
+                    let edits: Vec<String> = e["edits"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|x| match x.get("value") {
+                            Some(v) => format!(
+                                "{} {} = {}",
+                                x["action"].as_str().unwrap_or(""),
+                                x["path"].as_str().unwrap_or(""),
+                                v
+                            ),
+                            None => format!(
+                                "{} {}",
+                                x["action"].as_str().unwrap_or(""),
+                                x["path"].as_str().unwrap_or("")
+                            ),
+                        })
+                        .collect();
+                    println!(
+                        "{} {} ({}) #{}: {}",
+                        &e["hash"].as_str().unwrap_or("")
+                            [..12.min(e["hash"].as_str().unwrap_or("").len())],
+                        e["author_name"].as_str().unwrap_or(""),
+                        &e["author"].as_str().unwrap_or("")
+                            [..8.min(e["author"].as_str().unwrap_or("").len())],
+                        e["seq"],
+                        edits.join("; ")
+                    );
+                }
+            }
+        }
+        Command::Conflicts { doc, path } => {
+            let r = c.get("/v1/conflicts", &[("doc", &doc), ("path", &path)])?;
+            print(&r, as_json);
+        }
+        Command::Members { command } => match command {
+            MembersCommand::Ls => {
+                let r = c.get("/v1/members", &[])?;
+                if as_json {
+                    print(&r, true);
+                } else {
+                    for m in r.as_array().into_iter().flatten() {
+                        println!(
+                            "{}  {:8} {:16} {}{}",
+                            m["id"].as_str().unwrap_or(""),
+                            m["role"].as_str().unwrap_or(""),
+                            m["name"].as_str().unwrap_or(""),
+                            m["addrs"]
+                                .as_array()
+                                .map(|a| a
+                                    .iter()
+                                    .filter_map(Value::as_str)
+                                    .collect::<Vec<_>>()
+                                    .join(","))
+                                .unwrap_or_default(),
+                            if m["root"] == json!(true) {
+                                "  (root)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                }
+            }
+            MembersCommand::Add {
+                id,
+                role,
+                name,
+                scopes,
+                addrs,
+            } => {
+                let r = c.post(
+                    "/v1/members",
+                    &json!({"id": id, "role": role, "name": name, "scopes": scopes, "addrs": addrs}),
+                )?;
+                if as_json {
+                    print(&r, true);
+                }
+            }
+            MembersCommand::Remove { id } => {
+                let r = c.post("/v1/members/remove", &json!({"id": id}))?;
+                if as_json {
+                    print(&r, true);
+                }
+            }
+            MembersCommand::Role { id, role } => {
+                let r = c.post("/v1/members/role", &json!({"id": id, "role": role}))?;
+                if as_json {
+                    print(&r, true);
+                }
+            }
+        },
+        Command::Status => {
+            let r = c.get("/v1/status", &[])?;
+            if as_json {
+                print(&r, true);
+            } else {
+                print_status(&r);
+            }
+        }
+        Command::Run(_) | Command::Init(_) | Command::Keygen { .. } | Command::Demo { .. } => {}
+    }
+    Ok(())
+}
+
+fn print_status(r: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    println!(
+        "node     {} ({}, {})",
+        s(&r["node"]["id"]),
+        s(&r["node"]["name"]),
+        s(&r["node"]["role"])
+    );
+    println!("cluster  {}", s(&r["cluster"]));
+    println!("listen   {}", s(&r["node"]["listen"]));
+    println!("join     lichen run --join {}", s(&r["join_token"]));
+    println!("peers");
+    for p in r["peers"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:16} {:12} rtt {} last sync {}",
+            &s(&p["id"])[..16.min(s(&p["id"]).len())],
+            s(&p["name"]),
+            if p["connected"] == json!(true) {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            p["rtt_ms"]
+                .as_f64()
+                .map(|x| format!("{x:.2} ms"))
+                .unwrap_or_else(|| "-".into()),
+            p["last_sync_ms_ago"]
+                .as_u64()
+                .map(|x| format!("{x} ms ago"))
+                .unwrap_or_else(|| "never".into()),
+        );
+    }
+    println!("documents");
+    for d in r["docs"].as_array().into_iter().flatten() {
+        let heads: Vec<String> = d["heads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| h.as_str().unwrap_or("")[..12.min(h.as_str().unwrap_or("").len())].to_string())
+            .collect();
+        println!(
+            "  {:24} {:>6} changes  heads {}",
+            s(&d["doc"]),
+            d["changes"],
+            heads.join(",")
+        );
+    }
+    println!(
+        "sync lag {} ms, pending {}",
+        r["sync_lag_ms"], r["pending_changes"]
+    );
+    if let Some(rej) = r["rejected"].as_object() {
+        if !rej.is_empty() {
+            println!("rejected");
+            for (k, v) in rej {
+                println!("  {k}: {v}");
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Command-line interface (clap). Parsing only: validation happens in
+//! [`crate::config::Config::resolve`] and in the agent.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Lichen: configuration and membership for edge and multi-region fleets, without consensus.
+#[derive(Debug, Parser)]
+#[command(name = "lichen", version, about, long_about = None)]
+pub struct Cli {
+    /// Address of the local agent's API.
+    #[arg(long, global = true, env = "LICHEN_API", default_value = crate::config::DEFAULT_API)]
+    pub api: String,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (the default when no command is given).
+    Run(RunArgs),
+    /// Prepare a data directory: create the node key (and, with --join, the store); print the node id.
+    Init(RunArgs),
+    /// Generate a key file and print its node id.
+    Keygen {
+        /// Where to write the key (mode 0600).
+        #[arg(long, default_value = "node.key")]
+        out: PathBuf,
+    },
+    /// Set the value at PATH in DOC (VALUE is JSON: 4, true, "text", {"a": 1}).
+    Put {
+        doc: String,
+        path: String,
+        value: String,
+    },
+    /// Print a document, or the value at PATH.
+    Get { doc: String, path: Option<String> },
+    /// Delete the value at PATH in DOC.
+    Del { doc: String, path: String },
+    /// List documents, or the keys of DOC (at PATH).
+    Ls {
+        doc: Option<String>,
+        path: Option<String>,
+    },
+    /// Stream the value of DOC (at PATH) as it changes.
+    Watch {
+        doc: String,
+        path: Option<String>,
+        /// Resume from a known state (the heads printed with each event).
+        #[arg(long)]
+        since: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Who changed what in DOC (at PATH), verified, oldest first.
+    History {
+        doc: String,
+        path: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Concurrent values at PATH in DOC (winner first).
+    Conflicts { doc: String, path: String },
+    /// Cluster membership.
+    Members {
+        #[command(subcommand)]
+        command: MembersCommand,
+    },
+    /// Peers and connection state, document heads, sync lag, rejected changes.
+    Status,
+    /// Start three agents on loopback and show writes, a partition, and convergence.
+    Demo {
+        /// Keep the agents' directories (printed) instead of deleting them.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MembersCommand {
+    /// List members.
+    Ls,
+    /// Add a member (admin only).
+    Add {
+        id: String,
+        #[arg(long, default_value = "writer")]
+        role: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Document prefix this member may write (repeatable; none = all documents).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Address where the member listens (repeatable).
+        #[arg(long = "addr")]
+        addrs: Vec<String>,
+    },
+    /// Remove a member for good (admin only).
+    Remove { id: String },
+    /// Change a member's role (admin only).
+    Role { id: String, role: String },
+}
+
+#[derive(Debug, Args, Default, Clone)]
+pub struct RunArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "LICHEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (key and database).
+    #[arg(long, env = "LICHEN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This node's name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// QUIC listen address for peers.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address other nodes should dial (repeatable).
+    #[arg(long)]
+    pub advertise: Vec<String>,
+    /// Join an existing cluster: the token printed by `lichen run` or `lichen status` on a member.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}

@@ -1,0 +1,331 @@
+//! Agent configuration, in two stages (like ripgrep): `clap` parses the command line, a TOML
+//! file is read, and [`Config::resolve`] validates and merges them (defaults < file < flags)
+//! into a [`Config`] with every value checked. Only then are runtime handles built. SIGHUP
+//! re-runs the same resolution; a config that fails it is reported and the old one kept.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::render::{Binding, BindingFile};
+
+/// Default QUIC port for peer traffic.
+pub const DEFAULT_PEER_PORT: u16 = 7420;
+/// Default local API address.
+pub const DEFAULT_API: &str = "127.0.0.1:7421";
+
+/// The TOML file, as written by an operator. Every field is optional.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Where the key and the database live.
+    pub data_dir: Option<PathBuf>,
+    /// This node's name in the membership document.
+    pub name: Option<String>,
+    /// QUIC listen address (`0.0.0.0:7420`).
+    pub listen: Option<String>,
+    /// Addresses other nodes should dial (`host:port`), published in the membership document.
+    pub advertise: Option<Vec<String>>,
+    /// Local HTTP API address (must be loopback).
+    pub api: Option<String>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// `RUST_LOG`-style filter.
+    pub log: Option<String>,
+    /// `always` (fsync every commit: survives power loss) or `never` (survives process crash only).
+    pub fsync: Option<String>,
+    /// Sync tuning.
+    #[serde(default)]
+    pub sync: SyncFile,
+    /// File bindings (document ⇄ file).
+    #[serde(default, rename = "bind")]
+    pub bindings: Vec<BindingFile>,
+}
+
+/// `[sync]` section.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SyncFile {
+    /// Anti-entropy period in milliseconds.
+    pub anti_entropy_ms: Option<u64>,
+    /// Gossip fanout.
+    pub fanout: Option<usize>,
+}
+
+/// Command-line overrides for `lichen run`.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub name: Option<String>,
+    pub listen: Option<String>,
+    pub advertise: Vec<String>,
+    pub api: Option<String>,
+    pub log_format: Option<String>,
+    pub join: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub config_file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub listen: SocketAddr,
+    pub advertise: Vec<String>,
+    pub api: SocketAddr,
+    pub log_format: LogFormat,
+    pub log: String,
+    pub fsync: bool,
+    pub anti_entropy: Duration,
+    pub fanout: usize,
+    pub join: Option<JoinToken>,
+    pub bindings: Vec<Binding>,
+}
+
+/// What a new node needs to join: the cluster id and one member to dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub cluster: [u8; 32],
+    pub seed: lichen_crdt::NodeId,
+    pub addr: String,
+}
+
+impl JoinToken {
+    /// `<cluster id hex>@<seed node id hex>@<host:port>`.
+    pub fn parse(s: &str) -> Result<JoinToken> {
+        let parts: Vec<&str> = s.trim().split('@').collect();
+        let [cluster, seed, addr] = parts.as_slice() else {
+            bail!("a join token looks like <cluster-id>@<node-id>@<host:port>; print one with `lichen status` on a member");
+        };
+        let cluster: lichen_crdt::NodeId = cluster
+            .parse()
+            .context("the cluster id in the join token is not 64 hex digits")?;
+        let seed = seed
+            .parse()
+            .context("the node id in the join token is not 64 hex digits")?;
+        if addr.is_empty() {
+            bail!("the join token has no address");
+        }
+        Ok(JoinToken {
+            cluster: cluster.0,
+            seed,
+            addr: addr.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{}@{}",
+            lichen_crdt::NodeId(self.cluster),
+            self.seed,
+            self.addr
+        )
+    }
+}
+
+/// The default data directory: `$LICHEN_DATA_DIR`, else `$XDG_DATA_HOME/lichen`, else
+/// `$HOME/.local/share/lichen`, else `./lichen-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LICHEN_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("lichen");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/lichen");
+    }
+    PathBuf::from("lichen-data")
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+/// Resolve `host:port` (names allowed) to one socket address.
+pub fn resolve_addr(s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .with_context(|| format!("`{s}` is not a host:port address"))?
+        .next()
+        .with_context(|| format!("`{s}` resolves to no address"))
+}
+
+impl Config {
+    /// Read the config file (if any) and merge it with the flags; validate everything.
+    pub fn resolve(o: &Overrides) -> Result<Config> {
+        let file = match &o.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve_with(o, file)
+    }
+
+    fn resolve_with(o: &Overrides, f: FileConfig) -> Result<Config> {
+        let data_dir = o
+            .data_dir
+            .clone()
+            .or(f.data_dir.clone())
+            .unwrap_or_else(default_data_dir);
+        let name = o
+            .name
+            .clone()
+            .or(f.name.clone())
+            .unwrap_or_else(default_name);
+        if name.is_empty() || name.len() > 64 {
+            bail!("name must be 1 to 64 characters");
+        }
+        let listen_s = o
+            .listen
+            .clone()
+            .or(f.listen.clone())
+            .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_PEER_PORT}"));
+        let listen = resolve_addr(&listen_s).context("invalid `listen`")?;
+        let api_s = o
+            .api
+            .clone()
+            .or(f.api.clone())
+            .unwrap_or_else(|| DEFAULT_API.to_string());
+        let api = resolve_addr(&api_s).context("invalid `api`")?;
+        if !api.ip().is_loopback() {
+            bail!("`api` must be a loopback address (the API has no authentication): got {api}");
+        }
+        let mut advertise = if o.advertise.is_empty() {
+            f.advertise.clone().unwrap_or_default()
+        } else {
+            o.advertise.clone()
+        };
+        if advertise.is_empty() && !listen.ip().is_unspecified() {
+            advertise.push(listen.to_string());
+        }
+        for a in &advertise {
+            resolve_addr(a).with_context(|| format!("invalid advertise address `{a}`"))?;
+        }
+        let log_format = match o
+            .log_format
+            .as_deref()
+            .or(f.log_format.as_deref())
+            .unwrap_or("text")
+        {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => bail!("log_format must be `text` or `json`, not `{other}`"),
+        };
+        let log = f.log.clone().unwrap_or_else(|| "info".to_string());
+        tracing_subscriber::EnvFilter::try_new(&log)
+            .with_context(|| format!("invalid log filter `{log}`"))?;
+        let fsync = match f.fsync.as_deref().unwrap_or("always") {
+            "always" => true,
+            "never" => false,
+            other => bail!("fsync must be `always` or `never`, not `{other}`"),
+        };
+        let anti_entropy = Duration::from_millis(f.sync.anti_entropy_ms.unwrap_or(1000));
+        if anti_entropy < Duration::from_millis(50) || anti_entropy > Duration::from_secs(3600) {
+            bail!("sync.anti_entropy_ms must be between 50 and 3600000");
+        }
+        let fanout = f.sync.fanout.unwrap_or(3);
+        if fanout == 0 || fanout > 64 {
+            bail!("sync.fanout must be between 1 and 64");
+        }
+        let join = o.join.as_deref().map(JoinToken::parse).transpose()?;
+        let base = o
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let bindings = f
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                Binding::resolve(b, &base).with_context(|| format!("[[bind]] #{}", i + 1))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for b in &bindings {
+            if !seen.insert(b.file.clone()) {
+                bail!("file {} is bound twice", b.file.display());
+            }
+        }
+        Ok(Config {
+            config_file: o.config.clone(),
+            data_dir,
+            name,
+            listen,
+            advertise,
+            api,
+            log_format,
+            log,
+            fsync,
+            anti_entropy,
+            fanout,
+            join,
+            bindings,
+        })
+    }
+}
+
+fn read_file(p: &Path) -> Result<FileConfig> {
+    let meta =
+        std::fs::metadata(p).with_context(|| format!("cannot read config {}", p.display()))?;
+    if meta.len() > 1 << 20 {
+        bail!("config {} is larger than 1 MiB", p.display());
+    }
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read config {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve_without_a_file() {
+        let c = Config::resolve_with(&Overrides::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen.port(), DEFAULT_PEER_PORT);
+        assert!(c.api.ip().is_loopback());
+        assert!(c.fsync);
+        assert!(c.advertise.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_field_named() {
+        let f: FileConfig = toml::from_str("api = \"0.0.0.0:1\"").unwrap();
+        let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
+        assert!(format!("{e:#}").contains("loopback"), "{e:#}");
+        let f: FileConfig = toml::from_str("fsync = \"sometimes\"").unwrap();
+        assert!(Config::resolve_with(&Overrides::default(), f).is_err());
+        assert!(toml::from_str::<FileConfig>("unknown_key = 1").is_err());
+    }
+
+    #[test]
+    fn join_tokens_round_trip() {
+        let t = JoinToken {
+            cluster: [1; 32],
+            seed: lichen_crdt::NodeId([2; 32]),
+            addr: "127.0.0.1:7420".into(),
+        };
+        assert_eq!(JoinToken::parse(&t.to_string()).unwrap(), t);
+        assert!(JoinToken::parse("nonsense").is_err());
+    }
+}

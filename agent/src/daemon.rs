@@ -1,0 +1,322 @@
+//! `lichen run`: the daemon. Resolves the configuration, opens (or creates, or joins) the
+//! store, starts the transport, the node task, the file bindings and the HTTP API, then waits
+//! for signals: SIGTERM/SIGINT shut down cleanly (every acknowledged write is already
+//! durable; the node task answers what is queued and closes the store), SIGHUP reloads the
+//! config file (an invalid one is reported and the old one kept).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use lichen_crdt::{NodeId, SecretKey, Store, StoreError};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing_subscriber::{reload, EnvFilter};
+
+use crate::config::{Config, JoinToken, LogFormat, Overrides};
+use crate::metrics::Metrics;
+use crate::node::{self, Gate, NodeParts};
+
+/// Handle to change the log filter at run time (SIGHUP).
+pub type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// Install the tracing subscriber. `RUST_LOG` wins over the config's `log`.
+pub fn init_logging(format: LogFormat, filter: &str) -> LogHandle {
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+    handle
+}
+
+/// File names inside the data directory.
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("node.key")
+}
+fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("lichen.db")
+}
+fn seeds_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("seeds")
+}
+
+/// Fresh secret bytes from the OS.
+pub fn random_seed() -> Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    Ok(seed)
+}
+
+/// Create the data directory (mode 0700) and load or generate the node key.
+pub fn load_or_create_key(data_dir: &Path) -> Result<(SecretKey, bool)> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let path = key_path(data_dir);
+    if path.exists() {
+        return Ok((SecretKey::read_file(&path)?, false));
+    }
+    let key = SecretKey::from_seed(random_seed()?);
+    key.write_file(&path)?;
+    Ok((key, true))
+}
+
+/// Open the store, or create a new cluster, or prepare to join one. Returns the store and
+/// whether a new cluster was founded.
+pub fn open_store(cfg: &Config, key: &SecretKey) -> Result<(Store, bool)> {
+    let path = db_path(&cfg.data_dir);
+    if path.exists() {
+        let expected = cfg.join.as_ref().map(|j| j.cluster);
+        let store = Store::open(&path, expected).map_err(|e| match e {
+            StoreError::WrongCluster { .. } => anyhow::anyhow!(
+                "{e}: this data directory belongs to another cluster; use another --data-dir to join a new one"
+            ),
+            other => anyhow::Error::new(other),
+        })?;
+        return Ok((store, false));
+    }
+    match &cfg.join {
+        Some(j) => {
+            let store = Store::join(&path, j.cluster)?;
+            save_seed(&cfg.data_dir, j)?;
+            Ok((store, false))
+        }
+        None => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            Ok((Store::create(&path, key, &cfg.name, now)?, true))
+        }
+    }
+}
+
+fn save_seed(data_dir: &Path, j: &JoinToken) -> Result<()> {
+    let line = format!("{}@{}\n", j.seed, j.addr);
+    let p = seeds_path(data_dir);
+    let mut existing = std::fs::read_to_string(&p).unwrap_or_default();
+    if !existing.contains(line.trim()) {
+        existing.push_str(&line);
+        std::fs::write(&p, existing).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn load_seeds(data_dir: &Path) -> Vec<(NodeId, String)> {
+    std::fs::read_to_string(seeds_path(data_dir))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (id, addr) = l.trim().split_once('@')?;
+            Some((id.parse().ok()?, addr.to_string()))
+        })
+        .collect()
+}
+
+/// The token another node uses to join through this one.
+pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::SocketAddr) -> String {
+    let addr = cfg.advertise.first().cloned().unwrap_or_else(|| {
+        if listen.ip().is_unspecified() {
+            format!("127.0.0.1:{}", listen.port())
+        } else {
+            listen.to_string()
+        }
+    });
+    JoinToken {
+        cluster: store.cluster_id(),
+        seed: me,
+        addr,
+    }
+    .to_string()
+}
+
+/// Run the daemon until a shutdown signal.
+pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()> {
+    let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
+    let me = key.node_id();
+    let (mut store, founded) = open_store(&cfg, &key)?;
+    store.set_fsync(cfg.fsync)?;
+    if new_key {
+        tracing::info!(node = %me, path = %key_path(&cfg.data_dir).display(), "generated a new node key");
+    }
+    let gate = Arc::new(Gate::default());
+    let mut tcfg = lichen_transport::Config::new(cfg.listen, key.seed(), store.cluster_id());
+    tcfg.keep_alive = std::time::Duration::from_secs(5);
+    tcfg.idle_timeout = std::time::Duration::from_secs(20);
+    let (endpoint, net_events) = lichen_transport::Endpoint::bind(tcfg, gate.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (port in use? set --listen)",
+                cfg.listen
+            )
+        })?;
+    let listen = endpoint.local_addr();
+    let token = join_token(&cfg, &store, me, listen);
+    let metrics = Arc::new(Metrics::default());
+    let api = tokio::net::TcpListener::bind(cfg.api)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve the API on {} (another agent running? set --api)",
+                cfg.api
+            )
+        })?;
+    let api_addr = api.local_addr()?;
+
+    let member = store.membership().is_active(&me);
+    let mut seeds = load_seeds(&cfg.data_dir);
+    if let Some(j) = &cfg.join {
+        if !seeds.iter().any(|(id, _)| *id == j.seed) {
+            seeds.push((j.seed, j.addr.clone()));
+        }
+    }
+    let sync = lichen_crdt::sync::Config {
+        anti_entropy_interval_ms: cfg.anti_entropy.as_millis() as u64,
+        anti_entropy_jitter_ms: (cfg.anti_entropy.as_millis() as u64) / 4,
+        fanout: cfg.fanout,
+        ..Default::default()
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (handle, node_task) = node::spawn(
+        NodeParts {
+            store,
+            key: key.clone(),
+            name: cfg.name.clone(),
+            advertise: cfg.advertise.clone(),
+            endpoint: endpoint.clone(),
+            net_events,
+            gate,
+            seeds,
+            sync,
+            metrics: metrics.clone(),
+            join_token: Some(token.clone()),
+        },
+        shutdown_rx.clone(),
+    );
+
+    // The banner: what happened and what to do next.
+    eprintln!("lichen {} — node {me}", env!("CARGO_PKG_VERSION"));
+    eprintln!("  data dir : {}", cfg.data_dir.display());
+    eprintln!("  peers    : QUIC on {listen}");
+    eprintln!("  API      : http://{api_addr} (try `lichen --api {api_addr} status`)");
+    if founded {
+        eprintln!("  founded a new cluster; this node is its root admin");
+    }
+    if member {
+        eprintln!("  to add a node: on it run   lichen run --join {token}");
+        eprintln!("                 then here   lichen members add <its node id> --role writer --name <name>");
+    } else {
+        eprintln!(
+            "  this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",
+            cfg.name
+        );
+    }
+
+    let bindings =
+        crate::render::Manager::start(cfg.bindings.clone(), handle.clone(), shutdown_rx.clone());
+
+    let server_shutdown = {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            while !*rx.borrow() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+    };
+    let router = crate::api::router(handle.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(api, router)
+            .with_graceful_shutdown(server_shutdown)
+            .await
+    });
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut current = cfg;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                match Config::resolve(&overrides) {
+                    Ok(new) => {
+                        if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log)) {
+                            tracing::warn!(error = %e, "could not change the log filter");
+                        }
+                        if new.listen != current.listen || new.api != current.api || new.data_dir != current.data_dir {
+                            tracing::warn!("listen, api and data_dir changes take effect after a restart");
+                        }
+                        bindings.reload(new.bindings.clone());
+                        metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!("configuration reloaded");
+                        current = new;
+                    }
+                    Err(e) => {
+                        metrics.config_reload_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::error!(error = format!("{e:#}"), "new configuration is invalid; keeping the old one");
+                    }
+                }
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    bindings.stop().await;
+    let store = node_task.await.context("node task failed")?;
+    drop(store);
+    endpoint.close().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// `lichen init`: prepare a data directory (key, and for a joining node its store), print the
+/// node id and the next step.
+pub fn init(cfg: &Config) -> Result<()> {
+    let (key, created) = load_or_create_key(&cfg.data_dir)?;
+    let me = key.node_id();
+    if cfg.join.is_none() && !db_path(&cfg.data_dir).exists() {
+        println!("{me}");
+        eprintln!(
+            "key {} in {}; `lichen run` founds a new cluster, `lichen run --join <token>` joins one",
+            if created { "created" } else { "kept" },
+            cfg.data_dir.display()
+        );
+        return Ok(());
+    }
+    if let Some(j) = &cfg.join {
+        if db_path(&cfg.data_dir).exists() {
+            let s = Store::open(&db_path(&cfg.data_dir), Some(j.cluster))?;
+            drop(s);
+        } else {
+            Store::join(&db_path(&cfg.data_dir), j.cluster)?;
+        }
+        save_seed(&cfg.data_dir, j)?;
+    } else if !db_path(&cfg.data_dir).exists() {
+        bail!("nothing to do");
+    }
+    println!("{me}");
+    eprintln!(
+        "ready to join. Next: on an admin run `lichen members add {me} --role writer --name {}`, and here `lichen run`",
+        cfg.name
+    );
+    Ok(())
+}

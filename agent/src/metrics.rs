@@ -1,0 +1,205 @@
+//! Metrics: counters, gauges and one latency histogram, rendered in the Prometheus text format
+//! at `/metrics`. Lock-free atomics for counters on hot paths; labelled counters (rejections by
+//! reason, render failures) in a small mutex-protected map.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Latency buckets in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A histogram of durations.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; 12],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                self.counts[i].load(Relaxed)
+            );
+        }
+        let c = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {c}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {c}");
+    }
+}
+
+/// All agent metrics.
+#[derive(Default)]
+pub struct Metrics {
+    pub writes: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub changes_sent: AtomicU64,
+    pub changes_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub send_dropped: AtomicU64,
+    pub connections: AtomicU64,
+    pub sync_lag_ms: AtomicU64,
+    pub config_reloads: AtomicU64,
+    pub config_reload_errors: AtomicU64,
+    pub write_latency: Histogram,
+    pub apply_latency: Histogram,
+    labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+impl Metrics {
+    /// Add to a labelled counter, e.g. `("lichen_changes_rejected_total", "bad_signature")`.
+    pub fn inc_labelled(&self, name: &'static str, label: &str, by: u64) {
+        if let Ok(mut m) = self.labelled.lock() {
+            *m.entry((name, label.to_string())).or_insert(0) += by;
+        }
+    }
+
+    /// Current values of a labelled counter family.
+    pub fn labelled(&self, name: &str) -> BTreeMap<String, u64> {
+        self.labelled
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|((n, _), _)| *n == name)
+                    .map(|((_, l), v)| (l.clone(), *v))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64, &str); 12] = [
+            (
+                "lichen_writes_total",
+                "Local writes committed",
+                &self.writes,
+                "counter",
+            ),
+            (
+                "lichen_write_errors_total",
+                "Local writes refused or failed",
+                &self.write_errors,
+                "counter",
+            ),
+            (
+                "lichen_changes_sent_total",
+                "Changes pushed to peers",
+                &self.changes_sent,
+                "counter",
+            ),
+            (
+                "lichen_changes_received_total",
+                "Changes received and applied",
+                &self.changes_received,
+                "counter",
+            ),
+            (
+                "lichen_sync_messages_sent_total",
+                "Sync messages sent",
+                &self.messages_sent,
+                "counter",
+            ),
+            (
+                "lichen_sync_messages_received_total",
+                "Sync messages received",
+                &self.messages_received,
+                "counter",
+            ),
+            (
+                "lichen_sync_bytes_sent_total",
+                "Sync bytes sent",
+                &self.bytes_sent,
+                "counter",
+            ),
+            (
+                "lichen_sync_bytes_received_total",
+                "Sync bytes received",
+                &self.bytes_received,
+                "counter",
+            ),
+            (
+                "lichen_send_dropped_total",
+                "Messages dropped because a peer queue was full",
+                &self.send_dropped,
+                "counter",
+            ),
+            (
+                "lichen_connections",
+                "Live peer connections",
+                &self.connections,
+                "gauge",
+            ),
+            (
+                "lichen_config_reloads_total",
+                "Successful config reloads",
+                &self.config_reloads,
+                "counter",
+            ),
+            (
+                "lichen_config_reload_errors_total",
+                "Config reloads refused",
+                &self.config_reload_errors,
+                "counter",
+            ),
+        ];
+        for (name, help, v, kind) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP lichen_sync_lag_seconds Time since this node was last caught up with a peer\n# TYPE lichen_sync_lag_seconds gauge\nlichen_sync_lag_seconds {}",
+            self.sync_lag_ms.load(Relaxed) as f64 / 1000.0
+        );
+        self.write_latency.render(
+            "lichen_write_latency_seconds",
+            "Local write latency (commit incl. fsync)",
+            &mut out,
+        );
+        self.apply_latency.render(
+            "lichen_apply_latency_seconds",
+            "Time to verify and apply a received message",
+            &mut out,
+        );
+        if let Ok(m) = self.labelled.lock() {
+            let mut last = "";
+            for ((name, label), v) in m.iter() {
+                if *name != last {
+                    let _ = writeln!(out, "# TYPE {name} counter");
+                    last = name;
+                }
+                let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", label.replace('"', "'"));
+            }
+        }
+        out
+    }
+}

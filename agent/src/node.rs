@@ -1,0 +1,715 @@
+//! The node task: the one owner of the store and the sync engine.
+//!
+//! Everything that touches the store goes through this task, as a [`Command`] on a bounded
+//! channel (the HTTP API, the file bindings). The task `select!`s on commands, transport
+//! events and the engine's timer, and after each step drains every engine output: messages go
+//! to the transport (bounded per-peer queues; a full queue drops the message and anti-entropy
+//! repairs it), events go to metrics and to watchers.
+//!
+//! Writes are group-committed: every write command waiting in the channel is taken and
+//! committed in one SQLite transaction (one fsync); each caller is answered only after that
+//! commit, and the changes are pushed to connected peers right after (durable before
+//! announced).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use lichen_crdt::sync::{Config as SyncConfig, Event as SyncEvent, SyncEngine};
+use lichen_crdt::{
+    format_path, HistoryEntry, Member, NodeId, Op, PathSeg, Role, SecretKey, Store, StoreError,
+    MEMBERSHIP_DOC,
+};
+use lichen_transport::{Endpoint, Event as NetEvent, PeerKey};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::metrics::Metrics;
+
+/// An error for API callers: an HTTP status and a message that names the next step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: u16,
+    pub error: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, msg: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error: msg.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        let status = match &e {
+            StoreError::Denied(_) => 403,
+            StoreError::NoSuchDocument(_) => 404,
+            StoreError::Invalid(_) | StoreError::Json(_) | StoreError::Rejected(_) => 400,
+            _ => 500,
+        };
+        let mut msg = e.to_string();
+        if let StoreError::Denied(_) = e {
+            msg.push_str(" (see `lichen members ls` and ask an admin)");
+        }
+        ApiError::new(status, msg)
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// A request to the node task.
+pub enum Command {
+    Write {
+        doc: String,
+        op: Op,
+        reply: Reply<Option<String>>,
+    },
+    Get {
+        doc: String,
+        path: Vec<PathSeg>,
+        reply: Reply<Option<(Value, String)>>,
+    },
+    Ls {
+        doc: Option<String>,
+        path: Vec<PathSeg>,
+        reply: Reply<Value>,
+    },
+    History {
+        doc: String,
+        path: Vec<PathSeg>,
+        limit: usize,
+        reply: Reply<Vec<HistoryEntry>>,
+    },
+    Conflicts {
+        doc: String,
+        path: Vec<PathSeg>,
+        reply: Reply<Vec<Value>>,
+    },
+    Members {
+        reply: Reply<Value>,
+    },
+    MemberAdd {
+        id: NodeId,
+        name: String,
+        role: Role,
+        addrs: Vec<String>,
+        scopes: Vec<String>,
+        reply: Reply<String>,
+    },
+    MemberRemove {
+        id: NodeId,
+        reply: Reply<String>,
+    },
+    MemberRole {
+        id: NodeId,
+        role: Role,
+        reply: Reply<String>,
+    },
+    Status {
+        reply: Reply<Value>,
+    },
+}
+
+/// A document changed (locally or from a peer).
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub doc: String,
+}
+
+/// Cheap handle to the node task.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+    pub notices: broadcast::Sender<Notice>,
+    pub metrics: Arc<Metrics>,
+    pub id: NodeId,
+}
+
+impl NodeHandle {
+    /// Send a command and wait for its answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| ApiError::new(503, "the agent is shutting down"))?;
+        rx.await
+            .map_err(|_| ApiError::new(503, "the agent is shutting down"))?
+    }
+}
+
+/// Who may connect: active members, plus the join seed while membership is unknown.
+#[derive(Default)]
+pub struct Gate {
+    members: RwLock<HashSet<PeerKey>>,
+    bootstrap: RwLock<HashSet<PeerKey>>,
+}
+
+impl lichen_transport::Authorizer for Gate {
+    fn is_member(&self, key: &PeerKey) -> bool {
+        let members = self
+            .members
+            .read()
+            .map(|m| m.contains(key))
+            .unwrap_or(false);
+        members
+            || (self.members.read().map(|m| m.is_empty()).unwrap_or(false)
+                && self
+                    .bootstrap
+                    .read()
+                    .map(|b| b.contains(key))
+                    .unwrap_or(false))
+    }
+}
+
+/// Everything the node task needs.
+pub struct NodeParts {
+    pub store: Store,
+    pub key: SecretKey,
+    pub name: String,
+    pub advertise: Vec<String>,
+    pub endpoint: Endpoint,
+    pub net_events: mpsc::Receiver<NetEvent>,
+    pub gate: Arc<Gate>,
+    pub seeds: Vec<(NodeId, String)>,
+    pub sync: SyncConfig,
+    pub metrics: Arc<Metrics>,
+    pub join_token: Option<String>,
+}
+
+/// Start the node task. It runs until `shutdown` flips to true, then returns the store.
+pub fn spawn(
+    parts: NodeParts,
+    shutdown: watch::Receiver<bool>,
+) -> (NodeHandle, tokio::task::JoinHandle<Store>) {
+    let (tx, rx) = mpsc::channel(1024);
+    let (notices, _) = broadcast::channel(1024);
+    let id = parts.key.node_id();
+    let handle = NodeHandle {
+        tx,
+        notices: notices.clone(),
+        metrics: parts.metrics.clone(),
+        id,
+    };
+    let seed = u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]))
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    let engine = SyncEngine::new(id, parts.sync.clone(), seed);
+    let task = Node {
+        store: parts.store,
+        key: parts.key,
+        name: parts.name,
+        advertise: parts.advertise,
+        endpoint: parts.endpoint,
+        gate: parts.gate,
+        seeds: parts.seeds,
+        engine,
+        metrics: parts.metrics,
+        notices,
+        start: Instant::now(),
+        last_caught_up: HashMap::new(),
+        known_peers: BTreeSet::new(),
+        membership: None,
+        join_token: parts.join_token,
+    };
+    let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
+    (handle, jh)
+}
+
+struct Node {
+    store: Store,
+    key: SecretKey,
+    name: String,
+    advertise: Vec<String>,
+    endpoint: Endpoint,
+    gate: Arc<Gate>,
+    seeds: Vec<(NodeId, String)>,
+    engine: SyncEngine,
+    metrics: Arc<Metrics>,
+    notices: broadcast::Sender<Notice>,
+    start: Instant,
+    last_caught_up: HashMap<NodeId, u64>,
+    known_peers: BTreeSet<NodeId>,
+    membership: Option<lichen_crdt::Membership>,
+    join_token: Option<String>,
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn heads_string(h: &[[u8; 32]]) -> String {
+    h.iter()
+        .map(|x| NodeId(*x).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Node {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut net: mpsc::Receiver<NetEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Store {
+        self.refresh_membership();
+        loop {
+            let deadline = self
+                .engine
+                .poll_timeout()
+                .map(|ms| self.start + Duration::from_millis(ms))
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { break; }
+                }
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let mut batch = vec![cmd];
+                    while batch.len() < 256 {
+                        match rx.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_commands(batch);
+                }
+                ev = net.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.handle_net(ev);
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let now = self.now();
+                    if let Err(e) = self.engine.handle_timeout(now, &mut self.store) {
+                        tracing::error!(error = %e, "sync timer failed");
+                    }
+                }
+            }
+            self.drain();
+        }
+        // Answer what is still queued, then hand back the store (already durable).
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            self.handle_commands(vec![cmd]);
+        }
+        self.drain();
+        self.store
+    }
+
+    fn handle_net(&mut self, ev: NetEvent) {
+        let now = self.now();
+        match ev {
+            NetEvent::Connected { peer, addr } => {
+                tracing::info!(peer = %NodeId(peer), %addr, "peer connected");
+                if let Err(e) = self.engine.peer_up(now, NodeId(peer), &mut self.store) {
+                    tracing::error!(error = %e, "sync failed");
+                }
+            }
+            NetEvent::Disconnected { peer, reason } => {
+                tracing::info!(peer = %NodeId(peer), %reason, "peer disconnected");
+                self.engine.peer_down(now, NodeId(peer));
+            }
+            NetEvent::Frame { peer, frame } => {
+                let t = Instant::now();
+                self.metrics
+                    .messages_received
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics
+                    .bytes_received
+                    .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = self
+                    .engine
+                    .handle_bytes(now, NodeId(peer), &frame, &mut self.store)
+                {
+                    tracing::error!(error = %e, peer = %NodeId(peer), "applying received changes failed; they will be fetched again");
+                }
+                self.metrics.apply_latency.observe(t.elapsed());
+            }
+        }
+    }
+
+    /// Send every queued message; turn engine events into metrics and notices.
+    fn drain(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        while let Some((peer, msg)) = self.engine.poll_transmit() {
+            let bytes = msg.encode();
+            let len = bytes.len() as u64;
+            match self.endpoint.try_send(&peer.0, bytes.into()) {
+                Ok(()) => {
+                    self.metrics.messages_sent.fetch_add(1, Relaxed);
+                    self.metrics.bytes_sent.fetch_add(len, Relaxed);
+                }
+                Err(e) => {
+                    self.metrics.send_dropped.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %peer, error = %e, "message dropped; anti-entropy will repair");
+                }
+            }
+        }
+        let mut membership_touched = false;
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                SyncEvent::Applied { from, docs, count } => {
+                    self.metrics
+                        .changes_received
+                        .fetch_add(count as u64, Relaxed);
+                    tracing::debug!(from = %from, count, ?docs, "applied changes");
+                    for doc in docs {
+                        if doc == MEMBERSHIP_DOC {
+                            membership_touched = true;
+                        }
+                        let _ = self.notices.send(Notice { doc });
+                    }
+                }
+                SyncEvent::Rejected { from, label, count } => {
+                    tracing::warn!(from = %from, reason = label, count, "rejected changes from peer");
+                    self.metrics
+                        .inc_labelled("lichen_changes_rejected_total", label, count as u64);
+                }
+                SyncEvent::CaughtUp { peer } => {
+                    let now = self.now();
+                    self.last_caught_up.insert(peer, now);
+                }
+            }
+        }
+        let now = self.now();
+        let lag = self
+            .engine
+            .peers_up()
+            .iter()
+            .map(|p| now.saturating_sub(*self.last_caught_up.get(p).unwrap_or(&0)))
+            .min()
+            .unwrap_or(0);
+        self.metrics.sync_lag_ms.store(lag, Relaxed);
+        self.metrics
+            .connections
+            .store(self.engine.peers_up().len() as u64, Relaxed);
+        if membership_touched {
+            self.refresh_membership();
+        }
+    }
+
+    /// Align the transport with the membership document: who may connect, whom to dial.
+    fn refresh_membership(&mut self) {
+        let m = self.store.membership().clone();
+        if self.membership.as_ref() == Some(&m) {
+            return;
+        }
+        let me = self.key.node_id();
+        let active: HashSet<PeerKey> = m
+            .members
+            .iter()
+            .filter(|(_, mm)| mm.role != Role::Removed)
+            .map(|(id, _)| id.0)
+            .collect();
+        if let Ok(mut g) = self.gate.members.write() {
+            *g = active.clone();
+        }
+        if let Ok(mut b) = self.gate.bootstrap.write() {
+            *b = self.seeds.iter().map(|(id, _)| id.0).collect();
+        }
+        let mut wanted: BTreeMap<NodeId, Vec<SocketAddr>> = BTreeMap::new();
+        for (id, mm) in &m.members {
+            if *id == me || mm.role == Role::Removed {
+                continue;
+            }
+            let addrs: Vec<SocketAddr> = mm
+                .addrs
+                .iter()
+                .filter_map(|a| crate::config::resolve_addr(a).ok())
+                .collect();
+            wanted.insert(*id, addrs);
+        }
+        for (id, addr) in &self.seeds {
+            if let Ok(a) = crate::config::resolve_addr(addr) {
+                let entry = wanted.entry(*id).or_default();
+                if !entry.contains(&a) {
+                    entry.push(a);
+                }
+            }
+        }
+        for id in &self.known_peers {
+            if !wanted.contains_key(id) {
+                self.endpoint.remove_peer(id.0);
+            }
+        }
+        for (id, addrs) in &wanted {
+            self.endpoint.add_peer(id.0, addrs.clone());
+        }
+        self.known_peers = wanted.keys().copied().collect();
+        self.endpoint.membership_changed();
+        // Publish our own addresses once we are a member.
+        if m.is_active(&me) {
+            let mine = m.get(&me).map(|x| x.addrs.clone()).unwrap_or_default();
+            if !self.advertise.is_empty() && mine != self.advertise {
+                match self
+                    .store
+                    .set_own_addrs(&self.key, self.advertise.clone(), wall_ms())
+                {
+                    Ok(Some(ch)) => {
+                        let now = self.now();
+                        let _ = self.engine.local_commit(now, &[ch], &mut self.store);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not publish own addresses"),
+                }
+            }
+        } else if m.root.is_some() {
+            tracing::warn!(
+                node = %me,
+                "this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",
+                self.name
+            );
+        }
+        self.membership = Some(self.store.membership().clone());
+    }
+
+    fn handle_commands(&mut self, batch: Vec<Command>) {
+        let mut writes: Vec<(String, Op, Reply<Option<String>>)> = Vec::new();
+        let mut others = Vec::new();
+        for c in batch {
+            match c {
+                Command::Write { doc, op, reply } => writes.push((doc, op, reply)),
+                other => others.push(other),
+            }
+        }
+        if !writes.is_empty() {
+            self.commit_writes(writes);
+        }
+        for c in others {
+            self.handle_command(c);
+        }
+    }
+
+    fn commit_writes(&mut self, writes: Vec<(String, Op, Reply<Option<String>>)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = Instant::now();
+        let ops: Vec<(String, Op)> = writes
+            .iter()
+            .map(|(d, o, _)| (d.clone(), o.clone()))
+            .collect();
+        let results = self.store.write_batch(&self.key, &ops, wall_ms());
+        let elapsed = t.elapsed();
+        let mut committed = Vec::new();
+        let mut docs = BTreeSet::new();
+        for ((doc, _, reply), r) in writes.into_iter().zip(results) {
+            let answer = match r {
+                Ok(Some(ch)) => {
+                    self.metrics.writes.fetch_add(1, Relaxed);
+                    self.metrics.write_latency.observe(elapsed);
+                    let h = ch.hash().map(|h| NodeId(h).to_string());
+                    committed.push(ch);
+                    docs.insert(doc);
+                    Ok(h)
+                }
+                Ok(None) => Ok(None),
+                Err(e) => {
+                    self.metrics.write_errors.fetch_add(1, Relaxed);
+                    Err(ApiError::from(e))
+                }
+            };
+            let _ = reply.send(answer);
+        }
+        if !committed.is_empty() {
+            self.metrics
+                .changes_sent
+                .fetch_add(committed.len() as u64, Relaxed);
+            let now = self.now();
+            if let Err(e) = self.engine.local_commit(now, &committed, &mut self.store) {
+                tracing::error!(error = %e, "push failed; anti-entropy will deliver");
+            }
+        }
+        for doc in docs {
+            let _ = self.notices.send(Notice { doc });
+        }
+    }
+
+    fn member_change(
+        &mut self,
+        r: Result<lichen_crdt::SignedChange, StoreError>,
+    ) -> Result<String, ApiError> {
+        let ch = r?;
+        let now = self.now();
+        let _ = self
+            .engine
+            .local_commit(now, std::slice::from_ref(&ch), &mut self.store);
+        let _ = self.notices.send(Notice {
+            doc: MEMBERSHIP_DOC.to_string(),
+        });
+        self.refresh_membership();
+        Ok(ch.hash().map(|h| NodeId(h).to_string()).unwrap_or_default())
+    }
+
+    fn handle_command(&mut self, c: Command) {
+        let now_wall = wall_ms();
+        match c {
+            Command::Write { .. } => {}
+            Command::Get { doc, path, reply } => {
+                let r = (|| {
+                    let v = self.store.get(&doc, &path)?;
+                    let heads = heads_string(&self.store.heads(&doc)?);
+                    Ok(v.map(|v| (v, heads)))
+                })();
+                let _ = reply.send(r.map_err(|e: StoreError| e.into()));
+            }
+            Command::Ls { doc, path, reply } => {
+                let r = match doc {
+                    None => self
+                        .store
+                        .list_docs()
+                        .map(|d| json!(d))
+                        .map_err(ApiError::from),
+                    Some(d) => match self.store.keys(&d, &path) {
+                        Ok(Some(k)) => Ok(json!(k)),
+                        Ok(None) => Err(ApiError::new(
+                            404,
+                            format!(
+                                "`{d}` has nothing at `{}` (list documents with `lichen ls`)",
+                                format_path(&path)
+                            ),
+                        )),
+                        Err(e) => Err(e.into()),
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Command::History {
+                doc,
+                path,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.store.history(&doc, &path, limit).map_err(Into::into));
+            }
+            Command::Conflicts { doc, path, reply } => {
+                let _ = reply.send(self.store.conflicts(&doc, &path).map_err(Into::into));
+            }
+            Command::Members { reply } => {
+                let m = self.store.membership();
+                let list: Vec<Value> = m
+                    .members
+                    .iter()
+                    .map(|(id, mm)| member_json(id, mm, m.root == Some(*id)))
+                    .collect();
+                let _ = reply.send(Ok(json!(list)));
+            }
+            Command::MemberAdd {
+                id,
+                name,
+                role,
+                addrs,
+                scopes,
+                reply,
+            } => {
+                let r = self
+                    .store
+                    .add_member(&self.key, id, &name, role, addrs, scopes, now_wall);
+                let r = self.member_change(r);
+                let _ = reply.send(r);
+            }
+            Command::MemberRemove { id, reply } => {
+                let r = self.store.remove_member(&self.key, id, now_wall);
+                let r = self.member_change(r);
+                let _ = reply.send(r);
+            }
+            Command::MemberRole { id, role, reply } => {
+                let r = if role == Role::Removed {
+                    self.store.remove_member(&self.key, id, now_wall)
+                } else {
+                    self.store.set_role(&self.key, id, role, now_wall)
+                };
+                let r = self.member_change(r);
+                let _ = reply.send(r);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn status(&self) -> Result<Value, ApiError> {
+        let me = self.key.node_id();
+        let m = self.store.membership();
+        let now = self.now();
+        let conns = self.endpoint.connections();
+        let peers: Vec<Value> = self
+            .known_peers
+            .iter()
+            .map(|id| {
+                let c = conns.iter().find(|c| c.peer == id.0);
+                json!({
+                    "id": id.to_string(),
+                    "name": m.name_of(id),
+                    "connected": c.is_some(),
+                    "addr": c.map(|c| c.remote_addr.to_string()),
+                    "rtt_ms": c.map(|c| c.rtt.as_secs_f64() * 1000.0),
+                    "last_sync_ms_ago": self.last_caught_up.get(id).map(|t| now.saturating_sub(*t)),
+                })
+            })
+            .collect();
+        let mut docs = self.store.list_docs()?;
+        docs.push(MEMBERSHIP_DOC.to_string());
+        let docs: Vec<Value> = docs
+            .iter()
+            .map(|d| {
+                Ok(json!({
+                    "doc": d,
+                    "heads": self.store.heads(d)?.iter().map(|h| NodeId(*h).to_string()).collect::<Vec<_>>(),
+                    "changes": self.store.change_count(d)?,
+                }))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let stats = self.engine.stats();
+        Ok(json!({
+            "node": {
+                "id": me.to_string(),
+                "name": self.name,
+                "role": m.get(&me).map(|x| x.role.as_str()).unwrap_or("not a member"),
+                "listen": self.endpoint.local_addr().to_string(),
+            },
+            "cluster": NodeId(self.store.cluster_id()).to_string(),
+            "join_token": self.join_token,
+            "peers": peers,
+            "docs": docs,
+            "pending_changes": self.store.pending_len(),
+            "sync_lag_ms": self.metrics.sync_lag_ms.load(std::sync::atomic::Ordering::Relaxed),
+            "rejected": self.metrics.labelled("lichen_changes_rejected_total"),
+            "sync": {
+                "messages_sent": stats.sent_messages,
+                "messages_received": stats.received_messages,
+                "bytes_sent": stats.sent_bytes,
+                "bytes_received": stats.received_bytes,
+                "applied": stats.applied,
+                "rejected": stats.rejected,
+                "dropped_pushes": stats.dropped_pushes,
+            },
+            "equivocators": self.store.equivocators()?.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+fn member_json(id: &NodeId, m: &Member, root: bool) -> Value {
+    json!({
+        "id": id.to_string(),
+        "name": m.name,
+        "role": m.role.as_str(),
+        "addrs": m.addrs,
+        "scopes": m.scopes,
+        "root": root,
+    })
+}
