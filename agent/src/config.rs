@@ -78,7 +78,6 @@ pub enum LogFormat {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub config_file: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub name: String,
     pub listen: SocketAddr,
@@ -267,7 +266,6 @@ impl Config {
             }
         }
         Ok(Config {
-            config_file: o.config.clone(),
             data_dir,
             name,
             listen,

@@ -128,7 +128,6 @@ pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
     pub notices: broadcast::Sender<Notice>,
     pub metrics: Arc<Metrics>,
-    pub id: NodeId,
 }
 
 impl NodeHandle {
@@ -195,7 +194,6 @@ pub fn spawn(
         tx,
         notices: notices.clone(),
         metrics: parts.metrics.clone(),
-        id,
     };
     let seed = u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]))
         ^ std::time::SystemTime::now()
