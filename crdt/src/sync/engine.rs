@@ -23,7 +23,7 @@
 //! anti-entropy repairs the gap later), batches are limited in bytes and changes, and the
 //! event queue drops its oldest entries when full.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use super::rng::SplitMix64;
 use super::wire::{Clocks, SyncMessage, VersionVector};
@@ -54,6 +54,9 @@ pub struct Config {
     pub relay_inline_bytes: usize,
     /// Least time between two pulls (`Clocks` requests) triggered by pushes from one peer.
     pub pull_gap_ms: u64,
+    /// A node pulls changes from one peer at a time; a pull with no answer for this long is
+    /// abandoned (the peer may be gone) and another peer may be asked.
+    pub pull_timeout_ms: u64,
     /// Most events kept until [`SyncEngine::poll_event`] drains them.
     pub max_events: usize,
 }
@@ -61,7 +64,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            fanout: 3,
+            fanout: 4,
             anti_entropy_interval_ms: 1_000,
             anti_entropy_jitter_ms: 250,
             batch_bytes: 1 << 20,
@@ -70,6 +73,7 @@ impl Default for Config {
             queue_bytes: 8 << 20,
             relay_inline_bytes: 1_024,
             pull_gap_ms: 200,
+            pull_timeout_ms: 2_000,
             max_events: 4_096,
         }
     }
@@ -151,6 +155,10 @@ pub struct SyncEngine {
     next_round: Option<u64>,
     events: VecDeque<Event>,
     cache: Option<(Clocks, [u8; 32])>,
+    /// The peer we are pulling changes from, and when we give up on it.
+    pulling: Option<(NodeId, u64)>,
+    /// Announced changes already asked for: (doc, author) → (seq asked up to, when). Bounded.
+    wanted: HashMap<(String, NodeId), (u64, u64)>,
     stats: Stats,
 }
 
@@ -166,6 +174,8 @@ impl SyncEngine {
             next_round: None,
             events: VecDeque::new(),
             cache: None,
+            pulling: None,
+            wanted: HashMap::new(),
             stats: Stats::default(),
         }
     }
@@ -238,6 +248,9 @@ impl SyncEngine {
             p.up = false;
             p.queue.clear();
             p.queued_bytes = 0;
+        }
+        if self.pulling.is_some_and(|(p, _)| p == peer) {
+            self.pulling = None;
         }
     }
 
@@ -317,27 +330,36 @@ impl SyncEngine {
                 let (clocks, mine) = self.clocks(store)?;
                 if digest == mine {
                     self.event(Event::CaughtUp { peer: from });
-                } else {
+                } else if self.start_pull(now, from) {
+                    // (While pulling from another peer we ignore it: that pull is bringing us
+                    // up to date, and the next round will compare again.)
                     self.enqueue(
                         from,
                         SyncMessage::Clocks {
                             reply: true,
+                            pull: true,
                             clocks,
                         },
                     );
                 }
             }
-            SyncMessage::Clocks { reply, clocks } => {
+            SyncMessage::Clocks {
+                reply,
+                pull,
+                clocks,
+            } => {
                 let (mine, _) = self.clocks(store)?;
-                let (changes, more) = self.missing(store, &mine, &clocks, false)?;
-                if !changes.is_empty() {
+                if pull {
+                    // Always answered, even with nothing, so the puller can move on.
+                    let (changes, more) = self.missing(store, &mine, &clocks, false)?;
                     self.enqueue(from, SyncMessage::Changes { more, changes });
                 }
-                if reply && lacks(&mine, &clocks) {
+                if reply && lacks(&mine, &clocks) && self.start_pull(now, from) {
                     self.enqueue(
                         from,
                         SyncMessage::Clocks {
                             reply: false,
+                            pull: true,
                             clocks: mine,
                         },
                     );
@@ -346,16 +368,24 @@ impl SyncEngine {
             SyncMessage::Changes { more, changes } => {
                 let outcome = self.ingest(from, changes, store)?;
                 if more {
+                    // Keep pulling from this peer until it has nothing more for us.
+                    self.pulling = Some((from, now + self.cfg.pull_timeout_ms));
                     let clocks = self.clocks(store)?.0;
                     self.enqueue(
                         from,
                         SyncMessage::Clocks {
                             reply: false,
+                            pull: true,
                             clocks,
                         },
                     );
-                } else if outcome.waiting == 0 {
-                    self.event(Event::CaughtUp { peer: from });
+                } else {
+                    if self.pulling.is_some_and(|(p, _)| p == from) {
+                        self.pulling = None;
+                    }
+                    if outcome.waiting == 0 {
+                        self.event(Event::CaughtUp { peer: from });
+                    }
                 }
             }
             SyncMessage::Push { changes } => {
@@ -369,12 +399,20 @@ impl SyncEngine {
             }
             SyncMessage::Have { clocks } => {
                 let (mine, _) = self.clocks(store)?;
+                let wait = self.cfg.pull_gap_ms;
+                self.wanted.retain(|_, (_, t)| now < *t + wait);
                 let mut want = Clocks::new();
                 for (doc, vv) in &clocks {
                     for (author, seq) in vv {
                         let have = seq_of(&mine, doc, author);
-                        if have < *seq {
+                        let key = (doc.clone(), *author);
+                        // Already asked another peer for these, recently: wait for its answer.
+                        let asked = self.wanted.get(&key).is_some_and(|(s, _)| s >= seq);
+                        if have < *seq && !asked {
                             want.entry(doc.clone()).or_default().insert(*author, have);
+                            if self.wanted.len() < MAX_WANTED {
+                                self.wanted.insert(key, (*seq, now));
+                            }
                         }
                     }
                 }
@@ -511,15 +549,32 @@ impl SyncEngine {
             return Ok(());
         }
         p.last_pull = Some(now);
+        if !self.start_pull(now, peer) {
+            return Ok(());
+        }
         let clocks = self.clocks(store)?.0;
         self.enqueue(
             peer,
             SyncMessage::Clocks {
                 reply: false,
+                pull: true,
                 clocks,
             },
         );
         Ok(())
+    }
+
+    /// Start pulling from `peer` unless a pull is still in progress: at most one peer sends
+    /// us a bulk transfer at a time, so after a partition heals a node receives what it lacks
+    /// once, not once per neighbour.
+    fn start_pull(&mut self, now: u64, peer: NodeId) -> bool {
+        match self.pulling {
+            Some((_, until)) if now < until => false,
+            _ => {
+                self.pulling = Some((peer, now + self.cfg.pull_timeout_ms));
+                true
+            }
+        }
     }
 
     /// Split changes into messages within the batch limits.
@@ -736,6 +791,9 @@ impl SyncEngine {
         Ok((out, false))
     }
 }
+
+/// Most outstanding `Want` entries remembered (older ones expire after `pull_gap_ms`).
+const MAX_WANTED: usize = 4_096;
 
 #[derive(Default)]
 struct Ingested {

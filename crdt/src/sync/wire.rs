@@ -16,7 +16,7 @@
 //! ```text
 //! message   = version:u8 (=1) | type:u8 | body
 //! Digest    (1) = digest[32]
-//! Clocks    (2) = flags:u8 (bit 0: reply wanted; other bits 0) | clocks
+//! Clocks    (2) = flags:u8 (bit 0: reply wanted; bit 1: pull; other bits 0) | clocks
 //! Changes   (3) = flags:u8 (bit 0: more to come; other bits 0) | changes
 //! Push      (4) = changes
 //! Have      (5) = clocks
@@ -68,11 +68,14 @@ pub enum SyncMessage {
         /// The digest (see [`crate::sync::clocks_digest`]).
         digest: [u8; 32],
     },
-    /// The sender's version vectors; the receiver answers with the changes the sender lacks
-    /// and, if `reply`, with its own `Clocks` when it lacks something the sender has.
+    /// The sender's version vectors; the receiver answers (if `pull`) with the changes the
+    /// sender lacks and (if `reply`) with its own `Clocks` when it lacks something the sender has.
     Clocks {
         /// Whether the receiver should send its own clocks back if it lacks something.
         reply: bool,
+        /// Whether the receiver should send the changes the sender lacks now (false while the
+        /// sender is already pulling from another peer: one inbound transfer at a time).
+        pull: bool,
         /// Version vectors per document (documents absent: the sender has none of them).
         clocks: Clocks,
     },
@@ -135,9 +138,13 @@ impl SyncMessage {
                 out.push(T_DIGEST);
                 out.extend_from_slice(digest);
             }
-            SyncMessage::Clocks { reply, clocks } => {
+            SyncMessage::Clocks {
+                reply,
+                pull,
+                clocks,
+            } => {
                 out.push(T_CLOCKS);
-                out.push(u8::from(*reply));
+                out.push(u8::from(*reply) | (u8::from(*pull) << 1));
                 encode_clocks(clocks, &mut out);
             }
             SyncMessage::Changes { more, changes } => {
@@ -174,9 +181,13 @@ impl SyncMessage {
         let msg = match r.u8()? {
             T_DIGEST => SyncMessage::Digest { digest: r.array()? },
             T_CLOCKS => {
-                let reply = r.flag()?;
+                let flags = r.u8()?;
+                if flags > 3 {
+                    return Err(DecodeError::Invalid("unknown flag bits"));
+                }
                 SyncMessage::Clocks {
-                    reply,
+                    reply: flags & 1 != 0,
+                    pull: flags & 2 != 0,
                     clocks: r.clocks()?,
                 }
             }
@@ -399,16 +410,18 @@ mod tests {
             (
                 SyncMessage::Clocks {
                     reply: true,
+                    pull: true,
                     clocks: clocks(),
                 },
-                hex(&format!("01 02 01 {CLOCKS_HEX}")),
+                hex(&format!("01 02 03 {CLOCKS_HEX}")),
             ),
             (
                 SyncMessage::Clocks {
                     reply: false,
+                    pull: true,
                     clocks: Clocks::new(),
                 },
-                hex("01 02 00 00000000"),
+                hex("01 02 02 00000000"),
             ),
             (
                 SyncMessage::Changes {
@@ -470,7 +483,7 @@ mod tests {
             Err(DecodeError::Invalid("unknown message type"))
         );
         assert_eq!(
-            SyncMessage::decode(&hex("01 02 02 00000000")),
+            SyncMessage::decode(&hex("01 02 04 00000000")),
             Err(DecodeError::Invalid("unknown flag bits"))
         );
         assert_eq!(SyncMessage::decode(&[]), Err(DecodeError::Truncated));
