@@ -819,3 +819,143 @@ fn lacks(mine: &Clocks, theirs: &Clocks) -> bool {
         vv.iter().any(|(a, s)| *s > m.get(a).copied().unwrap_or(0))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::StoreError;
+    use crate::store::IngestReport;
+
+    /// A replica with fixed clocks and no changes: enough to drive the control flow.
+    #[derive(Default)]
+    struct Fake {
+        clocks: Clocks,
+        ingested: usize,
+    }
+
+    impl Replica for Fake {
+        fn clocks(&self) -> Result<Clocks, StoreError> {
+            Ok(self.clocks.clone())
+        }
+        fn changes_after(
+            &self,
+            _: &str,
+            _: &NodeId,
+            _: u64,
+            _: usize,
+        ) -> Result<Vec<SignedChange>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn get_change(&self, _: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+            Ok(None)
+        }
+        fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
+            self.ingested += batch.len();
+            Ok(IngestReport::default())
+        }
+    }
+
+    fn change(i: u8) -> SignedChange {
+        SignedChange {
+            doc: "app/x".into(),
+            author: NodeId([i; 32]),
+            sig: [0; 64],
+            bytes: vec![i; 100],
+        }
+    }
+
+    fn drain(e: &mut SyncEngine) -> Vec<(NodeId, SyncMessage)> {
+        std::iter::from_fn(|| e.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn a_stalled_peers_queue_is_bounded_and_drops_are_counted() {
+        let cfg = Config {
+            queue_messages: 2,
+            ..Config::default()
+        };
+        let (me, slow, fast) = (NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32]));
+        let mut e = SyncEngine::new(me, cfg, 7);
+        let mut r = Fake::default();
+        e.peer_up(0, slow, &mut r).unwrap();
+        e.peer_up(0, fast, &mut r).unwrap();
+        e.set_peer_ready(slow, false);
+        for i in 0..5 {
+            e.local_commit(i, &[change(i as u8)], &mut r).unwrap();
+            // The fast peer's queue is drained as it goes; the slow one's is not.
+            assert!(drain(&mut e).iter().all(|(p, _)| *p == fast));
+        }
+        assert_eq!(e.queued(&slow).0, 2);
+        // Digest + 1 push fit; 4 pushes were dropped for the slow peer only.
+        assert_eq!(e.stats().dropped_pushes, 4);
+        e.set_peer_ready(slow, true);
+        assert_eq!(drain(&mut e).len(), 2);
+        // A peer that goes down loses its queue.
+        e.local_commit(9, &[change(9)], &mut r).unwrap();
+        e.peer_down(9, slow);
+        assert_eq!(e.queued(&slow), (0, 0));
+    }
+
+    #[test]
+    fn garbage_from_the_network_is_an_event_not_an_error() {
+        let mut e = SyncEngine::new(NodeId([1; 32]), Config::default(), 1);
+        let mut r = Fake::default();
+        let peer = NodeId([2; 32]);
+        for bytes in [
+            &[][..],
+            &[9, 9],
+            &[1, 2, 0xff],
+            &[1, 4, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            e.handle_bytes(0, peer, bytes, &mut r).unwrap();
+        }
+        assert_eq!(e.stats().decode_errors, 4);
+        assert!(matches!(
+            e.poll_event(),
+            Some(Event::Rejected {
+                label: "decode",
+                ..
+            })
+        ));
+        assert_eq!(r.ingested, 0);
+    }
+
+    #[test]
+    fn equal_digests_cost_one_message_and_mean_caught_up() {
+        let (a_id, b_id) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut a = SyncEngine::new(a_id, Config::default(), 1);
+        let mut b = SyncEngine::new(b_id, Config::default(), 2);
+        let mut ra = Fake::default();
+        let mut rb = Fake::default();
+        a.peer_up(0, b_id, &mut ra).unwrap();
+        b.peer_up(0, a_id, &mut rb).unwrap();
+        drain(&mut b);
+        // A's timer fires: one Digest to its only peer.
+        let due = a.poll_timeout().unwrap();
+        drain(&mut a);
+        a.handle_timeout(due, &mut ra).unwrap();
+        let out = drain(&mut a);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(out[0].1, SyncMessage::Digest { .. }));
+        b.handle(due + 1, a_id, out[0].1.clone(), &mut rb).unwrap();
+        assert!(drain(&mut b).is_empty(), "nothing to say when in sync");
+        assert_eq!(b.poll_event(), Some(Event::CaughtUp { peer: a_id }));
+        // Different clocks: B answers with its clocks and asks to pull.
+        rb.clocks.entry("app/x".into()).or_default().insert(b_id, 3);
+        b.invalidate();
+        b.handle(due + 2, a_id, out[0].1.clone(), &mut rb).unwrap();
+        let reply = drain(&mut b);
+        assert!(matches!(
+            reply.as_slice(),
+            [(
+                _,
+                SyncMessage::Clocks {
+                    reply: true,
+                    pull: true,
+                    ..
+                }
+            )]
+        ));
+        assert!(a.poll_timeout().unwrap() > due);
+    }
+}

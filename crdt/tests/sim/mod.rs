@@ -64,6 +64,9 @@ pub struct SimConfig {
     /// writing. `None`: every honest node is a member. (Scale runs keep the membership
     /// document small so that 10,000 stores fit in memory.)
     pub member_stride: Option<usize>,
+    /// Stores live in SQLite `:memory:` databases instead of files (crash and restart are then
+    /// unavailable). Lets scale runs exceed the open-file limit (3 descriptors per file store).
+    pub in_memory: bool,
 }
 
 impl SimConfig {
@@ -77,6 +80,7 @@ impl SimConfig {
             sync: Config::default(),
             check_every_step: true,
             member_stride: None,
+            in_memory: false,
         }
     }
 
@@ -290,7 +294,13 @@ impl Sim {
                 received: (0, 0),
             });
         }
-        let mut admin = Store::create(&nodes[0].path, &nodes[0].key, "n0", 0).expect("create");
+        let memory = std::path::Path::new(":memory:");
+        let admin_path = if cfg.in_memory {
+            memory
+        } else {
+            nodes[0].path.as_path()
+        };
+        let mut admin = Store::create(admin_path, &nodes[0].key, "n0", 0).expect("create");
         admin.set_fsync(false).unwrap();
         let cluster = admin.cluster_id();
         let stride = cfg.member_stride.unwrap_or(1).max(1);
@@ -305,6 +315,17 @@ impl Sim {
         assert_eq!(r.applied_count(), 1, "bulk membership: {:?}", r.outcomes);
         let genesis = admin.get_change(&cluster).unwrap().unwrap();
         nodes[0].store = Some(admin);
+        if cfg.in_memory {
+            for node in nodes.iter_mut().skip(1) {
+                let mut s = Store::join(memory, cluster).expect("join");
+                s.set_fsync(false).unwrap();
+                if node.kind == Kind::Honest {
+                    let r = s.ingest(vec![genesis.clone(), bulk.clone()]).unwrap();
+                    assert_eq!(r.applied_count(), 2);
+                }
+                node.store = Some(s);
+            }
+        }
         // Members start as after joining and receiving the membership: one template store
         // verifies it once, then each member starts from a copy of that file (signature checks
         // dominate debug-mode run time).
@@ -317,7 +338,7 @@ impl Sim {
         }
         let outsider = dir.path().join("outsider.db");
         drop(Store::join(&outsider, cluster).expect("join"));
-        for node in nodes.iter_mut().skip(1) {
+        for node in nodes.iter_mut().skip(1).filter(|_| !cfg.in_memory) {
             let from = if node.kind == Kind::Honest {
                 &template
             } else {
