@@ -65,6 +65,9 @@ pub struct Metrics {
     pub sync_lag_ms: AtomicU64,
     pub config_reloads: AtomicU64,
     pub config_reload_errors: AtomicU64,
+    pub render_writes: AtomicU64,
+    pub render_reloads: AtomicU64,
+    pub ingests: AtomicU64,
     pub write_latency: Histogram,
     pub apply_latency: Histogram,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -94,7 +97,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 12] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 15] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -165,6 +168,24 @@ impl Metrics {
                 "lichen_config_reload_errors_total",
                 "Config reloads refused",
                 &self.config_reload_errors,
+                "counter",
+            ),
+            (
+                "lichen_render_writes_total",
+                "Bound files rewritten from their document",
+                &self.render_writes,
+                "counter",
+            ),
+            (
+                "lichen_render_reloads_total",
+                "Reload commands that succeeded",
+                &self.render_reloads,
+                "counter",
+            ),
+            (
+                "lichen_ingests_total",
+                "Local file edits applied to their document",
+                &self.ingests,
                 "counter",
             ),
         ];

@@ -1,0 +1,224 @@
+//! Binding configuration: what one `[[bind]]` table in the agent's config file says, and its
+//! validated form.
+//!
+//! Why a separate file: the config loader ([`crate::config`]) only needs to parse and
+//! validate bindings; everything that acts on them (rendering, ingesting, commands) lives in
+//! the sibling modules and takes a validated [`Binding`]. Validation happens once, when the
+//! config is resolved (at start-up and on SIGHUP), so a typo, an unknown user or a bad mode is
+//! reported before anything runs and an invalid reload keeps the old bindings.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use super::owner;
+
+/// One `[[bind]]` table as written in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingFile {
+    /// Document name.
+    pub doc: String,
+    /// Optional path inside the document (dotted); the whole document if absent.
+    pub path: Option<String>,
+    /// Target file (relative paths are relative to the config file's directory).
+    pub file: PathBuf,
+    /// `json`, `toml` or `yaml` (default: from the file extension).
+    pub format: Option<String>,
+    /// `render` (document → file, default) or `sync` (both ways).
+    pub mode: Option<String>,
+    /// Command run on the staged file (its path is appended as the last argument); a failure
+    /// keeps the old file. In `sync` mode it also vets local edits before they propagate.
+    pub check: Option<Vec<String>>,
+    /// Command run after the file changed.
+    pub reload: Option<Vec<String>>,
+    /// Debounce window in milliseconds (default 200).
+    pub debounce_ms: Option<u64>,
+    /// Most time a check or reload command may take, in milliseconds (default 30000).
+    pub command_timeout_ms: Option<u64>,
+    /// Largest random delay before a reload, in milliseconds (default 1000), so a fleet does
+    /// not reload in lockstep.
+    pub reload_jitter_ms: Option<u64>,
+    /// File mode, octal string such as "0640" (default: keep the existing file's mode, 0644
+    /// for a new file).
+    pub file_mode: Option<String>,
+    /// Owner as a user name (looked up in /etc/passwd) or a numeric uid (needs privileges).
+    pub owner: Option<String>,
+    /// Group as a group name (looked up in /etc/group) or a numeric gid.
+    pub group: Option<String>,
+}
+
+/// File format of a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Toml,
+    Yaml,
+}
+
+impl Format {
+    /// Lower-case name, as in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Toml => "toml",
+            Format::Yaml => "yaml",
+        }
+    }
+}
+
+/// Direction of a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Document → file.
+    Render,
+    /// Both ways.
+    Sync,
+}
+
+/// A validated binding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub doc: String,
+    pub path: Vec<lichen_crdt::PathSeg>,
+    pub file: PathBuf,
+    pub format: Format,
+    pub mode: Mode,
+    pub check: Option<Vec<String>>,
+    pub reload: Option<Vec<String>>,
+    pub debounce: Duration,
+    pub command_timeout: Duration,
+    pub reload_jitter: Duration,
+    /// Mode bits for the rendered file; `None` keeps the existing file's (0644 if new).
+    pub file_mode: Option<u32>,
+    /// Numeric owner, resolved from a name at config time.
+    pub uid: Option<u32>,
+    /// Numeric group, resolved from a name at config time.
+    pub gid: Option<u32>,
+}
+
+impl Binding {
+    /// Validate one `[[bind]]` entry; relative files are resolved against `base`.
+    pub fn resolve(b: &BindingFile, base: &Path) -> Result<Binding> {
+        if !lichen_crdt::valid_doc_name(&b.doc) || b.doc == lichen_crdt::MEMBERSHIP_DOC {
+            bail!("`{}` is not a valid document name", b.doc);
+        }
+        let path = match &b.path {
+            Some(p) => lichen_crdt::parse_path(p).with_context(|| format!("invalid path `{p}`"))?,
+            None => Vec::new(),
+        };
+        let file = if b.file.is_absolute() {
+            b.file.clone()
+        } else {
+            base.join(&b.file)
+        };
+        if file.file_name().is_none() {
+            bail!("`{}` is not a file path", b.file.display());
+        }
+        let format = match b
+            .format
+            .as_deref()
+            .or_else(|| file.extension().and_then(|e| e.to_str()))
+        {
+            Some("json") => Format::Json,
+            Some("toml") => Format::Toml,
+            Some("yaml") | Some("yml") => Format::Yaml,
+            Some(other) => bail!("format must be json, toml or yaml, not `{other}`"),
+            None => bail!("cannot tell the format of {}: set `format`", file.display()),
+        };
+        let mode = match b.mode.as_deref().unwrap_or("render") {
+            "render" => Mode::Render,
+            "sync" => Mode::Sync,
+            other => bail!("mode must be `render` or `sync`, not `{other}`"),
+        };
+        for (what, cmd) in [("check", &b.check), ("reload", &b.reload)] {
+            if let Some(c) = cmd {
+                if c.is_empty() || c[0].is_empty() {
+                    bail!("`{what}` must be a non-empty list: [\"program\", \"arg\", ...]");
+                }
+            }
+        }
+        let file_mode = match &b.file_mode {
+            Some(m) => Some(
+                u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .with_context(|| {
+                        format!("file_mode `{m}` is not an octal mode like \"0644\"")
+                    })?,
+            ),
+            None => None,
+        };
+        let uid = b
+            .owner
+            .as_deref()
+            .map(|o| owner::resolve(o, owner::Kind::User))
+            .transpose()?;
+        let gid = b
+            .group
+            .as_deref()
+            .map(|g| owner::resolve(g, owner::Kind::Group))
+            .transpose()?;
+        Ok(Binding {
+            doc: b.doc.clone(),
+            path,
+            file,
+            format,
+            mode,
+            check: b.check.clone(),
+            reload: b.reload.clone(),
+            debounce: Duration::from_millis(b.debounce_ms.unwrap_or(200)),
+            command_timeout: Duration::from_millis(b.command_timeout_ms.unwrap_or(30_000)),
+            reload_jitter: Duration::from_millis(b.reload_jitter_ms.unwrap_or(1000)),
+            file_mode,
+            uid,
+            gid,
+        })
+    }
+
+    /// `doc` or `doc:path`, for log lines.
+    pub fn target(&self) -> String {
+        if self.path.is_empty() {
+            self.doc.clone()
+        } else {
+            format!("{}:{}", self.doc, lichen_crdt::format_path(&self.path))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Binding> {
+        let b: BindingFile = toml::from_str(s)?;
+        Binding::resolve(&b, Path::new("/etc/app"))
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let b = parse("doc = \"app/web\"\nfile = \"web.yml\"").unwrap();
+        assert_eq!(b.file, PathBuf::from("/etc/app/web.yml"));
+        assert_eq!(b.format, Format::Yaml);
+        assert_eq!(b.mode, Mode::Render);
+        assert_eq!(b.file_mode, None);
+        assert_eq!(b.debounce, Duration::from_millis(200));
+        assert_eq!(b.target(), "app/web");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse("doc = \"a\"\nfile = \"x.ini\"").is_err());
+        assert!(parse("doc = \"a\"\nfile = \"x\"").is_err());
+        assert!(parse("doc = \"a\"\nfile = \"x.json\"\nmode = \"both\"").is_err());
+        assert!(parse("doc = \"a\"\nfile = \"x.json\"\nfile_mode = \"999\"").is_err());
+        assert!(parse("doc = \"a\"\nfile = \"x.json\"\ncheck = []").is_err());
+        assert!(parse("doc = \"a\"\nfile = \"x.json\"\nowner = \"no-such-user-here\"").is_err());
+        let b = parse("doc = \"a\"\nfile = \"x.json\"\nfile_mode = \"0640\"\nowner = \"0\"\ngroup = \"0\"\npath = \"limits.http\"").unwrap();
+        assert_eq!(b.file_mode, Some(0o640));
+        assert_eq!((b.uid, b.gid), (Some(0), Some(0)));
+        assert_eq!(b.target(), "a:limits.http");
+    }
+}

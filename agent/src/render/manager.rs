@@ -1,0 +1,118 @@
+//! The binding manager: starts one task per binding and replaces the set on a config reload.
+//!
+//! Why it exists: the daemon knows bindings only as a list from the config; it calls
+//! [`Manager::start`] once, [`Manager::reload`] on SIGHUP with the new list, and
+//! [`Manager::stop`] at shutdown. A reload keeps the tasks whose binding is unchanged
+//! (their state — what the file holds, pending reloads — survives), stops the ones that were
+//! removed or changed, and starts the new ones. A task replacing one for the same file
+//! starts only after the old one has finished, so two tasks never write one file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::binding::Binding;
+use super::task;
+use crate::node::NodeHandle;
+
+struct Running {
+    binding: Binding,
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+/// Runs one task per binding; reloads replace the set.
+pub struct Manager {
+    node: NodeHandle,
+    shutdown: watch::Receiver<bool>,
+    running: std::sync::Mutex<HashMap<PathBuf, Running>>,
+}
+
+impl Manager {
+    /// Start tasks for `bindings`. Must be called inside the Tokio runtime.
+    pub fn start(
+        bindings: Vec<Binding>,
+        node: NodeHandle,
+        shutdown: watch::Receiver<bool>,
+    ) -> Manager {
+        let m = Manager {
+            node,
+            shutdown,
+            running: std::sync::Mutex::new(HashMap::new()),
+        };
+        m.reload(bindings);
+        m
+    }
+
+    /// Replace the running bindings with `bindings`.
+    pub fn reload(&self, bindings: Vec<Binding>) {
+        let Ok(mut running) = self.running.lock() else {
+            tracing::error!("binding manager state is poisoned; bindings not reloaded");
+            return;
+        };
+        let mut old: HashMap<PathBuf, Running> = std::mem::take(&mut *running);
+        let (mut kept, mut started) = (0, 0);
+        for b in bindings {
+            if let Some(r) = old.remove(&b.file) {
+                if r.binding == b {
+                    running.insert(b.file.clone(), r);
+                    kept += 1;
+                    continue;
+                }
+                // Changed: stop the old task; the new one waits for it.
+                let _ = r.stop.send(true);
+                running.insert(b.file.clone(), self.spawn(b, Some(r.handle)));
+            } else {
+                running.insert(b.file.clone(), self.spawn(b, None));
+            }
+            started += 1;
+        }
+        let stopped = old.len();
+        for (_, r) in old {
+            let _ = r.stop.send(true);
+        }
+        if kept + started + stopped > 0 {
+            tracing::info!(kept, started, stopped, "file bindings updated");
+        }
+    }
+
+    fn spawn(&self, b: Binding, previous: Option<JoinHandle<()>>) -> Running {
+        let (stop, stop_rx) = watch::channel(false);
+        let (node, shutdown, binding) = (self.node.clone(), self.shutdown.clone(), b.clone());
+        let handle = tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            task::run(b, node, stop_rx, shutdown).await;
+        });
+        Running {
+            binding,
+            stop,
+            handle,
+        }
+    }
+
+    /// Stop every binding task (a task busy with a command gets a few seconds, then is
+    /// aborted, which kills the command).
+    pub async fn stop(&self) {
+        let all: Vec<Running> = match self.running.lock() {
+            Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
+            Err(_) => return,
+        };
+        for r in &all {
+            let _ = r.stop.send(true);
+        }
+        for r in all {
+            let abort = r.handle.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(3), r.handle)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! The binding task: one per binding, the only code that touches its file.
+//!
+//! Why it exists: rendering, ingesting and reloading must be serialized per file (an ingest
+//! and a render racing on one file would lose an edit or echo it back), debounced, and kept
+//! apart from the node task (a slow check command must not stall the store). So each binding
+//! runs one task that owns all the state about its file and reacts to three inputs:
+//!
+//! * document notices from the node task ([`crate::node::Notice`], filtered by document
+//!   name; a lagged receiver counts as a notice);
+//! * wake-ups from the directory watcher ([`super::watch`]);
+//! * its own timers: the debounce deadline, render retries, the (jittered) reload, and
+//!   re-establishing a lost watch.
+//!
+//! Inputs only mark the task dirty and start the debounce window (fixed from the first
+//! event, so a steady stream of changes cannot postpone a render forever). When the window
+//! closes the task *processes*: in `sync` mode it first ingests the file if its bytes differ
+//! from what the task last wrote or read (see [`super::ingest`]); in `render` mode a file
+//! changed by someone else is restored from the document. Then it renders: it reads the
+//! document (or path) and, if that differs from what the file represents, writes it with
+//! [`super::write::write_file`] and schedules the reload command.
+//!
+//! State kept per file: `seen`, the bytes the file held when the task last wrote or read it
+//! (an event whose content equals it is the task's own render, or an already handled edit —
+//! never re-ingested), and `file_value`, the last good value the file represents (what
+//! "the file is up to date" is compared with, and the base of three-way merges). An invalid
+//! edit updates `seen` but not `file_value`, so it is neither ingested nor overwritten until
+//! the document changes or the file is fixed.
+//!
+//! Start-up: the current file is taken as `seen`/`file_value`; if the document (or path) does
+//! not exist yet, or is an empty map before any notice arrived (a node that has not synced
+//! yet), the file is not touched and the task logs that it is waiting. A file whose content
+//! already equals the document is not rewritten (same inode, same mtime, no reload).
+//!
+//! Failures: a failed write or check is retried with exponential backoff (1 s doubling to
+//! 60 s, at most 8 attempts, then until the next document change); so is a failed reload.
+//! Each failure is logged and counted in `lichen_render_errors_total{reason}`; refused edits
+//! in `lichen_ingest_errors_total{reason}`. Nothing here stops the agent.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+
+use super::binding::{Binding, Mode};
+use super::watch::{FileWatch, Wake};
+use super::write::{read_current, write_file, Written};
+use super::{command, format, ingest};
+use crate::node::{Command, NodeHandle};
+
+const RENDER_ERRORS: &str = "lichen_render_errors_total";
+const INGEST_ERRORS: &str = "lichen_ingest_errors_total";
+/// How long to wait before watching a directory again after it went away (or was missing).
+const REWATCH: Duration = Duration::from_secs(2);
+
+/// Exponential backoff with a bounded number of attempts.
+#[derive(Default)]
+struct Backoff {
+    attempts: u32,
+    due: Option<Instant>,
+}
+
+impl Backoff {
+    const MAX_ATTEMPTS: u32 = 8;
+
+    /// Schedule the next attempt; `None` when attempts are exhausted.
+    fn fail(&mut self) -> Option<Duration> {
+        self.attempts += 1;
+        if self.attempts > Self::MAX_ATTEMPTS {
+            self.due = None;
+            return None;
+        }
+        let d = Duration::from_secs(1 << (self.attempts - 1).min(6)).min(Duration::from_secs(60));
+        self.due = Some(Instant::now() + d);
+        Some(d)
+    }
+
+    fn reset(&mut self) {
+        self.attempts = 0;
+        self.due = None;
+    }
+}
+
+struct Task {
+    b: Binding,
+    node: NodeHandle,
+    seen: Option<Vec<u8>>,
+    file_value: Option<Value>,
+    /// A notice for the document arrived since start-up: an empty document may be rendered.
+    armed: bool,
+    waiting_logged: bool,
+    /// The first comparison of file and document since start-up has been done.
+    compared: bool,
+    render_retry: Backoff,
+    reload_retry: Backoff,
+    reload_due: Option<Instant>,
+}
+
+/// Run one binding until `stop` or `shutdown` flips to true.
+pub async fn run(
+    b: Binding,
+    node: NodeHandle,
+    mut stop: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Subscribe before reading anything, so no change falls between the two.
+    let mut notices = node.notices.subscribe();
+    let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(16);
+    let mut watch: Option<FileWatch> = None;
+    let mut rewatch_due = Some(Instant::now());
+    let mut t = Task::new(b, node);
+    let mut doc_dirty = true;
+    let mut debounce_due = Some(Instant::now());
+    tracing::info!(
+        doc = %t.b.target(),
+        file = %t.b.file.display(),
+        mode = ?t.b.mode,
+        format = t.b.format.name(),
+        "file binding started"
+    );
+    loop {
+        if *stop.borrow() || *shutdown.borrow() {
+            break;
+        }
+        let next = [
+            debounce_due,
+            t.render_retry.due,
+            t.reload_due,
+            if watch.is_none() { rewatch_due } else { None },
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = stop.changed() => if r.is_err() { break },
+            r = shutdown.changed() => if r.is_err() { break },
+            n = notices.recv() => {
+                match n {
+                    Ok(n) if n.doc != t.b.doc => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+                t.armed = true;
+                doc_dirty = true;
+                debounce_due.get_or_insert_with(|| Instant::now() + t.b.debounce);
+            }
+            w = wake_rx.recv() => {
+                if w == Some(Wake::Lost) {
+                    tracing::warn!(file = %t.b.file.display(), "the file's directory went away; watching it again when it is back");
+                    watch = None;
+                    rewatch_due = Some(Instant::now() + REWATCH);
+                }
+                debounce_due.get_or_insert_with(|| Instant::now() + t.b.debounce);
+            }
+            _ = sleep => {
+                let now = Instant::now();
+                if watch.is_none() && rewatch_due.is_some_and(|d| d <= now) {
+                    match super::watch::watch(&t.b.file, wake_tx.clone()) {
+                        Ok(w) => {
+                            watch = Some(w);
+                            rewatch_due = None;
+                            // Whatever happened while unwatched is looked at now.
+                            debounce_due.get_or_insert(now);
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %t.b.file.display(), error = %e, "cannot watch the file; trying again");
+                            rewatch_due = Some(now + REWATCH * 5);
+                        }
+                    }
+                }
+                if debounce_due.is_some_and(|d| d <= now) {
+                    debounce_due = None;
+                    let dirty = std::mem::take(&mut doc_dirty);
+                    t.process(dirty).await;
+                }
+                if t.render_retry.due.is_some_and(|d| d <= now) {
+                    t.render_retry.due = None;
+                    t.render().await;
+                }
+                if t.reload_due.is_some_and(|d| d <= now) {
+                    t.reload().await;
+                }
+            }
+        }
+    }
+    tracing::debug!(file = %t.b.file.display(), "file binding stopped");
+}
+
+impl Task {
+    fn new(b: Binding, node: NodeHandle) -> Task {
+        let seen = match read_current(&b.file) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(file = %b.file.display(), error = %e, "cannot read the file");
+                None
+            }
+        };
+        let file_value = seen.as_deref().and_then(|s| ingest::decode(&b, s).ok());
+        Task {
+            b,
+            node,
+            seen,
+            file_value,
+            armed: false,
+            waiting_logged: false,
+            compared: false,
+            render_retry: Backoff::default(),
+            reload_retry: Backoff::default(),
+            reload_due: None,
+        }
+    }
+
+    fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("LICHEN_DOC", self.b.doc.clone()),
+            ("LICHEN_FILE", self.b.file.to_string_lossy().into_owned()),
+        ]
+    }
+
+    /// Look at the file, then at the document.
+    async fn process(&mut self, doc_dirty: bool) {
+        let file_changed = match self.b.mode {
+            Mode::Sync => self.ingest().await,
+            Mode::Render => self.restore_if_changed(),
+        };
+        if doc_dirty || file_changed {
+            // A document change resets the retry budget.
+            self.render_retry.reset();
+            self.render().await;
+        }
+    }
+
+    /// Render mode: someone else changed or removed the file; it will be rewritten.
+    fn restore_if_changed(&mut self) -> bool {
+        let current = match read_current(&self.b.file) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(file = %self.b.file.display(), error = %e, "cannot read the file");
+                return false;
+            }
+        };
+        if current == self.seen {
+            return false;
+        }
+        if self.file_value.is_some() {
+            tracing::warn!(
+                file = %self.b.file.display(),
+                doc = %self.b.target(),
+                "the file was changed outside lichen (mode = render): restoring it from the document; use mode = \"sync\" to make edits propagate"
+            );
+        }
+        self.seen = current;
+        self.file_value = None;
+        true
+    }
+
+    /// Sync mode: turn a new edit of the file into a change. Returns whether a render should
+    /// follow (the merged document differs from the file).
+    async fn ingest(&mut self) -> bool {
+        let file = self.b.file.display().to_string();
+        let bytes = match read_current(&self.b.file) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                if self.seen.take().is_some() {
+                    tracing::info!(%file, "the file was removed; the document is kept, and the file will be read again when it reappears");
+                }
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(%file, error = %e, "cannot read the file");
+                return false;
+            }
+        };
+        if self.seen.as_deref() == Some(&bytes[..]) {
+            return false;
+        }
+        self.seen = Some(bytes.clone());
+        let ours = match ingest::decode(&self.b, &bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(
+                    %file,
+                    doc = %self.b.target(),
+                    reason = e.reason,
+                    line = e.line,
+                    column = e.column,
+                    "ignoring an invalid edit ({e}): the document keeps its last good value and the file is left as it is; fix the file to apply it"
+                );
+                self.node.metrics.inc_labelled(INGEST_ERRORS, e.reason, 1);
+                return false;
+            }
+        };
+        if self.file_value.as_ref() == Some(&ours) {
+            return false; // only formatting changed
+        }
+        if let Some(check) = &self.b.check {
+            let env = self.env();
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if let Err(e) =
+                command::run(check, Some(&self.b.file), &env, self.b.command_timeout).await
+            {
+                tracing::warn!(%file, doc = %self.b.target(), error = %e, "the check refused the edit; it is not applied");
+                self.node.metrics.inc_labelled(INGEST_ERRORS, "check", 1);
+                return false;
+            }
+        }
+        let theirs = match self.get().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(%file, error = %e.error, "cannot read the document; the edit will be applied at the next change of the file");
+                self.node.metrics.inc_labelled(INGEST_ERRORS, "write", 1);
+                self.seen = None;
+                return false;
+            }
+        };
+        let merged = ingest::merge(self.file_value.as_ref(), &ours, theirs.as_ref());
+        let op = ingest::op_for(&self.b, merged.clone());
+        let doc = self.b.doc.clone();
+        match self
+            .node
+            .ask(|reply| Command::Write { doc, op, reply })
+            .await
+        {
+            Ok(hash) => {
+                tracing::info!(
+                    %file,
+                    doc = %self.b.target(),
+                    change = hash.as_deref().unwrap_or("none (no difference)"),
+                    "applied a local edit of the file"
+                );
+                if hash.is_some() {
+                    self.node.metrics.ingests.fetch_add(1, Relaxed);
+                }
+                let render = merged != ours;
+                self.file_value = Some(ours);
+                render
+            }
+            Err(e) => {
+                let reason = if e.status == 403 { "denied" } else { "write" };
+                tracing::warn!(%file, doc = %self.b.target(), error = %e.error, "the edit was refused; the file is left as it is");
+                self.node.metrics.inc_labelled(INGEST_ERRORS, reason, 1);
+                false
+            }
+        }
+    }
+
+    async fn get(&self) -> Result<Option<Value>, crate::node::ApiError> {
+        let (doc, path) = (self.b.doc.clone(), self.b.path.clone());
+        let r = self
+            .node
+            .ask(|reply| Command::Get { doc, path, reply })
+            .await?;
+        Ok(r.map(|(v, _heads)| v))
+    }
+
+    fn wait(&mut self, why: &str) {
+        if !self.waiting_logged {
+            tracing::info!(
+                doc = %self.b.target(),
+                file = %self.b.file.display(),
+                "{why}: not touching the file until it changes"
+            );
+            self.waiting_logged = true;
+        }
+    }
+
+    /// Make the file represent the document, if it does not already.
+    async fn render(&mut self) {
+        let file = self.b.file.display().to_string();
+        let v = match self.get().await {
+            Ok(Some(v)) => v,
+            Ok(None) => return self.wait("the document (or path) does not exist yet"),
+            Err(e) => {
+                tracing::warn!(%file, error = %e.error, "cannot read the document");
+                self.render_retry.fail();
+                return;
+            }
+        };
+        if !self.armed && v.as_object().is_some_and(|m| m.is_empty()) {
+            return self.wait("the document is empty (not synced yet?)");
+        }
+        self.waiting_logged = false;
+        if self.file_value.as_ref() == Some(&v) {
+            self.render_retry.reset();
+            self.up_to_date();
+            return;
+        }
+        let bytes = match format::serialize(self.b.format, &v) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(%file, doc = %self.b.target(), error = %e, "cannot render the document in this format; the file is left as it is");
+                self.node.metrics.inc_labelled(RENDER_ERRORS, "write", 1);
+                self.render_retry.reset();
+                return;
+            }
+        };
+        match write_file(&self.b, &bytes).await {
+            Ok(w) => {
+                self.seen = Some(bytes);
+                self.file_value = Some(v);
+                self.render_retry.reset();
+                if w == Written::Unchanged {
+                    self.up_to_date();
+                } else {
+                    self.compared = true;
+                    tracing::info!(%file, doc = %self.b.target(), "rendered the file");
+                    self.node.metrics.render_writes.fetch_add(1, Relaxed);
+                    if self.b.reload.is_some() {
+                        let jitter = self.b.reload_jitter.as_millis() as u64;
+                        let delay = if jitter == 0 {
+                            0
+                        } else {
+                            getrandom::u64().unwrap_or(0) % (jitter + 1)
+                        };
+                        self.reload_retry.reset();
+                        self.reload_due = Some(Instant::now() + Duration::from_millis(delay));
+                    }
+                }
+            }
+            Err(e) => {
+                self.node.metrics.inc_labelled(RENDER_ERRORS, e.reason, 1);
+                match self.render_retry.fail() {
+                    Some(d) => {
+                        tracing::warn!(%file, doc = %self.b.target(), reason = e.reason, error = %e.message, retry_in_s = d.as_secs(), "render failed; will retry")
+                    }
+                    None => {
+                        tracing::error!(%file, doc = %self.b.target(), reason = e.reason, error = %e.message, "render failed again; giving up until the document changes")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Log (once) that start-up found the file already matching the document.
+    fn up_to_date(&mut self) {
+        if !std::mem::replace(&mut self.compared, true) {
+            tracing::info!(
+                file = %self.b.file.display(),
+                doc = %self.b.target(),
+                "the file is up to date with the document"
+            );
+        }
+    }
+
+    async fn reload(&mut self) {
+        self.reload_due = None;
+        let Some(cmd) = self.b.reload.clone() else {
+            return;
+        };
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let file = self.b.file.display().to_string();
+        match command::run(&cmd, None, &env, self.b.command_timeout).await {
+            Ok(()) => {
+                tracing::info!(%file, "reload command succeeded");
+                self.node.metrics.render_reloads.fetch_add(1, Relaxed);
+                self.reload_retry.reset();
+            }
+            Err(e) => {
+                self.node.metrics.inc_labelled(RENDER_ERRORS, "reload", 1);
+                match self.reload_retry.fail() {
+                    Some(d) => {
+                        tracing::warn!(%file, error = %e, retry_in_s = d.as_secs(), "reload command failed; will retry");
+                        self.reload_due = self.reload_retry.due;
+                    }
+                    None => {
+                        tracing::error!(%file, error = %e, "reload command failed again; giving up until the next change")
+                    }
+                }
+            }
+        }
+    }
+}
