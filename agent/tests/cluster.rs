@@ -1,0 +1,170 @@
+//! Three real `lichen` processes: join, write and read through the CLI, `watch` seeing a remote
+//! write, kill -9 and restart under load with no acknowledged write lost, and a network
+//! partition with concurrent writes that converge into a visible conflict.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{wait_until, Cluster, Lines, Net, Rng, BIN, PATIENCE};
+use serde_json::{json, Value};
+
+#[test]
+fn join_write_watch_kill9_restart_converge() {
+    let mut rng = Rng::from_env("join_write_watch_kill9_restart_converge");
+    let mut c = Cluster::start(3, 11, Net::Direct);
+
+    // Write on one node, read it on the others.
+    assert!(c.agents[0].put("app", "replicas", "3"));
+    for a in &c.agents[1..] {
+        wait_until(&format!("{} reads replicas", a.name), PATIENCE, || {
+            a.get("app", "replicas") == Some(json!(3))
+        });
+    }
+    assert_eq!(c.agents[2].ok(&["get", "app", "replicas"]).trim(), "3");
+
+    // `watch` on c sees a write made on a.
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args([
+        "--api",
+        &c.agents[2].api,
+        "watch",
+        "app",
+        "greeting",
+        "--count",
+        "2",
+    ]);
+    let mut watch = Lines::spawn(cmd);
+    watch.expect("with the initial (absent) value", PATIENCE, |l| l == "null");
+    assert!(c.agents[0].put("app", "greeting", "\"hello\""));
+    watch.expect("with the remote write", PATIENCE, |l| l == "\"hello\"");
+    assert!(
+        watch.child.wait().unwrap().success(),
+        "watch --count 2 exits 0"
+    );
+
+    // Writers on every node; kill -9 node b in the middle and restart it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+    let apis: Vec<String> = c.agents.iter().map(|a| a.api.clone()).collect();
+    let writers: Vec<_> = apis
+        .into_iter()
+        .enumerate()
+        .map(|(n, api)| {
+            let (stop, acked, counts) = (stop.clone(), acked.clone(), counts.clone());
+            std::thread::spawn(move || {
+                let mut i = 0i64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let key = format!("n{n}_{i}");
+                    let st = std::process::Command::new(BIN)
+                        .args(["--api", &api, "put", "acked", &key, &i.to_string()])
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .unwrap();
+                    if st.success() {
+                        acked.lock().unwrap().push((key, i));
+                        counts[n].fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+        })
+        .collect();
+    let kill_after = 5 + rng.below(20) as usize;
+    wait_until("writes before the kill", PATIENCE, || {
+        counts[1].load(Ordering::SeqCst) >= kill_after
+    });
+    c.agents[1].kill9();
+    let others = counts[0].load(Ordering::SeqCst) + counts[2].load(Ordering::SeqCst);
+    wait_until("a and c keep writing while b is down", PATIENCE, || {
+        counts[0].load(Ordering::SeqCst) + counts[2].load(Ordering::SeqCst) >= others + 10
+    });
+    let before = counts[1].load(Ordering::SeqCst);
+    c.agents[1].start();
+    wait_until("b accepts writes again", PATIENCE, || {
+        counts[1].load(Ordering::SeqCst) >= before + 10
+    });
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+
+    // Everything converges; every acknowledged write is on every node.
+    let doc = c.wait_converged("acked", PATIENCE);
+    let acked = acked.lock().unwrap();
+    eprintln!(
+        "{} acknowledged writes ({:?} per node), b killed after {kill_after}",
+        acked.len(),
+        counts
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .collect::<Vec<_>>()
+    );
+    for (k, v) in acked.iter() {
+        assert_eq!(
+            doc.get(k),
+            Some(&json!(v)),
+            "acknowledged write {k}={v} lost"
+        );
+    }
+    for a in &c.agents {
+        assert_eq!(a.get("app", "greeting"), Some(json!("hello")));
+    }
+}
+
+fn partition(net: Net, ip_base: u8) {
+    let mut c = Cluster::start(3, ip_base, net);
+    assert!(c.agents[0].put("cfg", "color", "\"red\""));
+    c.wait_converged("cfg", PATIENCE);
+
+    // Cut c off; write on both sides, including the same key.
+    c.isolate(2);
+    assert!(c.agents[0].put("cfg", "color", "\"blue\""));
+    assert!(c.agents[0].put("cfg", "from_a", "1"));
+    assert!(c.agents[2].put("cfg", "color", "\"green\""));
+    assert!(c.agents[2].put("cfg", "from_c", "1"));
+    assert_eq!(c.agents[0].get("cfg", "color"), Some(json!("blue")));
+    assert_eq!(c.agents[2].get("cfg", "color"), Some(json!("green")));
+    // b hears from a but not from c while the cut lasts.
+    wait_until("b sees a's write", PATIENCE, || {
+        c.agents[1].get("cfg", "from_a").is_some()
+    });
+    assert_eq!(c.agents[1].get("cfg", "from_c"), None);
+
+    c.heal();
+    let doc = c.wait_converged("cfg", PATIENCE);
+    assert_eq!(doc["from_a"], json!(1));
+    assert_eq!(doc["from_c"], json!(1));
+    let winner = doc["color"].clone();
+    assert!(winner == json!("blue") || winner == json!("green"), "{doc}");
+    for a in &c.agents {
+        let out = a.ok(&["--json", "conflicts", "cfg", "color"]);
+        let vals: Vec<Value> = serde_json::from_str(&out).expect("conflicts --json is JSON");
+        assert_eq!(vals.len(), 2, "{}: {out}", a.name);
+        assert_eq!(vals[0], winner, "winner first on {}", a.name);
+        assert!(vals.contains(&json!("blue")) && vals.contains(&json!("green")));
+    }
+}
+
+/// Portable: the agents talk through an in-process relay that drops c's traffic.
+#[test]
+fn partition_through_relay_converges_with_visible_conflict() {
+    partition(Net::Relay, 14);
+}
+
+/// As root with iptables: DROP rules between c's address and the others' (removed in Drop).
+#[test]
+fn partition_with_iptables_converges_with_visible_conflict() {
+    if !common::iptables_usable() {
+        eprintln!(
+            "skipped: needs root and a working `iptables` (the relay test covers partitions)"
+        );
+        return;
+    }
+    partition(Net::Direct, 17);
+}
