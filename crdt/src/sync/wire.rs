@@ -522,4 +522,25 @@ mod tests {
         // Invalid document name.
         assert!(SyncMessage::decode(&hex("01 05 00000001 0001 41 00000000")).is_err());
     }
+
+    proptest::proptest! {
+        /// What the fuzz target checks, on random and on mutated valid input.
+        #[test]
+        fn whatever_decodes_re_encodes_identically(
+            pick in 0usize..7,
+            flips in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 0..4),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let mut bytes = golden()[pick].1.clone();
+            for (at, v) in flips {
+                let n = bytes.len();
+                bytes[at % n] = v;
+            }
+            for input in [bytes.clone(), [bytes, tail.clone()].concat(), tail] {
+                if let Ok(m) = SyncMessage::decode(&input) {
+                    proptest::prop_assert_eq!(m.encode(), input);
+                }
+            }
+        }
+    }
 }
