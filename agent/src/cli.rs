@@ -117,7 +117,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// QUIC listen address for peers.
-    #[arg(long)]
+    #[arg(long, env = "LICHEN_LISTEN")]
     pub listen: Option<String>,
     /// Address other nodes should dial (repeatable).
     #[arg(long)]

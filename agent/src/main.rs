@@ -22,6 +22,13 @@ use crate::cli::{Cli, Command, MembersCommand, RunArgs};
 use crate::client::{exit, Client, ClientError};
 use crate::config::{Config, Overrides};
 
+/// `lichen` with no command: the `run` flags, read from the environment only.
+#[derive(Parser)]
+struct RunOnly {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
 fn overrides(a: &RunArgs, api: &str, api_given: bool) -> Overrides {
     Overrides {
         config: a.config.clone(),
@@ -50,7 +57,8 @@ fn main() {
     // `--api` counts as given if it differs from the default or came from the environment.
     let api_given = cli.api != config::DEFAULT_API || std::env::var_os("LICHEN_API").is_some();
     let code = match cli.command {
-        None => run_daemon(RunArgs::default(), &cli.api, api_given),
+        // No command: `run` with no flags, but still honouring LICHEN_CONFIG, LICHEN_DATA_DIR…
+        None => run_daemon(RunOnly::parse_from(["lichen"]).args, &cli.api, api_given),
         Some(Command::Run(a)) => run_daemon(a, &cli.api, api_given),
         Some(Command::Demo { keep }) => report(demo::run(keep)),
         Some(Command::Init(a)) => report(

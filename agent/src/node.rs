@@ -518,7 +518,7 @@ impl Node {
                 Ok(None) => Ok(None),
                 Err(e) => {
                     self.metrics.write_errors.fetch_add(1, Relaxed);
-                    Err(ApiError::from(e))
+                    Err(self.write_error(e))
                 }
             };
             let _ = reply.send(answer);
@@ -535,6 +535,21 @@ impl Node {
         for doc in docs {
             let _ = self.notices.send(Notice { doc });
         }
+    }
+
+    /// A refused write; on a node that is not a member yet, say what to run.
+    fn write_error(&self, e: StoreError) -> ApiError {
+        let me = self.key.node_id();
+        if matches!(e, StoreError::Denied(_)) && !self.store.membership().is_active(&me) {
+            return ApiError::new(
+                403,
+                format!(
+                    "this node is not a member of the cluster yet, so it cannot write: on an admin node run `lichen members add {me} --role writer --name {}`, then retry",
+                    self.name
+                ),
+            );
+        }
+        ApiError::from(e)
     }
 
     fn member_change(

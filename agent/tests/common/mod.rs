@@ -659,3 +659,52 @@ impl Drop for Lines {
 
 /// Writes the CLI reported as successful, shared between writer threads.
 pub type Acked = Arc<Mutex<Vec<(String, i64)>>>;
+
+/// Kills (SIGKILL) and reaps a child when dropped.
+pub struct Guard(pub Child);
+
+impl Guard {
+    /// Wait for the exit status, at most `timeout` (then kill and panic).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.0.kill();
+                panic!("process {} still running after {timeout:?}", self.0.id());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET over plain HTTP/1.1 (for `/metrics`, which has no CLI command).
+pub fn http_get(api: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).expect("connect to the API");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
