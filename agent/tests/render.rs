@@ -355,12 +355,18 @@ fn invalid_edits_are_ignored_and_the_file_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
     let file = dir.join("app.json");
-    let cfg = config(dir, "n", "app/cfg", &file, "mode = \"sync\"");
+    let reloads = dir.join("reloads.log");
+    let extra = format!(
+        "mode = \"sync\"\nreload = [\"sh\", \"-c\", \"echo reloaded >> '{}'\"]",
+        reloads.display()
+    );
+    let cfg = config(dir, "n", "app/cfg", &file, &extra);
     let a = Agent::start(dir, "n", &cfg, "127.0.0.1:0", None);
     assert!(a.put("app/cfg", "", json!({"limit": 1})));
     wait_for("file rendered", 10, || {
         read_json(&file) == Some(json!({"limit": 1}))
     });
+    wait_for("reloaded after the render", 10, || lines(&reloads) == 1);
 
     // A syntax error: counted, logged with its position, file and document untouched.
     let broken = "{\n  \"limit\": 2,\n  oops\n}\n";
@@ -387,16 +393,23 @@ fn invalid_edits_are_ignored_and_the_file_left_alone() {
     assert_eq!(read(&file), b"[1, 2, 3]\n");
     assert_eq!(a.get("app/cfg", ""), Some(json!({"limit": 1})));
 
-    // Fixed: applied.
+    assert_eq!(lines(&reloads), 1, "invalid edits do not reload");
+
+    // Fixed: applied, and the service reloaded (the file changed effectively).
     std::fs::write(&file, "{\"limit\": 3}").expect("write");
     wait_for("fixed edit applied", 10, || {
         a.get("app/cfg", "limit") == Some(json!(3))
     });
+    wait_for("reloaded after the edit", 10, || lines(&reloads) == 2);
+    assert_eq!(read(&file), b"{\"limit\": 3}", "the user's bytes are kept");
     // A later document change renders over the user's file again.
     assert!(a.put("app/cfg", "limit", json!(4)));
     wait_for("re-rendered", 10, || {
         read_json(&file) == Some(json!({"limit": 4}))
     });
+    wait_for("reloaded after the render", 10, || lines(&reloads) == 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lines(&reloads), 3);
 }
 
 #[test]
@@ -543,4 +556,42 @@ fn concurrent_edits_during_a_partition_merge_and_files_converge() {
     let vals = ca.as_array().expect("array");
     assert_eq!(vals.len(), 2, "{ca}");
     assert_eq!(vals[0], v["shared"], "the winner is listed first");
+}
+
+#[test]
+fn sighup_replaces_the_bindings_and_paths_render_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (whole, part) = (dir.join("whole.json"), dir.join("limits.toml"));
+    let cfg = config(dir, "n", "app/svc", &whole, "");
+    let a = Agent::start(dir, "n", &cfg, "127.0.0.1:0", None);
+    assert!(a.put(
+        "app/svc",
+        "",
+        json!({"name": "svc", "limits": {"rate": 10, "burst": 20}})
+    ));
+    wait_for("whole document rendered", 10, || {
+        read_json(&whole).is_some_and(|v| v["limits"]["rate"] == json!(10))
+    });
+
+    // New config: the whole-document binding goes, a path binding in TOML comes.
+    config(dir, "n", "app/svc", &part, "path = \"limits\"");
+    let pid = a.child.as_ref().expect("running").id().to_string();
+    let st = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    wait_for("path rendered after SIGHUP", 10, || {
+        read(&part) == b"burst = 20\nrate = 10\n"
+    });
+    assert!(a.put("app/svc", "limits.rate", json!(11)));
+    wait_for("path re-rendered", 10, || {
+        read(&part) == b"burst = 20\nrate = 11\n"
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        read_json(&whole).is_some_and(|v| v["limits"]["rate"] == json!(10)),
+        "the removed binding no longer renders"
+    );
 }

@@ -31,8 +31,10 @@ pub struct BindingFile {
     pub mode: Option<String>,
     /// Command run on the staged file (its path is appended as the last argument); a failure
     /// keeps the old file. In `sync` mode it also vets local edits before they propagate.
+    /// Run without a shell; a relative program path with a `/` (`./check.sh`) is relative to
+    /// the config file's directory. `LICHEN_DOC` and `LICHEN_FILE` (the target file) are set.
     pub check: Option<Vec<String>>,
-    /// Command run after the file changed.
+    /// Command run after the file changed (same rules as `check`, no extra argument).
     pub reload: Option<Vec<String>>,
     /// Debounce window in milliseconds (default 200).
     pub debounce_ms: Option<u64>,
@@ -133,13 +135,19 @@ impl Binding {
             "sync" => Mode::Sync,
             other => bail!("mode must be `render` or `sync`, not `{other}`"),
         };
-        for (what, cmd) in [("check", &b.check), ("reload", &b.reload)] {
-            if let Some(c) = cmd {
-                if c.is_empty() || c[0].is_empty() {
-                    bail!("`{what}` must be a non-empty list: [\"program\", \"arg\", ...]");
-                }
+        let command = |what: &str, cmd: &Option<Vec<String>>| -> Result<Option<Vec<String>>> {
+            let Some(c) = cmd else { return Ok(None) };
+            let Some(program) = c.first().filter(|p| !p.is_empty()) else {
+                bail!("`{what}` must be a non-empty list: [\"program\", \"arg\", ...]");
+            };
+            let mut c = c.clone();
+            if program.contains('/') && Path::new(program).is_relative() {
+                c[0] = base.join(program).to_string_lossy().into_owned();
             }
-        }
+            Ok(Some(c))
+        };
+        let check = command("check", &b.check)?;
+        let reload = command("reload", &b.reload)?;
         let file_mode = match &b.file_mode {
             Some(m) => Some(
                 u32::from_str_radix(m.trim_start_matches("0o"), 8)
@@ -167,8 +175,8 @@ impl Binding {
             file,
             format,
             mode,
-            check: b.check.clone(),
-            reload: b.reload.clone(),
+            check,
+            reload,
             debounce: Duration::from_millis(b.debounce_ms.unwrap_or(200)),
             command_timeout: Duration::from_millis(b.command_timeout_ms.unwrap_or(30_000)),
             reload_jitter: Duration::from_millis(b.reload_jitter_ms.unwrap_or(1000)),
@@ -220,5 +228,12 @@ mod tests {
         assert_eq!(b.file_mode, Some(0o640));
         assert_eq!((b.uid, b.gid), (Some(0), Some(0)));
         assert_eq!(b.target(), "a:limits.http");
+    }
+
+    #[test]
+    fn relative_programs_are_relative_to_the_config() {
+        let b = parse("doc = \"a\"\nfile = \"x.json\"\ncheck = [\"./check.sh\", \"-q\"]\nreload = [\"systemctl\", \"reload\", \"web\"]").unwrap();
+        assert_eq!(b.check.unwrap(), ["/etc/app/./check.sh", "-q"]);
+        assert_eq!(b.reload.unwrap(), ["systemctl", "reload", "web"]);
     }
 }

@@ -49,7 +49,7 @@
 //!
 //! Edits made while the agent is stopped are not ingested at start-up: the document wins and
 //! the file is rewritten if it differs (start the agent, then save the file, to adopt its
-//! content). A reload pending at shutdown is not run.
+//! content). A reload pending when the agent is killed with SIGKILL is lost (SIGTERM runs it).
 
 mod binding;
 mod command;

@@ -31,6 +31,14 @@
 //! yet), the file is not touched and the task logs that it is waiting. A file whose content
 //! already equals the document is not rewritten (same inode, same mtime, no reload).
 //!
+//! Reload: the reload command runs once per effective change of the file — after a render
+//! that replaced it, or after a local edit was applied (the service must load it too) —
+//! after a random delay of up to `reload_jitter`; changes made before it runs share it. A
+//! reload still pending when the task stops (SIGTERM, SIGHUP removing the binding) runs
+//! before the task ends, since after a restart nothing would trigger it. Just before a
+//! reload the file is looked at again: an edit made since is applied first, and a file that
+//! holds a refused edit is not reloaded (the next accepted change reloads).
+//!
 //! Failures: a failed write or check is retried with exponential backoff (1 s doubling to
 //! 60 s, at most 8 attempts, then until the next document change); so is a failed reload.
 //! Each failure is logged and counted in `lichen_render_errors_total{reason}`; refused edits
@@ -92,6 +100,9 @@ struct Task {
     waiting_logged: bool,
     /// The first comparison of file and document since start-up has been done.
     compared: bool,
+    /// The file holds an edit that was refused (invalid, or refused by the check or the
+    /// store): the service must not be reloaded onto it.
+    rejected: bool,
     render_retry: Backoff,
     reload_retry: Backoff,
     reload_due: Option<Instant>,
@@ -186,10 +197,19 @@ pub async fn run(
                     t.render().await;
                 }
                 if t.reload_due.is_some_and(|d| d <= now) {
+                    // Look at the file first: an edit made since must be applied (or refused)
+                    // before the service loads it.
+                    t.process(false).await;
                     t.reload().await;
                 }
             }
         }
+    }
+    if t.reload_due.is_some() {
+        // The file changed and the service has not been told: do it now rather than never
+        // (after a restart the file matches the document and nothing would trigger it).
+        t.process(false).await;
+        t.reload().await;
     }
     tracing::debug!(file = %t.b.file.display(), "file binding stopped");
 }
@@ -212,6 +232,7 @@ impl Task {
             armed: false,
             waiting_logged: false,
             compared: false,
+            rejected: false,
             render_retry: Backoff::default(),
             reload_retry: Backoff::default(),
             reload_due: None,
@@ -295,10 +316,12 @@ impl Task {
                     "ignoring an invalid edit ({e}): the document keeps its last good value and the file is left as it is; fix the file to apply it"
                 );
                 self.node.metrics.inc_labelled(INGEST_ERRORS, e.reason, 1);
+                self.rejected = true;
                 return false;
             }
         };
         if self.file_value.as_ref() == Some(&ours) {
+            self.rejected = false;
             return false; // only formatting changed
         }
         if let Some(check) = &self.b.check {
@@ -309,6 +332,7 @@ impl Task {
             {
                 tracing::warn!(%file, doc = %self.b.target(), error = %e, "the check refused the edit; it is not applied");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, "check", 1);
+                self.rejected = true;
                 return false;
             }
         }
@@ -341,12 +365,17 @@ impl Task {
                 }
                 let render = merged != ours;
                 self.file_value = Some(ours);
+                self.rejected = false;
+                // The service must load the edited file too (if a render follows, it shares
+                // this reload).
+                self.schedule_reload();
                 render
             }
             Err(e) => {
                 let reason = if e.status == 403 { "denied" } else { "write" };
                 tracing::warn!(%file, doc = %self.b.target(), error = %e.error, "the edit was refused; the file is left as it is");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, reason, 1);
+                self.rejected = true;
                 false
             }
         }
@@ -406,6 +435,7 @@ impl Task {
             Ok(w) => {
                 self.seen = Some(bytes);
                 self.file_value = Some(v);
+                self.rejected = false;
                 self.render_retry.reset();
                 if w == Written::Unchanged {
                     self.up_to_date();
@@ -413,16 +443,7 @@ impl Task {
                     self.compared = true;
                     tracing::info!(%file, doc = %self.b.target(), "rendered the file");
                     self.node.metrics.render_writes.fetch_add(1, Relaxed);
-                    if self.b.reload.is_some() {
-                        let jitter = self.b.reload_jitter.as_millis() as u64;
-                        let delay = if jitter == 0 {
-                            0
-                        } else {
-                            getrandom::u64().unwrap_or(0) % (jitter + 1)
-                        };
-                        self.reload_retry.reset();
-                        self.reload_due = Some(Instant::now() + Duration::from_millis(delay));
-                    }
+                    self.schedule_reload();
                 }
             }
             Err(e) => {
@@ -437,6 +458,23 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// The file's content changed (rendered, or a local edit applied): reload after a random
+    /// delay of up to `reload_jitter`. Changes before the reload runs share it.
+    fn schedule_reload(&mut self) {
+        if self.b.reload.is_none() || (self.reload_due.is_some() && self.reload_retry.attempts == 0)
+        {
+            return;
+        }
+        let jitter = self.b.reload_jitter.as_millis() as u64;
+        let delay = if jitter == 0 {
+            0
+        } else {
+            getrandom::u64().unwrap_or(0) % (jitter + 1)
+        };
+        self.reload_retry.reset();
+        self.reload_due = Some(Instant::now() + Duration::from_millis(delay));
     }
 
     /// Log (once) that start-up found the file already matching the document.
@@ -455,6 +493,13 @@ impl Task {
         let Some(cmd) = self.b.reload.clone() else {
             return;
         };
+        if self.rejected {
+            tracing::info!(
+                file = %self.b.file.display(),
+                "not reloading: the file holds an edit that was not applied; the next change reloads"
+            );
+            return;
+        }
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let file = self.b.file.display().to_string();
