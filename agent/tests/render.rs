@@ -589,7 +589,16 @@ fn sighup_replaces_the_bindings_and_paths_render_alone() {
     wait_for("path re-rendered", 10, || {
         read(&part) == b"burst = 20\nrate = 11\n"
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // Render mode: a file removed or edited by someone else is restored from the document.
+    std::fs::remove_file(&part).expect("remove");
+    wait_for("removed file restored", 10, || {
+        read(&part) == b"burst = 20\nrate = 11\n"
+    });
+    std::fs::write(&part, "rate = 99\n").expect("write");
+    wait_for("edited file restored", 10, || {
+        read(&part) == b"burst = 20\nrate = 11\n"
+    });
+    assert_eq!(a.get("app/svc", "limits.rate"), Some(json!(11)));
     assert!(
         read_json(&whole).is_some_and(|v| v["limits"]["rate"] == json!(10)),
         "the removed binding no longer renders"
