@@ -9,7 +9,10 @@
 //! * `meta(key, value)`: the cluster id.
 //! * `changes`: every authenticated change, by hash, with signature, author, seq, start_op,
 //!   `max_op` (start_op - 1 + number of ops), dependencies, and `status` (0 valid, 1 void).
-//!   `UNIQUE(doc, author, seq)` doubles as the per-author chain index used by sync.
+//!   The `(doc, author, seq)` index is the per-author chain used by sync. It is not unique:
+//!   a void change's seq may be reused by its author's next valid change (an honest change
+//!   voided because it depended on a revoked one), while two *valid* changes at one seq are
+//!   refused as equivocation.
 //! * `evidence`: the second change of an equivocating pair, kept as proof against the key.
 //! * `docs`: per document: heads, change count, and an optional Automerge snapshot with the
 //!   last change rowid it covers (so a lazy load applies only what came after).
@@ -38,9 +41,9 @@ const MIGRATIONS: &[&str] = &[
         deps BLOB NOT NULL,
         sig BLOB NOT NULL,
         bytes BLOB NOT NULL,
-        status INTEGER NOT NULL DEFAULT 0,
-        UNIQUE (doc, author, seq)
+        status INTEGER NOT NULL DEFAULT 0
      );
+     CREATE INDEX changes_by_author ON changes (doc, author, seq);
      CREATE INDEX changes_by_doc ON changes (doc, id);
      CREATE TABLE evidence (
         hash BLOB PRIMARY KEY,

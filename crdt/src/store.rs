@@ -156,30 +156,31 @@ struct Loaded {
     am: Automerge,
 }
 
+/// Changes that may become valid later, already authenticated (their signatures are not
+/// checked again on retry), bounded in count and bytes: the oldest are dropped first (peers
+/// offer them again through anti-entropy).
 struct PendingSet {
-    queue: VecDeque<SignedChange>,
+    queue: VecDeque<(SignedChange, ChangeHeader)>,
     hashes: HashSet<[u8; 32]>,
     bytes: usize,
 }
 
 impl PendingSet {
-    fn insert(&mut self, c: SignedChange, hash: [u8; 32]) {
-        if !self.hashes.insert(hash) {
+    fn insert(&mut self, c: SignedChange, h: ChangeHeader) {
+        if !self.hashes.insert(h.hash) {
             return;
         }
         self.bytes += c.bytes.len();
-        self.queue.push_back(c);
+        self.queue.push_back((c, h));
         while self.queue.len() > MAX_PENDING || self.bytes > MAX_PENDING_BYTES {
-            if let Some(old) = self.queue.pop_front() {
+            if let Some((old, oh)) = self.queue.pop_front() {
                 self.bytes -= old.bytes.len();
-                if let Ok(h) = crate::header::parse(&old.bytes) {
-                    self.hashes.remove(&h.hash);
-                }
+                self.hashes.remove(&oh.hash);
             }
         }
     }
 
-    fn drain(&mut self) -> Vec<SignedChange> {
+    fn drain(&mut self) -> Vec<(SignedChange, ChangeHeader)> {
         self.hashes.clear();
         self.bytes = 0;
         self.queue.drain(..).collect()
@@ -1134,11 +1135,12 @@ impl Store {
 
     // ------------------------------------------------------------------ documents in memory
 
+    /// Highest seq of a valid change by `author` in `doc` (0 if none).
     fn last_seq(&self, doc: &str, author: &NodeId) -> Result<u64, StoreError> {
         let s: Option<i64> = self
             .conn
             .prepare_cached(
-                "SELECT seq FROM changes WHERE doc = ?1 AND author = ?2 ORDER BY seq DESC LIMIT 1",
+                "SELECT seq FROM changes WHERE doc = ?1 AND author = ?2 AND status = 0 ORDER BY seq DESC LIMIT 1",
             )?
             .query_row(params![doc, author.0.to_vec()], |r| r.get(0))
             .optional()?;
@@ -1334,15 +1336,10 @@ impl Store {
     /// report; `Err` only for local failures (disk), in which case nothing was stored.
     pub fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         let mut report = IngestReport::default();
-        let mut work = batch;
-        let mut first = true;
-        loop {
-            let progress = self.ingest_round(std::mem::take(&mut work), &mut report, first)?;
-            first = false;
-            if !progress || self.pending.queue.is_empty() {
-                break;
-            }
-            work = self.pending.drain();
+        let mut progress = self.ingest_round(batch, Vec::new(), &mut report, true)?;
+        while progress && !self.pending.queue.is_empty() {
+            let retry = self.pending.drain();
+            progress = self.ingest_round(Vec::new(), retry, &mut report, false)?;
         }
         Ok(report)
     }
@@ -1350,12 +1347,19 @@ impl Store {
     fn ingest_round(
         &mut self,
         batch: Vec<SignedChange>,
+        preauthed: Vec<(SignedChange, ChangeHeader)>,
         report: &mut IngestReport,
         record: bool,
     ) -> Result<bool, StoreError> {
         let cluster = self.cluster;
-        // 1. Authenticate without Automerge (in parallel for big batches).
-        let authed = authenticate_all(&batch, &cluster);
+        // 1. Authenticate without Automerge (in parallel for big batches); changes retried
+        //    from the pending set were authenticated when they arrived.
+        let mut authed = authenticate_all(&batch, &cluster);
+        let mut batch = batch;
+        for (c, h) in preauthed {
+            batch.push(c);
+            authed.push(Ok(h));
+        }
         let mut members: Vec<(SignedChange, ChangeHeader)> = Vec::new();
         let mut others: Vec<(SignedChange, ChangeHeader)> = Vec::new();
         let mut seen = HashSet::new();
@@ -1417,7 +1421,7 @@ impl Store {
             .optional()?)
     }
 
-    /// The hash of the stored change at (doc, author, seq), if any.
+    /// The hash of the stored valid change at (doc, author, seq), if any.
     fn hash_at(
         &self,
         doc: &str,
@@ -1426,7 +1430,9 @@ impl Store {
     ) -> Result<Option<[u8; 32]>, StoreError> {
         let h: Option<Vec<u8>> = self
             .conn
-            .prepare_cached("SELECT hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3")?
+            .prepare_cached(
+                "SELECT hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3 AND status = 0",
+            )?
             .query_row(params![doc, author.0.to_vec(), seq as i64], |r| r.get(0))
             .optional()?;
         Ok(h.and_then(|h| h.try_into().ok()))
@@ -1546,7 +1552,7 @@ impl Store {
                 }
                 Err(r) if r.is_transient() => {
                     outcome(report, &c, Some(h.hash), Outcome::Pending(r));
-                    self.pending.insert(c, h.hash);
+                    self.pending.insert(c, h);
                 }
                 Err(r) => outcome(report, &c, Some(h.hash), Outcome::Rejected(r)),
             }
@@ -1587,7 +1593,7 @@ impl Store {
                 all.retain(|m| m.hash != h.hash);
                 if reason == RejectReason::NotAMember {
                     outcome(report, &c, Some(h.hash), Outcome::Pending(reason));
-                    self.pending.insert(c, h.hash);
+                    self.pending.insert(c, h);
                 } else {
                     outcome(report, &c, Some(h.hash), Outcome::Rejected(reason));
                 }
@@ -1703,7 +1709,11 @@ impl Store {
                     let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
                         continue;
                     };
-                    let ok = self.membership.authorize_write(a, &doc, seq as u64).is_ok();
+                    let mut ok = self.membership.authorize_write(a, &doc, seq as u64).is_ok();
+                    // A void change whose seq was reused by a valid one stays void.
+                    if ok && status != 0 {
+                        ok = self.hash_at(&doc, a, seq as u64)?.is_none();
+                    }
                     if ok != (status == 0) {
                         flips.push((doc, hash, ok));
                     }
@@ -1829,7 +1839,7 @@ impl Store {
             if let Err(r) = self.membership.authorize_write(&c.author, doc, h.seq) {
                 if r.is_transient() {
                     outcome(report, &c, Some(h.hash), Outcome::Pending(r));
-                    self.pending.insert(c, h.hash);
+                    self.pending.insert(c, h);
                 } else {
                     outcome(report, &c, Some(h.hash), Outcome::Rejected(r));
                 }
@@ -1848,7 +1858,7 @@ impl Store {
                 }
                 Err(r) if r.is_transient() => {
                     outcome(report, &c, Some(h.hash), Outcome::Pending(r));
-                    self.pending.insert(c, h.hash);
+                    self.pending.insert(c, h);
                 }
                 Err(r) => outcome(report, &c, Some(h.hash), Outcome::Rejected(r)),
             }

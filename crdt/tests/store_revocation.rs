@@ -232,3 +232,37 @@ fn config_changes_wait_for_the_membership_that_authorizes_them() {
     assert!(r.applied().any(|h| Some(*h) == ch.hash()), "{r:?}");
     assert_eq!(get(&s, "app/x", "k"), Some(json!(1)));
 }
+
+#[test]
+fn an_honest_writer_whose_change_was_voided_can_write_the_document_again() {
+    let mut c = Cluster::new(3);
+    let admin = c.admin.clone();
+    let w = key(2);
+    let h = key(3);
+    c.add(&w, "w", Role::Writer, &[]);
+    c.add(&h, "h", Role::Writer, &[]);
+    let removal = c.stores[0].remove_member(&admin, w.node_id(), T0).unwrap();
+    let bad = put(&mut c.stores[1], &w, "app/x", "a", json!(1));
+    c.stores[2].ingest(vec![bad]).unwrap();
+    let voided = put(&mut c.stores[2], &h, "app/x", "b", json!(2));
+    c.stores[2].ingest(vec![removal]).unwrap();
+    assert_eq!(c.stores[2].get("app/x", &[]).unwrap(), None);
+    // h writes again: its new change reuses the voided change's seq, and everyone accepts it.
+    let again = put(&mut c.stores[2], &h, "app/x", "b", json!(3));
+    assert_ne!(again.hash(), voided.hash());
+    c.sync_all();
+    for s in &c.stores {
+        assert_eq!(get(s, "app/x", "b"), Some(json!(3)));
+        assert_eq!(get(s, "app/x", "a"), None);
+        assert_eq!(
+            s.heads("app/x").unwrap(),
+            c.stores[0].heads("app/x").unwrap()
+        );
+    }
+    // A replica that holds the voided change too still converges.
+    let mut late = Store::join(&c.path("late.db"), c.stores[0].cluster_id()).unwrap();
+    let mut all = all_changes(&c.stores[0]);
+    all.push(voided);
+    late.ingest(all).unwrap();
+    assert_eq!(get(&late, "app/x", "b"), Some(json!(3)));
+}
