@@ -604,3 +604,28 @@ fn sighup_replaces_the_bindings_and_paths_render_alone() {
         "the removed binding no longer renders"
     );
 }
+
+#[test]
+fn a_failing_reload_is_counted_retried_and_does_not_stop_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let file = dir.join("f.json");
+    let attempts = dir.join("attempts.log");
+    let extra = format!(
+        "reload = [\"sh\", \"-c\", \"echo try >> '{}'; exit 1\"]",
+        attempts.display()
+    );
+    let cfg = config(dir, "n", "f", &file, &extra);
+    let a = Agent::start(dir, "n", &cfg, "127.0.0.1:0", None);
+    assert!(a.put("f", "", json!({"v": 1})));
+    wait_for("reload retried after a failure", 10, || {
+        lines(&attempts) >= 2
+    });
+    assert!(a.metric("lichen_render_errors_total{reason=\"reload\"}") >= 2);
+    assert!(a.log_count("reload command failed") >= 2);
+    // Still rendering.
+    assert!(a.put("f", "v", json!(2)));
+    wait_for("still rendering", 10, || {
+        read_json(&file) == Some(json!({"v": 2}))
+    });
+}

@@ -190,11 +190,15 @@ pub async fn run(
                 if debounce_due.is_some_and(|d| d <= now) {
                     debounce_due = None;
                     let dirty = std::mem::take(&mut doc_dirty);
+                    if dirty {
+                        // A document change resets the retry budget.
+                        t.render_retry.reset();
+                    }
                     t.process(dirty).await;
                 }
                 if t.render_retry.due.is_some_and(|d| d <= now) {
                     t.render_retry.due = None;
-                    t.render().await;
+                    t.process(true).await;
                 }
                 if t.reload_due.is_some_and(|d| d <= now) {
                     // Look at the file first: an edit made since must be applied (or refused)
@@ -253,8 +257,6 @@ impl Task {
             Mode::Render => self.restore_if_changed(),
         };
         if doc_dirty || file_changed {
-            // A document change resets the retry budget.
-            self.render_retry.reset();
             self.render().await;
         }
     }
