@@ -240,8 +240,24 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn total_cpu(c: &Cluster, tck: f64) -> f64 {
-    c.agents.iter().map(|a| cpu_seconds(a.pid(), tck)).sum()
+fn cpu_each(c: &Cluster, tck: f64) -> Vec<f64> {
+    c.agents.iter().map(|a| cpu_seconds(a.pid(), tck)).collect()
+}
+
+/// "total (a x, b y, c z)" in ms per write.
+fn cpu_line(before: &[f64], after: &[f64], writes: f64) -> String {
+    let per: Vec<f64> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a - b) * 1000.0 / writes.max(1.0))
+        .collect();
+    format!(
+        "{:.3} ms (a {:.3}, b {:.3}, c {:.3})",
+        per.iter().sum::<f64>(),
+        per[0],
+        per[1],
+        per[2]
+    )
 }
 
 fn rss_line(c: &Cluster) -> String {
@@ -339,7 +355,7 @@ fn main() -> Result<()> {
     })
     .ok();
     while rx.try_recv().is_ok() {}
-    let cpu0 = total_cpu(&c, tck);
+    let cpu0 = cpu_each(&c, tck);
     let mut visible = Vec::with_capacity(writes);
     let mut acked = Vec::with_capacity(writes);
     let t_all = Instant::now();
@@ -361,7 +377,7 @@ fn main() -> Result<()> {
         visible.push(last.duration_since(t0));
     }
     let elapsed = t_all.elapsed();
-    let cpu1 = total_cpu(&c, tck);
+    let cpu1 = cpu_each(&c, tck);
     visible.sort();
     acked.sort();
     println!(
@@ -380,14 +396,14 @@ fn main() -> Result<()> {
         ms(*visible.last().unwrap_or(&Duration::ZERO))
     );
     println!(
-        "CPU per write (3 agents) : {:.3} ms",
-        (cpu1 - cpu0) * 1000.0 / writes as f64
+        "CPU per write (3 agents) : {}",
+        cpu_line(&cpu0, &cpu1, writes as f64)
     );
 
     // --- throughput -----------------------------------------------------------------------
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let cpu0 = total_cpu(&c, tck);
+    let cpu0 = cpu_each(&c, tck);
     let t0 = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|k| {
@@ -428,7 +444,7 @@ fn main() -> Result<()> {
             })
         })
     })?;
-    let cpu1 = total_cpu(&c, tck);
+    let cpu1 = cpu_each(&c, tck);
     lat.sort();
     println!(
         "\nthroughput, {clients} clients     : {:.0} writes/s ({n} in {:.2} s)",
@@ -445,8 +461,8 @@ fn main() -> Result<()> {
         ms(catch_up)
     );
     println!(
-        "  CPU per write (3 agents): {:.3} ms",
-        (cpu1 - cpu0) * 1000.0 / n.max(1) as f64
+        "  CPU per write (3 agents): {}",
+        cpu_line(&cpu0, &cpu1, n as f64)
     );
     println!("\nRSS after                : {}", rss_line(&c));
     Ok(())
