@@ -222,6 +222,7 @@ pub(crate) struct MemberChange {
 }
 
 /// The outcome of evaluating all known membership changes.
+#[derive(Clone)]
 pub(crate) struct Evaluation {
     pub state: Membership,
     pub doc: Automerge,
@@ -229,6 +230,9 @@ pub(crate) struct Evaluation {
     pub valid: Vec<[u8; 32]>,
     /// Void changes with the reason.
     pub void: BTreeMap<[u8; 32], RejectReason>,
+    /// The replay that produced this, when nothing was void: new changes that sort after all
+    /// of it extend it instead of replaying everything (see [`evaluate_extend`]).
+    replayer: Option<Replayer>,
 }
 
 /// Evaluate the membership document from the full set of its changes (see module docs).
@@ -236,32 +240,76 @@ pub(crate) fn evaluate(cluster: &[u8; 32], changes: &[MemberChange]) -> Evaluati
     let mut void: BTreeMap<[u8; 32], RejectReason> = BTreeMap::new();
     loop {
         let run = replay(cluster, changes, &void);
-        // Check every accepted change against the final state's cut-offs.
-        let mut newly = Vec::new();
-        for (hash, needed_admin) in &run.accepted {
-            let c = changes
-                .iter()
-                .find(|c| &c.hash == hash)
-                .expect("accepted change exists");
-            if let Err(reason) = final_check(&run.state, c, *needed_admin) {
-                newly.push((*hash, reason));
-            }
-        }
+        let newly = final_checks(&run, changes);
         if newly.is_empty() {
             let valid = run.accepted.iter().map(|(h, _)| *h).collect();
-            for (h, r) in run.rejected {
+            for (h, r) in run.rejected.clone() {
                 void.entry(h).or_insert(r);
             }
             return Evaluation {
-                state: run.state,
-                doc: run.doc,
+                state: run.state.clone(),
+                doc: run.doc.clone(),
                 valid,
+                replayer: void.is_empty().then_some(run),
                 void,
             };
         }
         for (h, r) in newly {
             void.insert(h, r);
         }
+    }
+}
+
+/// Check every accepted change against the final state's cut-offs.
+fn final_checks(run: &Replayer, changes: &[MemberChange]) -> Vec<([u8; 32], RejectReason)> {
+    let by_hash: HashMap<[u8; 32], &MemberChange> = changes.iter().map(|c| (c.hash, c)).collect();
+    let mut newly = Vec::new();
+    for (hash, needed_admin) in &run.accepted {
+        let Some(c) = by_hash.get(hash) else { continue };
+        if let Err(reason) = final_check(&run.state, c, *needed_admin) {
+            newly.push((*hash, reason));
+        }
+    }
+    newly
+}
+
+/// Evaluate `all` (= the changes behind `prev` plus `new`) reusing `prev`'s replay when that is
+/// exactly what a full evaluation would do: nothing was void, every new change sorts after all
+/// previous ones in the replay order (its dependencies are all held, its key is larger), and
+/// the extended replay accepts every new change and voids nothing. Otherwise, a full
+/// evaluation. Either way the result equals `evaluate(cluster, all)`.
+pub(crate) fn evaluate_extend(
+    cluster: &[u8; 32],
+    prev: &Evaluation,
+    all: &[MemberChange],
+    new: &[MemberChange],
+) -> Evaluation {
+    let Some(base) = prev.replayer.as_ref().filter(|_| prev.void.is_empty()) else {
+        return evaluate(cluster, all);
+    };
+    let new_hashes: HashSet<[u8; 32]> = new.iter().map(|c| c.hash).collect();
+    let sorts_after = new.iter().all(|c| {
+        Some((c.start_op, c.author.0, c.hash)) > base.last_key
+            && c.deps
+                .iter()
+                .all(|d| base.applied.contains(d) || new_hashes.contains(d))
+    });
+    if !sorts_after {
+        return evaluate(cluster, all);
+    }
+    let mut run = base.clone();
+    for i in topo_order(new) {
+        run.step(cluster, &new[i]);
+    }
+    if !run.rejected.is_empty() || !final_checks(&run, all).is_empty() {
+        return evaluate(cluster, all);
+    }
+    Evaluation {
+        state: run.state.clone(),
+        doc: run.doc.clone(),
+        valid: run.accepted.iter().map(|(h, _)| *h).collect(),
+        void: BTreeMap::new(),
+        replayer: Some(run),
     }
 }
 
@@ -294,11 +342,20 @@ fn final_check(
     }
 }
 
-struct Replay {
+/// A replay in progress (see the module docs): the running document and state.
+#[derive(Clone)]
+struct Replayer {
     state: Membership,
     doc: Automerge,
+    tracker: Tracker,
+    applied: HashSet<[u8; 32]>,
+    applied_changes: Vec<Change>,
     accepted: Vec<([u8; 32], bool)>,
     rejected: Vec<([u8; 32], RejectReason)>,
+    /// Position in the replay order of the next change (admin seniority).
+    pos: usize,
+    /// Sort key of the last change taken.
+    last_key: Option<(u64, [u8; 32], [u8; 32])>,
 }
 
 /// Deterministic topological order: Kahn's algorithm, ties by (start_op, actor, hash).
@@ -340,95 +397,243 @@ pub(crate) fn topo_order(changes: &[MemberChange]) -> Vec<usize> {
     order
 }
 
+/// Which members a change touches, found from its ops without reading the document: ops on
+/// the `members` map name a member by key; ops inside a member's object (or its nested lists
+/// and maps) belong to the member whose entry created that object. Anything else (ops on the
+/// root, on unknown objects) asks for a full read. This keeps a replay linear in the number of
+/// changes instead of reading every member after every change.
+#[derive(Default, Clone)]
+struct Tracker {
+    members_map: Option<automerge::legacy::OpId>,
+    owner: HashMap<automerge::legacy::OpId, NodeId>,
+}
+
+enum Touch {
+    All,
+    Members(BTreeSet<NodeId>),
+}
+
+impl Tracker {
+    /// The members `change` touches; records the objects it creates in `self`.
+    fn touch(&mut self, change: &Change) -> Touch {
+        use automerge::legacy::{Key, ObjectId, OpId};
+        let Some(expanded) = panic_safe(|| change.decode()) else {
+            return Touch::All;
+        };
+        let start = change.start_op().get();
+        let actor = change.actor_id().clone();
+        let mut all = false;
+        let mut ids = BTreeSet::new();
+        for (i, op) in expanded.operations.iter().enumerate() {
+            let opid = OpId(start + i as u64, actor.clone());
+            let makes = matches!(op.action, automerge::legacy::OpType::Make(_));
+            match &op.obj {
+                ObjectId::Root => {
+                    all = true;
+                    if matches!(&op.key, Key::Map(k) if k.as_str() == "members") && makes {
+                        self.members_map = Some(opid);
+                    }
+                }
+                ObjectId::Id(o) if Some(o) == self.members_map.as_ref() => {
+                    let Key::Map(k) = &op.key else {
+                        all = true;
+                        continue;
+                    };
+                    match k.parse::<NodeId>() {
+                        Ok(id) => {
+                            ids.insert(id);
+                            if makes {
+                                self.owner.insert(opid, id);
+                            }
+                        }
+                        Err(_) => all = true,
+                    }
+                }
+                ObjectId::Id(o) => match self.owner.get(o).copied() {
+                    Some(id) => {
+                        ids.insert(id);
+                        if makes {
+                            self.owner.insert(opid, id);
+                        }
+                    }
+                    None => all = true,
+                },
+            }
+        }
+        if all {
+            Touch::All
+        } else {
+            Touch::Members(ids)
+        }
+    }
+}
+
+fn panic_safe<T>(f: impl FnOnce() -> T) -> Option<T> {
+    catch_unwind(AssertUnwindSafe(f)).ok()
+}
+
+/// Read one member entry: `Ok(None)` if absent, `Err` if present but not a member record.
+fn read_member(doc: &Automerge, id: &NodeId) -> Result<Option<Member>, ()> {
+    let path = [
+        json::PathSeg::Key("members".into()),
+        json::PathSeg::Key(id.to_string()),
+    ];
+    match json::get_path(doc, &path) {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => serde_json::from_value(v).map(Some).map_err(|_| ()),
+        Err(_) => Err(()),
+    }
+}
+
 fn replay(
     cluster: &[u8; 32],
     changes: &[MemberChange],
     void: &BTreeMap<[u8; 32], RejectReason>,
-) -> Replay {
-    let mut doc = Automerge::new();
-    let mut state = Membership::default();
-    let mut applied: HashSet<[u8; 32]> = HashSet::new();
-    let mut accepted = Vec::new();
-    let mut rejected = Vec::new();
-    for (pos, i) in topo_order(changes).into_iter().enumerate() {
+) -> Replayer {
+    let mut r = Replayer {
+        state: Membership::default(),
+        doc: Automerge::new(),
+        tracker: Tracker::default(),
+        applied: HashSet::new(),
+        applied_changes: Vec::new(),
+        accepted: Vec::new(),
+        rejected: Vec::new(),
+        pos: 0,
+        last_key: None,
+    };
+    for i in topo_order(changes) {
         let c = &changes[i];
         if void.contains_key(&c.hash) {
+            r.pos += 1;
             continue;
         }
-        if !c.deps.iter().all(|d| applied.contains(d)) {
-            rejected.push((c.hash, RejectReason::DependsOnVoid));
-            continue;
+        r.step(cluster, c);
+    }
+    r
+}
+
+impl Replayer {
+    /// Take the next change in replay order.
+    fn step(&mut self, cluster: &[u8; 32], c: &MemberChange) {
+        let pos = self.pos;
+        self.pos += 1;
+        self.last_key = Some((c.start_op, c.author.0, c.hash));
+        if !c.deps.iter().all(|d| self.applied.contains(d)) {
+            self.rejected.push((c.hash, RejectReason::DependsOnVoid));
+            return;
         }
         let is_genesis = c.deps.is_empty() && c.hash == *cluster;
-        if state.root.is_none() && !is_genesis {
-            rejected.push((c.hash, RejectReason::WrongCluster));
-            continue;
+        if self.state.root.is_none() && !is_genesis {
+            self.rejected.push((c.hash, RejectReason::WrongCluster));
+            return;
         }
-        let mut fork = doc.clone();
-        let outcome = catch_unwind(AssertUnwindSafe(|| fork.apply_changes([c.change.clone()])));
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                rejected.push((c.hash, RejectReason::Automerge(e.to_string())));
-                continue;
-            }
-            Err(_) => {
-                rejected.push((c.hash, RejectReason::AutomergePanic));
-                continue;
-            }
-        }
-        let Some((root, after)) = Membership::read(&fork) else {
-            rejected.push((
-                c.hash,
-                RejectReason::NotAuthorized("leaves membership unreadable".into()),
-            ));
-            continue;
-        };
-        let verdict = if is_genesis {
-            genesis_check(&c.author, &root, &after)
-        } else {
-            transition_check(&state, &c.author, &root, &after)
+        let mut scratch = self.tracker.clone();
+        let touch = scratch.touch(&c.change);
+        let doc = &mut self.doc;
+        let verdict = match panic_safe(|| doc.apply_changes([c.change.clone()])) {
+            Some(Ok(())) => judge(&self.doc, &self.state, c, is_genesis, &touch),
+            Some(Err(e)) => Err(RejectReason::Automerge(e.to_string())),
+            None => Err(RejectReason::AutomergePanic),
         };
         match verdict {
-            Ok(needed_admin) => {
-                // Update seniority: new admins get this position as their rank.
-                let mut ranks = state.admin_rank.clone();
+            Ok((needed_admin, root, after)) => {
+                let state = &mut self.state;
+                // Seniority: new admins get this position as their rank.
                 if is_genesis {
-                    ranks.insert(root, 0);
+                    state.admin_rank.insert(root, 0);
                 }
                 for (id, m) in &after {
-                    if m.role == Role::Admin {
-                        ranks.entry(*id).or_insert(pos + 1);
-                    } else {
-                        ranks.remove(id);
+                    match m {
+                        Some(m) if m.role == Role::Admin => {
+                            state.admin_rank.entry(*id).or_insert(pos + 1);
+                        }
+                        _ => {
+                            state.admin_rank.remove(id);
+                        }
                     }
+                    match m {
+                        Some(m) => state.members.insert(*id, m.clone()),
+                        None => state.members.remove(id),
+                    };
                 }
-                state = Membership {
-                    root: Some(root),
-                    members: after,
-                    admin_rank: ranks,
-                };
-                doc = fork;
-                applied.insert(c.hash);
-                accepted.push((c.hash, needed_admin));
+                state.root = Some(root);
+                self.tracker = scratch;
+                self.applied.insert(c.hash);
+                self.applied_changes.push(c.change.clone());
+                self.accepted.push((c.hash, needed_admin));
             }
-            Err(reason) => rejected.push((c.hash, reason)),
+            Err(reason) => {
+                // Undo: rebuild the document from the accepted changes (rare path).
+                let mut doc = Automerge::new();
+                let prior = self.applied_changes.clone();
+                if !matches!(panic_safe(|| doc.apply_changes(prior)), Some(Ok(()))) {
+                    tracing::error!("membership replay could not rebuild its document");
+                }
+                self.doc = doc;
+                self.rejected.push((c.hash, reason));
+            }
         }
     }
-    Replay {
-        state,
-        doc,
-        accepted,
-        rejected,
-    }
+}
+
+/// The member entries a change made, as (id, new entry or None) pairs.
+type Transitions = Vec<(NodeId, Option<Member>)>;
+
+/// Judge a change already applied to `doc` against the running `state`.
+fn judge(
+    doc: &Automerge,
+    state: &Membership,
+    c: &MemberChange,
+    is_genesis: bool,
+    touch: &Touch,
+) -> Result<(bool, NodeId, Transitions), RejectReason> {
+    let unreadable = || RejectReason::NotAuthorized("leaves membership unreadable".into());
+    let (root, after): (NodeId, Transitions) = match touch {
+        Touch::All => {
+            let (root, members) = Membership::read(doc).ok_or_else(unreadable)?;
+            let ids: BTreeSet<NodeId> = state
+                .members
+                .keys()
+                .chain(members.keys())
+                .copied()
+                .collect();
+            let after = ids
+                .into_iter()
+                .map(|id| (id, members.get(&id).cloned()))
+                .collect();
+            (root, after)
+        }
+        Touch::Members(ids) => {
+            let root = state.root.ok_or_else(unreadable)?;
+            let mut after = Vec::with_capacity(ids.len());
+            for id in ids {
+                after.push((*id, read_member(doc, id).map_err(|_| unreadable())?));
+            }
+            (root, after)
+        }
+    };
+    let after: Transitions = after
+        .into_iter()
+        .filter(|(id, m)| state.members.get(id) != m.as_ref())
+        .collect();
+    let needed_admin = if is_genesis {
+        genesis_check(&c.author, &root, &after)?
+    } else {
+        transition_check(state, &c.author, &root, &after)?
+    };
+    Ok((needed_admin, root, after))
 }
 
 fn genesis_check(
     author: &NodeId,
     root: &NodeId,
-    after: &BTreeMap<NodeId, Member>,
+    after: &Transitions,
 ) -> Result<bool, RejectReason> {
-    if root != author || after.get(author).map(|m| m.role) != Some(Role::Admin) {
+    let mine = after
+        .iter()
+        .find(|(id, _)| id == author)
+        .and_then(|(_, m)| m.as_ref());
+    if root != author || mine.map(|m| m.role) != Some(Role::Admin) {
         return Err(RejectReason::NotAuthorized(
             "genesis must make its author the root admin".into(),
         ));
@@ -441,7 +646,7 @@ fn transition_check(
     state: &Membership,
     author: &NodeId,
     root: &NodeId,
-    after: &BTreeMap<NodeId, Member>,
+    after: &Transitions,
 ) -> Result<bool, RejectReason> {
     if Some(*root) != state.root {
         return Err(RejectReason::NotAuthorized("the root cannot change".into()));
@@ -454,11 +659,10 @@ fn transition_check(
     }
     let is_admin = me.role == Role::Admin;
     let my_rank = state.admin_rank.get(author).copied().unwrap_or(usize::MAX);
-    let ids: BTreeSet<&NodeId> = state.members.keys().chain(after.keys()).collect();
     let mut needed_admin = false;
-    for id in ids {
+    for (id, now) in after {
         let before = state.members.get(id);
-        let now = after.get(id);
+        let now = now.as_ref();
         if before == now {
             continue;
         }

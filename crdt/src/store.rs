@@ -235,6 +235,8 @@ pub struct Store {
     cluster: ClusterId,
     membership: Membership,
     member_changes: Vec<MemberChange>,
+    /// The last membership evaluation, extended by new changes when they come after it.
+    member_eval: Option<membership::Evaluation>,
     member_valid: HashSet<[u8; 32]>,
     loaded: HashMap<String, Loaded>,
     pending: PendingSet,
@@ -328,6 +330,7 @@ impl Store {
             cluster,
             membership: Membership::default(),
             member_changes: Vec::new(),
+            member_eval: None,
             member_valid: HashSet::new(),
             loaded: HashMap::new(),
             clocks: std::cell::RefCell::new(None),
@@ -470,8 +473,9 @@ impl Store {
         drop(stmt);
         let eval = membership::evaluate(&self.cluster, &changes);
         self.member_valid = eval.valid.iter().copied().collect();
-        self.membership = eval.state;
+        self.membership = eval.state.clone();
         self.member_changes = changes;
+        self.member_eval = Some(eval);
         Ok(())
     }
 
@@ -1097,15 +1101,16 @@ impl Store {
         );
         // The same rule that judges remote changes judges our own: check before storing.
         let mut candidate = self.member_changes.clone();
-        candidate.push(MemberChange {
+        let mine = MemberChange {
             hash,
             author: me,
             seq: change.seq(),
             start_op: change.start_op().get(),
             deps: change.deps().iter().map(|d| d.0).collect(),
             change: change.clone(),
-        });
-        let eval = membership::evaluate(&self.cluster, &candidate);
+        };
+        candidate.push(mine.clone());
+        let eval = self.evaluate_with(&candidate, &[mine]);
         if let Some(reason) = eval.void.get(&hash) {
             return Err(StoreError::Denied(format!(
                 "membership change refused: {reason}"
@@ -1120,7 +1125,19 @@ impl Store {
         }
     }
 
+    /// Evaluate membership over `all` (the held changes plus `new`), extending the cached
+    /// evaluation when possible.
+    fn evaluate_with(&self, all: &[MemberChange], new: &[MemberChange]) -> membership::Evaluation {
+        match &self.member_eval {
+            Some(prev) => membership::evaluate_extend(&self.cluster, prev, all, new),
+            None => membership::evaluate(&self.cluster, all),
+        }
+    }
+
     fn membership_doc(&self) -> Result<Automerge, StoreError> {
+        if let Some(e) = &self.member_eval {
+            return Ok(e.doc.clone());
+        }
         let mut am = Automerge::new();
         let changes: Vec<Change> = membership::topo_order(&self.member_changes)
             .into_iter()
@@ -1561,8 +1578,9 @@ impl Store {
             return Ok(false);
         }
         let mut all = self.member_changes.clone();
+        let mut new = Vec::with_capacity(candidates.len());
         for (c, h, change, _) in &candidates {
-            all.push(MemberChange {
+            new.push(MemberChange {
                 hash: h.hash,
                 author: c.author,
                 seq: h.seq,
@@ -1571,7 +1589,8 @@ impl Store {
                 change: change.clone(),
             });
         }
-        let eval = membership::evaluate(&self.cluster, &all);
+        all.extend(new.iter().cloned());
+        let eval = self.evaluate_with(&all, &new);
         let new_valid: HashSet<[u8; 32]> = eval.valid.iter().copied().collect();
         // New changes: valid ones are stored; void ones rejected (not stored). A void change
         // whose author is not (yet) a member waits in the pending set.
@@ -1674,7 +1693,8 @@ impl Store {
         let changed = self.membership != eval.state;
         self.member_changes = all;
         self.member_valid = new_valid;
-        self.membership = eval.state;
+        self.membership = eval.state.clone();
+        self.member_eval = Some(eval);
         if changed {
             report.membership_changed = true;
             report.changed_docs.insert(MEMBERSHIP_DOC.to_string());
