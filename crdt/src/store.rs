@@ -963,6 +963,13 @@ impl Store {
         self.member_edit(key, &id, Some(m), now_ms)
     }
 
+    fn member_record(&self, id: &NodeId) -> Result<Member, StoreError> {
+        self.membership
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::Invalid(format!("{id} is not a member")))
+    }
+
     /// Change a member's role (admin only). A demotion records the cut-off (see
     /// [`crate::membership`]).
     pub fn set_role(
@@ -972,11 +979,7 @@ impl Store {
         role: Role,
         now_ms: i64,
     ) -> Result<SignedChange, StoreError> {
-        let mut m = self
-            .membership
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::Invalid(format!("{id} is not a member")))?;
+        let mut m = self.member_record(&id)?;
         if role < m.role {
             m.cutoff = self.cutoff_for(&id)?;
         }
@@ -992,11 +995,7 @@ impl Store {
         scopes: Vec<String>,
         now_ms: i64,
     ) -> Result<SignedChange, StoreError> {
-        let mut m = self
-            .membership
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::Invalid(format!("{id} is not a member")))?;
+        let mut m = self.member_record(&id)?;
         m.cutoff = self.cutoff_for(&id)?;
         m.scopes = scopes;
         self.member_edit(key, &id, Some(m), now_ms)
@@ -1010,11 +1009,7 @@ impl Store {
         id: NodeId,
         now_ms: i64,
     ) -> Result<SignedChange, StoreError> {
-        let mut m = self
-            .membership
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::Invalid(format!("{id} is not a member")))?;
+        let mut m = self.member_record(&id)?;
         m.cutoff = self.cutoff_for(&id)?;
         m.role = Role::Removed;
         self.member_edit(key, &id, Some(m), now_ms)
@@ -1305,24 +1300,7 @@ impl Store {
         }
         let tx = self.conn.transaction()?;
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)",
-            )?;
-            for a in accepted {
-                ins.execute(params![
-                    a.header.hash.to_vec(),
-                    a.signed.doc,
-                    a.signed.author.0.to_vec(),
-                    a.header.seq as i64,
-                    a.header.start_op as i64,
-                    a.max_op as i64,
-                    a.header.time,
-                    hashes_to_blob(&a.header.deps),
-                    a.signed.sig.to_vec(),
-                    a.signed.bytes,
-                ])?;
-            }
+            insert_changes(&tx, accepted.iter().copied())?;
             let mut put = tx.prepare_cached(
                 "INSERT OR REPLACE INTO kv (doc, key, value) VALUES (?1, ?2, ?3)",
             )?;
@@ -1641,24 +1619,7 @@ impl Store {
         // Persist: new membership changes, status flips, and the membership view.
         let tx = self.conn.transaction()?;
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)",
-            )?;
-            for a in &accepted {
-                ins.execute(params![
-                    a.header.hash.to_vec(),
-                    MEMBERSHIP_DOC,
-                    a.signed.author.0.to_vec(),
-                    a.header.seq as i64,
-                    a.header.start_op as i64,
-                    a.max_op as i64,
-                    a.header.time,
-                    hashes_to_blob(&a.header.deps),
-                    a.signed.sig.to_vec(),
-                    a.signed.bytes,
-                ])?;
-            }
+            insert_changes(&tx, accepted.iter())?;
             let mut flip = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
             for (h, valid) in &flips {
                 flip.execute(params![h.to_vec(), if *valid { 0 } else { 1 }])?;
@@ -1955,6 +1916,32 @@ impl Store {
         report.changed_docs.insert(doc.to_string());
         Ok(true)
     }
+}
+
+/// Insert accepted (valid) changes; the caller owns the transaction.
+fn insert_changes<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    accepted: impl Iterator<Item = &'a Accepted>,
+) -> Result<(), StoreError> {
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)",
+    )?;
+    for a in accepted {
+        ins.execute(params![
+            a.header.hash.to_vec(),
+            a.signed.doc,
+            a.signed.author.0.to_vec(),
+            a.header.seq as i64,
+            a.header.start_op as i64,
+            a.max_op as i64,
+            a.header.time,
+            hashes_to_blob(&a.header.deps),
+            a.signed.sig.to_vec(),
+            a.signed.bytes,
+        ])?;
+    }
+    Ok(())
 }
 
 /// Authenticate every change; big batches use all cores (signature checks dominate).
