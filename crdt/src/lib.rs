@@ -49,6 +49,7 @@ pub mod header;
 pub mod identity;
 mod json;
 pub mod membership;
+mod owners;
 mod schema;
 pub mod signed;
 pub mod store;

@@ -39,6 +39,7 @@ use crate::header::ChangeHeader;
 use crate::identity::{hex, NodeId, SecretKey};
 use crate::json::{self, PathSeg};
 use crate::membership::{self, Member, MemberChange, Membership, Role};
+use crate::owners::Owners;
 use crate::schema::{self, SchemaProblem};
 use crate::signed::{valid_doc_name, ClusterId, SignedChange, MEMBERSHIP_DOC};
 
@@ -154,6 +155,14 @@ pub struct Edit {
 
 struct Loaded {
     am: Automerge,
+    /// Owner (top-level key) of each object, built on first need: see [`crate::owners`].
+    owners: Option<Owners>,
+}
+
+impl Loaded {
+    fn new(am: Automerge) -> Loaded {
+        Loaded { am, owners: None }
+    }
 }
 
 /// Changes that may become valid later, already authenticated (their signatures are not
@@ -251,7 +260,7 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
     }
 }
 
-fn panic_safe<T>(f: impl FnOnce() -> T) -> Option<T> {
+pub(crate) fn panic_safe<T>(f: impl FnOnce() -> T) -> Option<T> {
     catch_unwind(AssertUnwindSafe(f)).ok()
 }
 
@@ -578,6 +587,21 @@ impl Store {
             Value::Array(a) => (0..a.len()).map(|i| i.to_string()).collect(),
             _ => Vec::new(),
         }))
+    }
+
+    /// Check that the materialized view of `doc` equals its Automerge document: `Ok(None)` if
+    /// it does, otherwise both values (view, document). A consistency check for tests and
+    /// operators; it loads the document.
+    pub fn check_view(&mut self, doc: &str) -> Result<Option<(Value, Value)>, StoreError> {
+        let view = self
+            .get(doc, &[])?
+            .unwrap_or(Value::Object(Default::default()));
+        let truth = if self.has_doc(doc)? {
+            json::to_json(&self.loaded_doc(doc)?.am, &ROOT)?
+        } else {
+            Value::Object(Default::default())
+        };
+        Ok((view != truth).then_some((view, truth)))
     }
 
     /// All concurrent values at `path` (winner first): more than one means a conflict.
@@ -918,6 +942,10 @@ impl Store {
             &header.hash,
             change.raw_bytes().to_vec(),
         );
+        if let Some(owners) = loaded.owners.as_mut() {
+            // Remember the objects this change creates (the keys are known from `op`).
+            let _ = owners.touched([&change]);
+        }
         let max_op = header.start_op - 1 + change.len() as u64;
         Ok(Some(Accepted {
             signed,
@@ -1147,16 +1175,10 @@ impl Store {
 
     // ------------------------------------------------------------------ documents in memory
 
-    /// Highest seq of a valid change by `author` in `doc` (0 if none).
+    /// Highest seq of a valid change by `author` in `doc` (0 if none), from the cached
+    /// version vectors (every write and ingest asks, so this must not be a query).
     fn last_seq(&self, doc: &str, author: &NodeId) -> Result<u64, StoreError> {
-        let s: Option<i64> = self
-            .conn
-            .prepare_cached(
-                "SELECT seq FROM changes WHERE doc = ?1 AND author = ?2 AND status = 0 ORDER BY seq DESC LIMIT 1",
-            )?
-            .query_row(params![doc, author.0.to_vec()], |r| r.get(0))
-            .optional()?;
-        Ok(s.unwrap_or(0) as u64)
+        self.with_clocks(|c| c.get(doc).and_then(|m| m.get(author)).copied().unwrap_or(0))
     }
 
     fn loaded_doc_or_new(&mut self, doc: &str) -> Result<&mut Loaded, StoreError> {
@@ -1166,7 +1188,7 @@ impl Store {
             } else {
                 Automerge::new()
             };
-            self.loaded.insert(doc.to_string(), Loaded { am });
+            self.loaded.insert(doc.to_string(), Loaded::new(am));
         }
         self.loaded
             .get_mut(doc)
@@ -1800,7 +1822,7 @@ impl Store {
         tx.commit()?;
         *self.clocks.borrow_mut() = None;
         if !valid.is_empty() {
-            self.loaded.insert(doc.to_string(), Loaded { am });
+            self.loaded.insert(doc.to_string(), Loaded::new(am));
         }
         Ok(newly_void)
     }
@@ -1903,8 +1925,21 @@ impl Store {
                 return Ok(false);
             }
         }
+        // The keys these changes touched, from their ops (Automerge's diff is the slow path).
+        let keys = {
+            let l = self.loaded_doc_or_new(doc)?;
+            let am = &l.am;
+            let owners = l.owners.get_or_insert_with(|| Owners::of_doc(am));
+            owners.touched(accepted.iter().map(|a| &a.change))
+        };
         let mut touched = BTreeMap::new();
-        touched.insert(doc.to_string(), Touched::Since(before));
+        touched.insert(
+            doc.to_string(),
+            match keys {
+                Some(k) => Touched::Keys(k),
+                None => Touched::Since(before),
+            },
+        );
         let refs: Vec<&Accepted> = accepted.iter().collect();
         if let Err(e) = self.persist(&refs, &touched) {
             self.loaded.remove(doc);
