@@ -20,11 +20,19 @@
 //!   conflicts and history.
 //!
 //! # Durability and fsync policy
-//! SQLite runs in WAL mode with `synchronous = FULL`: every committed transaction is fsynced
+//! SQLite runs in WAL mode. By default every commit uses `synchronous = FULL`: it is fsynced
 //! before `commit` returns, so an acknowledged write survives both a process crash (`kill -9`)
 //! and a power loss. Concurrent writers share fsyncs by batching into one transaction
 //! ([`Store::write_batch`]); the agent's writer task does this for requests that arrive while
 //! a commit is in flight.
+//!
+//! [`Store::set_fsync_policy`] can relax this for changes received from peers (the agent's
+//! default, `fsync = "local"`): they are committed with `synchronous = NORMAL`, which in WAL
+//! mode survives a process crash (the commit is in the WAL, in the OS page cache) and keeps
+//! the database consistent on a power loss, where the last received changes may roll back.
+//! Nothing is lost by that: their authors fsynced them before announcing them, and
+//! anti-entropy fetches them again (a node's digest reflects what it really holds after a
+//! restart). A follower's apply path then costs no fsync, which is most of its latency.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -251,6 +259,11 @@ pub struct Store {
     pending: PendingSet,
     /// Cached version vectors (None: recompute from disk on next use).
     clocks: std::cell::RefCell<Option<Clocks>>,
+    /// Fsync policy: for this node's own writes, and for changes received from peers.
+    fsync_local: bool,
+    fsync_remote: bool,
+    /// The `synchronous` setting the connection has now (true: FULL, false: NORMAL).
+    sync_full: bool,
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -343,6 +356,9 @@ impl Store {
             member_valid: HashSet::new(),
             loaded: HashMap::new(),
             clocks: std::cell::RefCell::new(None),
+            fsync_local: true,
+            fsync_remote: true,
+            sync_full: true,
             pending: PendingSet {
                 queue: VecDeque::new(),
                 hashes: HashSet::new(),
@@ -684,12 +700,40 @@ impl Store {
         }
     }
 
-    /// Turn fsync off (`false`) or on (`true`, the default). Off trades power-loss durability
-    /// for speed and is meant for simulations and tests only: a committed transaction still
-    /// survives a process crash, but not a power loss.
+    /// Turn fsync off (`false`) or on (`true`, the default) for every commit. Off trades
+    /// power-loss durability for speed: a committed transaction still survives a process
+    /// crash (`kill -9`), but the last ones may be lost on a power loss (the database stays
+    /// consistent: WAL with `synchronous = NORMAL`).
     pub fn set_fsync(&mut self, on: bool) -> Result<(), StoreError> {
-        self.conn
-            .pragma_update(None, "synchronous", if on { "FULL" } else { "OFF" })?;
+        self.set_fsync_policy(on, on)
+    }
+
+    /// Fsync this node's own writes (`local`) and changes received from peers (`remote`)
+    /// separately. With `local = true, remote = false` every acknowledged write of this node
+    /// survives a power loss, while received changes survive a process crash and, after a
+    /// power loss, the last of them are fetched again from the peers that hold them (their
+    /// authors fsynced them before announcing them).
+    pub fn set_fsync_policy(&mut self, local: bool, remote: bool) -> Result<(), StoreError> {
+        self.fsync_local = local;
+        self.fsync_remote = remote;
+        // Force the next `sync_for` to set the pragma.
+        self.sync_full = !local;
+        self.sync_for(true)
+    }
+
+    /// Set `synchronous` for the commits that follow: this node's own writes (`local`) or
+    /// received changes.
+    fn sync_for(&mut self, local: bool) -> Result<(), StoreError> {
+        let full = if local {
+            self.fsync_local
+        } else {
+            self.fsync_remote
+        };
+        if full != self.sync_full {
+            self.conn
+                .pragma_update(None, "synchronous", if full { "FULL" } else { "NORMAL" })?;
+            self.sync_full = full;
+        }
         Ok(())
     }
 
@@ -878,7 +922,10 @@ impl Store {
             return results;
         }
         let accepted: Vec<&Accepted> = made.iter().map(|(_, a)| a).collect();
-        if let Err(e) = self.persist(&accepted, &touched) {
+        if let Err(e) = self
+            .sync_for(true)
+            .and_then(|()| self.persist(&accepted, &touched))
+        {
             // Nothing was committed: forget the in-memory documents that ran ahead of disk.
             for doc in touched.keys() {
                 self.loaded.remove(doc);
@@ -1139,7 +1186,9 @@ impl Store {
                 "membership change refused: {reason}"
             )));
         }
-        let report = self.ingest(vec![signed.clone()])?;
+        // Our own membership change: committed with the local fsync policy.
+        self.sync_for(true)?;
+        let report = self.ingest_inner(vec![signed.clone()])?;
         match report.outcomes.first().map(|o| &o.3) {
             Some(Outcome::Applied) => Ok(signed),
             other => Err(StoreError::Denied(format!(
@@ -1352,6 +1401,11 @@ impl Store {
     /// Verify and apply a batch of received changes (see module docs). Returns a per-change
     /// report; `Err` only for local failures (disk), in which case nothing was stored.
     pub fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
+        self.sync_for(false)?;
+        self.ingest_inner(batch)
+    }
+
+    fn ingest_inner(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         let mut report = IngestReport::default();
         let mut progress = self.ingest_round(batch, Vec::new(), &mut report, true)?;
         while progress && !self.pending.queue.is_empty() {
