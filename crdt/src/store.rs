@@ -899,23 +899,60 @@ impl Store {
     ) -> Vec<Result<Option<SignedChange>, StoreError>> {
         let me = key.node_id();
         let mut results: Vec<Result<Option<SignedChange>, StoreError>> =
-            Vec::with_capacity(ops.len());
-        let mut made: Vec<(usize, Accepted)> = Vec::new();
+            (0..ops.len()).map(|_| Ok(None)).collect();
+        let mut made: Vec<(Vec<usize>, Accepted)> = Vec::new();
         let mut touched: BTreeMap<String, Touched> = BTreeMap::new();
-        for (i, (doc, op)) in ops.iter().enumerate() {
-            let r = self.make_local_change(key, &me, doc, op, now_ms);
-            match r {
-                Ok(Some(acc)) => {
-                    let t = match touched.remove(doc) {
-                        Some(prev) => prev.merge(Touched::of_op(op)),
-                        None => Touched::of_op(op),
-                    };
-                    touched.insert(doc.clone(), t);
-                    results.push(Ok(Some(acc.signed.clone())));
-                    made.push((i, acc));
+        // Writes to the same document share one change (one signature, one Automerge
+        // commit, one change for every peer to verify and apply), in request order.
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, (doc, _)) in ops.iter().enumerate() {
+            match groups.iter_mut().find(|(d, _)| *d == doc.as_str()) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((doc.as_str(), vec![i])),
+            }
+        }
+        for (doc, idx) in groups {
+            let group: Vec<&Op> = idx.iter().map(|&i| &ops[i].1).collect();
+            let attempt = self.make_local_change(key, &me, doc, &group, now_ms);
+            type Made = Result<Option<(Accepted, Vec<bool>)>, StoreError>;
+            let outcomes: Vec<(Vec<usize>, Made)> = match attempt {
+                Ok(acc) => vec![(idx, Ok(acc))],
+                // One of them failed: redo them one by one so that each caller gets
+                // its own answer.
+                Err(_) if idx.len() > 1 => idx
+                    .iter()
+                    .map(|&i| {
+                        let r = self.make_local_change(key, &me, doc, &[&ops[i].1], now_ms);
+                        (vec![i], r)
+                    })
+                    .collect(),
+                Err(e) => vec![(idx, Err(e))],
+            };
+            for (idx, r) in outcomes {
+                match r {
+                    Ok(Some((acc, changed))) => {
+                        for (&i, &c) in idx.iter().zip(&changed) {
+                            if c {
+                                results[i] = Ok(Some(acc.signed.clone()));
+                                let t = match touched.remove(doc) {
+                                    Some(prev) => prev.merge(Touched::of_op(&ops[i].1)),
+                                    None => Touched::of_op(&ops[i].1),
+                                };
+                                touched.insert(doc.to_string(), t);
+                            }
+                        }
+                        made.push((idx, acc));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let msg = e.to_string();
+                        let mut e = Some(e);
+                        for &i in &idx {
+                            results[i] =
+                                Err(e.take().unwrap_or_else(|| StoreError::Invalid(msg.clone())));
+                        }
+                    }
                 }
-                Ok(None) => results.push(Ok(None)),
-                Err(e) => results.push(Err(e)),
             }
         }
         if made.is_empty() {
@@ -931,8 +968,10 @@ impl Store {
                 self.loaded.remove(doc);
             }
             let msg = e.to_string();
-            for (i, _) in &made {
-                results[*i] = Err(StoreError::Invalid(format!("commit failed: {msg}")));
+            for (idx, _) in &made {
+                for &i in idx {
+                    results[i] = Err(StoreError::Invalid(format!("commit failed: {msg}")));
+                }
             }
         }
         results
@@ -943,9 +982,9 @@ impl Store {
         key: &SecretKey,
         me: &NodeId,
         doc: &str,
-        op: &Op,
+        ops: &[&Op],
         now_ms: i64,
-    ) -> Result<Option<Accepted>, StoreError> {
+    ) -> Result<Option<(Accepted, Vec<bool>)>, StoreError> {
         if !valid_doc_name(doc) || doc == MEMBERSHIP_DOC {
             return Err(StoreError::Invalid(format!(
                 "`{doc}` is not a valid document name (lowercase a-z 0-9 . _ - separated by /)"
@@ -959,21 +998,24 @@ impl Store {
         let loaded = self.loaded_doc_or_new(doc)?;
         loaded.am.set_actor(ActorId::from(me.0.as_slice()));
         let mut tx = loaded.am.transaction();
-        let res = match op {
-            Op::Put { path, value } => json::put_path(&mut tx, path, value),
-            Op::Delete { path } => json::delete_path(&mut tx, path),
-            Op::Replace { value } => json::reconcile_root(&mut tx, value),
-        };
-        match res {
-            Ok(true) => {}
-            Ok(false) => {
-                tx.rollback();
-                return Ok(None);
+        let mut changed = Vec::with_capacity(ops.len());
+        for op in ops {
+            let res = match op {
+                Op::Put { path, value } => json::put_path(&mut tx, path, value),
+                Op::Delete { path } => json::delete_path(&mut tx, path),
+                Op::Replace { value } => json::reconcile_root(&mut tx, value),
+            };
+            match res {
+                Ok(c) => changed.push(c),
+                Err(e) => {
+                    tx.rollback();
+                    return Err(e.into());
+                }
             }
-            Err(e) => {
-                tx.rollback();
-                return Err(e.into());
-            }
+        }
+        if !changed.iter().any(|c| *c) {
+            tx.rollback();
+            return Ok(None);
         }
         tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now_ms));
         let change = loaded
@@ -994,12 +1036,15 @@ impl Store {
             let _ = owners.touched([&change]);
         }
         let max_op = header.start_op - 1 + change.len() as u64;
-        Ok(Some(Accepted {
-            signed,
-            header,
-            change,
-            max_op,
-        }))
+        Ok(Some((
+            Accepted {
+                signed,
+                header,
+                change,
+                max_op,
+            },
+            changed,
+        )))
     }
 
     /// Add a member (admin only). The change is durable when this returns.
