@@ -68,7 +68,10 @@
 //!   jitter, `base = min(backoff_max, backoff_min·2ⁿ)`, pause uniform in
 //!   `[base/2, base]` (defaults 200 ms → 30 s). A connection that drops after
 //!   living less than 10 s does not reset the attempt counter, so a peer that
-//!   accepts-then-closes is not hammered. The QUIC stateless-reset key is
+//!   accepts-then-closes is not hammered. [`Endpoint::set_redial_cap`]
+//!   lowers `backoff_max` for one peer (the agent uses it for its join seed
+//!   while waiting to be admitted, so it connects within about a second of
+//!   admission instead of up to `backoff_max` later). The QUIC stateless-reset key is
 //!   derived from the node key, so a restarted peer resets our stale
 //!   connection at the first packet instead of leaving us to wait for the idle
 //!   timeout.
