@@ -286,7 +286,8 @@ impl Task {
 
     /// Keep `seen` on disk (it is the file content `file_value` was read from or rendered
     /// to), so a restart can tell an edit made meanwhile from the agent's own last write.
-    fn remember(&mut self) {
+    /// Blocking file work (fsync) runs off the async workers, as in [`super::write`].
+    async fn remember(&mut self) {
         // A refused edit leaves `seen` ahead of `file_value`: nothing consistent to keep.
         if self.rejected
             || self.seen.is_none()
@@ -296,7 +297,11 @@ impl Task {
             return;
         }
         let bytes = self.seen.clone().unwrap_or_default();
-        match self.last.store(&bytes) {
+        let (last, b2) = (self.last.clone(), bytes.clone());
+        let stored = tokio::task::spawn_blocking(move || last.store(&b2))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match stored {
             Ok(()) => self.recorded = Some(bytes),
             Err(e) => {
                 tracing::warn!(file = %self.b.file.display(), error = %e, "cannot record the file's content in the data directory; an edit made while the agent is stopped may be overwritten at the next start")
@@ -378,7 +383,7 @@ impl Task {
         };
         if self.file_value.as_ref() == Some(&ours) {
             self.rejected = false;
-            self.remember();
+            self.remember().await;
             return false; // only formatting changed
         }
         if let Some(check) = &self.b.check {
@@ -423,7 +428,7 @@ impl Task {
                 let render = merged != ours;
                 self.file_value = Some(ours);
                 self.rejected = false;
-                self.remember();
+                self.remember().await;
                 // The service must load the edited file too (if a render follows, it shares
                 // this reload).
                 self.schedule_reload();
@@ -477,7 +482,7 @@ impl Task {
         self.waiting_logged = false;
         if self.file_value.as_ref() == Some(&v) {
             self.render_retry.reset();
-            self.remember();
+            self.remember().await;
             self.up_to_date();
             return;
         }
@@ -496,7 +501,7 @@ impl Task {
                 self.file_value = Some(v);
                 self.rejected = false;
                 self.render_retry.reset();
-                self.remember();
+                self.remember().await;
                 if w == Written::Unchanged {
                     self.up_to_date();
                 } else {
