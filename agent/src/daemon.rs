@@ -229,8 +229,12 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         );
     }
 
-    let bindings =
-        crate::render::Manager::start(cfg.bindings.clone(), handle.clone(), shutdown_rx.clone());
+    let bindings = crate::render::Manager::start(
+        cfg.bindings.clone(),
+        handle.clone(),
+        shutdown_rx.clone(),
+        &cfg.data_dir.join("bindings"),
+    );
 
     let server_shutdown = {
         let mut rx = shutdown_rx.clone();

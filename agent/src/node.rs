@@ -28,6 +28,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 
+/// Longest pause between dials of a join seed while this node waits to be admitted.
+const JOIN_REDIAL_CAP: Duration = Duration::from_secs(1);
+
 /// An error for API callers: an HTTP status and a message that names the next step.
 #[derive(Debug, Clone, Serialize)]
 pub struct ApiError {
@@ -448,6 +451,14 @@ impl Node {
         }
         for (id, addrs) in &wanted {
             self.endpoint.add_peer(id.0, addrs.clone());
+        }
+        // Waiting to be admitted (not a member, not removed): the seeds refuse us until an
+        // admin runs `members add`, and we must notice that within about a second, not after
+        // a backoff pause that has grown to half a minute.
+        let waiting = !m.is_active(&me) && m.get(&me).is_none_or(|x| x.role != Role::Removed);
+        for (id, _) in &self.seeds {
+            self.endpoint
+                .set_redial_cap(id.0, waiting.then_some(JOIN_REDIAL_CAP));
         }
         self.known_peers = wanted.keys().copied().collect();
         self.endpoint.membership_changed();

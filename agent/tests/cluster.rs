@@ -1,6 +1,7 @@
 //! Three real `lichen` processes: join, write and read through the CLI, `watch` seeing a remote
 //! write, kill -9 and restart under load with no acknowledged write lost, and a network
-//! partition with concurrent writes that converge into a visible conflict.
+//! partition with concurrent writes that converge into a visible conflict. Also: a joining
+//! node that was refused for a while connects within seconds of `members add`.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{wait_until, Cluster, Lines, Net, Rng, BIN, PATIENCE};
+use common::{node_ip, wait_until, Agent, Cluster, Lines, Net, Rng, BIN, PATIENCE};
 use serde_json::{json, Value};
 
 #[test]
@@ -167,4 +168,43 @@ fn partition_with_iptables_converges_with_visible_conflict() {
         return;
     }
     partition(Net::Direct, 17);
+}
+
+/// A joining node is refused by its seed until an admin runs `members add`. However long it
+/// has been refused, it must see the cluster's data within seconds of being admitted (its
+/// redials of the seed are capped at 1 s while it waits), not after a transport backoff that
+/// has grown towards 30 s.
+#[test]
+fn joining_node_syncs_within_seconds_of_admission() {
+    let mut c = Cluster::start(1, 31, Net::Direct);
+    assert!(c.agents[0].put("app", "replicas", "3"));
+    let token = c.agents[0].status()["join_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut b = Agent::new(c.dir.path(), "b", node_ip(31, 1));
+    b.join = Some(token);
+    b.start();
+    c.agents.push(b);
+    let (a, b) = (&c.agents[0], &c.agents[1]);
+
+    // Let the seed refuse b seven times. With the uncapped backoff (200 ms doubling) that
+    // takes about 19 s on average and b's next pause would be 12.8 s to 25.6 s.
+    let refusals = || a.log_text().matches("incoming handshake failed").count();
+    wait_until("a refused b seven times", Duration::from_secs(60), || {
+        refusals() >= 7
+    });
+    assert_eq!(b.get("app", "replicas"), None, "b is not admitted yet");
+
+    a.ok(&["members", "add", &b.id, "--role", "writer", "--name", "b"]);
+    let admitted = std::time::Instant::now();
+    wait_until(
+        "b reads the cluster's data after admission",
+        Duration::from_secs(8),
+        || b.get("app", "replicas") == Some(json!(3)),
+    );
+    eprintln!("b synced {:?} after `members add`", admitted.elapsed());
+    wait_until("b knows it is a writer", PATIENCE, || {
+        b.status()["node"]["role"] == "writer"
+    });
 }

@@ -629,3 +629,65 @@ fn a_failing_reload_is_counted_retried_and_does_not_stop_the_agent() {
         read_json(&file) == Some(json!({"v": 2}))
     });
 }
+
+/// Sync mode: an edit made while the agent was stopped is ingested at the next start (a
+/// signed change by this node, the user's bytes kept), instead of being overwritten by the
+/// document; a file left as the agent last wrote it is not ingested again.
+#[test]
+fn an_edit_made_while_the_agent_was_stopped_is_ingested_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let file = dir.join("app.json");
+    let cfg = config(dir, "n", "app/cfg", &file, "mode = \"sync\"");
+    let mut a = Agent::start(dir, "n", &cfg, "127.0.0.1:0", None);
+    let me = a.status()["node"]["id"].as_str().expect("id").to_string();
+    assert!(a.put("app/cfg", "", json!({"limit": 1, "name": "svc"})));
+    wait_for("file rendered", 10, || {
+        read_json(&file) == Some(json!({"limit": 1, "name": "svc"}))
+    });
+    let history = |a: &Agent| -> Vec<Value> {
+        serde_json::from_str::<Value>(&a.cli(&["--json", "history", "app/cfg"]))
+            .expect("history json")
+            .as_array()
+            .expect("history array")
+            .clone()
+    };
+    assert_eq!(history(&a).len(), 1);
+
+    // Stopped (SIGKILL: nothing gets a chance to run), the file is edited by hand.
+    a.kill();
+    let edited = "{\"limit\": 2, \"name\": \"svc\", \"added\": true}\n";
+    std::fs::write(&file, edited).expect("edit");
+    a.restart("n");
+    wait_for("the edit is in the document", 10, || {
+        a.get("app/cfg", "") == Some(json!({"limit": 2, "name": "svc", "added": true}))
+    });
+    assert_eq!(a.log_count("edited while the agent was stopped"), 1);
+    // `lichen get` shows it; it is one new change, signed by this node.
+    assert_eq!(a.cli(&["get", "app/cfg", "limit"]).trim(), "2");
+    let h = history(&a);
+    assert_eq!(h.len(), 2, "{h:?}");
+    assert!(
+        h.iter().all(|e| e["author"].as_str() == Some(me.as_str())),
+        "every change names this node as its author: {h:?}"
+    );
+    // The file keeps the user's bytes (the merge added nothing).
+    assert_eq!(read(&file), edited.as_bytes());
+
+    // Restarted again with the file as the agent last saw it: nothing is ingested again,
+    // the file is up to date and untouched.
+    let compared = a.log_count("is up to date");
+    a.restart("n");
+    wait_for("start-up comparison done", 10, || {
+        a.log_count("is up to date") > compared
+    });
+    assert_eq!(a.log_count("edited while the agent was stopped"), 1);
+    assert_eq!(history(&a).len(), 2);
+    assert_eq!(read(&file), edited.as_bytes());
+
+    // The live path still works after all this.
+    assert!(a.put("app/cfg", "limit", json!(3)));
+    wait_for("re-rendered", 10, || {
+        read_json(&file).is_some_and(|v| v["limit"] == json!(3) && v["added"] == json!(true))
+    });
+}

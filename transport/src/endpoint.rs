@@ -187,6 +187,9 @@ struct State {
     dialers: HashMap<PeerKey, Arc<Dialer>>,
     /// Serialises establish/teardown per peer (see module doc).
     peer_locks: HashMap<PeerKey, Arc<tokio::sync::Mutex<()>>>,
+    /// Per-peer caps on the redial pause, below [`Config::backoff_max`]
+    /// ([`Endpoint::set_redial_cap`]).
+    redial_caps: HashMap<PeerKey, Duration>,
 }
 
 struct Inner {
@@ -387,6 +390,38 @@ impl Endpoint {
         }
     }
 
+    /// Caps the pause between redials of `key` at `cap` (before jitter: the
+    /// pause is drawn from `[cap/2, cap]` once the exponential backoff reaches
+    /// it), or restores [`Config::backoff_max`] with `None`. A cap above
+    /// `backoff_max` has no effect. Lowering the cap cuts a pause in progress
+    /// short (the dialer retries at once); setting the same cap again does
+    /// nothing. May be called before or after [`Endpoint::add_peer`].
+    ///
+    /// For peers we must reach soon after they start accepting us, e.g. the
+    /// seed of a node that is waiting to be admitted to the cluster.
+    pub fn set_redial_cap(&self, key: PeerKey, cap: Option<Duration>) {
+        let inner = self.inner();
+        let mut st = lock(&inner.state);
+        let old = st.redial_caps.get(&key).copied();
+        if old == cap {
+            return;
+        }
+        match cap {
+            Some(c) => st.redial_caps.insert(key, c),
+            None => st.redial_caps.remove(&key),
+        };
+        let lowered = match (old, cap) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(o), Some(c)) => c < o,
+        };
+        if lowered {
+            if let Some(d) = st.dialers.get(&key) {
+                d.notify.notify_one();
+            }
+        }
+    }
+
     /// Re-asks the [`Authorizer`] about every live connection and closes, at
     /// once, those it now rejects ([`close_code::NOT_MEMBER`]); dialers of
     /// rejected keys pause until membership changes again.
@@ -561,14 +596,13 @@ impl Inner {
         self.config.idle_timeout.min(MAX_HANDSHAKE_TIME)
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
+    fn backoff(&self, peer: &PeerKey, attempt: u32) -> Duration {
+        let max = match lock(&self.state).redial_caps.get(peer) {
+            Some(cap) => self.config.backoff_max.min(*cap),
+            None => self.config.backoff_max,
+        };
         let mut rng = lock(&self.rng);
-        backoff::delay(
-            attempt,
-            self.config.backoff_min,
-            self.config.backoff_max,
-            &mut *rng,
-        )
+        backoff::delay(attempt, self.config.backoff_min, max, &mut *rng)
     }
 
     fn reject_stream(&self, peer: &PeerKey, recv: &mut quinn::RecvStream, e: FrameError) {
@@ -692,7 +726,7 @@ async fn dial_loop(inner: Arc<Inner>, d: Arc<Dialer>) {
         if inner.is_connected(&peer) {
             continue;
         }
-        let delay = inner.backoff(attempt);
+        let delay = inner.backoff(&peer, attempt);
         attempt = attempt.saturating_add(1);
         debug!(peer = %Hex(&peer), ?delay, attempt, "waiting before redial");
         tokio::select! {

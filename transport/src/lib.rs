@@ -68,8 +68,11 @@
 //!   jitter, `base = min(backoff_max, backoff_min·2ⁿ)`, pause uniform in
 //!   `[base/2, base]` (defaults 200 ms → 30 s). A connection that drops after
 //!   living less than 10 s does not reset the attempt counter, so a peer that
-//!   accepts-then-closes is not hammered. The QUIC stateless-reset key is
-//!   derived from the node key, so a restarted peer resets our stale
+//!   accepts-then-closes is not hammered. [`Endpoint::set_redial_cap`]
+//!   lowers `backoff_max` for one peer (the agent uses it for its join seed
+//!   while waiting to be admitted, so it connects within about a second of
+//!   admission instead of up to `backoff_max` later). The QUIC stateless-reset
+//!   key is derived from the node key, so a restarted peer resets our stale
 //!   connection at the first packet instead of leaving us to wait for the idle
 //!   timeout.
 //! * **Membership**. [`Endpoint::membership_changed`] re-asks the
@@ -106,9 +109,12 @@
 //! pseudo-random round trip mirroring `fuzz/fuzz_targets/frame.rs`), backoff
 //! and certificate/key handling. `tests/` runs real endpoints on loopback UDP:
 //! handshakes (members, non-member, other cluster), streams (garbage,
-//! oversized and truncated frames; stalled peer) and connections
+//! oversized and truncated frames; stalled peer), connections
 //! (simultaneous dial, restart on the same port, network loss through a UDP
-//! relay, removal from membership).
+//! relay, removal from membership, the redial cap while a peer refuses us) and
+//! a crash (`tests/crash.rs`: a peer process killed with SIGKILL, which sends
+//! no CONNECTION_CLOSE, is reported down by the idle timeout and redialled
+//! when it comes back).
 
 #![warn(missing_docs)]
 

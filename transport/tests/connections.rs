@@ -213,3 +213,44 @@ async fn reconnects_when_the_network_comes_back() {
     assert_eq!(&wait_frame(&mut brx, key(1)).await[..], b"back online");
     assert_eq!(a.connected_peers(), vec![key(2)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redial_cap_bounds_the_pause_while_a_peer_refuses_us() {
+    init_tracing();
+    // B does not accept A yet (A is "waiting to be admitted"); A accepts B.
+    let a_view = Members::of(&[key(1), key(2)]);
+    let b_view = Members::of(&[key(2)]);
+    let mut ca = config(1);
+    ca.backoff_max = Duration::from_secs(30);
+    let (a, mut arx) = Endpoint::bind(ca, Arc::new(a_view)).await.unwrap();
+    let (b, mut brx) = node(2, &b_view).await;
+    a.set_redial_cap(key(2), Some(Duration::from_millis(200)));
+    a.add_peer(key(2), vec![b.local_addr()]);
+
+    // Ten refusals: uncapped, the pauses (20 ms doubling) would add up to
+    // about 15 s and the next one would be 10 s or more.
+    wait_until("B refused A ten times", || {
+        b.stats().handshakes_failed >= 10
+    })
+    .await;
+    assert!(a.connected_peers().is_empty());
+
+    // Admitted: A's next redial, at most 200 ms away, gets through.
+    b_view.add(key(1));
+    b.membership_changed(); // does not wake A's dialer: only the cap helps
+    let admitted = tokio::time::Instant::now();
+    wait_connected(&mut arx, key(2)).await;
+    wait_connected(&mut brx, key(1)).await;
+    assert!(
+        admitted.elapsed() < Duration::from_secs(2),
+        "connected {:?} after admission",
+        admitted.elapsed()
+    );
+
+    // Back to the default cap: the connection is unaffected.
+    a.set_redial_cap(key(2), None);
+    a.send(&key(2), Bytes::from_static(b"admitted"))
+        .await
+        .unwrap();
+    assert_eq!(&wait_frame(&mut brx, key(1)).await[..], b"admitted");
+}

@@ -8,13 +8,14 @@
 //! starts only after the old one has finished, so two tasks never write one file.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::binding::Binding;
+use super::last::LastSeen;
 use super::task;
 use crate::node::NodeHandle;
 
@@ -27,19 +28,24 @@ struct Running {
 /// Runs one task per binding; reloads replace the set.
 pub struct Manager {
     node: NodeHandle,
+    /// Where each binding's last-seen file content is kept ([`LastSeen`]).
+    state_dir: PathBuf,
     shutdown: watch::Receiver<bool>,
     running: std::sync::Mutex<HashMap<PathBuf, Running>>,
 }
 
 impl Manager {
-    /// Start tasks for `bindings`. Must be called inside the Tokio runtime.
+    /// Start tasks for `bindings`, keeping their state in `state_dir` (created when first
+    /// needed). Must be called inside the Tokio runtime.
     pub fn start(
         bindings: Vec<Binding>,
         node: NodeHandle,
         shutdown: watch::Receiver<bool>,
+        state_dir: &Path,
     ) -> Manager {
         let m = Manager {
             node,
+            state_dir: state_dir.to_path_buf(),
             shutdown,
             running: std::sync::Mutex::new(HashMap::new()),
         };
@@ -82,11 +88,12 @@ impl Manager {
     fn spawn(&self, b: Binding, previous: Option<JoinHandle<()>>) -> Running {
         let (stop, stop_rx) = watch::channel(false);
         let (node, shutdown, binding) = (self.node.clone(), self.shutdown.clone(), b.clone());
+        let last = LastSeen::new(&self.state_dir, &b);
         let handle = tokio::spawn(async move {
             if let Some(p) = previous {
                 let _ = p.await;
             }
-            task::run(b, node, stop_rx, shutdown).await;
+            task::run(b, node, last, stop_rx, shutdown).await;
         });
         Running {
             binding,

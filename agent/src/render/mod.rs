@@ -22,6 +22,7 @@
 //! * [`command`]: check and reload commands with a timeout.
 //! * [`ingest`]: file edits → document writes (validation, three-way merge, `Op`).
 //! * [`watch`]: directory watching that survives rename-based saves.
+//! * [`last`]: what each file last held, kept in the data directory across restarts.
 //! * [`owner`]: user/group names → ids without libc.
 //! * [`task`]: the per-binding state machine (echo suppression, retries, start-up rules).
 //! * [`manager`]: start, reload (SIGHUP), stop.
@@ -45,16 +46,25 @@
 //! A local edit is merged three-way into the *current* document (see [`ingest`]), so saving a
 //! file that predates a peer's not-yet-rendered change does not revert that change.
 //!
+//! # Edits made while the agent is stopped
+//!
+//! Each task records the file content it last wrote or accepted ([`last`], under
+//! `<data_dir>/bindings/`). At start-up, in `sync` mode, a file that differs from that record
+//! was edited while the agent was down: it is ingested like a live edit (three-way merge with
+//! the record as the base, a signed change, the user's bytes kept unless the merge adds
+//! something). A file equal to the record gets the current document rendered as usual. In
+//! `render` mode, and when there is no record yet (first start with this binding), the
+//! document wins: a file that differs from it is rewritten.
+//!
 //! # What is not done
 //!
-//! Edits made while the agent is stopped are not ingested at start-up: the document wins and
-//! the file is rewritten if it differs (start the agent, then save the file, to adopt its
-//! content). A reload pending when the agent is killed with SIGKILL is lost (SIGTERM runs it).
+//! A reload pending when the agent is killed with SIGKILL is lost (SIGTERM runs it).
 
 mod binding;
 mod command;
 mod format;
 mod ingest;
+mod last;
 mod manager;
 mod owner;
 mod task;

@@ -26,9 +26,15 @@
 //! edit updates `seen` but not `file_value`, so it is neither ingested nor overwritten until
 //! the document changes or the file is fixed.
 //!
-//! Start-up: the current file is taken as `seen`/`file_value`; if the document (or path) does
-//! not exist yet, or is an empty map before any notice arrived (a node that has not synced
-//! yet), the file is not touched and the task logs that it is waiting. A file whose content
+//! `seen` (when it decodes to `file_value`) is also kept on disk ([`super::last`]) after every
+//! render and accepted edit, so that it survives a restart.
+//!
+//! Start-up: the current file is taken as `seen`/`file_value` — except in `sync` mode when it
+//! differs from the record on disk: then the record is taken as `seen`/`file_value`, so the
+//! first processing sees the file as edited and ingests it (three-way merge on the record),
+//! as if the edit had been made while the agent ran. If the document (or path) does not
+//! exist yet, or is an empty map before any notice arrived (a node that has not synced yet),
+//! the file is not rendered over and the task logs that it is waiting. A file whose content
 //! already equals the document is not rewritten (same inode, same mtime, no reload).
 //!
 //! Reload: the reload command runs once per effective change of the file — after a render
@@ -52,6 +58,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use super::binding::{Binding, Mode};
+use super::last::LastSeen;
 use super::watch::{FileWatch, Wake};
 use super::write::{read_current, write_file, Written};
 use super::{command, format, ingest};
@@ -93,6 +100,10 @@ impl Backoff {
 struct Task {
     b: Binding,
     node: NodeHandle,
+    /// The on-disk copy of `seen` (as of the last render or accepted edit).
+    last: LastSeen,
+    /// What `last` holds, to skip rewriting it with the same bytes.
+    recorded: Option<Vec<u8>>,
     seen: Option<Vec<u8>>,
     file_value: Option<Value>,
     /// A notice for the document arrived since start-up: an empty document may be rendered.
@@ -112,6 +123,7 @@ struct Task {
 pub async fn run(
     b: Binding,
     node: NodeHandle,
+    last: LastSeen,
     mut stop: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -120,7 +132,7 @@ pub async fn run(
     let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(16);
     let mut watch: Option<FileWatch> = None;
     let mut rewatch_due = Some(Instant::now());
-    let mut t = Task::new(b, node);
+    let mut t = Task::new(b, node, last);
     let mut doc_dirty = true;
     let mut debounce_due = Some(Instant::now());
     tracing::info!(
@@ -219,18 +231,40 @@ pub async fn run(
 }
 
 impl Task {
-    fn new(b: Binding, node: NodeHandle) -> Task {
-        let seen = match read_current(&b.file) {
+    fn new(b: Binding, node: NodeHandle, last: LastSeen) -> Task {
+        let mut seen = match read_current(&b.file) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(file = %b.file.display(), error = %e, "cannot read the file");
                 None
             }
         };
-        let file_value = seen.as_deref().and_then(|s| ingest::decode(&b, s).ok());
+        let recorded = match last.load() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(file = %b.file.display(), error = %e, "cannot read what the file held when the agent last ran; the document wins at start-up");
+                None
+            }
+        };
+        let mut file_value = seen.as_deref().and_then(|s| ingest::decode(&b, s).ok());
+        if b.mode == Mode::Sync && seen.is_some() && recorded.is_some() && seen != recorded {
+            // Edited while the agent was stopped: start from what the file held then, so the
+            // first look at the file ingests the edit with that as the merge base.
+            if let Some(base) = recorded.as_deref().and_then(|r| ingest::decode(&b, r).ok()) {
+                tracing::info!(
+                    file = %b.file.display(),
+                    doc = %b.target(),
+                    "the file was edited while the agent was stopped: applying the edit"
+                );
+                seen = recorded.clone();
+                file_value = Some(base);
+            }
+        }
         Task {
             b,
             node,
+            last,
+            recorded,
             seen,
             file_value,
             armed: false,
@@ -248,6 +282,31 @@ impl Task {
             ("LICHEN_DOC", self.b.doc.clone()),
             ("LICHEN_FILE", self.b.file.to_string_lossy().into_owned()),
         ]
+    }
+
+    /// Keep `seen` on disk (it is the file content `file_value` was read from or rendered
+    /// to), so a restart can tell an edit made meanwhile from the agent's own last write.
+    /// Blocking file work (fsync) runs off the async workers, as in [`super::write`].
+    async fn remember(&mut self) {
+        // A refused edit leaves `seen` ahead of `file_value`: nothing consistent to keep.
+        if self.rejected
+            || self.seen.is_none()
+            || self.file_value.is_none()
+            || self.seen == self.recorded
+        {
+            return;
+        }
+        let bytes = self.seen.clone().unwrap_or_default();
+        let (last, b2) = (self.last.clone(), bytes.clone());
+        let stored = tokio::task::spawn_blocking(move || last.store(&b2))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match stored {
+            Ok(()) => self.recorded = Some(bytes),
+            Err(e) => {
+                tracing::warn!(file = %self.b.file.display(), error = %e, "cannot record the file's content in the data directory; an edit made while the agent is stopped may be overwritten at the next start")
+            }
+        }
     }
 
     /// Look at the file, then at the document.
@@ -324,6 +383,7 @@ impl Task {
         };
         if self.file_value.as_ref() == Some(&ours) {
             self.rejected = false;
+            self.remember().await;
             return false; // only formatting changed
         }
         if let Some(check) = &self.b.check {
@@ -368,6 +428,7 @@ impl Task {
                 let render = merged != ours;
                 self.file_value = Some(ours);
                 self.rejected = false;
+                self.remember().await;
                 // The service must load the edited file too (if a render follows, it shares
                 // this reload).
                 self.schedule_reload();
@@ -421,6 +482,7 @@ impl Task {
         self.waiting_logged = false;
         if self.file_value.as_ref() == Some(&v) {
             self.render_retry.reset();
+            self.remember().await;
             self.up_to_date();
             return;
         }
@@ -439,6 +501,7 @@ impl Task {
                 self.file_value = Some(v);
                 self.rejected = false;
                 self.render_retry.reset();
+                self.remember().await;
                 if w == Written::Unchanged {
                     self.up_to_date();
                 } else {
