@@ -14,7 +14,9 @@
 //! * throughput with C concurrent clients (default 8) writing through a's API, and the time
 //!   for b and c to have everything afterwards;
 //! * CPU time (utime + stime from /proc/PID/stat) summed over the three agents, per write;
-//! * resident memory (VmRSS from /proc/PID/status): idle after start, and after the run.
+//! * resident memory (VmRSS from /proc/PID/status): idle after start, and after the run, split
+//!   into anonymous memory (the agent's own heap and stacks) and file pages (mostly the
+//!   binary's code, shared with every process mapping it and reclaimable page cache).
 //!
 //! The clients run on the same machine and compete with the agents for the CPU.
 
@@ -231,11 +233,29 @@ fn cpu_seconds(pid: u32, tck: f64) -> f64 {
     (ticks(14) + ticks(15)) / tck
 }
 
+/// A counter from an agent's /metrics (0 if absent).
+fn metric(h: &ureq::Agent, api: &str, name: &str) -> f64 {
+    let text = h
+        .get(format!("http://{api}/metrics"))
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_to_string().ok())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -263,7 +283,16 @@ fn cpu_line(before: &[f64], after: &[f64], writes: f64) -> String {
 fn rss_line(c: &Cluster) -> String {
     c.agents
         .iter()
-        .map(|a| format!("{} {:.1} MiB", a.name, rss_kib(a.pid()) as f64 / 1024.0))
+        .map(|a| {
+            let mib = |k: u64| k as f64 / 1024.0;
+            format!(
+                "{} {:.1} MiB (anon {:.1}, file {:.1})",
+                a.name,
+                mib(rss_kib(a.pid())),
+                mib(status_kib(a.pid(), "RssAnon:")),
+                mib(status_kib(a.pid(), "RssFile:"))
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -404,6 +433,8 @@ fn main() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let cpu0 = cpu_each(&c, tck);
+    let writes0 = metric(&h, &a, "lichen_writes_total");
+    let changes0 = metric(&h, &a, "lichen_changes_sent_total");
     let t0 = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|k| {
@@ -445,11 +476,16 @@ fn main() -> Result<()> {
         })
     })?;
     let cpu1 = cpu_each(&c, tck);
+    let signed = metric(&h, &a, "lichen_changes_sent_total") - changes0;
+    let acked = metric(&h, &a, "lichen_writes_total") - writes0;
     lat.sort();
     println!(
         "\nthroughput, {clients} clients     : {:.0} writes/s ({n} in {:.2} s)",
         n as f64 / wall.as_secs_f64(),
         wall.as_secs_f64()
+    );
+    println!(
+        "  signed changes         : {signed:.0} for {acked:.0} writes (group commit shares one change per document)"
     );
     println!(
         "  acknowledged           : p50 {}  p99 {}",
