@@ -1,9 +1,11 @@
 //! Store benchmarks (criterion). Run: `cargo bench -p lichen-crdt --bench store`.
 //!
 //! * `local_commit`: make + sign + store one change, fsync off (the CPU cost) and on.
-//! * `group_commit_8`: eight writes sharing one transaction and one fsync.
+//! * `group_commit_8`: eight writes to one document sharing one transaction, one fsync and one
+//!   signed change.
 //! * `ingest_10k`: verify + apply a batch of 10,000 remote changes on a fresh replica.
 //! * `open_and_read_100k`: open a store holding a 100,000-change document and read it.
+//! * `hot_key`: local commit on a fresh key vs one overwritten 10,000 times.
 
 use std::time::{Duration, Instant};
 
@@ -53,23 +55,44 @@ fn local_commit(c: &mut Criterion) {
     g.finish();
 }
 
-/// A store with `n` changes in one document, and those changes.
+/// A store with `n` changes in one document, and those changes (one write per change: a
+/// group commit would fold writes to one document into one change).
 fn history(path: &std::path::Path, n: u64) -> (Store, Vec<SignedChange>) {
     let key = SecretKey::from_seed([1; 32]);
     let mut s = Store::create(path, &key, "bench", T0).unwrap();
     s.set_fsync(false).unwrap();
-    let mut out = Vec::new();
-    let mut batch = Vec::new();
-    for i in 0..n {
-        batch.push(("app/big".to_string(), put(i)));
-        if batch.len() == 1000 || i + 1 == n {
-            for r in s.write_batch(&key, &batch, T0) {
-                out.push(r.unwrap().unwrap());
-            }
-            batch.clear();
-        }
-    }
+    let out = (0..n)
+        .map(|i| s.write(&key, "app/big", &put(i), T0).unwrap().unwrap())
+        .collect();
     (s, out)
+}
+
+/// Local commit on one key already overwritten `n` times: Automerge keeps every overwritten
+/// value, so the cost of writing (and applying) a hot key grows with its history.
+fn hot_key(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::from_seed([1; 32]);
+    let mut g = c.benchmark_group("hot_key");
+    for n in [0u64, 10_000] {
+        let path = dir.path().join(format!("hot-{n}.db"));
+        let mut s = Store::create(&path, &key, "bench", T0).unwrap();
+        s.set_fsync(false).unwrap();
+        let hot = |i: u64| Op::Put {
+            path: parse_path("hot").unwrap(),
+            value: json!(i),
+        };
+        for i in 0..n {
+            s.write(&key, "app/hot", &hot(i), T0).unwrap();
+        }
+        let mut i = n;
+        g.bench_function(format!("commit_after_{n}_overwrites"), |b| {
+            b.iter(|| {
+                i += 1;
+                s.write(&key, "app/hot", &hot(i), T0).unwrap().unwrap()
+            })
+        });
+    }
+    g.finish();
 }
 
 fn ingest_10k(c: &mut Criterion) {
@@ -124,5 +147,5 @@ fn open_100k(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, local_commit, ingest_10k, open_100k);
+criterion_group!(benches, local_commit, ingest_10k, open_100k, hot_key);
 criterion_main!(benches);
