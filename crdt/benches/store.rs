@@ -5,7 +5,8 @@
 //!   signed change.
 //! * `ingest_10k`: verify + apply a batch of 10,000 remote changes on a fresh replica.
 //! * `open_and_read_100k`: open a store holding a 100,000-change document and read it.
-//! * `hot_key`: local commit on a fresh key vs one overwritten 10,000 times.
+//! * `hot_key`: local commit on a fresh key vs one overwritten 10,000 times (the follower's
+//!   side, which does grow, is measured by `cargo run --release -p lichen-crdt --example hot_key`).
 
 use std::time::{Duration, Instant};
 
