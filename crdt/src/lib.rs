@@ -18,6 +18,9 @@
 //!   before Automerge sees a byte.
 //! * [`signed`]: the signed-change envelope and its encoding.
 //! * [`membership`]: the membership document and the revocation rule (read its docs).
+//! * `equivocation`: the rule for a key that signs two different changes at one seq (a cloned
+//!   key): both variants and what follows them are void, decided from the set of changes alone
+//!   (see "Equivocation" below).
 //! * [`store`]: SQLite persistence, verification pipeline, local writes, materialized reads.
 //! * `json`: JSON ⇄ Automerge with minimal operations.
 //!
@@ -44,6 +47,7 @@
 
 #![warn(missing_docs)]
 
+mod equivocation;
 pub mod error;
 pub mod header;
 pub mod identity;
