@@ -147,7 +147,7 @@ pub(crate) fn evaluate(rows: &[Row]) -> Verdict {
         for i in 0..rows.len() {
             let r = &rows[i];
             valid[i] = base[i]
-                && !flagged.get(&r.author).is_some_and(|f| r.seq >= *f)
+                && flagged.get(&r.author).is_none_or(|f| r.seq < *f)
                 && deps[i].iter().all(|d| d.is_some_and(|j| valid[j]));
         }
         let mut groups: BTreeMap<(NodeId, u64), Vec<usize>> = BTreeMap::new();

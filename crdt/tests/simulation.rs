@@ -207,45 +207,179 @@ fn removed_member_writes_on_a_fork_are_void_everywhere() {
     });
 }
 
+/// Hashes of the changes by `key` in `doc` with seq ≥ `from` among `hashes`.
+fn at_or_after(s: &Sim, changes: &[lichen_crdt::SignedChange], from: u64) -> Vec<[u8; 32]> {
+    let _ = s;
+    changes
+        .iter()
+        .filter(|c| lichen_crdt::header::parse(&c.bytes).unwrap().seq >= from)
+        .map(|c| c.hash().unwrap())
+        .collect()
+}
+
+/// The flagged-key checks shared by the equivocation stories: every honest node flags `key`
+/// (and nobody else), holds none of `void`, and holds everything in `kept`.
+fn assert_flagged_everywhere(
+    s: &Sim,
+    seed: u64,
+    key: lichen_crdt::NodeId,
+    void: &[[u8; 32]],
+    kept: &[[u8; 32]],
+) {
+    for (i, nd) in s.nodes.iter().enumerate().filter(|(_, n)| n.honest()) {
+        assert_eq!(
+            nd.store().equivocators().unwrap(),
+            vec![key],
+            "seed {seed}: n{i} does not flag exactly the cloned key"
+        );
+    }
+    for h in void {
+        assert!(
+            s.nowhere(h),
+            "seed {seed}: a variant (or a change after it) survived"
+        );
+    }
+    for h in kept {
+        assert!(
+            s.everywhere(h),
+            "seed {seed}: a change that must stand was lost"
+        );
+    }
+}
+
 #[test]
-fn cloned_key_equivocation_is_rejected_and_recorded() {
+fn cloned_key_writing_later_voids_both_lines_from_the_fork() {
     sweep("cloned_key", 0..3, |seed| {
         let n = 5;
         let (original, clone) = (1, 4);
         let mut s = Sim::with_kinds(seed, SimConfig::new(n), &[(clone, Kind::Clone)]);
         s.isolate(clone);
+        let mut before = Vec::new();
         for k in 0..2 {
-            s.write(original, "app/c", &format!("k{k}"));
+            before.push(s.write(original, "app/c", &format!("k{k}")).unwrap());
         }
         s.run_until(1_000);
         // Someone copies the original's disk image, key included.
         s.clone_node(clone, original);
         s.isolate(clone);
+        let mut line = Vec::new();
         for k in 2..6 {
-            s.write(original, "app/c", &format!("k{k}"));
+            line.push(s.write(original, "app/c", &format!("k{k}")).unwrap());
         }
+        let other = s.write(2, "app/other", "x").unwrap().hash().unwrap();
         s.excluded.insert(clone);
         s.settle(10_000);
         // The clone comes online and writes at sequence numbers the original already used.
         s.heal();
         for k in 0..3 {
-            s.write(clone, "app/c", &format!("clone{k}"));
+            line.push(s.write(clone, "app/c", &format!("clone{k}")).unwrap());
         }
         s.run_until(s.now + 5_000);
         s.settle(10_000);
         s.assert_converged();
-        let key = s.nodes[original].id;
-        let evidence = (0..n)
-            .filter(|i| *i != clone)
-            .filter(|i| s.nodes[*i].store().equivocators().unwrap().contains(&key))
-            .count();
-        assert!(
-            evidence > 0,
-            "seed {seed}: no node recorded the equivocation"
-        );
+        let fork = 3; // seqs 1 and 2 came before the copy
+        let void = at_or_after(&s, &line, fork);
+        assert_eq!(void.len(), line.len());
+        let mut kept: Vec<[u8; 32]> = before.iter().map(|c| c.hash().unwrap()).collect();
+        kept.push(other);
+        assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
         for h in s.written.clone() {
+            assert!(
+                void.contains(&h) || s.everywhere(&h),
+                "seed {seed}: an honest write was lost"
+            );
+        }
+    });
+}
+
+#[test]
+fn concurrent_equivocation_in_two_partitions_converges_with_both_variants_void() {
+    sweep("concurrent_equivocation", 0..10, |seed| {
+        let n = 7;
+        let (original, clone) = (1, 6);
+        let mut s = Sim::with_kinds(
+            seed,
+            SimConfig::new(n).lossy(0.03, 0.03),
+            &[(clone, Kind::Clone)],
+        );
+        s.clone_writes_forbidden = false;
+        s.isolate(clone);
+        let first = s.write(original, "app/c", "k0").unwrap();
+        s.run_until(500);
+        s.clone_node(clone, original);
+        s.excluded.insert(clone);
+        // Two partitions, each with one holder of the key and honest nodes that accept its
+        // writes (nobody can tell a clone from the original before seeing both variants).
+        s.heal();
+        s.split(|i| i <= 3);
+        let mut line = Vec::new();
+        let mut honest_c = Vec::new();
+        for k in 0..3u64 {
+            s.at(600 + k * 150, move |s| {
+                s.write(original, "app/c", &format!("o{k}"));
+                s.write(clone, "app/c", &format!("c{k}"));
+                // Honest writes on top of each side's variants, and elsewhere.
+                s.write(2, "app/c", &format!("h2-{k}"));
+                s.write(4, "app/c", &format!("h4-{k}"));
+                s.write(3, &format!("app/n{k}"), "x");
+                s.write(5, "app/other", &format!("y{k}"));
+            });
+        }
+        s.run_until(1_000 + 3 * 150);
+        // The clone's writes were applied by the honest nodes of its side: allowed until the
+        // fork is known, as long as they end void (checked below).
+        let cloned: Vec<lichen_crdt::SignedChange> = s.nodes[4]
+            .store()
+            .changes_after("app/c", &s.nodes[original].id, 1, 100)
+            .unwrap();
+        let orig: Vec<lichen_crdt::SignedChange> = s.nodes[2]
+            .store()
+            .changes_after("app/c", &s.nodes[original].id, 1, 100)
+            .unwrap();
+        assert_eq!(cloned.len(), 3, "seed {seed}");
+        assert_eq!(orig.len(), 3, "seed {seed}");
+        line.extend(cloned.iter().chain(&orig).cloned());
+        for side in [2usize, 4] {
+            honest_c.extend(
+                s.nodes[side]
+                    .store()
+                    .changes_after("app/c", &s.nodes[side].id, 0, 100)
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.hash().unwrap()),
+            );
+        }
+        s.heal();
+        s.settle(30_000);
+        s.run_until(s.now + 3_000);
+        s.settle(30_000);
+        s.assert_converged();
+        let void = at_or_after(&s, &line, 2);
+        assert_eq!(void.len(), 6);
+        let kept = vec![first.hash().unwrap()];
+        assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
+        // Honest writes to app/c made on top of a variant are void everywhere (they are
+        // reported as voided); every other honest write stands everywhere.
+        for h in s.written.clone() {
+            if void.contains(&h) || honest_c.contains(&h) {
+                continue;
+            }
             assert!(s.everywhere(&h), "seed {seed}: an honest write was lost");
         }
+        for h in &honest_c {
+            assert!(
+                s.nowhere(h) || s.everywhere(h),
+                "seed {seed}: split verdict"
+            );
+        }
+        // The honest writers write the values again: they reuse the voided seqs, which is not
+        // an equivocation, and the writes reach everyone.
+        let again = s.write(2, "app/c", "h2-again").unwrap().hash().unwrap();
+        let again4 = s.write(4, "app/c", "h4-again").unwrap().hash().unwrap();
+        s.settle(30_000);
+        s.assert_converged();
+        assert!(s.everywhere(&again) && s.everywhere(&again4), "seed {seed}");
+        assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
     });
 }
 

@@ -113,7 +113,7 @@ pub mod wire;
 use sha2::{Digest as _, Sha256};
 
 pub use engine::{Config, Event, Stats, SyncEngine};
-pub use wire::{Clocks, SyncMessage, VersionVector};
+pub use wire::{Clocks, DocRange, Frontier, Frontiers, SyncMessage, VersionVector};
 
 use crate::error::StoreError;
 use crate::identity::NodeId;
@@ -147,6 +147,37 @@ pub trait Replica {
     fn docs(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.clocks()?.into_keys().collect())
     }
+    /// Per document: sorted heads and the authors flagged for equivocation (see
+    /// [`Frontier`]). Part of the anti-entropy digest.
+    fn frontiers(&self) -> Result<Frontiers, StoreError> {
+        Ok(Frontiers::new())
+    }
+    /// Proof of a flagged fork of `author` in `doc`: two of its variants.
+    fn fork_evidence(&self, doc: &str, author: &NodeId) -> Result<Vec<SignedChange>, StoreError> {
+        let _ = (doc, author);
+        Ok(Vec::new())
+    }
+    /// Hashes of dependencies that held-back changes are waiting for, at most `limit`.
+    fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+}
+
+/// Per-document heads and flagged forks of a store (the [`Replica::frontiers`] of a
+/// [`Store`]).
+pub fn store_frontiers(store: &Store) -> Result<Frontiers, StoreError> {
+    let mut out = Frontiers::new();
+    for (doc, heads) in store.all_heads()? {
+        out.entry(doc).or_default().heads = heads;
+    }
+    for ((doc, author), seq) in store.forks() {
+        out.entry(doc.clone())
+            .or_default()
+            .forks
+            .insert(*author, *seq);
+    }
+    Ok(out)
 }
 
 impl Replica for Store {
@@ -171,6 +202,18 @@ impl Replica for Store {
     fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         Store::ingest(self, batch)
     }
+
+    fn frontiers(&self) -> Result<Frontiers, StoreError> {
+        store_frontiers(self)
+    }
+
+    fn fork_evidence(&self, doc: &str, author: &NodeId) -> Result<Vec<SignedChange>, StoreError> {
+        Store::fork_evidence(self, doc, author)
+    }
+
+    fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.wanted_deps(limit)
+    }
 }
 
 /// Errors of the sync engine: only local failures (the store). Bad network input is never an
@@ -182,10 +225,14 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
-/// The anti-entropy digest: SHA-256 over a domain tag and the canonical clock encoding.
-pub fn clocks_digest(clocks: &Clocks) -> [u8; 32] {
+/// The anti-entropy digest: SHA-256 over a domain tag and the canonical encodings of the
+/// version vectors and the frontiers (heads and flagged forks). Two nodes have equal digests
+/// exactly when they hold the same valid changes (heads name the whole causal history) and
+/// know the same forks.
+pub fn clocks_digest(clocks: &Clocks, frontiers: &Frontiers) -> [u8; 32] {
     let mut buf = Vec::with_capacity(64);
-    buf.extend_from_slice(b"lichen/clocks/v1\0");
+    buf.extend_from_slice(b"lichen/clocks/v2\0");
     wire::encode_clocks(clocks, &mut buf);
+    wire::encode_frontiers(frontiers, &mut buf);
     Sha256::digest(&buf).into()
 }
