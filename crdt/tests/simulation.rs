@@ -59,6 +59,37 @@ fn partition_heals_and_both_sides_converge() {
 }
 
 #[test]
+fn paged_clocks_still_converge() {
+    sweep("paged_clocks", 0..3, |seed| {
+        let n = 5;
+        let mut cfg = SimConfig::new(n).lossy(0.03, 0.03);
+        // Pages of one or two documents: every pull walks several pages.
+        cfg.sync.clocks_page_bytes = 150;
+        let mut s = Sim::new(seed, cfg);
+        s.run_until(100);
+        s.split(|i| i < 2);
+        for k in 0..24u64 {
+            s.at(200 + k * 40, move |s| {
+                let a = (k as usize * 3) % 5;
+                s.write(a, &format!("app/p{}", k % 8), &format!("k{}", k % 3));
+            });
+        }
+        s.run_until(2_000);
+        let clocks_before = s.by_kind.get("clocks").map(|c| c.0).unwrap_or(0);
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+        }
+        assert!(
+            s.by_kind["clocks"].0 - clocks_before >= 4,
+            "seed {seed}: not paged"
+        );
+    });
+}
+
+#[test]
 fn isolated_node_catches_up_in_bounded_batches() {
     sweep("isolated_catches_up", 0..2, |seed| {
         let mut cfg = SimConfig::new(4);

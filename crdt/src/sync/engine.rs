@@ -1111,6 +1111,111 @@ mod tests {
     }
 
     #[test]
+    fn large_clocks_are_sent_in_pages_under_the_message_limit() {
+        // 300 documents × 1,000 authors: 300,000 entries, ~12 MB as one clock list.
+        let mut clocks = Clocks::new();
+        for d in 0..300u32 {
+            let vv: super::super::VersionVector = (0..1_000u32)
+                .map(|a| {
+                    let mut id = [0u8; 32];
+                    id[..4].copy_from_slice(&a.to_be_bytes());
+                    (NodeId(id), u64::from(a) + 1)
+                })
+                .collect();
+            clocks.insert(format!("app/d{d:03}"), vv);
+        }
+        let mut frontiers = Frontiers::new();
+        frontiers.insert("app/d007".into(), Default::default());
+        frontiers.entry("app/d007".into()).or_default().heads = vec![[9; 32]];
+        let sum = Summary {
+            digest: super::super::clocks_digest(&clocks, &frontiers),
+            clocks: clocks.clone(),
+            frontiers: frontiers.clone(),
+        };
+        let cfg = Config::default();
+        let (mut start, mut pages) = (String::new(), 0);
+        let (mut got, mut got_f) = (Clocks::new(), Frontiers::new());
+        loop {
+            let (range, c, f) = page(&sum, &start, cfg.clocks_page_bytes);
+            let msg = SyncMessage::Clocks {
+                reply: false,
+                pull: true,
+                range: range.clone(),
+                clocks: c.clone(),
+                frontiers: f.clone(),
+                wants: Vec::new(),
+            };
+            let bytes = msg.encode();
+            assert!(
+                bytes.len() <= cfg.clocks_page_bytes + 64 * 1024,
+                "{}",
+                bytes.len()
+            );
+            assert!(bytes.len() < super::super::wire::MAX_MESSAGE_BYTES);
+            assert_eq!(SyncMessage::decode(&bytes).unwrap(), msg);
+            pages += 1;
+            got.extend(c);
+            got_f.extend(f);
+            match range.end {
+                Some(e) => start = e,
+                None => break,
+            }
+        }
+        assert!(pages >= 12, "{pages} pages");
+        assert_eq!(got, clocks);
+        assert_eq!(got_f, frontiers);
+    }
+
+    #[test]
+    fn a_pull_walks_every_page_then_catches_up() {
+        let cfg = Config {
+            clocks_page_bytes: 200,
+            ..Config::default()
+        };
+        let (a_id, b_id) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut a = SyncEngine::new(a_id, cfg, 1);
+        let mut ra = Fake::default();
+        for d in 0..10 {
+            ra.clocks
+                .entry(format!("app/d{d}"))
+                .or_default()
+                .insert(a_id, 1);
+        }
+        a.peer_up(0, b_id, &mut ra).unwrap();
+        drain(&mut a);
+        // B's digest differs: A pulls, one page at a time.
+        a.handle(1, b_id, SyncMessage::Digest { digest: [0; 32] }, &mut ra)
+            .unwrap();
+        let mut seen = Clocks::new();
+        for step in 0..20 {
+            let out = drain(&mut a);
+            let [(_, SyncMessage::Clocks { range, clocks, .. })] = out.as_slice() else {
+                panic!("step {step}: {out:?}")
+            };
+            seen.extend(clocks.clone());
+            let last = range.end.is_none();
+            a.handle(
+                2 + step,
+                b_id,
+                SyncMessage::Changes {
+                    more: false,
+                    changes: Vec::new(),
+                },
+                &mut ra,
+            )
+            .unwrap();
+            if last {
+                assert!(drain(&mut a).is_empty());
+                assert!(step >= 3, "only {step} pages");
+                assert_eq!(seen, ra.clocks);
+                assert_eq!(a.poll_event(), Some(Event::CaughtUp { peer: b_id }));
+                return;
+            }
+        }
+        panic!("never reached the last page");
+    }
+
+    #[test]
     fn garbage_from_the_network_is_an_event_not_an_error() {
         let mut e = SyncEngine::new(NodeId([1; 32]), Config::default(), 1);
         let mut r = Fake::default();
