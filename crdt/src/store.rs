@@ -827,6 +827,31 @@ impl Store {
         Ok(out)
     }
 
+    /// The hash of a stored change (only valid ones if `valid`) whose hash starts with
+    /// `prefix` (through the hash index).
+    pub fn find_by_prefix(
+        &self,
+        prefix: &[u8],
+        valid: bool,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        let mut lo = [0u8; 32];
+        let mut hi = [0xffu8; 32];
+        let n = prefix.len().min(32);
+        lo[..n].copy_from_slice(&prefix[..n]);
+        hi[..n].copy_from_slice(&prefix[..n]);
+        let sql = if valid {
+            "SELECT hash FROM changes WHERE hash BETWEEN ?1 AND ?2 AND status = 0 LIMIT 1"
+        } else {
+            "SELECT hash FROM changes WHERE hash BETWEEN ?1 AND ?2 LIMIT 1"
+        };
+        let h: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached(sql)?
+            .query_row(params![lo.to_vec(), hi.to_vec()], |r| r.get(0))
+            .optional()?;
+        Ok(h.and_then(|h| h.try_into().ok()))
+    }
+
     /// Dependencies that changes waiting in the pending set lack (neither stored nor pending
     /// themselves), at most `limit`: what to ask a peer for by hash.
     pub fn wanted_deps(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {

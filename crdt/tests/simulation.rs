@@ -27,6 +27,15 @@ fn one_write_reaches_nodes_with_no_link_to_its_author() {
             .filter(|n| n.store().get_change(&h).unwrap().is_some())
             .count();
         assert!(have > 12, "seed {seed}: only {have} nodes after gossip");
+        // Beyond the second hop the change travels as Announce → Fetch → Push.
+        assert!(
+            s.by_kind.get("announce").is_some_and(|k| k.0 > 0),
+            "seed {seed}"
+        );
+        assert!(
+            s.by_kind.get("fetch").is_some_and(|k| k.0 > 0),
+            "seed {seed}"
+        );
         s.settle(10_000);
         s.assert_converged();
         assert!(s.everywhere(&h));

@@ -26,7 +26,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use super::rng::SplitMix64;
-use super::wire::{clocks_entry_len, frontier_entry_len, Clocks, DocRange, Frontiers, SyncMessage};
+use super::wire::{
+    change_id, clocks_entry_len, frontier_entry_len, ChangeId, Clocks, DocRange, Frontiers,
+    SyncMessage,
+};
 use super::{clocks_digest, Replica, SyncError};
 use crate::identity::NodeId;
 use crate::signed::{SignedChange, MEMBERSHIP_DOC};
@@ -50,8 +53,17 @@ pub struct Config {
     /// Most bytes queued for one peer.
     pub queue_bytes: usize,
     /// Relayed changes go as a full `Push` when their encoding is at most this many bytes,
-    /// else as a `Have` announcement that peers missing them answer with `Want`.
+    /// else as an announcement (`Announce` by short id for up to [`Config::announce_max`]
+    /// changes, `Have` by version vector beyond) that peers missing them answer with
+    /// `Fetch`/`Want`.
     pub relay_inline_bytes: usize,
+    /// Most changes announced one by one (`Announce`); larger relays use `Have`.
+    pub announce_max: usize,
+    /// Changes pushed by their own author are relayed in full (the second hop is eager too).
+    pub eager_first_hop: bool,
+    /// Changes newly applied from an anti-entropy batch (`Changes`) of at most this many
+    /// changes are relayed like pushed ones (0: never).
+    pub relay_pulled_max: usize,
     /// Least time between two pulls (`Clocks` requests) triggered by pushes from one peer.
     pub pull_gap_ms: u64,
     /// A node pulls changes from one peer at a time; a pull with no answer for this long is
@@ -74,7 +86,10 @@ impl Default for Config {
             batch_changes: 4_096,
             queue_messages: 256,
             queue_bytes: 8 << 20,
-            relay_inline_bytes: 1_024,
+            relay_inline_bytes: 64,
+            announce_max: 64,
+            eager_first_hop: true,
+            relay_pulled_max: 0,
             pull_gap_ms: 200,
             pull_timeout_ms: 2_000,
             max_events: 4_096,
@@ -185,6 +200,8 @@ pub struct SyncEngine {
     seen_waiting: HashSet<[u8; 32]>,
     /// Announced changes already asked for: (doc, author) → (seq asked up to, when). Bounded.
     wanted: HashMap<(String, NodeId), (u64, u64)>,
+    /// Changes announced by id already fetched: id → when. Bounded.
+    fetched: HashMap<ChangeId, u64>,
     stats: Stats,
 }
 
@@ -204,6 +221,7 @@ impl SyncEngine {
             want_rounds: 0,
             seen_waiting: HashSet::new(),
             wanted: HashMap::new(),
+            fetched: HashMap::new(),
             stats: Stats::default(),
         }
     }
@@ -392,7 +410,13 @@ impl SyncEngine {
                 }
             }
             SyncMessage::Changes { more, changes } => {
-                let outcome = self.ingest(from, changes, store)?;
+                let n = changes.len();
+                let mut outcome = self.ingest(from, changes, store)?;
+                if !outcome.applied.is_empty() && n <= self.cfg.relay_pulled_max {
+                    // A small catch-up batch is likely news to our other peers too.
+                    let applied = std::mem::take(&mut outcome.applied);
+                    self.relay(from, applied);
+                }
                 let page = self
                     .pulling
                     .as_ref()
@@ -467,6 +491,33 @@ impl SyncEngine {
                 let (changes, _) = self.wanted_by(store, &clocks)?;
                 if !changes.is_empty() {
                     self.enqueue(from, SyncMessage::Push { changes });
+                }
+            }
+            SyncMessage::Announce { ids } => {
+                let wait = self.cfg.pull_gap_ms;
+                self.fetched.retain(|_, t| now < *t + wait);
+                let mut want = Vec::new();
+                for id in ids.into_iter().take(MAX_WANTED) {
+                    // Asked another announcer recently: wait for its answer.
+                    if self.fetched.contains_key(&id) || store.holds_id(&id)? {
+                        continue;
+                    }
+                    if self.fetched.len() < MAX_WANTED {
+                        self.fetched.insert(id, now);
+                    }
+                    want.push(id);
+                }
+                if !want.is_empty() {
+                    self.enqueue(from, SyncMessage::Fetch { ids: want });
+                }
+            }
+            SyncMessage::Fetch { ids } => {
+                let mut changes = Vec::new();
+                for id in ids.iter().take(self.cfg.batch_changes) {
+                    changes.extend(store.change_by_id(id)?);
+                }
+                for chunk in self.chunks(changes) {
+                    self.enqueue(from, SyncMessage::Push { changes: chunk });
                 }
             }
         }
@@ -559,7 +610,10 @@ impl SyncEngine {
             return;
         };
         if !p.queue.is_empty() && (p.queue.len() >= qm || p.queued_bytes + len > qb) {
-            if matches!(msg, SyncMessage::Push { .. } | SyncMessage::Have { .. }) {
+            if matches!(
+                msg,
+                SyncMessage::Push { .. } | SyncMessage::Have { .. } | SyncMessage::Announce { .. }
+            ) {
                 self.stats.dropped_pushes += 1;
             } else {
                 self.stats.dropped_other += 1;
@@ -685,7 +739,12 @@ impl SyncEngine {
             return;
         }
         let bytes: usize = applied.iter().map(SignedChange::encoded_len).sum();
-        if bytes <= self.cfg.relay_inline_bytes {
+        // A change pushed by its own author is on its first relay: few nodes hold it yet, so
+        // pushing it in full costs few duplicates and saves two message delays.
+        let first_hop = applied.iter().all(|c| c.author == from);
+        if bytes <= self.cfg.relay_inline_bytes
+            || (first_hop && self.cfg.eager_first_hop && bytes <= self.cfg.batch_bytes)
+        {
             for chunk in self.chunks(applied) {
                 for t in &targets {
                     self.enqueue(
@@ -695,6 +754,16 @@ impl SyncEngine {
                         },
                     );
                 }
+            }
+        } else if applied.len() <= self.cfg.announce_max {
+            let mut ids: Vec<ChangeId> = applied
+                .iter()
+                .filter_map(|c| c.hash().map(|h| change_id(&h)))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for t in targets {
+                self.enqueue(t, SyncMessage::Announce { ids: ids.clone() });
             }
         } else {
             let mut have = Clocks::new();

@@ -113,7 +113,9 @@ pub mod wire;
 use sha2::{Digest as _, Sha256};
 
 pub use engine::{Config, Event, Stats, SyncEngine};
-pub use wire::{Clocks, DocRange, Frontier, Frontiers, SyncMessage, VersionVector};
+pub use wire::{
+    change_id, ChangeId, Clocks, DocRange, Frontier, Frontiers, SyncMessage, VersionVector,
+};
 
 use crate::error::StoreError;
 use crate::identity::NodeId;
@@ -161,6 +163,17 @@ pub trait Replica {
     fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
         let _ = limit;
         Ok(Vec::new())
+    }
+    /// Whether a change whose hash starts with `id` is stored (valid or void): an announced
+    /// change not worth fetching.
+    fn holds_id(&self, id: &ChangeId) -> Result<bool, StoreError> {
+        let _ = id;
+        Ok(false)
+    }
+    /// A valid change whose hash starts with `id`.
+    fn change_by_id(&self, id: &ChangeId) -> Result<Option<SignedChange>, StoreError> {
+        let _ = id;
+        Ok(None)
     }
 }
 
@@ -213,6 +226,17 @@ impl Replica for Store {
 
     fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
         self.wanted_deps(limit)
+    }
+
+    fn holds_id(&self, id: &ChangeId) -> Result<bool, StoreError> {
+        Ok(self.find_by_prefix(id, false)?.is_some())
+    }
+
+    fn change_by_id(&self, id: &ChangeId) -> Result<Option<SignedChange>, StoreError> {
+        match self.find_by_prefix(id, true)? {
+            Some(h) => self.get_change(&h),
+            None => Ok(None),
+        }
     }
 }
 

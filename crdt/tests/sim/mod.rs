@@ -169,6 +169,18 @@ impl Replica for Checked<'_> {
     fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
         self.store.wanted_deps(limit)
     }
+    fn holds_id(&self, id: &lichen_crdt::sync::ChangeId) -> Result<bool, StoreError> {
+        Ok(self.store.find_by_prefix(id, false)?.is_some())
+    }
+    fn change_by_id(
+        &self,
+        id: &lichen_crdt::sync::ChangeId,
+    ) -> Result<Option<SignedChange>, StoreError> {
+        match self.store.find_by_prefix(id, true)? {
+            Some(h) => self.store.get_change(&h),
+            None => Ok(None),
+        }
+    }
 }
 
 /// The anti-entropy digest of a store (what its engine would send).
