@@ -79,7 +79,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            fanout: 4,
+            fanout: 6,
             anti_entropy_interval_ms: 1_000,
             anti_entropy_jitter_ms: 250,
             batch_bytes: 1 << 20,
