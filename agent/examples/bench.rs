@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p lichen-agent
-//! cargo run --release -p lichen-agent --example bench -- [--writes N] [--seconds S] [--clients C] [--fsync always|never]
+//! cargo run --release -p lichen-agent --example bench -- [--writes N] [--seconds S] [--clients C] [--fsync local|always|never]
 //! ```
 //!
 //! The agent binary is found next to this example's directory (`target/release/lichen`) or
@@ -319,7 +319,7 @@ fn main() -> Result<()> {
     let writes: usize = arg(&args, "--writes", "2000").parse()?;
     let seconds: f64 = arg(&args, "--seconds", "5").parse()?;
     let clients: usize = arg(&args, "--clients", "8").parse()?;
-    let fsync = arg(&args, "--fsync", "always");
+    let fsync = arg(&args, "--fsync", "local");
     let bin = find_lichen()?;
     let tck = clk_tck();
     println!("agent: {} (fsync {fsync})", bin.display());

@@ -35,7 +35,9 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// `RUST_LOG`-style filter.
     pub log: Option<String>,
-    /// `always` (fsync every commit: survives power loss) or `never` (survives process crash only).
+    /// `local` (default: fsync this node's own writes; received changes survive a process
+    /// crash and are fetched again after a power loss), `always` (fsync every commit) or
+    /// `never` (every commit survives a process crash only).
     pub fsync: Option<String>,
     /// Sync tuning.
     #[serde(default)]
@@ -75,6 +77,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which commits are fsynced (see the README's durability section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// This node's own writes (acknowledged to clients) survive a power loss; received
+    /// changes survive a process crash and are re-fetched from peers after a power loss.
+    Local,
+    /// Every commit survives a power loss.
+    Always,
+    /// Every commit survives a process crash only.
+    Never,
+}
+
+impl Fsync {
+    /// (local writes fsynced, received changes fsynced).
+    pub fn policy(self) -> (bool, bool) {
+        match self {
+            Fsync::Local => (true, false),
+            Fsync::Always => (true, true),
+            Fsync::Never => (false, false),
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -85,7 +110,7 @@ pub struct Config {
     pub api: SocketAddr,
     pub log_format: LogFormat,
     pub log: String,
-    pub fsync: bool,
+    pub fsync: Fsync,
     pub anti_entropy: Duration,
     pub fanout: usize,
     pub join: Option<JoinToken>,
@@ -231,10 +256,11 @@ impl Config {
         let log = f.log.clone().unwrap_or_else(|| "info".to_string());
         tracing_subscriber::EnvFilter::try_new(&log)
             .with_context(|| format!("invalid log filter `{log}`"))?;
-        let fsync = match f.fsync.as_deref().unwrap_or("always") {
-            "always" => true,
-            "never" => false,
-            other => bail!("fsync must be `always` or `never`, not `{other}`"),
+        let fsync = match f.fsync.as_deref().unwrap_or("local") {
+            "local" => Fsync::Local,
+            "always" => Fsync::Always,
+            "never" => Fsync::Never,
+            other => bail!("fsync must be `local`, `always` or `never`, not `{other}`"),
         };
         let anti_entropy = Duration::from_millis(f.sync.anti_entropy_ms.unwrap_or(1000));
         if anti_entropy < Duration::from_millis(50) || anti_entropy > Duration::from_secs(3600) {
@@ -302,7 +328,7 @@ mod tests {
         let c = Config::resolve_with(&Overrides::default(), FileConfig::default()).unwrap();
         assert_eq!(c.listen.port(), DEFAULT_PEER_PORT);
         assert!(c.api.ip().is_loopback());
-        assert!(c.fsync);
+        assert_eq!(c.fsync, Fsync::Local);
         assert!(c.advertise.is_empty());
     }
 

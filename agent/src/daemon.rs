@@ -150,7 +150,8 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
     let me = key.node_id();
     let (mut store, founded) = open_store(&cfg, &key)?;
-    store.set_fsync(cfg.fsync)?;
+    let (local, remote) = cfg.fsync.policy();
+    store.set_fsync_policy(local, remote)?;
     if new_key {
         tracing::info!(node = %me, path = %key_path(&cfg.data_dir).display(), "generated a new node key");
     }

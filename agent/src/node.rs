@@ -523,6 +523,9 @@ impl Node {
             };
             let _ = reply.send(answer);
         }
+        // Writes to one document in one group commit share a change: announce it once.
+        let mut seen = HashSet::new();
+        committed.retain(|c| seen.insert(c.hash()));
         if !committed.is_empty() {
             self.metrics
                 .changes_sent

@@ -42,8 +42,10 @@
 //!
 //! Fsync policy: WAL with `synchronous=FULL` by default (survives power loss: every commit is
 //! fsynced before it is acknowledged); `Store::set_fsync(false)` (agent `fsync = "never"`)
-//! survives a process crash (`kill -9`) but not a power loss. Concurrent writers share one
-//! fsync through `Store::write_batch` (group commit).
+//! survives a process crash (`kill -9`) but not a power loss; `Store::set_fsync_policy(true,
+//! false)` (agent default `fsync = "local"`) fsyncs this node's own writes only, received
+//! changes being fetched again from peers after a power loss (see [`store`]). Concurrent
+//! writers share one fsync through `Store::write_batch` (group commit).
 
 #![warn(missing_docs)]
 
@@ -53,6 +55,7 @@ pub mod header;
 pub mod identity;
 mod json;
 pub mod membership;
+mod owners;
 mod schema;
 pub mod signed;
 pub mod store;

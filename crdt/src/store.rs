@@ -20,11 +20,19 @@
 //!   conflicts and history.
 //!
 //! # Durability and fsync policy
-//! SQLite runs in WAL mode with `synchronous = FULL`: every committed transaction is fsynced
+//! SQLite runs in WAL mode. By default every commit uses `synchronous = FULL`: it is fsynced
 //! before `commit` returns, so an acknowledged write survives both a process crash (`kill -9`)
 //! and a power loss. Concurrent writers share fsyncs by batching into one transaction
 //! ([`Store::write_batch`]); the agent's writer task does this for requests that arrive while
 //! a commit is in flight.
+//!
+//! [`Store::set_fsync_policy`] can relax this for changes received from peers (the agent's
+//! default, `fsync = "local"`): they are committed with `synchronous = NORMAL`, which in WAL
+//! mode survives a process crash (the commit is in the WAL, in the OS page cache) and keeps
+//! the database consistent on a power loss, where the last received changes may roll back.
+//! Nothing is lost by that: their authors fsynced them before announcing them, and
+//! anti-entropy fetches them again (a node's digest reflects what it really holds after a
+//! restart). A follower's apply path then costs no fsync, which is most of its latency.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -40,6 +48,7 @@ use crate::header::ChangeHeader;
 use crate::identity::{hex, NodeId, SecretKey};
 use crate::json::{self, PathSeg};
 use crate::membership::{self, Member, MemberChange, Membership, Role};
+use crate::owners::Owners;
 use crate::schema::{self, SchemaProblem};
 use crate::signed::{valid_doc_name, ClusterId, SignedChange, MEMBERSHIP_DOC};
 
@@ -155,6 +164,14 @@ pub struct Edit {
 
 struct Loaded {
     am: Automerge,
+    /// Owner (top-level key) of each object, built on first need: see [`crate::owners`].
+    owners: Option<Owners>,
+}
+
+impl Loaded {
+    fn new(am: Automerge) -> Loaded {
+        Loaded { am, owners: None }
+    }
 }
 
 /// Changes that may become valid later, already authenticated (their signatures are not
@@ -246,6 +263,11 @@ pub struct Store {
     /// Authors flagged for equivocation per document, with their fork seq (see
     /// [`crate::equivocation`]); mirrors the status-3 rows.
     forks: BTreeMap<(String, NodeId), u64>,
+    /// Fsync policy: for this node's own writes, and for changes received from peers.
+    fsync_local: bool,
+    fsync_remote: bool,
+    /// The `synchronous` setting the connection has now (true: FULL, false: NORMAL).
+    sync_full: bool,
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -255,7 +277,7 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
     }
 }
 
-fn panic_safe<T>(f: impl FnOnce() -> T) -> Option<T> {
+pub(crate) fn panic_safe<T>(f: impl FnOnce() -> T) -> Option<T> {
     catch_unwind(AssertUnwindSafe(f)).ok()
 }
 
@@ -339,6 +361,9 @@ impl Store {
             loaded: HashMap::new(),
             clocks: std::cell::RefCell::new(None),
             forks: BTreeMap::new(),
+            fsync_local: true,
+            fsync_remote: true,
+            sync_full: true,
             pending: PendingSet {
                 queue: VecDeque::new(),
                 hashes: HashSet::new(),
@@ -610,6 +635,21 @@ impl Store {
         }))
     }
 
+    /// Check that the materialized view of `doc` equals its Automerge document: `Ok(None)` if
+    /// it does, otherwise both values (view, document). A consistency check for tests and
+    /// operators; it loads the document.
+    pub fn check_view(&mut self, doc: &str) -> Result<Option<(Value, Value)>, StoreError> {
+        let view = self
+            .get(doc, &[])?
+            .unwrap_or(Value::Object(Default::default()));
+        let truth = if self.has_doc(doc)? {
+            json::to_json(&self.loaded_doc(doc)?.am, &ROOT)?
+        } else {
+            Value::Object(Default::default())
+        };
+        Ok((view != truth).then_some((view, truth)))
+    }
+
     /// All concurrent values at `path` (winner first): more than one means a conflict.
     pub fn conflicts(&mut self, doc: &str, path: &[PathSeg]) -> Result<Vec<Value>, StoreError> {
         if !self.has_doc(doc)? {
@@ -690,12 +730,40 @@ impl Store {
         }
     }
 
-    /// Turn fsync off (`false`) or on (`true`, the default). Off trades power-loss durability
-    /// for speed and is meant for simulations and tests only: a committed transaction still
-    /// survives a process crash, but not a power loss.
+    /// Turn fsync off (`false`) or on (`true`, the default) for every commit. Off trades
+    /// power-loss durability for speed: a committed transaction still survives a process
+    /// crash (`kill -9`), but the last ones may be lost on a power loss (the database stays
+    /// consistent: WAL with `synchronous = NORMAL`).
     pub fn set_fsync(&mut self, on: bool) -> Result<(), StoreError> {
-        self.conn
-            .pragma_update(None, "synchronous", if on { "FULL" } else { "OFF" })?;
+        self.set_fsync_policy(on, on)
+    }
+
+    /// Fsync this node's own writes (`local`) and changes received from peers (`remote`)
+    /// separately. With `local = true, remote = false` every acknowledged write of this node
+    /// survives a power loss, while received changes survive a process crash and, after a
+    /// power loss, the last of them are fetched again from the peers that hold them (their
+    /// authors fsynced them before announcing them).
+    pub fn set_fsync_policy(&mut self, local: bool, remote: bool) -> Result<(), StoreError> {
+        self.fsync_local = local;
+        self.fsync_remote = remote;
+        // Force the next `sync_for` to set the pragma.
+        self.sync_full = !local;
+        self.sync_for(true)
+    }
+
+    /// Set `synchronous` for the commits that follow: this node's own writes (`local`) or
+    /// received changes.
+    fn sync_for(&mut self, local: bool) -> Result<(), StoreError> {
+        let full = if local {
+            self.fsync_local
+        } else {
+            self.fsync_remote
+        };
+        if full != self.sync_full {
+            self.conn
+                .pragma_update(None, "synchronous", if full { "FULL" } else { "NORMAL" })?;
+            self.sync_full = full;
+        }
         Ok(())
     }
 
@@ -956,37 +1024,79 @@ impl Store {
     ) -> Vec<Result<Option<SignedChange>, StoreError>> {
         let me = key.node_id();
         let mut results: Vec<Result<Option<SignedChange>, StoreError>> =
-            Vec::with_capacity(ops.len());
-        let mut made: Vec<(usize, Accepted)> = Vec::new();
+            (0..ops.len()).map(|_| Ok(None)).collect();
+        let mut made: Vec<(Vec<usize>, Accepted)> = Vec::new();
         let mut touched: BTreeMap<String, Touched> = BTreeMap::new();
-        for (i, (doc, op)) in ops.iter().enumerate() {
-            let r = self.make_local_change(key, &me, doc, op, now_ms);
-            match r {
-                Ok(Some(acc)) => {
-                    let t = match touched.remove(doc) {
-                        Some(prev) => prev.merge(Touched::of_op(op)),
-                        None => Touched::of_op(op),
-                    };
-                    touched.insert(doc.clone(), t);
-                    results.push(Ok(Some(acc.signed.clone())));
-                    made.push((i, acc));
+        // Writes to the same document share one change (one signature, one Automerge
+        // commit, one change for every peer to verify and apply), in request order.
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, (doc, _)) in ops.iter().enumerate() {
+            match groups.iter_mut().find(|(d, _)| *d == doc.as_str()) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((doc.as_str(), vec![i])),
+            }
+        }
+        for (doc, idx) in groups {
+            let group: Vec<&Op> = idx.iter().map(|&i| &ops[i].1).collect();
+            let attempt = self.make_local_change(key, &me, doc, &group, now_ms);
+            type Made = Result<Option<(Accepted, Vec<bool>)>, StoreError>;
+            let outcomes: Vec<(Vec<usize>, Made)> = match attempt {
+                Ok(acc) => vec![(idx, Ok(acc))],
+                // One of them failed: redo them one by one so that each caller gets
+                // its own answer.
+                Err(_) if idx.len() > 1 => idx
+                    .iter()
+                    .map(|&i| {
+                        let r = self.make_local_change(key, &me, doc, &[&ops[i].1], now_ms);
+                        (vec![i], r)
+                    })
+                    .collect(),
+                Err(e) => vec![(idx, Err(e))],
+            };
+            for (idx, r) in outcomes {
+                match r {
+                    Ok(Some((acc, changed))) => {
+                        for (&i, &c) in idx.iter().zip(&changed) {
+                            if c {
+                                results[i] = Ok(Some(acc.signed.clone()));
+                                let t = match touched.remove(doc) {
+                                    Some(prev) => prev.merge(Touched::of_op(&ops[i].1)),
+                                    None => Touched::of_op(&ops[i].1),
+                                };
+                                touched.insert(doc.to_string(), t);
+                            }
+                        }
+                        made.push((idx, acc));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let msg = e.to_string();
+                        let mut e = Some(e);
+                        for &i in &idx {
+                            results[i] =
+                                Err(e.take().unwrap_or_else(|| StoreError::Invalid(msg.clone())));
+                        }
+                    }
                 }
-                Ok(None) => results.push(Ok(None)),
-                Err(e) => results.push(Err(e)),
             }
         }
         if made.is_empty() {
             return results;
         }
         let accepted: Vec<&Accepted> = made.iter().map(|(_, a)| a).collect();
-        if let Err(e) = self.persist(&accepted, &touched) {
+        if let Err(e) = self
+            .sync_for(true)
+            .and_then(|()| self.persist(&accepted, &touched))
+        {
             // Nothing was committed: forget the in-memory documents that ran ahead of disk.
             for doc in touched.keys() {
                 self.loaded.remove(doc);
             }
             let msg = e.to_string();
-            for (i, _) in &made {
-                results[*i] = Err(StoreError::Invalid(format!("commit failed: {msg}")));
+            for (idx, _) in &made {
+                for &i in idx {
+                    results[i] = Err(StoreError::Invalid(format!("commit failed: {msg}")));
+                }
             }
         }
         results
@@ -997,9 +1107,9 @@ impl Store {
         key: &SecretKey,
         me: &NodeId,
         doc: &str,
-        op: &Op,
+        ops: &[&Op],
         now_ms: i64,
-    ) -> Result<Option<Accepted>, StoreError> {
+    ) -> Result<Option<(Accepted, Vec<bool>)>, StoreError> {
         if !valid_doc_name(doc) || doc == MEMBERSHIP_DOC {
             return Err(StoreError::Invalid(format!(
                 "`{doc}` is not a valid document name (lowercase a-z 0-9 . _ - separated by /)"
@@ -1020,21 +1130,24 @@ impl Store {
         let loaded = self.loaded_doc_or_new(doc)?;
         loaded.am.set_actor(ActorId::from(me.0.as_slice()));
         let mut tx = loaded.am.transaction();
-        let res = match op {
-            Op::Put { path, value } => json::put_path(&mut tx, path, value),
-            Op::Delete { path } => json::delete_path(&mut tx, path),
-            Op::Replace { value } => json::reconcile_root(&mut tx, value),
-        };
-        match res {
-            Ok(true) => {}
-            Ok(false) => {
-                tx.rollback();
-                return Ok(None);
+        let mut changed = Vec::with_capacity(ops.len());
+        for op in ops {
+            let res = match op {
+                Op::Put { path, value } => json::put_path(&mut tx, path, value),
+                Op::Delete { path } => json::delete_path(&mut tx, path),
+                Op::Replace { value } => json::reconcile_root(&mut tx, value),
+            };
+            match res {
+                Ok(c) => changed.push(c),
+                Err(e) => {
+                    tx.rollback();
+                    return Err(e.into());
+                }
             }
-            Err(e) => {
-                tx.rollback();
-                return Err(e.into());
-            }
+        }
+        if !changed.iter().any(|c| *c) {
+            tx.rollback();
+            return Ok(None);
         }
         tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now_ms));
         let change = loaded
@@ -1050,13 +1163,20 @@ impl Store {
             &header.hash,
             change.raw_bytes().to_vec(),
         );
+        if let Some(owners) = loaded.owners.as_mut() {
+            // Remember the objects this change creates (the keys are known from `op`).
+            let _ = owners.touched([&change]);
+        }
         let max_op = header.start_op - 1 + change.len() as u64;
-        Ok(Some(Accepted {
-            signed,
-            header,
-            change,
-            max_op,
-        }))
+        Ok(Some((
+            Accepted {
+                signed,
+                header,
+                change,
+                max_op,
+            },
+            changed,
+        )))
     }
 
     /// Add a member (admin only). The change is durable when this returns.
@@ -1243,7 +1363,9 @@ impl Store {
                 "membership change refused: {reason}"
             )));
         }
-        let report = self.ingest(vec![signed.clone()])?;
+        // Our own membership change: committed with the local fsync policy.
+        self.sync_for(true)?;
+        let report = self.ingest_inner(vec![signed.clone()])?;
         match report.outcomes.first().map(|o| &o.3) {
             Some(Outcome::Applied) => Ok(signed),
             other => Err(StoreError::Denied(format!(
@@ -1279,16 +1401,10 @@ impl Store {
 
     // ------------------------------------------------------------------ documents in memory
 
-    /// Highest seq of a valid change by `author` in `doc` (0 if none).
+    /// Highest seq of a valid change by `author` in `doc` (0 if none), from the cached
+    /// version vectors (every write and ingest asks, so this must not be a query).
     fn last_seq(&self, doc: &str, author: &NodeId) -> Result<u64, StoreError> {
-        let s: Option<i64> = self
-            .conn
-            .prepare_cached(
-                "SELECT seq FROM changes WHERE doc = ?1 AND author = ?2 AND status = 0 ORDER BY seq DESC LIMIT 1",
-            )?
-            .query_row(params![doc, author.0.to_vec()], |r| r.get(0))
-            .optional()?;
-        Ok(s.unwrap_or(0) as u64)
+        self.with_clocks(|c| c.get(doc).and_then(|m| m.get(author)).copied().unwrap_or(0))
     }
 
     fn loaded_doc_or_new(&mut self, doc: &str) -> Result<&mut Loaded, StoreError> {
@@ -1298,7 +1414,7 @@ impl Store {
             } else {
                 Automerge::new()
             };
-            self.loaded.insert(doc.to_string(), Loaded { am });
+            self.loaded.insert(doc.to_string(), Loaded::new(am));
         }
         self.loaded
             .get_mut(doc)
@@ -1462,6 +1578,11 @@ impl Store {
     /// Verify and apply a batch of received changes (see module docs). Returns a per-change
     /// report; `Err` only for local failures (disk), in which case nothing was stored.
     pub fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
+        self.sync_for(false)?;
+        self.ingest_inner(batch)
+    }
+
+    fn ingest_inner(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         let mut report = IngestReport::default();
         let mut progress = self.ingest_round(batch, Vec::new(), &mut report, true)?;
         while progress && !self.pending.queue.is_empty() {
@@ -2016,7 +2137,7 @@ impl Store {
         tx.commit()?;
         *self.clocks.borrow_mut() = None;
         if valid_count > 0 {
-            self.loaded.insert(doc.to_string(), Loaded { am });
+            self.loaded.insert(doc.to_string(), Loaded::new(am));
         }
         self.forks.retain(|(d, _), _| d != doc);
         for (author, seq) in verdict.forks {
@@ -2132,8 +2253,21 @@ impl Store {
                 return self.ingest_variants(doc, variants, report, outcome);
             }
         }
+        // The keys these changes touched, from their ops (Automerge's diff is the slow path).
+        let keys = {
+            let l = self.loaded_doc_or_new(doc)?;
+            let am = &l.am;
+            let owners = l.owners.get_or_insert_with(|| Owners::of_doc(am));
+            owners.touched(accepted.iter().map(|a| &a.change))
+        };
         let mut touched = BTreeMap::new();
-        touched.insert(doc.to_string(), Touched::Since(before));
+        touched.insert(
+            doc.to_string(),
+            match keys {
+                Some(k) => Touched::Keys(k),
+                None => Touched::Since(before),
+            },
+        );
         let refs: Vec<&Accepted> = accepted.iter().collect();
         if let Err(e) = self.persist(&refs, &touched) {
             self.loaded.remove(doc);

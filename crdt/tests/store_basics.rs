@@ -228,3 +228,61 @@ fn a_damaged_database_file_gives_a_clear_error() {
         }
     }
 }
+
+/// Concurrent writes to one document committed together become one signed change (one
+/// signature for peers to verify); a write that fails gets its own error and the others
+/// still land, each in its own change.
+#[test]
+fn a_group_commit_to_one_document_is_one_change_and_a_failure_stays_its_own() {
+    let mut c = Cluster::new(2);
+    let admin = c.admin.clone();
+    let put_op = |p: &str, v| Op::Put {
+        path: parse_path(p).unwrap(),
+        value: v,
+    };
+    let s = &mut c.stores[0];
+    let before = s.change_count("app/x").unwrap();
+    let r = s.write_batch(
+        &admin,
+        &[
+            ("app/x".into(), put_op("a", json!(1))),
+            ("app/y".into(), put_op("a", json!(2))),
+            ("app/x".into(), put_op("b.c", json!(3))),
+            ("app/x".into(), put_op("a", json!(1))), // same value again: no change
+        ],
+        T0,
+    );
+    let hashes: Vec<_> = r
+        .iter()
+        .map(|r| r.as_ref().unwrap().as_ref().map(|c| c.hash().unwrap()))
+        .collect();
+    assert_eq!(hashes[0], hashes[2], "both app/x writes share one change");
+    assert_ne!(hashes[0], hashes[1]);
+    assert_eq!(hashes[3], None);
+    assert_eq!(s.change_count("app/x").unwrap(), before + 1);
+    assert_eq!(get(s, "app/x", ""), Some(json!({"a": 1, "b": {"c": 3}})));
+
+    // A path through a scalar fails; the other writes of the batch still commit.
+    let r = s.write_batch(
+        &admin,
+        &[
+            ("app/x".into(), put_op("d", json!(4))),
+            ("app/x".into(), put_op("a.deeper", json!(5))),
+            ("app/x".into(), put_op("e", json!(6))),
+        ],
+        T0,
+    );
+    assert!(r[0].as_ref().unwrap().is_some());
+    assert!(r[1].is_err(), "{:?}", r[1]);
+    assert!(r[2].as_ref().unwrap().is_some());
+    assert_eq!(get(s, "app/x", "d"), Some(json!(4)));
+    assert_eq!(get(s, "app/x", "e"), Some(json!(6)));
+    assert_eq!(get(s, "app/x", "a"), Some(json!(1)));
+
+    // The replica applies the combined changes to the same state.
+    c.sync_all();
+    assert_eq!(
+        get(&c.stores[1], "app/x", ""),
+        get(&c.stores[0], "app/x", "")
+    );
+}

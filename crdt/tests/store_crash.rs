@@ -30,22 +30,59 @@ fn crash_child_writer() {
     }
 }
 
+/// Runs only as the child: receive changes from a second store forever, with received
+/// changes not fsynced (`set_fsync_policy(true, false)`), printing each one once ingested.
+#[test]
+#[ignore = "run by kill9_loses_no_ingested_change as a child process"]
+fn crash_child_receiver() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let path = std::path::Path::new(&path);
+    let admin = key(1);
+    let mut src = Store::open(&path.with_extension("src"), None).unwrap();
+    src.set_fsync(false).unwrap();
+    let mut s = Store::open(path, None).unwrap();
+    s.set_fsync_policy(true, false).unwrap();
+    for i in 0u64.. {
+        let doc = format!("app/d{}", i % 3);
+        let value = json!(format!("{}-{i}", std::process::id()));
+        let ch = put(&mut src, &admin, &doc, &format!("k{}", i % 50), value);
+        let report = s.ingest(vec![ch.clone()]).unwrap();
+        assert_eq!(report.applied_count(), 1);
+        println!("committed {} {}", doc, hex(&ch.hash().unwrap()));
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[test]
 fn kill9_loses_no_acknowledged_write() {
+    kill9_rounds("crash_child_writer");
+}
+
+/// Received changes committed without fsync (the agent's default `fsync = "local"`) still
+/// survive a process crash.
+#[test]
+fn kill9_loses_no_ingested_change() {
+    kill9_rounds("crash_child_receiver");
+}
+
+fn kill9_rounds(child_test: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.db");
     let cluster = Store::create(&path, &key(1), "root", T0)
         .unwrap()
         .cluster_id();
+    // The receiver's source: a second replica of the same cluster.
+    std::fs::copy(&path, path.with_extension("src")).unwrap();
     for round in 0..3 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "crash_child_writer",
+                child_test,
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",

@@ -1,0 +1,173 @@
+//! Which top-level key of a document each Automerge object lives under.
+//!
+//! Why it exists: the store keeps a materialized view (`kv`) with one row per top-level key,
+//! and after applying changes it must refresh exactly the rows they touched. Asking Automerge
+//! (`diff` between the old and new heads) costs time proportional to the document, so a
+//! follower applying one small change to a long-lived document paid most of its CPU there.
+//! Instead, the touched keys are read off the changes' own operations: an op on the root map
+//! names its key, and an op inside a nested object belongs to the top-level key under which
+//! that object was created (Automerge objects never move). This map remembers the owner of
+//! every object it has seen created; it is built once from the visible document when first
+//! needed and then extended by every change the store applies, local or remote.
+//!
+//! An op on an object the map does not know (one created and deleted before the map was
+//! built, say) makes [`Owners::touched`] answer `None`, and the caller falls back to the
+//! Automerge diff: never a wrong answer, only a slower one.
+
+use std::collections::{BTreeSet, HashMap};
+
+use automerge::legacy::{Key, ObjectId, OpType};
+use automerge::{ActorId, Automerge, Change, ObjId, ReadDoc, Value, ROOT};
+
+/// Owner (top-level key) of each known object, keyed by the object's creating op id.
+#[derive(Default, Clone)]
+pub(crate) struct Owners {
+    owner: HashMap<(u64, ActorId), String>,
+}
+
+impl Owners {
+    /// The owners of every object reachable in `am` (including conflicting values).
+    pub(crate) fn of_doc(am: &Automerge) -> Owners {
+        let mut o = Owners::default();
+        for key in am.keys(ROOT) {
+            let Ok(values) = am.get_all(ROOT, key.as_str()) else {
+                continue;
+            };
+            for (v, id) in values {
+                if matches!(v, Value::Object(_)) {
+                    o.walk(am, &id, &key);
+                }
+            }
+        }
+        o
+    }
+
+    fn walk(&mut self, am: &Automerge, obj: &ObjId, top: &str) {
+        if let ObjId::Id(ctr, actor, _) = obj {
+            self.owner.insert((*ctr, actor.clone()), top.to_string());
+        }
+        let children: Vec<(Value<'_>, ObjId)> = match am.object_type(obj) {
+            Ok(automerge::ObjType::Map) | Ok(automerge::ObjType::Table) => am
+                .keys(obj)
+                .flat_map(|k| am.get_all(obj, k.as_str()).unwrap_or_default())
+                .collect(),
+            Ok(automerge::ObjType::List) => (0..am.length(obj))
+                .flat_map(|i| am.get_all(obj, i).unwrap_or_default())
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (v, id) in children {
+            if matches!(v, Value::Object(_)) {
+                self.walk(am, &id, top);
+            }
+        }
+    }
+
+    /// The top-level keys `changes` touch, recording the objects they create. `None` if an op
+    /// names an object this map does not know (the caller must then ask Automerge).
+    pub(crate) fn touched<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = &'a Change>,
+    ) -> Option<BTreeSet<String>> {
+        let mut keys = BTreeSet::new();
+        let mut known = true;
+        for change in changes {
+            let Some(expanded) = crate::store::panic_safe(|| change.decode()) else {
+                known = false;
+                continue;
+            };
+            let start = change.start_op().get();
+            let actor = change.actor_id();
+            for (i, op) in expanded.operations.iter().enumerate() {
+                let top = match &op.obj {
+                    ObjectId::Root => match &op.key {
+                        Key::Map(k) => Some(k.to_string()),
+                        Key::Seq(_) => None,
+                    },
+                    ObjectId::Id(o) => self.owner.get(&(o.0, o.1.clone())).cloned(),
+                };
+                let Some(top) = top else {
+                    known = false;
+                    continue;
+                };
+                if matches!(op.action, OpType::Make(_)) {
+                    self.owner
+                        .insert((start + i as u64, actor.clone()), top.clone());
+                }
+                keys.insert(top);
+            }
+        }
+        known.then_some(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::ObjType;
+
+    fn change_keys(before: &Automerge, after: &Automerge) -> Vec<Change> {
+        let heads = before.get_heads();
+        after.get_changes(&heads)
+    }
+
+    #[test]
+    fn nested_edits_are_charged_to_their_top_level_key() {
+        let mut am = Automerge::new();
+        let mut tx = am.transaction();
+        let limits = tx.put_object(ROOT, "limits", ObjType::Map).unwrap();
+        let hosts = tx.put_object(&limits, "hosts", ObjType::List).unwrap();
+        tx.insert(&hosts, 0, "a").unwrap();
+        tx.put(ROOT, "name", "x").unwrap();
+        tx.commit();
+        let mut owners = Owners::of_doc(&am);
+
+        // An edit deep inside `limits`, plus an object created inside it and then edited.
+        let before = am.clone();
+        let mut tx = am.transaction();
+        tx.insert(&hosts, 1, "b").unwrap();
+        let inner = tx.put_object(&limits, "inner", ObjType::Map).unwrap();
+        tx.put(&inner, "k", 1).unwrap();
+        tx.commit();
+        let changes = change_keys(&before, &am);
+        assert_eq!(
+            owners.touched(&changes),
+            Some(BTreeSet::from(["limits".to_string()]))
+        );
+
+        // The object created by the previous change is known from then on.
+        let before = am.clone();
+        let mut tx = am.transaction();
+        tx.put(&inner, "k", 2).unwrap();
+        tx.delete(ROOT, "name").unwrap();
+        tx.commit();
+        let changes = change_keys(&before, &am);
+        assert_eq!(
+            owners.touched(&changes),
+            Some(BTreeSet::from(["limits".to_string(), "name".to_string()]))
+        );
+    }
+
+    #[test]
+    fn an_unknown_object_asks_for_the_slow_path() {
+        let mut am = Automerge::new();
+        let mut tx = am.transaction();
+        let gone = tx.put_object(ROOT, "gone", ObjType::Map).unwrap();
+        tx.commit();
+        // Another replica edits `gone` concurrently with its deletion here.
+        let mut other = am.fork();
+        let forked = am.clone();
+        let mut tx = other.transaction();
+        tx.put(&gone, "k", 1).unwrap();
+        tx.commit();
+        let mut tx = am.transaction();
+        tx.delete(ROOT, "gone").unwrap();
+        tx.commit();
+        // The map built after the deletion does not know `gone`.
+        let mut owners = Owners::of_doc(&am);
+        let changes = change_keys(&forked, &other);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(owners.touched(&changes), None);
+    }
+}
