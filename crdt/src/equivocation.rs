@@ -25,7 +25,7 @@
 //!   dependencies is not "otherwise valid".
 //!
 //! # Evaluation (deterministic)
-//! [`evaluate`] runs over every stored change of one document, in storage order (a change is
+//! `evaluate` runs over every stored change of one document, in storage order (a change is
 //! stored only after its dependencies, so that order is causal):
 //! 1. `base`: valid unless void for a reason unrelated to equivocation (revocation, or a
 //!    dependency void for such a reason).

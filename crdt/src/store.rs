@@ -10,7 +10,9 @@
 //! * **Remote changes** ([`Store::ingest`]): authenticate every change without Automerge
 //!   (frame, hash, signature, actor = signer; see [`crate::signed`]) → membership changes first,
 //!   evaluated by the deterministic rule in [`crate::membership`] → per document: authorize,
-//!   check dependencies, seq contiguity, equivocation and `start_op` → parse with Automerge under
+//!   check dependencies, seq contiguity, equivocation (a second change at a used seq is stored
+//!   as evidence and the document re-judged by [`crate::equivocation`]) and `start_op` → parse
+//!   with Automerge under
 //!   `catch_unwind` → apply the whole batch at once (one at a time is quadratic) → one SQLite
 //!   transaction. Changes that may become valid later (unknown author, missing dependencies,
 //!   seq gap) wait in a bounded pending set and are retried whenever something is applied.
