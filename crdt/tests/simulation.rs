@@ -624,6 +624,121 @@ fn chaos(seed: u64, n: usize, degree: Option<usize>, writes: usize) {
     }
 }
 
+/// Whether node `i` is running and its store has not flagged any key (so a holder of the
+/// cloned key may still write).
+fn unflagged(s: &Sim, i: usize) -> bool {
+    s.nodes[i].alive() && s.nodes[i].store().equivocators().unwrap().is_empty()
+}
+
+/// Chaos with a cloned key: the original and its clone write the same document at random
+/// times (so their seqs collide, sometimes while partitioned, sometimes not) among honest
+/// writes, splits, isolations and crashes over a lossy network. At quiescence every honest
+/// node must agree on heads, state and flags, and once both lines wrote past the copy the key
+/// is flagged everywhere and nothing it wrote from the fork seq on stands.
+#[test]
+fn equivocation_under_chaos_converges() {
+    use lichen_crdt::sync::rng::SplitMix64;
+    sweep("equivocation_chaos", 0..8, |seed| {
+        let n = 6 + (seed as usize % 3);
+        let (original, clone) = (1, n - 1);
+        let mut s = Sim::with_kinds(
+            seed,
+            SimConfig::new(n).lossy(0.05, 0.05),
+            &[(clone, Kind::Clone)],
+        );
+        s.clone_writes_forbidden = false;
+        s.isolate(clone);
+        s.write(original, "app/e", "k");
+        s.run_until(400);
+        s.clone_node(clone, original);
+        s.excluded.insert(clone);
+        s.heal();
+        let mut r = SplitMix64::new(seed ^ 0xe9_0e9);
+        let mut t = 500;
+        for k in 0..14u64 {
+            t += r.range(30, 250);
+            let roll = r.below(100);
+            let a = r.below(n as u64) as usize;
+            let b = r.below(n as u64) as usize;
+            match roll {
+                // Either holder of the key stops writing app/e once its store knows the
+                // fork (the store refuses).
+                0..=24 => s.at(t, move |s| {
+                    if unflagged(s, clone) {
+                        s.write(clone, "app/e", &format!("c{k}"));
+                    }
+                }),
+                25..=49 => s.at(t, move |s| {
+                    if unflagged(s, original) {
+                        s.write(original, "app/e", &format!("o{k}"));
+                    }
+                }),
+                50..=74 if a != original && a != clone => s.at(t, move |s| {
+                    s.write(a, if k % 2 == 0 { "app/e" } else { "app/f" }, "h");
+                }),
+                75..=84 => s.at(t, move |s| s.split(move |i| (i + b) % 2 == 0)),
+                85..=89 if a != 0 && a != clone => s.at(t, move |s| {
+                    if s.nodes[a].alive() {
+                        s.crash(a)
+                    }
+                }),
+                _ => s.at(t, |s| s.heal()),
+            }
+        }
+        // Make sure the two lines fork: both alive, apart, writing.
+        s.run_until(t + 100);
+        for i in 0..n {
+            if !s.nodes[i].alive() {
+                s.restart(i);
+            }
+        }
+        s.heal();
+        s.split(move |i| i == clone);
+        if unflagged(&s, clone) {
+            s.write(clone, "app/e", "last-c");
+        }
+        if unflagged(&s, original) {
+            s.write(original, "app/e", "last-o");
+        }
+        s.run_until(s.now + 300);
+        s.heal();
+        s.settle(60_000);
+        s.run_until(s.now + 2_000);
+        s.settle(60_000);
+        s.assert_converged();
+        let key = s.nodes[original].id;
+        for (i, nd) in s.nodes.iter().enumerate().filter(|(_, nd)| nd.honest()) {
+            assert_eq!(
+                nd.store().equivocators().unwrap(),
+                vec![key],
+                "seed {seed}: n{i} flags"
+            );
+            let forks = nd.store().forks().clone();
+            let f = forks[&("app/e".to_string(), key)];
+            // Nothing by the key at or after the fork seq stands.
+            let after = nd
+                .store()
+                .changes_after("app/e", &key, f - 1, 1000)
+                .unwrap();
+            assert!(
+                after.is_empty(),
+                "seed {seed}: n{i} holds changes past the fork"
+            );
+        }
+        // Writes to the other document never depend on the fork: all stand.
+        for h in s.written.clone() {
+            let doc_f = s.nodes[0]
+                .store()
+                .get_change(&h)
+                .unwrap()
+                .map(|c| c.doc == "app/f");
+            if doc_f == Some(true) {
+                assert!(s.everywhere(&h), "seed {seed}: an app/f write was lost");
+            }
+        }
+    });
+}
+
 #[test]
 fn seed_sweep_small_clusters_converge_under_chaos() {
     sweep("seed_sweep_small", 0..24, |seed| {
