@@ -922,11 +922,12 @@ impl Store {
         Ok(h.and_then(|h| h.try_into().ok()))
     }
 
-    /// Dependencies that changes waiting in the pending set lack (neither stored nor pending
-    /// themselves), at most `limit`: what to ask a peer for by hash.
+    /// Dependencies that the newest 1,024 changes waiting in the pending set lack (neither
+    /// stored nor pending themselves), at most `limit`: what to ask a peer for by hash.
     pub fn wanted_deps(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
         let mut out = BTreeSet::new();
-        for (_, h) in &self.pending.queue {
+        // The newest waiting changes only: this runs for every pull.
+        for (_, h) in self.pending.queue.iter().rev().take(1024) {
             for d in &h.deps {
                 if out.len() >= limit {
                     return Ok(out.into_iter().collect());
