@@ -802,11 +802,23 @@ impl Store {
 
     /// A stored valid change by hash.
     pub fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.get_with(hash, true)
+    }
+
+    /// A stored change by hash, valid or void.
+    pub fn get_stored(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.get_with(hash, false)
+    }
+
+    fn get_with(&self, hash: &[u8; 32], valid: bool) -> Result<Option<SignedChange>, StoreError> {
+        let sql = if valid {
+            "SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1 AND status = 0"
+        } else {
+            "SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1"
+        };
         let row = self
             .conn
-            .prepare_cached(
-                "SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1 AND status = 0",
-            )?
+            .prepare_cached(sql)?
             .query_row(params![hash.to_vec()], |r| {
                 Ok((
                     r.get::<_, String>(0)?,

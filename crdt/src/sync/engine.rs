@@ -916,7 +916,7 @@ impl SyncEngine {
         if !partial {
             let mut extra = Vec::new();
             for h in theirs.wants.iter().take(MAX_WANTS) {
-                extra.extend(store.get_change(h)?);
+                extra.extend(store.get_any(h)?);
             }
             for (doc, f) in sum
                 .frontiers

@@ -196,6 +196,11 @@ pub trait Replica {
     ) -> Result<Vec<SignedChange>, StoreError>;
     /// A valid change by hash.
     fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError>;
+    /// A stored change by hash, valid or void (a peer asked for it by hash: the
+    /// dependency of a fork variant may be void here; the peer judges it itself).
+    fn get_any(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.get_change(hash)
+    }
     /// Whether a valid change with this hash is held (received copies are then not verified
     /// again).
     fn contains(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
@@ -268,6 +273,10 @@ impl Replica for Store {
 
     fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
         Store::get_change(self, hash)
+    }
+
+    fn get_any(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        Store::get_stored(self, hash)
     }
 
     fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {

@@ -155,6 +155,9 @@ impl Replica for Checked<'_> {
     fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
         self.store.get_change(hash)
     }
+    fn get_any(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.store.get_stored(hash)
+    }
     fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         let r = self.store.ingest(batch)?;
         self.log.push(r.clone());
