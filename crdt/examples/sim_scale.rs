@@ -12,7 +12,10 @@
 //! ```
 //! Options: `--nodes N[,N…]` (default 1000), `--degree D` (random links per node, default 12),
 //! `--fanout F` (relay fanout, default from `Config`), `--inline B` (relay pushes up to B
-//! bytes in full, larger ones as `Have` announcements; default from `Config`), `--writes W`
+//! bytes in full, larger ones as `Announce`/`Have` announcements; default from `Config`),
+//! `--pulled P` (relay changes newly applied from anti-entropy batches of at most P changes;
+//! default from `Config`), `--eager2 0|1` (relay a change pushed by its author in full;
+//! default from `Config`), `--writes W`
 //! (writes per side in the partition scenario, default 16), `--size B` (the single write
 //! carries a B-byte string instead of a small object), `--memory 1` (SQLite `:memory:`
 //! databases instead of files: a file store holds 3 descriptors, so 10,000 file stores exceed
@@ -45,6 +48,8 @@ struct Args {
     degree: usize,
     fanout: usize,
     inline: usize,
+    pulled: usize,
+    eager2: bool,
     writes: usize,
     size: usize,
     memory: bool,
@@ -58,6 +63,8 @@ fn parse() -> Args {
         degree: 12,
         fanout: d.fanout,
         inline: d.relay_inline_bytes,
+        pulled: d.relay_pulled_max,
+        eager2: d.eager_first_hop,
         writes: 16,
         size: 0,
         memory: false,
@@ -75,6 +82,8 @@ fn parse() -> Args {
             "--degree" => a.degree = num(&v),
             "--fanout" => a.fanout = num(&v),
             "--inline" => a.inline = num(&v),
+            "--pulled" => a.pulled = num(&v),
+            "--eager2" => a.eager2 = v == "1" || v == "true",
             "--writes" => a.writes = num(&v),
             "--size" => a.size = num(&v),
             "--memory" => a.memory = v == "1" || v == "true",
@@ -120,6 +129,8 @@ fn run(n: usize, a: &Args) {
     cfg.member_stride = Some((n / 64).max(1));
     cfg.sync.fanout = a.fanout;
     cfg.sync.relay_inline_bytes = a.inline;
+    cfg.sync.relay_pulled_max = a.pulled;
+    cfg.sync.eager_first_hop = a.eager2;
     let stride = cfg.member_stride.unwrap_or(1);
     let interval = cfg.sync.anti_entropy_interval_ms;
     let mut s = Sim::new(a.seed, cfg);
@@ -132,6 +143,7 @@ fn run(n: usize, a: &Args) {
 
     // 1. One write.
     let w0 = s.wire;
+    let kinds_w0 = s.by_kind.clone();
     let c = if a.size > 0 {
         let value = serde_json::Value::String("x".repeat(a.size));
         s.write_value(0, "app/scale", "blob", value)
@@ -160,6 +172,7 @@ fn run(n: usize, a: &Args) {
         t99.unwrap_or(t)
     );
     row(n, &what, t, interval, s.wire, w0, missing);
+    kinds(&s, &kinds_w0, n);
 
     // 2. Partition into halves; each half writes; heal.
     let half = n / 2;
@@ -188,14 +201,7 @@ fn run(n: usize, a: &Args) {
     s.run_until(s.now + 1_000);
     let what = format!("healed partition ({} changes each side)", a.writes);
     row(n, &what, t, interval, s.wire, w1, missing);
-    for (k, (m, b)) in &s.by_kind {
-        let (m0, b0) = kinds0.get(k).copied().unwrap_or((0, 0));
-        eprintln!(
-            "  {k}: {:.1} msgs/node, {:.0} bytes/node",
-            (m - m0) as f64 / n as f64,
-            (b - b0) as f64 / n as f64
-        );
-    }
+    kinds(&s, &kinds0, n);
     s.assert_converged();
     eprintln!(
         "N={n}: setup {:.1?}, total wall {:.1?}, peak RSS {} MiB, idle {:.0} B/node/s, \
@@ -207,6 +213,20 @@ fn run(n: usize, a: &Args) {
         s.total(|st| st.dropped_pushes),
         n.div_ceil(stride),
     );
+}
+
+/// Messages and bytes per node by message kind since `before`.
+fn kinds(s: &Sim, before: &std::collections::BTreeMap<&'static str, (u64, u64)>, n: usize) {
+    for (k, (m, b)) in &s.by_kind {
+        let (m0, b0) = before.get(k).copied().unwrap_or((0, 0));
+        if m > &m0 {
+            eprintln!(
+                "  {k}: {:.2} msgs/node, {:.0} bytes/node",
+                (m - m0) as f64 / n as f64,
+                (b - b0) as f64 / n as f64
+            );
+        }
+    }
 }
 
 fn row(

@@ -12,12 +12,41 @@
 //! anyone and forged by no one; a compromised non-admin key can write only inside its scopes
 //! until an admin removes it, and then its writes past the revocation cut-off are void everywhere.
 //!
+//! ## Equivocation (a cloned key)
+//! A key copied onto two machines (a VM image, a restored backup) can sign two *different*
+//! changes at the same (document, seq), concurrently, each in a different part of the cluster.
+//! Keeping whichever arrives first would split the cluster for good (equal version vectors,
+//! different documents). The rule (`equivocation.rs`, decided from the set of changes alone,
+//! so arrival order never matters):
+//! * two otherwise valid changes by one key at one (document, seq) are a **fork**, a proof of
+//!   equivocation; the key is **flagged** in that document ([`Store::equivocators`]);
+//! * **both variants are void, and so is everything the key wrote in that document from the
+//!   fork seq on**; its changes below the fork seq and in other documents stand. No variant
+//!   "wins": any choice would reward whichever copy of the key wrote first or fastest, and
+//!   the honest owner cannot be told from the clone. The owner can no longer write that
+//!   document with that key (a local write is refused): an admin removes the key and re-admits
+//!   the machine with a new one;
+//! * **honest changes built on a void variant are void too** (Automerge cannot apply a change
+//!   without its dependencies, and applying them would resurrect the variant). Only changes
+//!   made concurrently with the fork, by nodes that held one variant, are affected; they are
+//!   reported in `IngestReport::voided` so the values can be written again. Their authors'
+//!   next changes reuse the voided seqs, which is not a fork (a change void because of its
+//!   dependencies is not "otherwise valid"); forks are judged causally first to keep it so.
+//!
+//! Every node ends up with both variants: the anti-entropy digest covers each document's heads
+//! and flagged forks, and sync ships the two variants to any peer that has not flagged the
+//! fork (see [`sync`]). The membership document is the exception: there the first variant
+//! stays and the second is kept as evidence (a cloned *admin* key needs a new cluster epoch).
+//!
 //! ## Modules and data flow
 //! * [`identity`]: keys, node ids, key files.
 //! * [`header`]: reads and hashes a change chunk *without* Automerge, so signatures are checked
 //!   before Automerge sees a byte.
 //! * [`signed`]: the signed-change envelope and its encoding.
 //! * [`membership`]: the membership document and the revocation rule (read its docs).
+//! * [`equivocation`]: the rule for a key that signs two different changes at one seq (a cloned
+//!   key): both variants and what follows them are void, decided from the set of changes alone
+//!   (see "Equivocation" below).
 //! * [`store`]: SQLite persistence, verification pipeline, local writes, materialized reads.
 //! * `json`: JSON ⇄ Automerge with minimal operations.
 //!
@@ -46,6 +75,7 @@
 
 #![warn(missing_docs)]
 
+pub mod equivocation;
 pub mod error;
 pub mod header;
 pub mod identity;

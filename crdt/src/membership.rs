@@ -45,6 +45,10 @@
 //! voided changes (with reason `depends_on_void`) so an operator or the agent can re-apply the
 //! intended values as new changes.
 //!
+//! **Equivocation** (one key, two different changes at one seq) is judged by its own rule,
+//! in `crate::equivocation`: both variants and the key's later changes in that document are
+//! void, with the same void-descendants consequence as above.
+//!
 //! # Evaluating the membership document deterministically
 //! Membership changes are replayed in a deterministic topological order: Kahn's algorithm,
 //! breaking ties by (start_op, actor, hash). Each change is applied to a fork of the running

@@ -8,12 +8,16 @@
 //! Tables:
 //! * `meta(key, value)`: the cluster id.
 //! * `changes`: every authenticated change, by hash, with signature, author, seq, start_op,
-//!   `max_op` (start_op - 1 + number of ops), dependencies, and `status` (0 valid, 1 void).
-//!   The `(doc, author, seq)` index is the per-author chain used by sync. It is not unique:
-//!   a void change's seq may be reused by its author's next valid change (an honest change
-//!   voided because it depended on a revoked one), while two *valid* changes at one seq are
-//!   refused as equivocation.
-//! * `evidence`: the second change of an equivocating pair, kept as proof against the key.
+//!   `max_op` (start_op - 1 + number of ops), dependencies, and `status`: 0 valid, 1 void
+//!   (revoked, or depends on a revoked change), 2 void (depends on an equivocation-void
+//!   change), 3 void (by an author flagged for equivocation, at or after its fork seq; see
+//!   [`crate::equivocation`]). The `(doc, author, seq)` index is the per-author chain used by
+//!   sync. It is not unique: a void change's seq may be reused by its author's next valid
+//!   change (an honest change voided because of its dependencies), and both variants of an
+//!   equivocation are stored (status 3) as evidence. The partial index `changes_forked`
+//!   (schema 2) finds flagged authors without scanning the table.
+//! * `evidence`: (schema 1 only) the second change of an equivocating pair; no longer written
+//!   for configuration documents, still read by `Store::equivocators`.
 //! * `docs`: per document: heads, change count, and an optional Automerge snapshot with the
 //!   last change rowid it covers (so a lazy load applies only what came after).
 //! * `kv`: the materialized view: the JSON value of each top-level key, maintained in the same
@@ -24,7 +28,7 @@ use rusqlite::Connection;
 /// `PRAGMA application_id` of a Lichen database ("LCHN").
 pub const APPLICATION_ID: i64 = 0x4c43_484e;
 /// The newest schema this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -67,6 +71,8 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL,
         PRIMARY KEY (doc, key)
      ) WITHOUT ROWID;",
+    // 1 -> 2: equivocation variants live in `changes` with status 3.
+    "CREATE INDEX changes_forked ON changes (doc, author, seq) WHERE status = 3;",
 ];
 
 /// Why a database could not be prepared.

@@ -10,7 +10,9 @@
 //! * **Remote changes** ([`Store::ingest`]): authenticate every change without Automerge
 //!   (frame, hash, signature, actor = signer; see [`crate::signed`]) → membership changes first,
 //!   evaluated by the deterministic rule in [`crate::membership`] → per document: authorize,
-//!   check dependencies, seq contiguity, equivocation and `start_op` → parse with Automerge under
+//!   check dependencies, seq contiguity, equivocation (a second change at a used seq is stored
+//!   as evidence and the document re-judged by [`crate::equivocation`]) and `start_op` → parse
+//!   with Automerge under
 //!   `catch_unwind` → apply the whole batch at once (one at a time is quadratic) → one SQLite
 //!   transaction. Changes that may become valid later (unknown author, missing dependencies,
 //!   seq gap) wait in a bounded pending set and are retried whenever something is applied.
@@ -42,6 +44,7 @@ use automerge::{ActorId, Automerge, Change, ChangeHash, ROOT};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
+use crate::equivocation;
 use crate::error::{RejectReason, StoreError};
 use crate::header::ChangeHeader;
 use crate::identity::{hex, NodeId, SecretKey};
@@ -259,6 +262,9 @@ pub struct Store {
     pending: PendingSet,
     /// Cached version vectors (None: recompute from disk on next use).
     clocks: std::cell::RefCell<Option<Clocks>>,
+    /// Authors flagged for equivocation per document, with their fork seq (see
+    /// [`crate::equivocation`]); mirrors the status-3 rows.
+    forks: BTreeMap<(String, NodeId), u64>,
     /// Fsync policy: for this node's own writes, and for changes received from peers.
     fsync_local: bool,
     fsync_remote: bool,
@@ -356,6 +362,7 @@ impl Store {
             member_valid: HashSet::new(),
             loaded: HashMap::new(),
             clocks: std::cell::RefCell::new(None),
+            forks: BTreeMap::new(),
             fsync_local: true,
             fsync_remote: true,
             sync_full: true,
@@ -462,7 +469,32 @@ impl Store {
         }
         let mut store = Store::empty(conn, path, cluster);
         store.load_membership()?;
+        store.load_forks()?;
         Ok(store)
+    }
+
+    /// Read the flagged forks (through the small partial index on status 3).
+    fn load_forks(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT doc, author, MIN(seq) FROM changes WHERE status = 3 GROUP BY doc, author",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut forks = BTreeMap::new();
+        for row in rows {
+            let (doc, author, seq) = row?;
+            if let Some(id) = NodeId::from_slice(&author) {
+                forks.insert((doc, id), seq as u64);
+            }
+        }
+        drop(stmt);
+        self.forks = forks;
+        Ok(())
     }
 
     fn load_membership(&mut self) -> Result<(), StoreError> {
@@ -770,11 +802,23 @@ impl Store {
 
     /// A stored valid change by hash.
     pub fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.get_with(hash, true)
+    }
+
+    /// A stored change by hash, valid or void.
+    pub fn get_stored(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.get_with(hash, false)
+    }
+
+    fn get_with(&self, hash: &[u8; 32], valid: bool) -> Result<Option<SignedChange>, StoreError> {
+        let sql = if valid {
+            "SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1 AND status = 0"
+        } else {
+            "SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1"
+        };
         let row = self
             .conn
-            .prepare_cached(
-                "SELECT doc, author, sig, bytes FROM changes WHERE hash = ?1 AND status = 0",
-            )?
+            .prepare_cached(sql)?
             .query_row(params![hash.to_vec()], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
@@ -797,19 +841,115 @@ impl Store {
         }))
     }
 
-    /// Keys flagged for equivocation (two different changes at the same doc, author and seq).
+    /// Keys flagged for equivocation (two different changes at the same doc, author and seq;
+    /// see [`crate::equivocation`]), sorted.
     pub fn equivocators(&self) -> Result<Vec<NodeId>, StoreError> {
+        let mut out: BTreeSet<NodeId> = self.forks.keys().map(|(_, a)| *a).collect();
+        // Evidence kept by schema 1 (and for the membership document).
         let mut stmt = self
             .conn
             .prepare_cached("SELECT DISTINCT author FROM evidence")?;
         let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
         for r in rows {
-            if let Some(id) = NodeId::from_slice(&r?) {
-                out.push(id);
-            }
+            out.extend(NodeId::from_slice(&r?));
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Flagged forks: (document, author) → the seq from which the author's changes are void.
+    pub fn forks(&self) -> &BTreeMap<(String, NodeId), u64> {
+        &self.forks
+    }
+
+    /// Proof of a flagged fork: up to two stored variants of `author` at its fork seq in `doc`
+    /// (what sync sends a peer that does not know the fork yet).
+    pub fn fork_evidence(
+        &self,
+        doc: &str,
+        author: &NodeId,
+    ) -> Result<Vec<SignedChange>, StoreError> {
+        let Some(seq) = self.forks.get(&(doc.to_string(), *author)) else {
+            return Ok(Vec::new());
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT sig, bytes FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3 AND status = 3
+             ORDER BY hash LIMIT 2",
+        )?;
+        let rows = stmt.query_map(params![doc, author.0.to_vec(), *seq as i64], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (sig, bytes) = row?;
+            out.push(SignedChange {
+                doc: doc.to_string(),
+                author: *author,
+                sig: sig
+                    .try_into()
+                    .map_err(|_| corrupt(&self.path, "bad signature length"))?,
+                bytes,
+            });
         }
         Ok(out)
+    }
+
+    /// Current heads of every document (membership included), by name.
+    pub fn all_heads(&self) -> Result<BTreeMap<String, Vec<[u8; 32]>>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT doc, heads FROM docs")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (doc, heads) = row?;
+            let mut h = blob_to_hashes(&heads);
+            h.sort();
+            out.insert(doc, h);
+        }
+        Ok(out)
+    }
+
+    /// The hash of a stored change (only valid ones if `valid`) whose hash starts with
+    /// `prefix` (through the hash index).
+    pub fn find_by_prefix(
+        &self,
+        prefix: &[u8],
+        valid: bool,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        let mut lo = [0u8; 32];
+        let mut hi = [0xffu8; 32];
+        let n = prefix.len().min(32);
+        lo[..n].copy_from_slice(&prefix[..n]);
+        hi[..n].copy_from_slice(&prefix[..n]);
+        let sql = if valid {
+            "SELECT hash FROM changes WHERE hash BETWEEN ?1 AND ?2 AND status = 0 LIMIT 1"
+        } else {
+            "SELECT hash FROM changes WHERE hash BETWEEN ?1 AND ?2 LIMIT 1"
+        };
+        let h: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached(sql)?
+            .query_row(params![lo.to_vec(), hi.to_vec()], |r| r.get(0))
+            .optional()?;
+        Ok(h.and_then(|h| h.try_into().ok()))
+    }
+
+    /// Dependencies that the newest 1,024 changes waiting in the pending set lack (neither
+    /// stored nor pending themselves), at most `limit`: what to ask a peer for by hash.
+    pub fn wanted_deps(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
+        let mut out = BTreeSet::new();
+        // The newest waiting changes only: this runs for every pull.
+        for (_, h) in self.pending.queue.iter().rev().take(1024) {
+            for d in &h.deps {
+                if out.len() >= limit {
+                    return Ok(out.into_iter().collect());
+                }
+                if !self.pending.hashes.contains(d) && !out.contains(d) && !self.has_change(d)? {
+                    out.insert(*d);
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// Verified history of a document, optionally only the edits under `path`, newest last,
@@ -988,6 +1128,13 @@ impl Store {
         if !valid_doc_name(doc) || doc == MEMBERSHIP_DOC {
             return Err(StoreError::Invalid(format!(
                 "`{doc}` is not a valid document name (lowercase a-z 0-9 . _ - separated by /)"
+            )));
+        }
+        if let Some(f) = self.forks.get(&(doc.to_string(), *me)) {
+            return Err(StoreError::Denied(format!(
+                "this key signed two different changes at seq {f} of `{doc}` (a cloned key?), so \
+                 its changes there from seq {f} on are void everywhere; remove this member and \
+                 join again with a new key"
             )));
         }
         let next_seq = self.last_seq(doc, me)? + 1;
@@ -1416,7 +1563,7 @@ impl Store {
         }
         let tx = self.conn.transaction()?;
         {
-            insert_changes(&tx, accepted.iter().copied())?;
+            insert_changes(&tx, accepted.iter().copied(), 0)?;
             let mut put = tx.prepare_cached(
                 "INSERT OR REPLACE INTO kv (doc, key, value) VALUES (?1, ?2, ?3)",
             )?;
@@ -1569,8 +1716,11 @@ impl Store {
     }
 
     /// Structural checks shared by all documents: deps, seq, equivocation, start_op, parse.
-    /// `batch_info` holds (valid, max_op) of changes accepted earlier in this batch, and
-    /// `batch_seq` the last seq per author accepted in this batch.
+    /// `batch_info` holds (valid, max_op) of changes accepted earlier in this batch,
+    /// `batch_seq` the last seq per author accepted in this batch and `batch_at` their hashes
+    /// by (author, seq). Returns the parsed change, its max_op, and whether it is a *variant*:
+    /// a second change at a seq where its author already has a valid change (equivocation
+    /// evidence, see [`crate::equivocation`]).
     #[allow(clippy::too_many_arguments)]
     fn check_structure(
         &self,
@@ -1578,7 +1728,8 @@ impl Store {
         h: &ChangeHeader,
         batch_info: &HashMap<[u8; 32], u64>,
         batch_seq: &HashMap<NodeId, u64>,
-    ) -> Result<Result<(Change, u64), RejectReason>, StoreError> {
+        batch_at: &HashMap<(NodeId, u64), [u8; 32]>,
+    ) -> Result<Result<(Change, u64, bool), RejectReason>, StoreError> {
         // Dependencies.
         let mut max_dep_op = 0u64;
         let mut missing = 0usize;
@@ -1598,19 +1749,30 @@ impl Store {
             Some(s) => *s,
             None => self.last_seq(&c.doc, &c.author)?,
         };
-        if h.seq <= last {
-            if let Some(other) = self.hash_at(&c.doc, &c.author, h.seq)? {
-                if other != h.hash {
-                    self.record_equivocation(c, h, other)?;
-                    return Ok(Err(RejectReason::Equivocation));
-                }
-            }
+        // A key flagged for equivocation in this document writes nothing more there.
+        if !self.forks.is_empty()
+            && self
+                .forks
+                .get(&(c.doc.clone(), c.author))
+                .is_some_and(|f| h.seq >= *f)
+        {
             return Ok(Err(RejectReason::Equivocation));
+        }
+        let mut variant = false;
+        if h.seq <= last {
+            let other = match batch_at.get(&(c.author, h.seq)) {
+                Some(o) => Some(*o),
+                None => self.hash_at(&c.doc, &c.author, h.seq)?,
+            };
+            match other {
+                Some(o) if o != h.hash => variant = true,
+                _ => return Ok(Err(RejectReason::Equivocation)),
+            }
         }
         if missing > 0 {
             return Ok(Err(RejectReason::MissingDeps(missing)));
         }
-        if h.seq > last + 1 {
+        if !variant && h.seq > last + 1 {
             return Ok(Err(RejectReason::SeqGap { seq: h.seq, last }));
         }
         let expected = max_dep_op + 1;
@@ -1636,7 +1798,7 @@ impl Store {
             )));
         }
         let max_op = h.start_op - 1 + change.len() as u64;
-        Ok(Ok((change, max_op)))
+        Ok(Ok((change, max_op, variant)))
     }
 
     fn ingest_membership(
@@ -1649,6 +1811,7 @@ impl Store {
         let ordered = order_by_deps(changes);
         let mut batch_info = HashMap::new();
         let mut batch_seq = HashMap::new();
+        let mut batch_at = HashMap::new();
         let mut candidates: Vec<(SignedChange, ChangeHeader, Change, u64)> = Vec::new();
         for (c, h) in ordered {
             if self.membership.root.is_none() && h.deps.is_empty() && h.hash != self.cluster {
@@ -1660,10 +1823,27 @@ impl Store {
                 );
                 continue;
             }
-            match self.check_structure(&c, &h, &batch_info, &batch_seq)? {
-                Ok((change, max_op)) => {
+            match self.check_structure(&c, &h, &batch_info, &batch_seq, &batch_at)? {
+                Ok((_, _, true)) => {
+                    // Membership equivocation (a cloned admin key) keeps the first variant and
+                    // records the second as evidence; see the crate docs.
+                    let other = batch_at
+                        .get(&(c.author, h.seq))
+                        .copied()
+                        .or(self.hash_at(&c.doc, &c.author, h.seq)?)
+                        .unwrap_or([0; 32]);
+                    self.record_equivocation(&c, &h, other)?;
+                    outcome(
+                        report,
+                        &c,
+                        Some(h.hash),
+                        Outcome::Rejected(RejectReason::Equivocation),
+                    );
+                }
+                Ok((change, max_op, false)) => {
                     batch_info.insert(h.hash, max_op);
                     batch_seq.insert(c.author, h.seq);
+                    batch_at.insert((c.author, h.seq), h.hash);
                     candidates.push((c, h, change, max_op));
                 }
                 Err(r) if r.is_transient() => {
@@ -1740,7 +1920,7 @@ impl Store {
         // Persist: new membership changes, status flips, and the membership view.
         let tx = self.conn.transaction()?;
         {
-            insert_changes(&tx, accepted.iter())?;
+            insert_changes(&tx, accepted.iter(), 0)?;
             let mut flip = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
             for (h, valid) in &flips {
                 flip.execute(params![h.to_vec(), if *valid { 0 } else { 1 }])?;
@@ -1792,7 +1972,8 @@ impl Store {
         authors: &BTreeSet<NodeId>,
         report: &mut IngestReport,
     ) -> Result<(), StoreError> {
-        let mut flips: Vec<(String, [u8; 32], bool)> = Vec::new();
+        // (doc, hash, valid now as far as membership goes, was valid)
+        let mut flips: Vec<(String, [u8; 32], bool, bool)> = Vec::new();
         {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT doc, hash, seq, status FROM changes WHERE author = ?1 AND doc != ?2 ORDER BY id",
@@ -1813,11 +1994,13 @@ impl Store {
                     };
                     let mut ok = self.membership.authorize_write(a, &doc, seq as u64).is_ok();
                     // A void change whose seq was reused by a valid one stays void.
-                    if ok && status != 0 {
+                    if ok && status == 1 {
                         ok = self.hash_at(&doc, a, seq as u64)?.is_none();
                     }
-                    if ok != (status == 0) {
-                        flips.push((doc, hash, ok));
+                    // Statuses 2 and 3 (equivocation) are not about membership: `rebuild`
+                    // decides them again; here they count as "not revoked".
+                    if ok != (status != 1) {
+                        flips.push((doc, hash, ok, status == 0));
                     }
                 }
             }
@@ -1829,53 +2012,99 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut up = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
-            for (_, h, ok) in &flips {
+            for (_, h, ok, _) in &flips {
                 up.execute(params![h.to_vec(), if *ok { 0 } else { 1 }])?;
             }
         }
         tx.commit()?;
         *self.clocks.borrow_mut() = None;
-        for (_, h, ok) in &flips {
+        let mut revived = Vec::new();
+        for (_, h, ok, was_valid) in &flips {
             if *ok {
-                report.revived.push(*h);
-            } else {
+                revived.push(*h);
+            } else if *was_valid {
                 report.voided.push(*h);
             }
         }
         for doc in docs {
-            let mut extra = self.rebuild(&doc)?;
-            report.voided.append(&mut extra);
+            let (voided, again) = self.rebuild(&doc)?;
+            // A revived change the equivocation rule voids again was never valid.
+            revived.retain(|h| !voided.contains(h));
+            report.voided.extend(
+                voided
+                    .into_iter()
+                    .filter(|h| !flips.iter().any(|f| f.1 == *h)),
+            );
+            revived.extend(again);
             report.changed_docs.insert(doc);
         }
+        report.revived.extend(revived);
         Ok(())
     }
 
-    /// Rebuild a document from its valid changes, voiding changes whose dependencies are void.
-    /// Returns the hashes newly voided as dependents.
-    fn rebuild(&mut self, doc: &str) -> Result<Vec<[u8; 32]>, StoreError> {
+    /// Re-judge a document from all its stored changes and rebuild it from the valid ones:
+    /// changes whose dependencies are void become void, and the equivocation rule
+    /// ([`crate::equivocation`]) decides statuses 2 and 3 afresh. Returns the hashes that
+    /// became void and those that became valid again.
+    #[allow(clippy::type_complexity)]
+    fn rebuild(&mut self, doc: &str) -> Result<(Vec<[u8; 32]>, Vec<[u8; 32]>), StoreError> {
         self.loaded.remove(doc);
-        type Row = (Vec<u8>, i64, Vec<u8>, Vec<u8>);
+        type Row = (Vec<u8>, Vec<u8>, i64, i64, Vec<u8>, Vec<u8>);
         let rows: Vec<Row> = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT hash, status, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id",
+                "SELECT hash, author, seq, status, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id",
             )?;
             let rows = stmt.query_map(params![doc], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?;
             rows.collect::<Result<_, _>>()?
         };
-        let mut valid: HashSet<[u8; 32]> = HashSet::new();
-        let mut newly_void = Vec::new();
-        let mut changes = Vec::new();
-        for (hash, status, deps, bytes) in rows {
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
-                continue;
+        let mut judged = Vec::with_capacity(rows.len());
+        let mut old_status = Vec::with_capacity(rows.len());
+        for (hash, author, seq, status, deps, _) in &rows {
+            let (Ok(hash), Some(author)) = (
+                <[u8; 32]>::try_from(hash.as_slice()),
+                NodeId::from_slice(author),
+            ) else {
+                return Err(corrupt(
+                    &self.path,
+                    format!("a stored change of {doc} is malformed"),
+                ));
             };
-            if status != 0 {
-                continue;
+            judged.push(equivocation::Row {
+                hash,
+                author,
+                seq: *seq as u64,
+                deps: blob_to_hashes(deps),
+                base_void: *status == 1,
+            });
+            old_status.push(*status);
+        }
+        let verdict = equivocation::evaluate(&judged);
+        let mut voided = Vec::new();
+        let mut revived = Vec::new();
+        let mut updates: Vec<([u8; 32], i64)> = Vec::new();
+        let mut valid_count = 0usize;
+        let mut changes = Vec::new();
+        for (i, (_, _, _, _, _, bytes)) in rows.iter().enumerate() {
+            let st = verdict.status[i];
+            let (hash, was) = (judged[i].hash, old_status[i]);
+            if st.code() != was {
+                updates.push((hash, st.code()));
+                match (was == 0, st == equivocation::Status::Valid) {
+                    (true, false) => voided.push(hash),
+                    (false, true) => revived.push(hash),
+                    _ => {}
+                }
             }
-            if !blob_to_hashes(&deps).iter().all(|d| valid.contains(d)) {
-                newly_void.push(hash);
+            if st != equivocation::Status::Valid {
                 continue;
             }
             let Some(Ok(c)) = panic_safe(|| Change::try_from(bytes.as_slice())) else {
@@ -1884,7 +2113,7 @@ impl Store {
                     format!("a stored change of {doc} does not parse"),
                 ));
             };
-            valid.insert(hash);
+            valid_count += 1;
             changes.push(c);
         }
         let mut am = Automerge::new();
@@ -1896,9 +2125,9 @@ impl Store {
         let root = json::to_json(&am, &ROOT)?;
         let tx = self.conn.transaction()?;
         {
-            let mut up = tx.prepare_cached("UPDATE changes SET status = 1 WHERE hash = ?1")?;
-            for h in &newly_void {
-                up.execute(params![h.to_vec()])?;
+            let mut up = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
+            for (h, st) in &updates {
+                up.execute(params![h.to_vec(), st])?;
             }
             tx.execute("DELETE FROM kv WHERE doc = ?1", params![doc])?;
             if let Value::Object(m) = root {
@@ -1908,22 +2137,28 @@ impl Store {
                     put.execute(params![doc, k, v.to_string()])?;
                 }
             }
-            if valid.is_empty() {
+            if valid_count == 0 {
                 // A document none of whose changes stand does not exist.
                 tx.execute("DELETE FROM docs WHERE doc = ?1", params![doc])?;
             } else {
                 tx.execute(
-                    "UPDATE docs SET heads = ?2, n_changes = ?3, snapshot = NULL, snapshot_upto = 0 WHERE doc = ?1",
-                    params![doc, hashes_to_blob(&heads), valid.len() as i64],
+                    "INSERT INTO docs (doc, heads, n_changes) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (doc) DO UPDATE SET heads = excluded.heads,
+                        n_changes = excluded.n_changes, snapshot = NULL, snapshot_upto = 0",
+                    params![doc, hashes_to_blob(&heads), valid_count as i64],
                 )?;
             }
         }
         tx.commit()?;
         *self.clocks.borrow_mut() = None;
-        if !valid.is_empty() {
+        if valid_count > 0 {
             self.loaded.insert(doc.to_string(), Loaded::new(am));
         }
-        Ok(newly_void)
+        self.forks.retain(|(d, _), _| d != doc);
+        for (author, seq) in verdict.forks {
+            self.forks.insert((doc.to_string(), author), seq);
+        }
+        Ok((voided, revived))
     }
 
     fn ingest_doc(
@@ -1936,7 +2171,9 @@ impl Store {
         let ordered = order_by_deps(changes);
         let mut batch_info: HashMap<[u8; 32], u64> = HashMap::new();
         let mut batch_seq: HashMap<NodeId, u64> = HashMap::new();
+        let mut batch_at: HashMap<(NodeId, u64), [u8; 32]> = HashMap::new();
         let mut accepted: Vec<Accepted> = Vec::new();
+        let mut variants: Vec<Accepted> = Vec::new();
         for (c, h) in ordered {
             if let Err(r) = self.membership.authorize_write(&c.author, doc, h.seq) {
                 if r.is_transient() {
@@ -1947,10 +2184,17 @@ impl Store {
                 }
                 continue;
             }
-            match self.check_structure(&c, &h, &batch_info, &batch_seq)? {
-                Ok((change, max_op)) => {
+            match self.check_structure(&c, &h, &batch_info, &batch_seq, &batch_at)? {
+                Ok((change, max_op, true)) => variants.push(Accepted {
+                    signed: c,
+                    header: h,
+                    change,
+                    max_op,
+                }),
+                Ok((change, max_op, false)) => {
                     batch_info.insert(h.hash, max_op);
                     batch_seq.insert(c.author, h.seq);
+                    batch_at.insert((c.author, h.seq), h.hash);
                     accepted.push(Accepted {
                         signed: c,
                         header: h,
@@ -1966,7 +2210,7 @@ impl Store {
             }
         }
         if accepted.is_empty() {
-            return Ok(false);
+            return self.ingest_variants(doc, variants, report, outcome);
         }
         // Apply the whole batch to the in-memory document, containing any panic.
         let before = self.loaded_doc_or_new(doc)?.am.get_heads();
@@ -2021,7 +2265,7 @@ impl Store {
             }
             accepted = good;
             if accepted.is_empty() {
-                return Ok(false);
+                return self.ingest_variants(doc, variants, report, outcome);
             }
         }
         // The keys these changes touched, from their ops (Automerge's diff is the slow path).
@@ -2048,18 +2292,57 @@ impl Store {
             outcome(report, &a.signed, Some(a.header.hash), Outcome::Applied);
         }
         report.changed_docs.insert(doc.to_string());
+        self.ingest_variants(doc, variants, report, outcome)?;
+        Ok(true)
+    }
+
+    /// Store equivocation variants (see [`crate::equivocation`]) and re-judge the document:
+    /// the fork rule voids both variants and what depends on them, whatever order they came
+    /// in. A variant is reported `Applied` only if it ends up valid (an honest author's reuse
+    /// of a seq whose first change turned out void), else `Rejected(Equivocation)`.
+    fn ingest_variants(
+        &mut self,
+        doc: &str,
+        variants: Vec<Accepted>,
+        report: &mut IngestReport,
+        outcome: &mut impl FnMut(&mut IngestReport, &SignedChange, Option<[u8; 32]>, Outcome),
+    ) -> Result<bool, StoreError> {
+        if variants.is_empty() {
+            return Ok(false);
+        }
+        tracing::warn!(
+            doc,
+            count = variants.len(),
+            "equivocation: a key signed two different changes at one seq; keeping both as evidence"
+        );
+        let tx = self.conn.transaction()?;
+        insert_changes(&tx, variants.iter(), 3)?;
+        tx.commit()?;
+        let (voided, revived) = self.rebuild(doc)?;
+        report.voided.extend(voided);
+        report.revived.extend(revived.iter().copied());
+        report.changed_docs.insert(doc.to_string());
+        for v in &variants {
+            let o = if revived.contains(&v.header.hash) {
+                Outcome::Applied
+            } else {
+                Outcome::Rejected(RejectReason::Equivocation)
+            };
+            outcome(report, &v.signed, Some(v.header.hash), o);
+        }
         Ok(true)
     }
 }
 
-/// Insert accepted (valid) changes; the caller owns the transaction.
+/// Insert accepted changes with `status` (0: valid); the caller owns the transaction.
 fn insert_changes<'a>(
     tx: &rusqlite::Transaction<'_>,
     accepted: impl Iterator<Item = &'a Accepted>,
+    status: i64,
 ) -> Result<(), StoreError> {
     let mut ins = tx.prepare_cached(
         "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     for a in accepted {
         ins.execute(params![
@@ -2073,6 +2356,7 @@ fn insert_changes<'a>(
             hashes_to_blob(&a.header.deps),
             a.signed.sig.to_vec(),
             a.signed.bytes,
+            status,
         ])?;
     }
     Ok(())

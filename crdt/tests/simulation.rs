@@ -27,6 +27,15 @@ fn one_write_reaches_nodes_with_no_link_to_its_author() {
             .filter(|n| n.store().get_change(&h).unwrap().is_some())
             .count();
         assert!(have > 12, "seed {seed}: only {have} nodes after gossip");
+        // Beyond the second hop the change travels as Announce → Fetch → Push.
+        assert!(
+            s.by_kind.get("announce").is_some_and(|k| k.0 > 0),
+            "seed {seed}"
+        );
+        assert!(
+            s.by_kind.get("fetch").is_some_and(|k| k.0 > 0),
+            "seed {seed}"
+        );
         s.settle(10_000);
         s.assert_converged();
         assert!(s.everywhere(&h));
@@ -55,6 +64,37 @@ fn partition_heals_and_both_sides_converge() {
         for h in s.written.clone() {
             assert!(s.everywhere(&h), "seed {seed}: a write was lost");
         }
+    });
+}
+
+#[test]
+fn paged_clocks_still_converge() {
+    sweep("paged_clocks", 0..3, |seed| {
+        let n = 5;
+        let mut cfg = SimConfig::new(n).lossy(0.03, 0.03);
+        // Pages of one or two documents: every pull walks several pages.
+        cfg.sync.clocks_page_bytes = 150;
+        let mut s = Sim::new(seed, cfg);
+        s.run_until(100);
+        s.split(|i| i < 2);
+        for k in 0..24u64 {
+            s.at(200 + k * 40, move |s| {
+                let a = (k as usize * 3) % 5;
+                s.write(a, &format!("app/p{}", k % 8), &format!("k{}", k % 3));
+            });
+        }
+        s.run_until(2_000);
+        let clocks_before = s.by_kind.get("clocks").map(|c| c.0).unwrap_or(0);
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+        }
+        assert!(
+            s.by_kind["clocks"].0 - clocks_before >= 4,
+            "seed {seed}: not paged"
+        );
     });
 }
 
@@ -207,45 +247,179 @@ fn removed_member_writes_on_a_fork_are_void_everywhere() {
     });
 }
 
+/// Hashes of the changes by `key` in `doc` with seq ≥ `from` among `hashes`.
+fn at_or_after(s: &Sim, changes: &[lichen_crdt::SignedChange], from: u64) -> Vec<[u8; 32]> {
+    let _ = s;
+    changes
+        .iter()
+        .filter(|c| lichen_crdt::header::parse(&c.bytes).unwrap().seq >= from)
+        .map(|c| c.hash().unwrap())
+        .collect()
+}
+
+/// The flagged-key checks shared by the equivocation stories: every honest node flags `key`
+/// (and nobody else), holds none of `void`, and holds everything in `kept`.
+fn assert_flagged_everywhere(
+    s: &Sim,
+    seed: u64,
+    key: lichen_crdt::NodeId,
+    void: &[[u8; 32]],
+    kept: &[[u8; 32]],
+) {
+    for (i, nd) in s.nodes.iter().enumerate().filter(|(_, n)| n.honest()) {
+        assert_eq!(
+            nd.store().equivocators().unwrap(),
+            vec![key],
+            "seed {seed}: n{i} does not flag exactly the cloned key"
+        );
+    }
+    for h in void {
+        assert!(
+            s.nowhere(h),
+            "seed {seed}: a variant (or a change after it) survived"
+        );
+    }
+    for h in kept {
+        assert!(
+            s.everywhere(h),
+            "seed {seed}: a change that must stand was lost"
+        );
+    }
+}
+
 #[test]
-fn cloned_key_equivocation_is_rejected_and_recorded() {
+fn cloned_key_writing_later_voids_both_lines_from_the_fork() {
     sweep("cloned_key", 0..3, |seed| {
         let n = 5;
         let (original, clone) = (1, 4);
         let mut s = Sim::with_kinds(seed, SimConfig::new(n), &[(clone, Kind::Clone)]);
         s.isolate(clone);
+        let mut before = Vec::new();
         for k in 0..2 {
-            s.write(original, "app/c", &format!("k{k}"));
+            before.push(s.write(original, "app/c", &format!("k{k}")).unwrap());
         }
         s.run_until(1_000);
         // Someone copies the original's disk image, key included.
         s.clone_node(clone, original);
         s.isolate(clone);
+        let mut line = Vec::new();
         for k in 2..6 {
-            s.write(original, "app/c", &format!("k{k}"));
+            line.push(s.write(original, "app/c", &format!("k{k}")).unwrap());
         }
+        let other = s.write(2, "app/other", "x").unwrap().hash().unwrap();
         s.excluded.insert(clone);
         s.settle(10_000);
         // The clone comes online and writes at sequence numbers the original already used.
         s.heal();
         for k in 0..3 {
-            s.write(clone, "app/c", &format!("clone{k}"));
+            line.push(s.write(clone, "app/c", &format!("clone{k}")).unwrap());
         }
         s.run_until(s.now + 5_000);
         s.settle(10_000);
         s.assert_converged();
-        let key = s.nodes[original].id;
-        let evidence = (0..n)
-            .filter(|i| *i != clone)
-            .filter(|i| s.nodes[*i].store().equivocators().unwrap().contains(&key))
-            .count();
-        assert!(
-            evidence > 0,
-            "seed {seed}: no node recorded the equivocation"
-        );
+        let fork = 3; // seqs 1 and 2 came before the copy
+        let void = at_or_after(&s, &line, fork);
+        assert_eq!(void.len(), line.len());
+        let mut kept: Vec<[u8; 32]> = before.iter().map(|c| c.hash().unwrap()).collect();
+        kept.push(other);
+        assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
         for h in s.written.clone() {
+            assert!(
+                void.contains(&h) || s.everywhere(&h),
+                "seed {seed}: an honest write was lost"
+            );
+        }
+    });
+}
+
+#[test]
+fn concurrent_equivocation_in_two_partitions_converges_with_both_variants_void() {
+    sweep("concurrent_equivocation", 0..10, |seed| {
+        let n = 7;
+        let (original, clone) = (1, 6);
+        let mut s = Sim::with_kinds(
+            seed,
+            SimConfig::new(n).lossy(0.03, 0.03),
+            &[(clone, Kind::Clone)],
+        );
+        s.clone_writes_forbidden = false;
+        s.isolate(clone);
+        let first = s.write(original, "app/c", "k0").unwrap();
+        s.run_until(500);
+        s.clone_node(clone, original);
+        s.excluded.insert(clone);
+        // Two partitions, each with one holder of the key and honest nodes that accept its
+        // writes (nobody can tell a clone from the original before seeing both variants).
+        s.heal();
+        s.split(|i| i <= 3);
+        let mut line = Vec::new();
+        let mut honest_c = Vec::new();
+        for k in 0..3u64 {
+            s.at(600 + k * 150, move |s| {
+                s.write(original, "app/c", &format!("o{k}"));
+                s.write(clone, "app/c", &format!("c{k}"));
+                // Honest writes on top of each side's variants, and elsewhere.
+                s.write(2, "app/c", &format!("h2-{k}"));
+                s.write(4, "app/c", &format!("h4-{k}"));
+                s.write(3, &format!("app/n{k}"), "x");
+                s.write(5, "app/other", &format!("y{k}"));
+            });
+        }
+        s.run_until(1_000 + 3 * 150);
+        // The clone's writes were applied by the honest nodes of its side: allowed until the
+        // fork is known, as long as they end void (checked below).
+        let cloned: Vec<lichen_crdt::SignedChange> = s.nodes[4]
+            .store()
+            .changes_after("app/c", &s.nodes[original].id, 1, 100)
+            .unwrap();
+        let orig: Vec<lichen_crdt::SignedChange> = s.nodes[2]
+            .store()
+            .changes_after("app/c", &s.nodes[original].id, 1, 100)
+            .unwrap();
+        assert_eq!(cloned.len(), 3, "seed {seed}");
+        assert_eq!(orig.len(), 3, "seed {seed}");
+        line.extend(cloned.iter().chain(&orig).cloned());
+        for side in [2usize, 4] {
+            honest_c.extend(
+                s.nodes[side]
+                    .store()
+                    .changes_after("app/c", &s.nodes[side].id, 0, 100)
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.hash().unwrap()),
+            );
+        }
+        s.heal();
+        s.settle(30_000);
+        s.run_until(s.now + 3_000);
+        s.settle(30_000);
+        s.assert_converged();
+        let void = at_or_after(&s, &line, 2);
+        assert_eq!(void.len(), 6);
+        let kept = vec![first.hash().unwrap()];
+        assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
+        // Honest writes to app/c made on top of a variant are void everywhere (they are
+        // reported as voided); every other honest write stands everywhere.
+        for h in s.written.clone() {
+            if void.contains(&h) || honest_c.contains(&h) {
+                continue;
+            }
             assert!(s.everywhere(&h), "seed {seed}: an honest write was lost");
         }
+        for h in &honest_c {
+            assert!(
+                s.nowhere(h) || s.everywhere(h),
+                "seed {seed}: split verdict"
+            );
+        }
+        // The honest writers write the values again: they reuse the voided seqs, which is not
+        // an equivocation, and the writes reach everyone.
+        let again = s.write(2, "app/c", "h2-again").unwrap().hash().unwrap();
+        let again4 = s.write(4, "app/c", "h4-again").unwrap().hash().unwrap();
+        s.settle(30_000);
+        s.assert_converged();
+        assert!(s.everywhere(&again) && s.everywhere(&again4), "seed {seed}");
+        assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
     });
 }
 
@@ -448,6 +622,121 @@ fn chaos(seed: u64, n: usize, degree: Option<usize>, writes: usize) {
     for h in s.written.clone() {
         assert!(s.everywhere(&h), "seed {seed}: a write was lost");
     }
+}
+
+/// Whether node `i` is running and its store has not flagged any key (so a holder of the
+/// cloned key may still write).
+fn unflagged(s: &Sim, i: usize) -> bool {
+    s.nodes[i].alive() && s.nodes[i].store().equivocators().unwrap().is_empty()
+}
+
+/// Chaos with a cloned key: the original and its clone write the same document at random
+/// times (so their seqs collide, sometimes while partitioned, sometimes not) among honest
+/// writes, splits, isolations and crashes over a lossy network. At quiescence every honest
+/// node must agree on heads, state and flags, and once both lines wrote past the copy the key
+/// is flagged everywhere and nothing it wrote from the fork seq on stands.
+#[test]
+fn equivocation_under_chaos_converges() {
+    use lichen_crdt::sync::rng::SplitMix64;
+    sweep("equivocation_chaos", 0..8, |seed| {
+        let n = 6 + (seed as usize % 3);
+        let (original, clone) = (1, n - 1);
+        let mut s = Sim::with_kinds(
+            seed,
+            SimConfig::new(n).lossy(0.05, 0.05),
+            &[(clone, Kind::Clone)],
+        );
+        s.clone_writes_forbidden = false;
+        s.isolate(clone);
+        s.write(original, "app/e", "k");
+        s.run_until(400);
+        s.clone_node(clone, original);
+        s.excluded.insert(clone);
+        s.heal();
+        let mut r = SplitMix64::new(seed ^ 0xe9_0e9);
+        let mut t = 500;
+        for k in 0..14u64 {
+            t += r.range(30, 250);
+            let roll = r.below(100);
+            let a = r.below(n as u64) as usize;
+            let b = r.below(n as u64) as usize;
+            match roll {
+                // Either holder of the key stops writing app/e once its store knows the
+                // fork (the store refuses).
+                0..=24 => s.at(t, move |s| {
+                    if unflagged(s, clone) {
+                        s.write(clone, "app/e", &format!("c{k}"));
+                    }
+                }),
+                25..=49 => s.at(t, move |s| {
+                    if unflagged(s, original) {
+                        s.write(original, "app/e", &format!("o{k}"));
+                    }
+                }),
+                50..=74 if a != original && a != clone => s.at(t, move |s| {
+                    s.write(a, if k % 2 == 0 { "app/e" } else { "app/f" }, "h");
+                }),
+                75..=84 => s.at(t, move |s| s.split(move |i| (i + b) % 2 == 0)),
+                85..=89 if a != 0 && a != clone => s.at(t, move |s| {
+                    if s.nodes[a].alive() {
+                        s.crash(a)
+                    }
+                }),
+                _ => s.at(t, |s| s.heal()),
+            }
+        }
+        // Make sure the two lines fork: both alive, apart, writing.
+        s.run_until(t + 100);
+        for i in 0..n {
+            if !s.nodes[i].alive() {
+                s.restart(i);
+            }
+        }
+        s.heal();
+        s.split(move |i| i == clone);
+        if unflagged(&s, clone) {
+            s.write(clone, "app/e", "last-c");
+        }
+        if unflagged(&s, original) {
+            s.write(original, "app/e", "last-o");
+        }
+        s.run_until(s.now + 300);
+        s.heal();
+        s.settle(60_000);
+        s.run_until(s.now + 2_000);
+        s.settle(60_000);
+        s.assert_converged();
+        let key = s.nodes[original].id;
+        for (i, nd) in s.nodes.iter().enumerate().filter(|(_, nd)| nd.honest()) {
+            assert_eq!(
+                nd.store().equivocators().unwrap(),
+                vec![key],
+                "seed {seed}: n{i} flags"
+            );
+            let forks = nd.store().forks().clone();
+            let f = forks[&("app/e".to_string(), key)];
+            // Nothing by the key at or after the fork seq stands.
+            let after = nd
+                .store()
+                .changes_after("app/e", &key, f - 1, 1000)
+                .unwrap();
+            assert!(
+                after.is_empty(),
+                "seed {seed}: n{i} holds changes past the fork"
+            );
+        }
+        // Writes to the other document never depend on the fork: all stand.
+        for h in s.written.clone() {
+            let doc_f = s.nodes[0]
+                .store()
+                .get_change(&h)
+                .unwrap()
+                .map(|c| c.doc == "app/f");
+            if doc_f == Some(true) {
+                assert!(s.everywhere(&h), "seed {seed}: an app/f write was lost");
+            }
+        }
+    });
 }
 
 #[test]

@@ -200,20 +200,133 @@ fn a_writer_cannot_change_membership() {
     assert!(c.stores[1].membership().get(&key(9).node_id()).is_none());
 }
 
+/// Everything observable that must agree between replicas: heads and state of every
+/// document, membership included, and the flagged keys.
+fn observable(s: &Store) -> (Fingerprint, Vec<lichen_crdt::NodeId>) {
+    (fingerprint(s), s.equivocators().unwrap())
+}
+
 #[test]
-fn equivocation_is_rejected_and_kept_as_evidence() {
-    let (mut c, w) = setup();
-    // The writer's key is cloned onto two machines that each write seq 1 in app/q.
+fn concurrent_equivocation_voids_both_variants_whatever_the_order() {
+    // A cluster of four replicas; the writer's key is cloned onto two machines that each
+    // write seq 1 of app/q, concurrently.
+    let mut c = Cluster::new(4);
+    let w = key(2);
+    c.add(&w, "w", Role::Writer, &["app/"]);
+    let admin = c.admin.clone();
+    let before = put(&mut c.stores[0], &admin, "app/x", "a", json!(1));
+    let w_ok = SignedChange::sign(
+        &w,
+        &c.stores[1].cluster_id(),
+        "app/w",
+        raw_change(&w, &[], "mine", 1),
+    )
+    .unwrap();
+    c.stores[0].ingest(vec![w_ok.clone()]).unwrap();
+    c.sync_all();
     let cluster = c.stores[1].cluster_id();
-    let none: Vec<SignedChange> = Vec::new();
-    let first = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &none, "k", 1)).unwrap();
-    let second = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &none, "k", 2)).unwrap();
+    let x1 = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &[], "k", 1)).unwrap();
+    let x2 = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &[], "k", 2)).unwrap();
+    // The admin's replica saw x1 first and built an honest change on it.
     assert_eq!(
-        outcome(&c.stores[1].ingest(vec![first]).unwrap()),
+        outcome(&c.stores[0].ingest(vec![x1.clone()]).unwrap()),
         Outcome::Applied
     );
-    assert_refused(&mut c, second, rejected(RejectReason::Equivocation));
+    let h = put(&mut c.stores[0], &admin, "app/q", "h", json!("on x1"));
+    // Then x2 reaches it: both variants and the honest change on x1 become void.
+    let r = c.stores[0].ingest(vec![x2.clone()]).unwrap();
+    assert_eq!(outcome(&r), Outcome::Rejected(RejectReason::Equivocation));
+    let voided: std::collections::BTreeSet<[u8; 32]> = r.voided.iter().copied().collect();
+    assert!(voided.contains(&x1.hash().unwrap()) && voided.contains(&h.hash().unwrap()));
+    assert_eq!(get(&c.stores[0], "app/q", "k"), None);
+    assert_eq!(c.stores[0].equivocators().unwrap(), vec![w.node_id()]);
+    // The admin writes its value again: it reuses the seq of its voided change, and that is
+    // not an equivocation.
+    let h2 = put(&mut c.stores[0], &admin, "app/q", "h", json!("again"));
+    assert_eq!(
+        lichen_crdt::header::parse(&h2.bytes).unwrap().seq,
+        lichen_crdt::header::parse(&h.bytes).unwrap().seq
+    );
+    // The key's owner may not write app/q any more (on a replica that knows the fork).
+    let refused = c.stores[0].write(
+        &w,
+        "app/q",
+        &lichen_crdt::Op::Put {
+            path: lichen_crdt::parse_path("z").unwrap(),
+            value: json!(1),
+        },
+        T0,
+    );
+    assert!(matches!(refused, Err(lichen_crdt::StoreError::Denied(_))));
+
+    // Replica 1: x1 then x2. Replica 2: x2 then x1, h, h2. Replica 3: x1, h, then h2 (which
+    // looks like the admin equivocating until x2 arrives), then x2.
+    for b in [
+        vec![x1.clone()],
+        vec![x2.clone()],
+        vec![h.clone(), h2.clone()],
+    ] {
+        c.stores[1].ingest(b).unwrap();
+    }
+    for b in [
+        vec![x2.clone()],
+        vec![x1.clone(), h.clone()],
+        vec![h2.clone()],
+    ] {
+        c.stores[2].ingest(b).unwrap();
+    }
+    for b in [
+        vec![x1.clone(), h.clone()],
+        vec![h2.clone()],
+        vec![x2.clone()],
+    ] {
+        c.stores[3].ingest(b).unwrap();
+    }
+    let want = observable(&c.stores[0]);
+    for i in 1..4 {
+        assert_eq!(observable(&c.stores[i]), want, "replica {i} differs");
+        let s = &c.stores[i];
+        assert!(s.get_change(&x1.hash().unwrap()).unwrap().is_none());
+        assert!(s.get_change(&x2.hash().unwrap()).unwrap().is_none());
+        assert!(s.get_change(&h.hash().unwrap()).unwrap().is_none());
+        assert!(s.get_change(&h2.hash().unwrap()).unwrap().is_some());
+        assert!(s.get_change(&before.hash().unwrap()).unwrap().is_some());
+        // The key's changes in other documents and below the fork seq stand.
+        assert!(s.get_change(&w_ok.hash().unwrap()).unwrap().is_some());
+        assert_eq!(get(s, "app/q", "h"), Some(json!("again")));
+        assert_eq!(s.equivocators().unwrap(), vec![w.node_id()]);
+    }
+    // Flags survive a restart.
+    let path = c.stores[2].path().to_path_buf();
+    let reopened = Store::open(&path, Some(cluster)).unwrap();
+    assert_eq!(observable(&reopened), want);
+    assert_eq!(
+        reopened.fork_evidence("app/q", &w.node_id()).unwrap().len(),
+        2,
+        "both variants are kept as proof"
+    );
+}
+
+#[test]
+fn a_third_variant_or_a_later_change_by_a_flagged_key_is_refused() {
+    let (mut c, w) = setup();
+    let cluster = c.stores[1].cluster_id();
+    let v: Vec<SignedChange> = (1..=3)
+        .map(|i| SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &[], "k", i)).unwrap())
+        .collect();
+    c.stores[1]
+        .ingest(vec![v[0].clone(), v[1].clone()])
+        .unwrap();
     assert_eq!(c.stores[1].equivocators().unwrap(), vec![w.node_id()]);
+    let next = SignedChange::sign(
+        &w,
+        &cluster,
+        "app/q",
+        raw_change(&w, &[v[0].clone()], "k", 9),
+    )
+    .unwrap();
+    assert_refused(&mut c, v[2].clone(), rejected(RejectReason::Equivocation));
+    assert_refused(&mut c, next, |o| matches!(o, Outcome::Rejected(_)));
 }
 
 /// Rebuild a change chunk with a different start_op, fixing up length and checksum, so that

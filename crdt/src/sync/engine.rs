@@ -26,7 +26,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use super::rng::SplitMix64;
-use super::wire::{Clocks, SyncMessage, VersionVector};
+use super::wire::{
+    change_id, clocks_entry_len, frontier_entry_len, ChangeId, Clocks, DocRange, Frontiers,
+    SyncMessage,
+};
 use super::{clocks_digest, Replica, SyncError};
 use crate::identity::NodeId;
 use crate::signed::{SignedChange, MEMBERSHIP_DOC};
@@ -50,8 +53,17 @@ pub struct Config {
     /// Most bytes queued for one peer.
     pub queue_bytes: usize,
     /// Relayed changes go as a full `Push` when their encoding is at most this many bytes,
-    /// else as a `Have` announcement that peers missing them answer with `Want`.
+    /// else as an announcement (`Announce` by short id for up to [`Config::announce_max`]
+    /// changes, `Have` by version vector beyond) that peers missing them answer with
+    /// `Fetch`/`Want`.
     pub relay_inline_bytes: usize,
+    /// Most changes announced one by one (`Announce`); larger relays use `Have`.
+    pub announce_max: usize,
+    /// Changes pushed by their own author are relayed in full (the second hop is eager too).
+    pub eager_first_hop: bool,
+    /// Changes newly applied from an anti-entropy batch (`Changes`) of at most this many
+    /// changes are relayed like pushed ones (0: never).
+    pub relay_pulled_max: usize,
     /// Least time between two pulls (`Clocks` requests) triggered by pushes from one peer.
     pub pull_gap_ms: u64,
     /// A node pulls changes from one peer at a time; a pull with no answer for this long is
@@ -59,22 +71,29 @@ pub struct Config {
     pub pull_timeout_ms: u64,
     /// Most events kept until [`SyncEngine::poll_event`] drains them.
     pub max_events: usize,
+    /// A node's version vectors are sent in pages of about this many bytes (by document
+    /// range), so that any number of documents and authors stays within the message limit.
+    pub clocks_page_bytes: usize,
 }
 
 impl Default for Config {
     fn default() -> Config {
         Config {
-            fanout: 4,
+            fanout: 6,
             anti_entropy_interval_ms: 1_000,
             anti_entropy_jitter_ms: 250,
             batch_bytes: 1 << 20,
             batch_changes: 4_096,
             queue_messages: 256,
             queue_bytes: 8 << 20,
-            relay_inline_bytes: 1_024,
+            relay_inline_bytes: 64,
+            announce_max: 64,
+            eager_first_hop: true,
+            relay_pulled_max: 0,
             pull_gap_ms: 200,
             pull_timeout_ms: 2_000,
             max_events: 4_096,
+            clocks_page_bytes: 1 << 20,
         }
     }
 }
@@ -143,6 +162,22 @@ struct Peer {
     last_pull: Option<u64>,
 }
 
+/// The store's version vectors, frontiers and their digest, cached until the store changes.
+#[derive(Debug, Clone)]
+struct Summary {
+    clocks: Clocks,
+    frontiers: Frontiers,
+    digest: [u8; 32],
+}
+
+/// A pull under way: from whom, until when, and which page of our clocks it is at.
+#[derive(Debug, Clone)]
+struct Pull {
+    peer: NodeId,
+    until: u64,
+    page: DocRange,
+}
+
 /// The sync engine of one node. See the module docs.
 #[derive(Debug)]
 pub struct SyncEngine {
@@ -154,11 +189,19 @@ pub struct SyncEngine {
     cursor: Option<NodeId>,
     next_round: Option<u64>,
     events: VecDeque<Event>,
-    cache: Option<(Clocks, [u8; 32])>,
-    /// The peer we are pulling changes from, and when we give up on it.
-    pulling: Option<(NodeId, u64)>,
+    cache: Option<Summary>,
+    /// The peer we are pulling changes from, when we give up on it, and the page.
+    pulling: Option<Pull>,
+    /// Consecutive pulls made only to fetch missing dependencies (bounded by
+    /// [`MAX_WANT_ROUNDS`]); reset when nothing waits any more.
+    want_rounds: u32,
+    /// Hashes of changes already seen waiting (a pull that only brings them again is no
+    /// progress). Bounded.
+    seen_waiting: HashSet<[u8; 32]>,
     /// Announced changes already asked for: (doc, author) → (seq asked up to, when). Bounded.
     wanted: HashMap<(String, NodeId), (u64, u64)>,
+    /// Changes announced by id already fetched: id → when. Bounded.
+    fetched: HashMap<ChangeId, u64>,
     stats: Stats,
 }
 
@@ -175,7 +218,10 @@ impl SyncEngine {
             events: VecDeque::new(),
             cache: None,
             pulling: None,
+            want_rounds: 0,
+            seen_waiting: HashSet::new(),
             wanted: HashMap::new(),
+            fetched: HashMap::new(),
             stats: Stats::default(),
         }
     }
@@ -237,7 +283,7 @@ impl SyncEngine {
         if self.next_round.is_none() {
             self.schedule_round(now);
         }
-        let digest = self.clocks(store)?.1;
+        let digest = self.summary(store)?.digest;
         self.enqueue(peer, SyncMessage::Digest { digest });
         Ok(())
     }
@@ -249,7 +295,7 @@ impl SyncEngine {
             p.queue.clear();
             p.queued_bytes = 0;
         }
-        if self.pulling.is_some_and(|(p, _)| p == peer) {
+        if self.pulling.as_ref().is_some_and(|p| p.peer == peer) {
             self.pulling = None;
         }
     }
@@ -327,64 +373,85 @@ impl SyncEngine {
         }
         match msg {
             SyncMessage::Digest { digest } => {
-                let (clocks, mine) = self.clocks(store)?;
+                let mine = self.summary(store)?.digest;
                 if digest == mine {
                     self.event(Event::CaughtUp { peer: from });
                 } else if self.start_pull(now, from) {
                     // (While pulling from another peer we ignore it: that pull is bringing us
                     // up to date, and the next round will compare again.)
-                    self.enqueue(
-                        from,
-                        SyncMessage::Clocks {
-                            reply: true,
-                            pull: true,
-                            clocks,
-                        },
-                    );
+                    self.send_page(from, store, "", true)?;
                 }
             }
             SyncMessage::Clocks {
                 reply,
                 pull,
+                range,
                 clocks,
+                frontiers,
+                wants,
             } => {
-                let (mine, _) = self.clocks(store)?;
+                let mine = self.summary(store)?;
                 if pull {
                     // Always answered, even with nothing, so the puller can move on.
-                    let (changes, more) = self.missing(store, &mine, &clocks, false)?;
+                    let (changes, more) = self.missing(
+                        store,
+                        &mine,
+                        &Theirs {
+                            clocks: &clocks,
+                            frontiers: &frontiers,
+                            range: &range,
+                            wants: &wants,
+                        },
+                    )?;
                     self.enqueue(from, SyncMessage::Changes { more, changes });
                 }
-                if reply && lacks(&mine, &clocks) && self.start_pull(now, from) {
-                    self.enqueue(
-                        from,
-                        SyncMessage::Clocks {
-                            reply: false,
-                            pull: true,
-                            clocks: mine,
-                        },
-                    );
+                if reply && lacks(&mine, &clocks, &frontiers) && self.start_pull(now, from) {
+                    self.send_page(from, store, "", false)?;
                 }
             }
             SyncMessage::Changes { more, changes } => {
-                let outcome = self.ingest(from, changes, store)?;
+                let n = changes.len();
+                let mut outcome = self.ingest(from, changes, store)?;
+                if !outcome.applied.is_empty() && n <= self.cfg.relay_pulled_max {
+                    // A small catch-up batch is likely news to our other peers too.
+                    let applied = std::mem::take(&mut outcome.applied);
+                    self.relay(from, applied);
+                }
+                let page = self
+                    .pulling
+                    .as_ref()
+                    .filter(|p| p.peer == from)
+                    .map(|p| p.page.clone());
                 if more {
-                    // Keep pulling from this peer until it has nothing more for us.
-                    self.pulling = Some((from, now + self.cfg.pull_timeout_ms));
-                    let clocks = self.clocks(store)?.0;
-                    self.enqueue(
-                        from,
-                        SyncMessage::Clocks {
-                            reply: false,
-                            pull: true,
-                            clocks,
-                        },
-                    );
+                    // Keep pulling this page from this peer until it has nothing more for us.
+                    let start = page.map(|p| p.start).unwrap_or_default();
+                    self.pulling = Some(Pull {
+                        peer: from,
+                        until: now + self.cfg.pull_timeout_ms,
+                        page: DocRange::default(),
+                    });
+                    self.send_page(from, store, &start, false)?;
+                } else if let Some(next) = page.as_ref().and_then(|p| p.end.clone()) {
+                    // This page is done; on to the next one.
+                    if let Some(p) = self.pulling.as_mut() {
+                        p.until = now + self.cfg.pull_timeout_ms;
+                    }
+                    self.send_page(from, store, &next, true)?;
                 } else {
-                    if self.pulling.is_some_and(|(p, _)| p == from) {
+                    if page.is_some() {
                         self.pulling = None;
                     }
                     if outcome.waiting == 0 {
+                        self.want_rounds = 0;
                         self.event(Event::CaughtUp { peer: from });
+                    } else if outcome.progress
+                        && self.want_rounds < MAX_WANT_ROUNDS
+                        && self.start_pull(now, from)
+                    {
+                        // Changes wait for dependencies this peer may hold (for instance the
+                        // other variant's chain of an equivocation): ask for them by hash.
+                        self.want_rounds += 1;
+                        self.send_page(from, store, "", false)?;
                     }
                 }
             }
@@ -398,7 +465,7 @@ impl SyncEngine {
                 }
             }
             SyncMessage::Have { clocks } => {
-                let (mine, _) = self.clocks(store)?;
+                let mine = self.summary(store)?.clocks;
                 let wait = self.cfg.pull_gap_ms;
                 self.wanted.retain(|_, (_, t)| now < *t + wait);
                 let mut want = Clocks::new();
@@ -421,10 +488,36 @@ impl SyncEngine {
                 }
             }
             SyncMessage::Want { clocks } => {
-                let (mine, _) = self.clocks(store)?;
-                let (changes, _) = self.missing(store, &mine, &clocks, true)?;
+                let (changes, _) = self.wanted_by(store, &clocks)?;
                 if !changes.is_empty() {
                     self.enqueue(from, SyncMessage::Push { changes });
+                }
+            }
+            SyncMessage::Announce { ids } => {
+                let wait = self.cfg.pull_gap_ms;
+                self.fetched.retain(|_, t| now < *t + wait);
+                let mut want = Vec::new();
+                for id in ids.into_iter().take(MAX_WANTED) {
+                    // Asked another announcer recently: wait for its answer.
+                    if self.fetched.contains_key(&id) || store.holds_id(&id)? {
+                        continue;
+                    }
+                    if self.fetched.len() < MAX_WANTED {
+                        self.fetched.insert(id, now);
+                    }
+                    want.push(id);
+                }
+                if !want.is_empty() {
+                    self.enqueue(from, SyncMessage::Fetch { ids: want });
+                }
+            }
+            SyncMessage::Fetch { ids } => {
+                let mut changes = Vec::new();
+                for id in ids.iter().take(self.cfg.batch_changes) {
+                    changes.extend(store.change_by_id(id)?);
+                }
+                for chunk in self.chunks(changes) {
+                    self.enqueue(from, SyncMessage::Push { changes: chunk });
                 }
             }
         }
@@ -445,7 +538,7 @@ impl SyncEngine {
             return Ok(());
         }
         let peer = up[self.rng.below(up.len() as u64) as usize];
-        let digest = self.clocks(store)?.1;
+        let digest = self.summary(store)?.digest;
         self.stats.rounds += 1;
         self.enqueue(peer, SyncMessage::Digest { digest });
         Ok(())
@@ -517,7 +610,10 @@ impl SyncEngine {
             return;
         };
         if !p.queue.is_empty() && (p.queue.len() >= qm || p.queued_bytes + len > qb) {
-            if matches!(msg, SyncMessage::Push { .. } | SyncMessage::Have { .. }) {
+            if matches!(
+                msg,
+                SyncMessage::Push { .. } | SyncMessage::Have { .. } | SyncMessage::Announce { .. }
+            ) {
                 self.stats.dropped_pushes += 1;
             } else {
                 self.stats.dropped_other += 1;
@@ -528,15 +624,51 @@ impl SyncEngine {
         p.queue.push_back(msg);
     }
 
-    /// The store's version vectors and their digest, cached until the store changes.
-    fn clocks(&mut self, store: &impl Replica) -> Result<(Clocks, [u8; 32]), SyncError> {
+    /// The store's version vectors, frontiers and digest, cached until the store changes.
+    fn summary(&mut self, store: &impl Replica) -> Result<Summary, SyncError> {
         if let Some(c) = &self.cache {
             return Ok(c.clone());
         }
         let clocks = store.clocks()?;
-        let digest = clocks_digest(&clocks);
-        self.cache = Some((clocks.clone(), digest));
-        Ok((clocks, digest))
+        let frontiers = store.frontiers()?;
+        let digest = clocks_digest(&clocks, &frontiers);
+        let sum = Summary {
+            clocks,
+            frontiers,
+            digest,
+        };
+        self.cache = Some(sum.clone());
+        Ok(sum)
+    }
+
+    /// Send `peer` the page of our clocks that starts at document `start` (with our missing
+    /// dependencies), asking for what we lack in it; remember the page if we are pulling
+    /// from `peer`.
+    fn send_page(
+        &mut self,
+        peer: NodeId,
+        store: &impl Replica,
+        start: &str,
+        reply: bool,
+    ) -> Result<(), SyncError> {
+        let sum = self.summary(store)?;
+        let (range, clocks, frontiers) = page(&sum, start, self.cfg.clocks_page_bytes);
+        let wants = store.wanted(MAX_WANTS)?;
+        if let Some(p) = self.pulling.as_mut().filter(|p| p.peer == peer) {
+            p.page = range.clone();
+        }
+        self.enqueue(
+            peer,
+            SyncMessage::Clocks {
+                reply,
+                pull: true,
+                range,
+                clocks,
+                frontiers,
+                wants,
+            },
+        );
+        Ok(())
     }
 
     /// Ask `peer` for what we lack (its answer is a `Changes` batch), at most once per gap.
@@ -552,26 +684,21 @@ impl SyncEngine {
         if !self.start_pull(now, peer) {
             return Ok(());
         }
-        let clocks = self.clocks(store)?.0;
-        self.enqueue(
-            peer,
-            SyncMessage::Clocks {
-                reply: false,
-                pull: true,
-                clocks,
-            },
-        );
-        Ok(())
+        self.send_page(peer, store, "", false)
     }
 
     /// Start pulling from `peer` unless a pull is still in progress: at most one peer sends
     /// us a bulk transfer at a time, so after a partition heals a node receives what it lacks
     /// once, not once per neighbour.
     fn start_pull(&mut self, now: u64, peer: NodeId) -> bool {
-        match self.pulling {
-            Some((_, until)) if now < until => false,
+        match &self.pulling {
+            Some(p) if now < p.until => false,
             _ => {
-                self.pulling = Some((peer, now + self.cfg.pull_timeout_ms));
+                self.pulling = Some(Pull {
+                    peer,
+                    until: now + self.cfg.pull_timeout_ms,
+                    page: DocRange::default(),
+                });
                 true
             }
         }
@@ -612,7 +739,12 @@ impl SyncEngine {
             return;
         }
         let bytes: usize = applied.iter().map(SignedChange::encoded_len).sum();
-        if bytes <= self.cfg.relay_inline_bytes {
+        // A change pushed by its own author is on its first relay: few nodes hold it yet, so
+        // pushing it in full costs few duplicates and saves two message delays.
+        let first_hop = applied.iter().all(|c| c.author == from);
+        if bytes <= self.cfg.relay_inline_bytes
+            || (first_hop && self.cfg.eager_first_hop && bytes <= self.cfg.batch_bytes)
+        {
             for chunk in self.chunks(applied) {
                 for t in &targets {
                     self.enqueue(
@@ -622,6 +754,16 @@ impl SyncEngine {
                         },
                     );
                 }
+            }
+        } else if applied.len() <= self.cfg.announce_max {
+            let mut ids: Vec<ChangeId> = applied
+                .iter()
+                .filter_map(|c| c.hash().map(|h| change_id(&h)))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for t in targets {
+                self.enqueue(t, SyncMessage::Announce { ids: ids.clone() });
             }
         } else {
             let mut have = Clocks::new();
@@ -688,15 +830,23 @@ impl SyncEngine {
                     out.applied.extend(c);
                 }
                 Outcome::Duplicate => self.stats.duplicates += 1,
-                Outcome::Pending(_) => out.waiting += 1,
+                Outcome::Pending(_) => {
+                    out.waiting += 1;
+                    if let Some(h) = hash {
+                        if self.seen_waiting.len() >= MAX_WANTED {
+                            self.seen_waiting.clear();
+                        }
+                        out.progress |= self.seen_waiting.insert(*h);
+                    }
+                }
                 Outcome::Rejected(r) => *rejected.entry(r.label()).or_default() += 1,
             }
         }
-        if !out.applied.is_empty()
+        out.progress |= !out.applied.is_empty()
             || !report.voided.is_empty()
             || !report.revived.is_empty()
-            || report.membership_changed
-        {
+            || report.membership_changed;
+        if out.progress || !report.changed_docs.is_empty() {
             self.cache = None;
         }
         if !out.applied.is_empty() {
@@ -716,26 +866,97 @@ impl SyncEngine {
         Ok(out)
     }
 
-    /// The changes `theirs` lacks, membership first, each document in causal order, within
-    /// the batch limits. With `partial`, only the listed (document, author) pairs count.
-    /// Returns the batch and whether more was left out.
+    /// Answer to `Want`: the changes after the given seqs, for exactly the listed
+    /// (document, author) pairs.
+    fn wanted_by(
+        &mut self,
+        store: &impl Replica,
+        clocks: &Clocks,
+    ) -> Result<(Vec<SignedChange>, bool), SyncError> {
+        let mine = self.summary(store)?;
+        let none = Frontiers::new();
+        let all = DocRange::all();
+        let theirs = Theirs {
+            clocks,
+            frontiers: &none,
+            range: &all,
+            wants: &[],
+        };
+        self.collect(store, &mine, &theirs, true)
+    }
+
+    /// The changes a peer lacks, given one page of its clocks, within the batch limits:
+    /// first the dependencies it asked for by hash, the proof of forks it does not know, and
+    /// our heads of documents where our version vectors agree but our heads do not (variants
+    /// of one seq); then, by version vector, membership first and each document in causal
+    /// order. Returns the batch and whether more was left out.
     fn missing(
         &self,
         store: &impl Replica,
-        mine: &Clocks,
-        theirs: &Clocks,
+        mine: &Summary,
+        theirs: &Theirs<'_>,
+    ) -> Result<(Vec<SignedChange>, bool), SyncError> {
+        self.collect(store, mine, theirs, false)
+    }
+
+    /// See [`SyncEngine::missing`]; with `partial` (a `Want`), only the listed
+    /// (document, author) pairs count and nothing else is added.
+    fn collect(
+        &self,
+        store: &impl Replica,
+        sum: &Summary,
+        theirs: &Theirs<'_>,
         partial: bool,
     ) -> Result<(Vec<SignedChange>, bool), SyncError> {
+        let mine = &sum.clocks;
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let limit = self.cfg.batch_changes.max(1);
+        let mut sent: HashSet<[u8; 32]> = HashSet::new();
+        if !partial {
+            let mut extra = Vec::new();
+            for h in theirs.wants.iter().take(MAX_WANTS) {
+                extra.extend(store.get_any(h)?);
+            }
+            for (doc, f) in sum
+                .frontiers
+                .iter()
+                .filter(|(d, _)| theirs.range.contains(d))
+            {
+                let their_f = theirs.frontiers.get(doc);
+                for (author, seq) in &f.forks {
+                    if their_f.and_then(|t| t.forks.get(author)) != Some(seq) {
+                        extra.extend(store.fork_evidence(doc, author)?);
+                    }
+                }
+                let their_heads = their_f.map(|t| t.heads.as_slice()).unwrap_or(&[]);
+                let same_vv =
+                    theirs.clocks.get(doc).is_some() && theirs.clocks.get(doc) == mine.get(doc);
+                if same_vv && their_heads != f.heads.as_slice() {
+                    for h in &f.heads {
+                        if their_heads.binary_search(h).is_err() {
+                            extra.extend(store.get_change(h)?);
+                        }
+                    }
+                }
+            }
+            for c in extra {
+                if let Some(h) = c.hash() {
+                    if sent.insert(h) {
+                        bytes += c.encoded_len();
+                        out.push(c);
+                    }
+                }
+            }
+        }
         let docs = mine
             .keys()
             .filter(|d| d.as_str() == MEMBERSHIP_DOC)
-            .chain(mine.keys().filter(|d| d.as_str() != MEMBERSHIP_DOC));
+            .chain(mine.keys().filter(|d| d.as_str() != MEMBERSHIP_DOC))
+            .filter(|d| theirs.range.contains(d));
         for doc in docs {
             let vv = &mine[doc];
-            let their_vv = theirs.get(doc);
+            let their_vv = theirs.clocks.get(doc);
             if partial && their_vv.is_none() {
                 continue;
             }
@@ -752,7 +973,7 @@ impl SyncEngine {
                 if *seq <= theirs_seq {
                     continue;
                 }
-                let room = limit - out.len();
+                let room = limit.saturating_sub(out.len()).max(1);
                 let list = store.changes_after(doc, author, theirs_seq, room)?;
                 let cut = list.len() >= room && (*seq - theirs_seq) as usize > list.len();
                 let mut last = 0;
@@ -761,7 +982,9 @@ impl SyncEngine {
                         continue;
                     };
                     last = h.start_op;
-                    fetched.push((h.start_op, c));
+                    if !sent.contains(&h.hash) {
+                        fetched.push((h.start_op, c));
+                    }
                 }
                 if cut {
                     horizon = horizon.min(last);
@@ -792,8 +1015,57 @@ impl SyncEngine {
     }
 }
 
+/// One page of a peer's clocks, as received.
+struct Theirs<'a> {
+    clocks: &'a Clocks,
+    frontiers: &'a Frontiers,
+    range: &'a DocRange,
+    wants: &'a [[u8; 32]],
+}
+
+/// The page of `sum` starting at document `start`: as many whole documents as fit in about
+/// `max_bytes` (at least one).
+fn page(sum: &Summary, start: &str, max_bytes: usize) -> (DocRange, Clocks, Frontiers) {
+    let docs: BTreeSet<&String> = sum
+        .clocks
+        .keys()
+        .chain(sum.frontiers.keys())
+        .filter(|d| d.as_str() >= start)
+        .collect();
+    let mut clocks = Clocks::new();
+    let mut frontiers = Frontiers::new();
+    let mut bytes = 0usize;
+    let mut end = None;
+    for doc in docs {
+        let vv = sum.clocks.get(doc);
+        let f = sum.frontiers.get(doc);
+        let len = vv.map_or(0, |v| clocks_entry_len(doc, v))
+            + f.map_or(0, |f| frontier_entry_len(doc, f));
+        if bytes > 0 && bytes + len > max_bytes {
+            end = Some(doc.clone());
+            break;
+        }
+        bytes += len;
+        if let Some(v) = vv {
+            clocks.insert(doc.clone(), v.clone());
+        }
+        if let Some(f) = f {
+            frontiers.insert(doc.clone(), f.clone());
+        }
+    }
+    let range = DocRange {
+        start: start.to_string(),
+        end,
+    };
+    (range, clocks, frontiers)
+}
+
 /// Most outstanding `Want` entries remembered (older ones expire after `pull_gap_ms`).
 const MAX_WANTED: usize = 4_096;
+/// Most missing-dependency hashes sent with one `Clocks`, or served from one.
+const MAX_WANTS: usize = 64;
+/// Most consecutive pulls made only to fetch missing dependencies.
+const MAX_WANT_ROUNDS: u32 = 64;
 
 #[derive(Default)]
 struct Ingested {
@@ -801,6 +1073,8 @@ struct Ingested {
     applied: Vec<SignedChange>,
     /// Changes held in the pending set (their dependencies or author are not known yet).
     waiting: usize,
+    /// Something changed in the store (applied, voided, revived, or a change newly waiting).
+    progress: bool,
 }
 
 fn seq_of(clocks: &Clocks, doc: &str, author: &NodeId) -> u64 {
@@ -811,13 +1085,22 @@ fn seq_of(clocks: &Clocks, doc: &str, author: &NodeId) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `mine` lacks something `theirs` has.
-fn lacks(mine: &Clocks, theirs: &Clocks) -> bool {
-    theirs.iter().any(|(doc, vv)| {
-        let empty = VersionVector::new();
-        let m = mine.get(doc).unwrap_or(&empty);
-        vv.iter().any(|(a, s)| *s > m.get(a).copied().unwrap_or(0))
-    })
+/// Whether `mine` lacks something a page of a peer's clocks shows: a higher seq, a fork we
+/// have not flagged, or other heads for the same version vector.
+fn lacks(mine: &Summary, theirs: &Clocks, their_f: &Frontiers) -> bool {
+    let higher = theirs
+        .iter()
+        .any(|(doc, vv)| vv.iter().any(|(a, s)| *s > seq_of(&mine.clocks, doc, a)));
+    let fork = their_f.iter().any(|(doc, f)| {
+        f.forks
+            .iter()
+            .any(|(a, s)| mine.frontiers.get(doc).and_then(|m| m.forks.get(a)) != Some(s))
+    });
+    let heads = theirs.iter().any(|(doc, vv)| {
+        mine.clocks.get(doc) == Some(vv)
+            && mine.frontiers.get(doc).map(|f| &f.heads) != their_f.get(doc).map(|f| &f.heads)
+    });
+    higher || fork || heads
 }
 
 #[cfg(test)]
@@ -894,6 +1177,111 @@ mod tests {
         e.local_commit(9, &[change(9)], &mut r).unwrap();
         e.peer_down(9, slow);
         assert_eq!(e.queued(&slow), (0, 0));
+    }
+
+    #[test]
+    fn large_clocks_are_sent_in_pages_under_the_message_limit() {
+        // 300 documents × 1,000 authors: 300,000 entries, ~12 MB as one clock list.
+        let mut clocks = Clocks::new();
+        for d in 0..300u32 {
+            let vv: super::super::VersionVector = (0..1_000u32)
+                .map(|a| {
+                    let mut id = [0u8; 32];
+                    id[..4].copy_from_slice(&a.to_be_bytes());
+                    (NodeId(id), u64::from(a) + 1)
+                })
+                .collect();
+            clocks.insert(format!("app/d{d:03}"), vv);
+        }
+        let mut frontiers = Frontiers::new();
+        frontiers.insert("app/d007".into(), Default::default());
+        frontiers.entry("app/d007".into()).or_default().heads = vec![[9; 32]];
+        let sum = Summary {
+            digest: super::super::clocks_digest(&clocks, &frontiers),
+            clocks: clocks.clone(),
+            frontiers: frontiers.clone(),
+        };
+        let cfg = Config::default();
+        let (mut start, mut pages) = (String::new(), 0);
+        let (mut got, mut got_f) = (Clocks::new(), Frontiers::new());
+        loop {
+            let (range, c, f) = page(&sum, &start, cfg.clocks_page_bytes);
+            let msg = SyncMessage::Clocks {
+                reply: false,
+                pull: true,
+                range: range.clone(),
+                clocks: c.clone(),
+                frontiers: f.clone(),
+                wants: Vec::new(),
+            };
+            let bytes = msg.encode();
+            assert!(
+                bytes.len() <= cfg.clocks_page_bytes + 64 * 1024,
+                "{}",
+                bytes.len()
+            );
+            assert!(bytes.len() < super::super::wire::MAX_MESSAGE_BYTES);
+            assert_eq!(SyncMessage::decode(&bytes).unwrap(), msg);
+            pages += 1;
+            got.extend(c);
+            got_f.extend(f);
+            match range.end {
+                Some(e) => start = e,
+                None => break,
+            }
+        }
+        assert!(pages >= 12, "{pages} pages");
+        assert_eq!(got, clocks);
+        assert_eq!(got_f, frontiers);
+    }
+
+    #[test]
+    fn a_pull_walks_every_page_then_catches_up() {
+        let cfg = Config {
+            clocks_page_bytes: 200,
+            ..Config::default()
+        };
+        let (a_id, b_id) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut a = SyncEngine::new(a_id, cfg, 1);
+        let mut ra = Fake::default();
+        for d in 0..10 {
+            ra.clocks
+                .entry(format!("app/d{d}"))
+                .or_default()
+                .insert(a_id, 1);
+        }
+        a.peer_up(0, b_id, &mut ra).unwrap();
+        drain(&mut a);
+        // B's digest differs: A pulls, one page at a time.
+        a.handle(1, b_id, SyncMessage::Digest { digest: [0; 32] }, &mut ra)
+            .unwrap();
+        let mut seen = Clocks::new();
+        for step in 0..20 {
+            let out = drain(&mut a);
+            let [(_, SyncMessage::Clocks { range, clocks, .. })] = out.as_slice() else {
+                panic!("step {step}: {out:?}")
+            };
+            seen.extend(clocks.clone());
+            let last = range.end.is_none();
+            a.handle(
+                2 + step,
+                b_id,
+                SyncMessage::Changes {
+                    more: false,
+                    changes: Vec::new(),
+                },
+                &mut ra,
+            )
+            .unwrap();
+            if last {
+                assert!(drain(&mut a).is_empty());
+                assert!(step >= 3, "only {step} pages");
+                assert_eq!(seen, ra.clocks);
+                assert_eq!(a.poll_event(), Some(Event::CaughtUp { peer: b_id }));
+                return;
+            }
+        }
+        panic!("never reached the last page");
     }
 
     #[test]

@@ -22,29 +22,63 @@
 //! ## Protocol
 //! Two mechanisms, one for speed and one for completeness.
 //!
-//! **Eager push (gossip).** A local commit is sent at once as `Push` to every connected peer.
-//! A node that *newly applies* changes from a `Push` relays them to `fanout` random peers other
-//! than the sender: small batches (≤ `relay_inline_bytes`) in full as `Push`, larger ones as a
-//! `Have` announcement (document, author, seq) that a peer lacking them answers with `Want`,
-//! which is answered with `Push` (a node asks one peer per announced change at a time).
-//! Duplicates are never relayed (nor verified again), so gossip terminates. When a
-//! push leaves changes waiting in the store's pending set (unknown author: its membership has
-//! not arrived; missing dependencies; a sequence gap), the receiver immediately pulls from the
-//! pusher with `Clocks` (at most once per `pull_gap_ms` per peer).
+//! **Push, then lazy push (gossip).** A local commit is sent at once as `Push` to every
+//! connected peer. A node that *newly applies* changes from a `Push` relays them to `fanout`
+//! random peers other than the sender. A change pushed by its own author (the second hop) is
+//! relayed in full as `Push`; beyond that, relays are *announcements*: `Announce` with 8-byte
+//! change ids (14 bytes for one change) for up to `announce_max` changes, `Have` by version
+//! vector for larger relays. A peer lacking an announced change answers `Fetch` (or `Want`),
+//! answered with `Push`; a node fetches an announced change from one peer at a time (again
+//! after `pull_gap_ms`). So each node receives a change in full about once, plus a few 14-byte
+//! announcements, at the price of two extra message delays per hop beyond the second
+//! (`relay_inline_bytes` relays small changes in full instead). Duplicates are never relayed
+//! (nor verified again), so gossip terminates. When a push leaves changes waiting in the
+//! store's pending set (unknown author: its membership has not arrived; missing
+//! dependencies; a sequence gap), the receiver immediately pulls from the pusher with
+//! `Clocks` (at most once per `pull_gap_ms` per peer).
+//!
+//! Changes newly applied from an anti-entropy batch are *not* relayed by default
+//! (`relay_pulled_max` = 0): measured with `sim_scale` at 1,000 nodes, relaying batches of up
+//! to 16 or 64 changes left convergence after a healed partition unchanged (100 ms: when a
+//! partition heals every node pulls from a neighbour at once) and added 536 bytes of
+//! announcements per node (1.38× → 1.51×).
 //!
 //! **Anti-entropy.** Every `anti_entropy_interval_ms` (± jitter) a node picks one random
-//! connected peer (and every peer that comes up) and sends `Digest` (SHA-256 of its full
-//! version vector, see [`clocks_digest`]):
+//! connected peer (and every peer that comes up) and sends `Digest` (SHA-256 of its version
+//! vectors *and frontiers*, see [`clocks_digest`]):
 //! 1. A → B `Digest(d_A)`. If `d_A = d_B`, B does nothing: an idle round costs 34 bytes.
-//! 2. Otherwise B → A `Clocks{reply, pull}` (per document, per author, highest seq held).
-//! 3. A → B `Changes` with exactly the changes B lacks, found per (document, author) by seq,
-//!    membership document first, each document in causal order (by `start_op`), within
-//!    `batch_bytes` / `batch_changes` (an empty `Changes` if B lacks nothing, so B knows the
-//!    pull is over). If B has something A lacks, A also sends its `Clocks{pull}`, and B
-//!    answers with the `Changes` A lacks. One round trip in the common case.
+//! 2. Otherwise B → A `Clocks{reply, pull}`: per document, per author, the highest seq held;
+//!    per document, the heads and the authors flagged for equivocation with their fork seq
+//!    (the *frontier*); and the hashes of dependencies B's pending changes wait for.
+//! 3. A → B `Changes` with what B lacks: first the wanted dependencies A holds, the proof (two
+//!    variants) of every fork B has not flagged, and A's heads of every document whose version
+//!    vectors are equal but whose heads differ; then, per (document, author) by seq, the
+//!    changes B lacks, membership document first, each document in causal order (by
+//!    `start_op`), within `batch_bytes` / `batch_changes` (an empty `Changes` if B lacks
+//!    nothing, so B knows the pull is over). If B has something A lacks, A also sends its
+//!    `Clocks{pull}`, and B answers with the `Changes` A lacks. One round trip in the common
+//!    case.
 //! 4. A batch that had to be cut says `more`; the receiver ingests it and answers with its
 //!    updated `Clocks`, getting the next batch, until caught up: after a long partition the
-//!    number of round trips is ⌈missing bytes / batch_bytes⌉.
+//!    number of round trips is ⌈missing bytes / batch_bytes⌉. A batch that leaves changes
+//!    waiting for dependencies (and made progress) is followed by another pull carrying their
+//!    hashes, at most 64 in a row: this walks back a chain the version vectors cannot show.
+//!
+//! **Clocks in pages.** A node's version vectors are sent in pages of whole documents of about
+//! `clocks_page_bytes` (1 MiB; ~25,000 document × author entries), each with its document
+//! range; the puller sends page *k + 1* when page *k*'s transfer is done. So any number of
+//! documents stays within the 8 MiB message limit (one document with more than ~200,000
+//! authors would still exceed it: pages do not split a document).
+//!
+//! **Equivocation (a cloned key).** Two nodes holding different variants of one (document,
+//! author, seq) have equal version vectors, so version vectors alone would leave them split
+//! forever. Heads in the frontier make their digests differ; the exchange above ships the
+//! heads, then (through `wants`) the chains beneath them, until a store holds both variants.
+//! The store then judges by the rule in `crate::equivocation` (both variants and the key's
+//! later changes in that document void, the key flagged; decided from the set of changes
+//! alone), and the flag, being part of the frontier, reaches every node with the two
+//! variants as proof. Tested in `crdt/tests/simulation.rs`
+//! (`concurrent_equivocation_in_two_partitions_converges_with_both_variants_void`).
 //!
 //! **One inbound transfer at a time.** A node pulls (sends `Clocks{pull}`) from one peer at a
 //! time; a mismatched `Digest` that arrives meanwhile is ignored (the pull under way brings
@@ -56,55 +90,79 @@
 //! config changes. A config change whose author is not yet known waits in the store's bounded
 //! pending set and is applied as soon as the membership change arrives.
 //!
-//! **Bounds.** Messages: 8 MiB hard limit on decode, 1 MiB target per batch. Per-peer queues
-//! bounded in messages and bytes (a full queue drops pushes for that peer only, counted in
-//! [`Stats::dropped_pushes`]; anti-entropy repairs it). The pending set is bounded by the store.
-//! A stalled peer therefore costs at most one queue's worth of memory and slows no one else.
+//! **Bounds.** Messages: 8 MiB hard limit on decode, 1 MiB target per batch and per clocks
+//! page. Per-peer queues bounded in messages and bytes (a full queue drops pushes and
+//! announcements for that peer only, counted in [`Stats::dropped_pushes`]; anti-entropy
+//! repairs it). The pending set is bounded by the store; remembered announcements and wants
+//! are bounded. A stalled peer therefore costs at most one queue's worth of memory and slows
+//! no one else.
 //!
 //! ## Wire format
 //! See [`wire`]: `version | type | body`, big-endian lengths, canonical, every count checked
-//! before allocating, pinned by golden byte fixtures.
+//! before allocating, pinned by golden byte fixtures. Version 2 (this one) added clock pages,
+//! frontiers, wants and `Announce`/`Fetch`; version 1 peers are refused.
 //!
 //! ## Scale
 //! The cluster simulator (`crdt/tests/sim`) runs at scale in `crdt/examples/sim_scale.rs`
 //! (not in CI): every node a real SQLite [`crate::Store`] with `set_fsync(false)` and a
-//! [`SyncEngine`] with the default [`Config`] (fanout 4, anti-entropy every 1 s ± 250 ms),
+//! [`SyncEngine`] with the default [`Config`] (fanout 6, anti-entropy every 1 s ± 250 ms),
 //! each node linked to ~12 random peers (a ring plus random links, at most 18), one-way latency
 //! fixed at 20 ms so that time converts to message delays ("rounds"). Every 64th node is a
-//! writer; all nodes replicate everything.
+//! writer; all nodes replicate everything. Bytes per node count every message on the wire,
+//! framing included, from the write until one second after the last node applied it, so they
+//! include idle anti-entropy digests (34 B per node per second).
 //!
 //! ```text
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 1000
+//! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 1000 --size 2000
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 10000 --memory 1
 //! ```
 //!
+//! Measured 2026-11-23 on the shared 2-core VM. *Before*: eager gossip (every relay a full
+//! `Push`, fanout 4), the figures of the previous version of this table; *after*: this
+//! protocol.
+//!
 //! | N | scenario | 99 % of nodes | all nodes | bytes/node | missing bytes/node | ratio |
 //! |---|---|---|---|---|---|---|
-//! | 1,000 | one write, 215 B change | 120 ms (6 delays) | 265 ms | 933 | 215 | 4.3× |
-//! | 1,000 | one write, 2 KB change (relayed as `Have`/`Want`) | ~400 ms | 1,055 ms | 2,661 | 2,190 | 1.22× |
-//! | 1,000 | one write, 8 KB change | ~400 ms | 1,055 ms | 8,901 | 8,184 | 1.09× |
-//! | 1,000 | healed partition, 16 + 16 changes | – | 100 ms (5 delays) | 4,788 | 3,700 | 1.29× |
-//! | 5,000 | one write, 215 B | 140 ms (7 delays) | 1,220 ms | 962 | 215 | 4.5× |
-//! | 5,000 | healed partition, 16 + 16 changes | – | 1,000 ms | 4,818 | 3,702 | 1.30× |
-//! | 10,000 | one write, 215 B | 160 ms (8 delays) | 1,215 ms | 960 | 215 | 4.5× |
-//! | 10,000 | healed partition, 16 + 16 changes | – | 600 ms | 4,805 | 3,702 | 1.30× |
+//! | 1,000 | one write, 215 B change, before | 120 ms (6 delays) | 265 ms | 937 | 215 | 4.36× |
+//! | 1,000 | one write, 215 B change, after | 220 ms (11 delays) | 220 ms | 378 | 215 | 1.76× |
+//! | 1,000 | one write, 2 KB change, before | ~400 ms | 1,055 ms | 2,661 | 2,190 | 1.22× |
+//! | 1,000 | one write, 2 KB change, after | 220 ms | 220 ms | 2,417 | 2,190 | 1.10× |
+//! | 1,000 | one write, 8 KB change, before | ~400 ms | 1,055 ms | 8,901 | 8,184 | 1.09× |
+//! | 1,000 | one write, 8 KB change, after | 220 ms | 220 ms | 8,603 | 8,184 | 1.05× |
+//! | 1,000 | healed partition, 16 + 16 changes, before | – | 100 ms (5 delays) | 4,788 | 3,700 | 1.29× |
+//! | 1,000 | healed partition, 16 + 16 changes, after | – | 100 ms (5 delays) | 5,113 | 3,716 | 1.38× |
+//! | 10,000 | one write, 215 B, before | 160 ms (8 delays) | 1,215 ms | 960 | 215 | 4.5× |
+//! | 10,000 | one write, 215 B, after | 280 ms (14 delays) | 1,305 ms | 418 | 215 | 1.95× |
+//! | 10,000 | healed partition, 16 + 16 changes, before | – | 600 ms | 4,805 | 3,702 | 1.30× |
+//! | 10,000 | healed partition, 16 + 16 changes, after | – | 600 ms | 5,319 | 3,786 | 1.40× |
 //!
 //! Reading it:
-//! * **Rounds ~ log N.** Gossip reaches 99 % of nodes in 6, 7 and 8 message delays at 1k, 5k
-//!   and 10k nodes (log₄ N ≈ 5, 6.1, 6.6). Rumor spreading that stops at duplicates misses a
-//!   few nodes (≈ e^-fanout); the next anti-entropy round (≤ 1.25 s) reaches them, hence "all
-//!   nodes" ≈ one anti-entropy interval.
-//! * **Bytes.** After a healed partition a node receives what it lacks about once (1.3×
-//!   including clocks and digests), because it pulls from one peer at a time. For one write,
-//!   small changes (≤ `relay_inline_bytes`, 1 KiB) are relayed in full to `fanout` peers,
-//!   costing ~fanout × a small change (≈ 1 KB per node per write); larger changes are
-//!   announced (`Have`, ~60 B) and fetched once (`Want`), 1.1–1.2×. Lowering `fanout` trades
-//!   bytes for time (fanout 2: 2.5×, all nodes at 1.8 s).
+//! * **One small write: 1.76× at 1,000 nodes, not the 1.5× aimed at.** Where a node's 378
+//!   bytes go: the change once in full (221 B: 215 + 6 of framing), 5.9 announcements
+//!   (82 B), one `Fetch` (12 B), digests of idle anti-entropy during the 1.2 s window (42 B),
+//!   anti-entropy repairs (21 B). The floor for a 215-byte change is therefore about one copy
+//!   plus the idle digests (1.22×); what is left is the price of reaching *every* node
+//!   without a round trip to each: a rumor that stops at duplicates misses a node when none
+//!   of its ~12 neighbours picks it, ≈ (1 − fanout/12)^12, so fanout 4 leaves ~0.5 % of nodes
+//!   (0.4 % measured) to the next anti-entropy round (all nodes at 1,055 ms, 1.79×) and fanout 6 leaves ~0.02 %
+//!   (all nodes at 220 ms, 1.76×). At 14 bytes an announcement is cheap enough that covering
+//!   everyone by gossip is cheaper than the digests of waiting for anti-entropy. 1.5× would
+//!   need fewer than ~3 announcements per node, which leaves several percent of nodes to
+//!   anti-entropy (≥ 1 s). For changes of 2 KB and more the overhead is ≤ 1.1×.
+//! * **Latency.** Beyond the second hop each hop costs three message delays instead of one,
+//!   so 99 % of nodes take 11 delays instead of 6 at 1,000 nodes, 14 instead of 8 at 10,000;
+//!   but the last nodes are reached by gossip instead of by the next anti-entropy round, so
+//!   *all* nodes hold a change sooner at 1,000 nodes (220 ms vs 265 ms; 1,055 ms vs 220 ms for
+//!   2 KB changes). At 10,000 nodes a few nodes still wait for anti-entropy (1.3 s).
+//! * **Rounds ~ log N**: 11 and 14 delays at 1k and 10k nodes (≈ 3 × log₆ N).
+//! * **Healed partition.** A node receives what it lacks about once (1.38–1.40× including
+//!   clocks and digests), because it pulls from one peer at a time. Clocks cost ~300 B more
+//!   per exchange than before: the frontiers (32 bytes per head per document) that make
+//!   equivocation visible.
 //! * **Idle cost**: 34 bytes per node per second (one `Digest`).
-//! * **Size.** File-backed stores hold 3 descriptors each, so with a 20,000 open-file limit the
-//!   largest file-backed run is 5,000 nodes (1.9 GiB peak RSS, 6 min wall on a loaded 2-core
-//!   machine); the 10,000-node run uses SQLite `:memory:` stores (`--memory 1`), same code
-//!   otherwise.
+//! * **Size.** The 10,000-node run uses SQLite `:memory:` stores (`--memory 1`; file stores
+//!   hold 3 descriptors each): 5.3 GiB peak RSS, 10.5 min wall on the loaded 2-core machine.
 
 mod engine;
 pub mod rng;
@@ -113,7 +171,9 @@ pub mod wire;
 use sha2::{Digest as _, Sha256};
 
 pub use engine::{Config, Event, Stats, SyncEngine};
-pub use wire::{Clocks, SyncMessage, VersionVector};
+pub use wire::{
+    change_id, ChangeId, Clocks, DocRange, Frontier, Frontiers, SyncMessage, VersionVector,
+};
 
 use crate::error::StoreError;
 use crate::identity::NodeId;
@@ -136,6 +196,11 @@ pub trait Replica {
     ) -> Result<Vec<SignedChange>, StoreError>;
     /// A valid change by hash.
     fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError>;
+    /// A stored change by hash, valid or void (a peer asked for it by hash: the
+    /// dependency of a fork variant may be void here; the peer judges it itself).
+    fn get_any(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.get_change(hash)
+    }
     /// Whether a valid change with this hash is held (received copies are then not verified
     /// again).
     fn contains(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
@@ -147,6 +212,48 @@ pub trait Replica {
     fn docs(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.clocks()?.into_keys().collect())
     }
+    /// Per document: sorted heads and the authors flagged for equivocation (see
+    /// [`Frontier`]). Part of the anti-entropy digest.
+    fn frontiers(&self) -> Result<Frontiers, StoreError> {
+        Ok(Frontiers::new())
+    }
+    /// Proof of a flagged fork of `author` in `doc`: two of its variants.
+    fn fork_evidence(&self, doc: &str, author: &NodeId) -> Result<Vec<SignedChange>, StoreError> {
+        let _ = (doc, author);
+        Ok(Vec::new())
+    }
+    /// Hashes of dependencies that held-back changes are waiting for, at most `limit`.
+    fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+    /// Whether a change whose hash starts with `id` is stored (valid or void): an announced
+    /// change not worth fetching.
+    fn holds_id(&self, id: &ChangeId) -> Result<bool, StoreError> {
+        let _ = id;
+        Ok(false)
+    }
+    /// A valid change whose hash starts with `id`.
+    fn change_by_id(&self, id: &ChangeId) -> Result<Option<SignedChange>, StoreError> {
+        let _ = id;
+        Ok(None)
+    }
+}
+
+/// Per-document heads and flagged forks of a store (the [`Replica::frontiers`] of a
+/// [`Store`]).
+pub fn store_frontiers(store: &Store) -> Result<Frontiers, StoreError> {
+    let mut out = Frontiers::new();
+    for (doc, heads) in store.all_heads()? {
+        out.entry(doc).or_default().heads = heads;
+    }
+    for ((doc, author), seq) in store.forks() {
+        out.entry(doc.clone())
+            .or_default()
+            .forks
+            .insert(*author, *seq);
+    }
+    Ok(out)
 }
 
 impl Replica for Store {
@@ -168,8 +275,35 @@ impl Replica for Store {
         Store::get_change(self, hash)
     }
 
+    fn get_any(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        Store::get_stored(self, hash)
+    }
+
     fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         Store::ingest(self, batch)
+    }
+
+    fn frontiers(&self) -> Result<Frontiers, StoreError> {
+        store_frontiers(self)
+    }
+
+    fn fork_evidence(&self, doc: &str, author: &NodeId) -> Result<Vec<SignedChange>, StoreError> {
+        Store::fork_evidence(self, doc, author)
+    }
+
+    fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.wanted_deps(limit)
+    }
+
+    fn holds_id(&self, id: &ChangeId) -> Result<bool, StoreError> {
+        Ok(self.find_by_prefix(id, false)?.is_some())
+    }
+
+    fn change_by_id(&self, id: &ChangeId) -> Result<Option<SignedChange>, StoreError> {
+        match self.find_by_prefix(id, true)? {
+            Some(h) => self.get_change(&h),
+            None => Ok(None),
+        }
     }
 }
 
@@ -182,10 +316,14 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
-/// The anti-entropy digest: SHA-256 over a domain tag and the canonical clock encoding.
-pub fn clocks_digest(clocks: &Clocks) -> [u8; 32] {
+/// The anti-entropy digest: SHA-256 over a domain tag and the canonical encodings of the
+/// version vectors and the frontiers (heads and flagged forks). Two nodes have equal digests
+/// exactly when they hold the same valid changes (heads name the whole causal history) and
+/// know the same forks.
+pub fn clocks_digest(clocks: &Clocks, frontiers: &Frontiers) -> [u8; 32] {
     let mut buf = Vec::with_capacity(64);
-    buf.extend_from_slice(b"lichen/clocks/v1\0");
+    buf.extend_from_slice(b"lichen/clocks/v2\0");
     wire::encode_clocks(clocks, &mut buf);
+    wire::encode_frontiers(frontiers, &mut buf);
     Sha256::digest(&buf).into()
 }

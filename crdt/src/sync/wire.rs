@@ -14,18 +14,38 @@
 //!
 //! # Layout (all integers big-endian)
 //! ```text
-//! message   = version:u8 (=1) | type:u8 | body
+//! message   = version:u8 (=2) | type:u8 | body
 //! Digest    (1) = digest[32]
-//! Clocks    (2) = flags:u8 (bit 0: reply wanted; bit 1: pull; other bits 0) | clocks
+//! Clocks    (2) = flags:u8 (bit 0: reply wanted; bit 1: pull; other bits 0) | range | clocks
+//!                 | frontiers | wants
 //! Changes   (3) = flags:u8 (bit 0: more to come; other bits 0) | changes
 //! Push      (4) = changes
 //! Have      (5) = clocks
 //! Want      (6) = clocks
+//! Announce  (7) = ids
+//! Fetch     (8) = ids
+//! ids       = n:u32 | n × id[8], strictly ascending (an id is the first 8 bytes of a change
+//!             hash)
+//! range     = start_len:u16 | start | end_len:u16 | end
+//!             documents d with start ≤ d < end; an empty start: from the first document, an
+//!             empty end: to the last; non-empty bounds are valid names, start < end
 //! clocks    = n_docs:u32 | n_docs × ( doc_len:u16 | doc | n_authors:u32 | n_authors × (author[32] | seq:u64) )
 //!             docs strictly ascending (byte order), authors strictly ascending per doc
+//! frontiers = n_docs:u32 | n_docs × ( doc_len:u16 | doc | n_heads:u32 | n_heads × hash[32]
+//!             | n_forks:u32 | n_forks × (author[32] | fork seq:u64) )
+//!             docs, heads and authors strictly ascending; clock and frontier documents lie
+//!             inside the range
+//! wants     = n:u32 | n × hash[32], strictly ascending
 //! changes   = n:u32 | n × signed change (see crate::signed: u8 version | u16 doc_len | doc |
 //!             author[32] | sig[64] | u32 len | bytes)
 //! ```
+//! Version history: 1 had `Clocks = flags | clocks` only. Version 2 (equivocation and paging)
+//! adds the range (a large version vector is sent as several pages, each well under the
+//! message limit), the frontiers (per-document heads, so two nodes holding different
+//! variants of one seq no longer look identical, and flagged forks, so evidence reaches every
+//! node), the hashes of missing dependencies, and `Announce`/`Fetch` (lazy push of single
+//! changes by 8-byte id: 14 bytes to announce one change instead of ~60). A v1 message is refused with
+//! [`DecodeError::UnknownVersion`]: mixed clusters do not sync (upgrade all nodes).
 //! Limits: a message is at most [`MAX_MESSAGE_BYTES`] (8 MiB) long; document names are valid
 //! names of at most 128 bytes; counts are bounded by what the remaining bytes could hold.
 //! Unknown version → [`DecodeError::UnknownVersion`]; unknown type or flag bits →
@@ -37,7 +57,7 @@ use crate::identity::NodeId;
 use crate::signed::{valid_doc_name, DecodeError, SignedChange, MAX_DOC_NAME};
 
 /// The wire format version this build writes and reads.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Hard upper bound on an encoded message; longer input is refused before decoding.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
@@ -46,12 +66,59 @@ pub type VersionVector = BTreeMap<NodeId, u64>;
 /// Version vectors of several documents, by document name.
 pub type Clocks = BTreeMap<String, VersionVector>;
 
+/// What a version vector cannot show about one document: its heads (hashes of the valid
+/// changes nothing valid depends on, sorted) and the authors flagged for equivocation in it,
+/// with their fork seq (see `crate::equivocation`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frontier {
+    /// Sorted heads.
+    pub heads: Vec<[u8; 32]>,
+    /// Flagged authors → fork seq.
+    pub forks: VersionVector,
+}
+
+/// Frontiers of several documents, by document name.
+pub type Frontiers = BTreeMap<String, Frontier>;
+
+/// A range of document names: `start ≤ doc < end` (`end` `None`: no upper bound).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DocRange {
+    /// First document included (empty: from the first).
+    pub start: String,
+    /// First document after the range (`None`: to the last).
+    pub end: Option<String>,
+}
+
+impl DocRange {
+    /// Every document.
+    pub fn all() -> DocRange {
+        DocRange::default()
+    }
+
+    /// Whether `doc` lies in the range.
+    pub fn contains(&self, doc: &str) -> bool {
+        doc >= self.start.as_str() && self.end.as_deref().is_none_or(|e| doc < e)
+    }
+}
+
 const T_DIGEST: u8 = 1;
 const T_CLOCKS: u8 = 2;
 const T_CHANGES: u8 = 3;
 const T_PUSH: u8 = 4;
 const T_HAVE: u8 = 5;
 const T_WANT: u8 = 6;
+const T_ANNOUNCE: u8 = 7;
+const T_FETCH: u8 = 8;
+
+/// Short id of a change in `Announce`/`Fetch`: the first 8 bytes of its hash.
+pub type ChangeId = [u8; 8];
+
+/// The short id of a change hash.
+pub fn change_id(hash: &[u8; 32]) -> ChangeId {
+    let mut id = [0; 8];
+    id.copy_from_slice(&hash[..8]);
+    id
+}
 
 /// Smallest encoding of one signed change (empty doc name and change bytes).
 const MIN_CHANGE_LEN: usize = 1 + 2 + 32 + 64 + 4;
@@ -68,16 +135,24 @@ pub enum SyncMessage {
         /// The digest (see [`crate::sync::clocks_digest`]).
         digest: [u8; 32],
     },
-    /// The sender's version vectors; the receiver answers (if `pull`) with the changes the
-    /// sender lacks and (if `reply`) with its own `Clocks` when it lacks something the sender has.
+    /// The sender's version vectors for a range of documents (one page); the receiver
+    /// answers (if `pull`) with the changes the sender lacks in that range and (if `reply`)
+    /// with its own `Clocks` when it lacks something the sender has.
     Clocks {
         /// Whether the receiver should send its own clocks back if it lacks something.
         reply: bool,
         /// Whether the receiver should send the changes the sender lacks now (false while the
         /// sender is already pulling from another peer: one inbound transfer at a time).
         pull: bool,
-        /// Version vectors per document (documents absent: the sender has none of them).
+        /// The documents this page covers.
+        range: DocRange,
+        /// Version vectors per document (documents of the range absent: the sender has none
+        /// of them).
         clocks: Clocks,
+        /// Heads and flagged forks per document of the range.
+        frontiers: Frontiers,
+        /// Hashes of dependencies the sender is missing (its pending changes wait for them).
+        wants: Vec<[u8; 32]>,
     },
     /// A bounded batch of changes answering `Clocks`, membership changes first.
     Changes {
@@ -102,6 +177,17 @@ pub enum SyncMessage {
         /// What the sender holds of the pairs it wants.
         clocks: Clocks,
     },
+    /// Announcement of a few new changes by short id (lazy push); a peer lacking them answers
+    /// with `Fetch`.
+    Announce {
+        /// Sorted short ids.
+        ids: Vec<ChangeId>,
+    },
+    /// Request for announced changes by short id; answered with `Push`.
+    Fetch {
+        /// Sorted short ids.
+        ids: Vec<ChangeId>,
+    },
 }
 
 impl SyncMessage {
@@ -114,6 +200,8 @@ impl SyncMessage {
             SyncMessage::Push { .. } => "push",
             SyncMessage::Have { .. } => "have",
             SyncMessage::Want { .. } => "want",
+            SyncMessage::Announce { .. } => "announce",
+            SyncMessage::Fetch { .. } => "fetch",
         }
     }
 
@@ -121,10 +209,23 @@ impl SyncMessage {
     pub fn encoded_len(&self) -> usize {
         2 + match self {
             SyncMessage::Digest { .. } => 32,
-            SyncMessage::Clocks { clocks, .. } => 1 + clocks_len(clocks),
+            SyncMessage::Clocks {
+                range,
+                clocks,
+                frontiers,
+                wants,
+                ..
+            } => {
+                1 + range_len(range)
+                    + clocks_len(clocks)
+                    + frontiers_len(frontiers)
+                    + 4
+                    + 32 * wants.len()
+            }
             SyncMessage::Changes { changes, .. } => 1 + changes_len(changes),
             SyncMessage::Push { changes } => changes_len(changes),
             SyncMessage::Have { clocks } | SyncMessage::Want { clocks } => clocks_len(clocks),
+            SyncMessage::Announce { ids } | SyncMessage::Fetch { ids } => 4 + 8 * ids.len(),
         }
     }
 
@@ -141,11 +242,20 @@ impl SyncMessage {
             SyncMessage::Clocks {
                 reply,
                 pull,
+                range,
                 clocks,
+                frontiers,
+                wants,
             } => {
                 out.push(T_CLOCKS);
                 out.push(u8::from(*reply) | (u8::from(*pull) << 1));
+                encode_range(range, &mut out);
                 encode_clocks(clocks, &mut out);
+                encode_frontiers(frontiers, &mut out);
+                out.extend_from_slice(&(wants.len() as u32).to_be_bytes());
+                for w in wants {
+                    out.extend_from_slice(w);
+                }
             }
             SyncMessage::Changes { more, changes } => {
                 out.push(T_CHANGES);
@@ -163,6 +273,17 @@ impl SyncMessage {
             SyncMessage::Want { clocks } => {
                 out.push(T_WANT);
                 encode_clocks(clocks, &mut out);
+            }
+            SyncMessage::Announce { ids } | SyncMessage::Fetch { ids } => {
+                out.push(if matches!(self, SyncMessage::Announce { .. }) {
+                    T_ANNOUNCE
+                } else {
+                    T_FETCH
+                });
+                out.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+                for id in ids {
+                    out.extend_from_slice(id);
+                }
             }
         }
         out
@@ -185,10 +306,32 @@ impl SyncMessage {
                 if flags > 3 {
                     return Err(DecodeError::Invalid("unknown flag bits"));
                 }
+                let range = r.range()?;
+                let clocks = r.clocks()?;
+                let frontiers = r.frontiers()?;
+                if !clocks
+                    .keys()
+                    .chain(frontiers.keys())
+                    .all(|d| range.contains(d))
+                {
+                    return Err(DecodeError::Invalid("document outside the range"));
+                }
+                let n = r.count(32, "want count")?;
+                let mut wants: Vec<[u8; 32]> = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let h: [u8; 32] = r.array()?;
+                    if wants.last().is_some_and(|l| *l >= h) {
+                        return Err(DecodeError::Invalid("wants not strictly ascending"));
+                    }
+                    wants.push(h);
+                }
                 SyncMessage::Clocks {
                     reply: flags & 1 != 0,
                     pull: flags & 2 != 0,
-                    clocks: r.clocks()?,
+                    range,
+                    clocks,
+                    frontiers,
+                    wants,
                 }
             }
             T_CHANGES => {
@@ -207,6 +350,8 @@ impl SyncMessage {
             T_WANT => SyncMessage::Want {
                 clocks: r.clocks()?,
             },
+            T_ANNOUNCE => SyncMessage::Announce { ids: r.ids()? },
+            T_FETCH => SyncMessage::Fetch { ids: r.ids()? },
             _ => return Err(DecodeError::Invalid("unknown message type")),
         };
         if r.pos != buf.len() {
@@ -219,8 +364,55 @@ impl SyncMessage {
 fn clocks_len(clocks: &Clocks) -> usize {
     4 + clocks
         .iter()
-        .map(|(d, v)| 2 + d.len() + 4 + v.len() * AUTHOR_ENTRY)
+        .map(|(d, v)| clocks_entry_len(d, v))
         .sum::<usize>()
+}
+
+/// Encoded length of a clock list.
+pub(crate) fn clocks_entry_len(doc: &str, vv: &VersionVector) -> usize {
+    2 + doc.len() + 4 + vv.len() * AUTHOR_ENTRY
+}
+
+/// Encoded length of one document's frontier.
+pub(crate) fn frontier_entry_len(doc: &str, f: &Frontier) -> usize {
+    2 + doc.len() + 4 + 32 * f.heads.len() + 4 + f.forks.len() * AUTHOR_ENTRY
+}
+
+fn frontiers_len(frontiers: &Frontiers) -> usize {
+    4 + frontiers
+        .iter()
+        .map(|(d, f)| frontier_entry_len(d, f))
+        .sum::<usize>()
+}
+
+fn range_len(range: &DocRange) -> usize {
+    4 + range.start.len() + range.end.as_ref().map_or(0, |e| e.len())
+}
+
+fn encode_range(range: &DocRange, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(range.start.len() as u16).to_be_bytes());
+    out.extend_from_slice(range.start.as_bytes());
+    let end = range.end.as_deref().unwrap_or("");
+    out.extend_from_slice(&(end.len() as u16).to_be_bytes());
+    out.extend_from_slice(end.as_bytes());
+}
+
+/// Canonical encoding of frontiers (also an input of the anti-entropy digest).
+pub(crate) fn encode_frontiers(frontiers: &Frontiers, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(frontiers.len() as u32).to_be_bytes());
+    for (doc, f) in frontiers {
+        out.extend_from_slice(&(doc.len() as u16).to_be_bytes());
+        out.extend_from_slice(doc.as_bytes());
+        out.extend_from_slice(&(f.heads.len() as u32).to_be_bytes());
+        for h in &f.heads {
+            out.extend_from_slice(h);
+        }
+        out.extend_from_slice(&(f.forks.len() as u32).to_be_bytes());
+        for (author, seq) in &f.forks {
+            out.extend_from_slice(&author.0);
+            out.extend_from_slice(&seq.to_be_bytes());
+        }
+    }
 }
 
 fn changes_len(changes: &[SignedChange]) -> usize {
@@ -308,39 +500,100 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    /// A document name (`allow_empty`: or the empty string).
+    fn doc_name(&mut self, allow_empty: bool) -> Result<&'a str, DecodeError> {
+        let len = self.u16()? as usize;
+        if len > MAX_DOC_NAME {
+            return Err(DecodeError::TooLong("document name"));
+        }
+        let doc = std::str::from_utf8(self.take(len)?)
+            .map_err(|_| DecodeError::Invalid("document name is not UTF-8"))?;
+        if !(valid_doc_name(doc) || allow_empty && doc.is_empty()) {
+            return Err(DecodeError::Invalid("invalid document name"));
+        }
+        Ok(doc)
+    }
+
+    /// `n_authors:u32 | (author | seq)×`, authors strictly ascending.
+    fn authors(&mut self) -> Result<VersionVector, DecodeError> {
+        let n_authors = self.count(AUTHOR_ENTRY, "author count")?;
+        let mut vv = VersionVector::new();
+        let mut last_author: Option<[u8; 32]> = None;
+        for _ in 0..n_authors {
+            let author: [u8; 32] = self.array()?;
+            if last_author.is_some_and(|l| l >= author) {
+                return Err(DecodeError::Invalid("authors not strictly ascending"));
+            }
+            last_author = Some(author);
+            let seq = self.u64()?;
+            vv.insert(NodeId(author), seq);
+        }
+        Ok(vv)
+    }
+
+    fn ids(&mut self) -> Result<Vec<ChangeId>, DecodeError> {
+        let n = self.count(8, "id count")?;
+        let mut ids: Vec<ChangeId> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id: ChangeId = self.array()?;
+            if ids.last().is_some_and(|l| *l >= id) {
+                return Err(DecodeError::Invalid("ids not strictly ascending"));
+            }
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    fn range(&mut self) -> Result<DocRange, DecodeError> {
+        let start = self.doc_name(true)?.to_string();
+        let end = self.doc_name(true)?;
+        if !end.is_empty() && start.as_str() >= end {
+            return Err(DecodeError::Invalid("empty document range"));
+        }
+        Ok(DocRange {
+            start,
+            end: (!end.is_empty()).then(|| end.to_string()),
+        })
+    }
+
     fn clocks(&mut self) -> Result<Clocks, DecodeError> {
         let n_docs = self.count(MIN_DOC_ENTRY, "document count")?;
         let mut clocks = Clocks::new();
         let mut last_doc: Option<&str> = None;
         for _ in 0..n_docs {
-            let len = self.u16()? as usize;
-            if len > MAX_DOC_NAME {
-                return Err(DecodeError::TooLong("document name"));
-            }
-            let doc = std::str::from_utf8(self.take(len)?)
-                .map_err(|_| DecodeError::Invalid("document name is not UTF-8"))?;
-            if !valid_doc_name(doc) {
-                return Err(DecodeError::Invalid("invalid document name"));
-            }
+            let doc = self.doc_name(false)?;
             if last_doc.is_some_and(|l| l >= doc) {
                 return Err(DecodeError::Invalid("documents not strictly ascending"));
             }
             last_doc = Some(doc);
-            let n_authors = self.count(AUTHOR_ENTRY, "author count")?;
-            let mut vv = VersionVector::new();
-            let mut last_author: Option<[u8; 32]> = None;
-            for _ in 0..n_authors {
-                let author: [u8; 32] = self.array()?;
-                if last_author.is_some_and(|l| l >= author) {
-                    return Err(DecodeError::Invalid("authors not strictly ascending"));
-                }
-                last_author = Some(author);
-                let seq = self.u64()?;
-                vv.insert(NodeId(author), seq);
-            }
-            clocks.insert(doc.to_string(), vv);
+            clocks.insert(doc.to_string(), self.authors()?);
         }
         Ok(clocks)
+    }
+
+    fn frontiers(&mut self) -> Result<Frontiers, DecodeError> {
+        let n_docs = self.count(MIN_DOC_ENTRY + 4, "document count")?;
+        let mut out = Frontiers::new();
+        let mut last_doc: Option<&str> = None;
+        for _ in 0..n_docs {
+            let doc = self.doc_name(false)?;
+            if last_doc.is_some_and(|l| l >= doc) {
+                return Err(DecodeError::Invalid("documents not strictly ascending"));
+            }
+            last_doc = Some(doc);
+            let n = self.count(32, "head count")?;
+            let mut heads: Vec<[u8; 32]> = Vec::with_capacity(n);
+            for _ in 0..n {
+                let h: [u8; 32] = self.array()?;
+                if heads.last().is_some_and(|l| *l >= h) {
+                    return Err(DecodeError::Invalid("heads not strictly ascending"));
+                }
+                heads.push(h);
+            }
+            let forks = self.authors()?;
+            out.insert(doc.to_string(), Frontier { heads, forks });
+        }
+        Ok(out)
     }
 
     fn changes(&mut self) -> Result<Vec<SignedChange>, DecodeError> {
@@ -395,6 +648,23 @@ mod tests {
           0101010101010101010101010101010101010101010101010101010101010101 0000000000000001
           0202020202020202020202020202020202020202020202020202020202020202 0000000000000102";
 
+    /// Golden bytes of [`frontiers`].
+    const FRONTIERS_HEX: &str = "00000001
+        0001 61 00000001 1111111111111111111111111111111111111111111111111111111111111111
+          00000001 0202020202020202020202020202020202020202020202020202020202020202 0000000000000005";
+
+    fn frontiers() -> Frontiers {
+        let mut f = Frontiers::new();
+        f.insert(
+            "a".into(),
+            Frontier {
+                heads: vec![[0x11; 32]],
+                forks: [(id(2), 5)].into_iter().collect(),
+            },
+        );
+        f
+    }
+
     const CHANGE_HEX: &str = "01 0001 61
         aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
         bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
@@ -405,44 +675,66 @@ mod tests {
         vec![
             (
                 SyncMessage::Digest { digest: [7; 32] },
-                hex("01 01 0707070707070707070707070707070707070707070707070707070707070707"),
+                hex("02 01 0707070707070707070707070707070707070707070707070707070707070707"),
             ),
             (
                 SyncMessage::Clocks {
                     reply: true,
                     pull: true,
+                    range: DocRange::all(),
                     clocks: clocks(),
+                    frontiers: frontiers(),
+                    wants: vec![[0x33; 32]],
                 },
-                hex(&format!("01 02 03 {CLOCKS_HEX}")),
+                hex(&format!(
+                    "02 02 03 0000 0000 {CLOCKS_HEX} {FRONTIERS_HEX} 00000001 {}",
+                    "33".repeat(32)
+                )),
             ),
             (
                 SyncMessage::Clocks {
                     reply: false,
                     pull: true,
+                    range: DocRange {
+                        start: "a".into(),
+                        end: Some("b".into()),
+                    },
                     clocks: Clocks::new(),
+                    frontiers: Frontiers::new(),
+                    wants: Vec::new(),
                 },
-                hex("01 02 02 00000000"),
+                hex("02 02 02 0001 61 0001 62 00000000 00000000 00000000"),
             ),
             (
                 SyncMessage::Changes {
                     more: true,
                     changes: vec![change()],
                 },
-                hex(&format!("01 03 01 00000001 {CHANGE_HEX}")),
+                hex(&format!("02 03 01 00000001 {CHANGE_HEX}")),
             ),
             (
                 SyncMessage::Push {
                     changes: vec![change(), change()],
                 },
-                hex(&format!("01 04 00000002 {CHANGE_HEX} {CHANGE_HEX}")),
+                hex(&format!("02 04 00000002 {CHANGE_HEX} {CHANGE_HEX}")),
             ),
             (
                 SyncMessage::Have { clocks: clocks() },
-                hex(&format!("01 05 {CLOCKS_HEX}")),
+                hex(&format!("02 05 {CLOCKS_HEX}")),
             ),
             (
                 SyncMessage::Want { clocks: clocks() },
-                hex(&format!("01 06 {CLOCKS_HEX}")),
+                hex(&format!("02 06 {CLOCKS_HEX}")),
+            ),
+            (
+                SyncMessage::Announce {
+                    ids: vec![[1; 8], [2; 8]],
+                },
+                hex("02 07 00000002 0101010101010101 0202020202020202"),
+            ),
+            (
+                SyncMessage::Fetch { ids: vec![[3; 8]] },
+                hex("02 08 00000001 0303030303030303"),
             ),
         ]
     }
@@ -474,16 +766,21 @@ mod tests {
 
     #[test]
     fn unknown_version_type_and_flags_are_typed_errors() {
+        // Version 1 (before frontiers and paging) is refused, as is anything newer.
         assert_eq!(
-            SyncMessage::decode(&hex("02 01")),
-            Err(DecodeError::UnknownVersion(2))
+            SyncMessage::decode(&hex("01 01")),
+            Err(DecodeError::UnknownVersion(1))
         );
         assert_eq!(
-            SyncMessage::decode(&hex("01 09")),
+            SyncMessage::decode(&hex("03 01")),
+            Err(DecodeError::UnknownVersion(3))
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex("02 09")),
             Err(DecodeError::Invalid("unknown message type"))
         );
         assert_eq!(
-            SyncMessage::decode(&hex("01 02 04 00000000")),
+            SyncMessage::decode(&hex("02 02 04 0000 0000 00000000 00000000 00000000")),
             Err(DecodeError::Invalid("unknown flag bits"))
         );
         assert_eq!(SyncMessage::decode(&[]), Err(DecodeError::Truncated));
@@ -493,11 +790,11 @@ mod tests {
     fn huge_counts_are_refused_before_allocating() {
         // 4 billion documents in a 7-byte message.
         assert_eq!(
-            SyncMessage::decode(&hex("01 05 ffffffff")),
+            SyncMessage::decode(&hex("02 05 ffffffff")),
             Err(DecodeError::TooLong("document count"))
         );
         assert_eq!(
-            SyncMessage::decode(&hex("01 04 00001000")),
+            SyncMessage::decode(&hex("02 04 00001000")),
             Err(DecodeError::Truncated)
         );
         let big = vec![0u8; MAX_MESSAGE_BYTES + 1];
@@ -510,24 +807,51 @@ mod tests {
     #[test]
     fn non_canonical_clocks_are_refused() {
         // Same document twice.
-        let dup = hex("01 05 00000002 0001 61 00000000 0001 61 00000000");
+        let dup = hex("02 05 00000002 0001 61 00000000 0001 61 00000000");
         assert!(SyncMessage::decode(&dup).is_err());
         // Descending authors.
         let desc = format!(
-            "01 05 00000001 0001 61 00000002 {} 0000000000000001 {} 0000000000000001",
+            "02 05 00000001 0001 61 00000002 {} 0000000000000001 {} 0000000000000001",
             "02".repeat(32),
             "01".repeat(32)
         );
         assert!(SyncMessage::decode(&hex(&desc)).is_err());
         // Invalid document name.
-        assert!(SyncMessage::decode(&hex("01 05 00000001 0001 41 00000000")).is_err());
+        assert!(SyncMessage::decode(&hex("02 05 00000001 0001 41 00000000")).is_err());
+        // A document outside the page's range, an empty range, unsorted heads or wants.
+        assert_eq!(
+            SyncMessage::decode(&hex(
+                "02 02 00 0001 62 0000 00000001 0001 61 00000000 00000000 00000000"
+            )),
+            Err(DecodeError::Invalid("document outside the range"))
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex("02 02 00 0001 62 0001 61 00000000 00000000 00000000")),
+            Err(DecodeError::Invalid("empty document range"))
+        );
+        let heads = format!(
+            "02 02 00 0000 0000 00000000 00000001 0001 61 00000002 {} {} 00000000 00000000",
+            "22".repeat(32),
+            "11".repeat(32)
+        );
+        assert!(SyncMessage::decode(&hex(&heads)).is_err());
+        let wants = format!(
+            "02 02 00 0000 0000 00000000 00000000 00000002 {} {}",
+            "22".repeat(32),
+            "22".repeat(32)
+        );
+        assert!(SyncMessage::decode(&hex(&wants)).is_err());
+        assert_eq!(
+            SyncMessage::decode(&hex("02 07 00000002 0202020202020202 0101010101010101")),
+            Err(DecodeError::Invalid("ids not strictly ascending"))
+        );
     }
 
     proptest::proptest! {
         /// What the fuzz target checks, on random and on mutated valid input.
         #[test]
         fn whatever_decodes_re_encodes_identically(
-            pick in 0usize..7,
+            pick in 0usize..9,
             flips in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 0..4),
             tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
         ) {

@@ -23,7 +23,10 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ObjType, ReadDoc, ROOT};
 use lichen_crdt::header;
 use lichen_crdt::sync::rng::SplitMix64;
-use lichen_crdt::sync::{clocks_digest, Clocks, Config, Event, Replica, SyncEngine, SyncMessage};
+use lichen_crdt::sync::{
+    clocks_digest, store_frontiers, Clocks, Config, Event, Frontiers, Replica, SyncEngine,
+    SyncMessage,
+};
 use lichen_crdt::{
     ClusterId, IngestReport, NodeId, Op, Outcome, PathSeg, SecretKey, SignedChange, Store,
     StoreError, MEMBERSHIP_DOC,
@@ -152,11 +155,40 @@ impl Replica for Checked<'_> {
     fn get_change(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
         self.store.get_change(hash)
     }
+    fn get_any(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
+        self.store.get_stored(hash)
+    }
     fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         let r = self.store.ingest(batch)?;
         self.log.push(r.clone());
         Ok(r)
     }
+    fn frontiers(&self) -> Result<Frontiers, StoreError> {
+        store_frontiers(self.store)
+    }
+    fn fork_evidence(&self, doc: &str, author: &NodeId) -> Result<Vec<SignedChange>, StoreError> {
+        self.store.fork_evidence(doc, author)
+    }
+    fn wanted(&self, limit: usize) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.store.wanted_deps(limit)
+    }
+    fn holds_id(&self, id: &lichen_crdt::sync::ChangeId) -> Result<bool, StoreError> {
+        Ok(self.store.find_by_prefix(id, false)?.is_some())
+    }
+    fn change_by_id(
+        &self,
+        id: &lichen_crdt::sync::ChangeId,
+    ) -> Result<Option<SignedChange>, StoreError> {
+        match self.store.find_by_prefix(id, true)? {
+            Some(h) => self.store.get_change(&h),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The anti-entropy digest of a store (what its engine would send).
+pub fn digest(s: &Store) -> [u8; 32] {
+    clocks_digest(&s.all_clocks().unwrap(), &store_frontiers(s).unwrap())
 }
 
 type Action = Box<dyn FnOnce(&mut Sim)>;
@@ -201,6 +233,10 @@ pub struct Sim {
     pub forbidden_authors: BTreeSet<NodeId>,
     /// Changes no honest node may ever apply.
     pub forbidden_hashes: BTreeSet<[u8; 32]>,
+    /// Whether a clone's writes go to `forbidden_hashes` (true by default). A clone online at
+    /// the same time as the original is indistinguishable from it until both variants meet,
+    /// so stories of concurrent equivocation turn this off and check the verdict at the end.
+    pub clone_writes_forbidden: bool,
     /// Total messages and bytes put on the wire.
     pub wire: (u64, u64),
     /// Messages by kind.
@@ -398,6 +434,7 @@ impl Sim {
             written: BTreeSet::new(),
             forbidden_authors: BTreeSet::new(),
             forbidden_hashes: BTreeSet::new(),
+            clone_writes_forbidden: true,
             wire: (0, 0),
             by_kind: BTreeMap::new(),
             delivered: 0,
@@ -604,7 +641,7 @@ impl Sim {
                 self.accepted.insert(h);
                 self.written.insert(h);
             }
-        } else if self.nodes[n].kind == Kind::Clone {
+        } else if self.nodes[n].kind == Kind::Clone && self.clone_writes_forbidden {
             for c in &changes {
                 self.forbidden_hashes.insert(c.hash().unwrap());
             }
@@ -883,13 +920,12 @@ impl Sim {
             .collect()
     }
 
-    /// Whether every honest running node holds the same version vectors.
+    /// Whether every honest running node holds the same valid changes and knows the same
+    /// forks (equal anti-entropy digests).
     pub fn converged(&self) -> bool {
         let h = self.honest_alive();
-        let digests: BTreeSet<[u8; 32]> = h
-            .iter()
-            .map(|i| clocks_digest(&self.nodes[*i].store().all_clocks().unwrap()))
-            .collect();
+        let digests: BTreeSet<[u8; 32]> =
+            h.iter().map(|i| digest(self.nodes[*i].store())).collect();
         digests.len() <= 1
     }
 
