@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use lichen_crdt::sync::Config as SyncConfig;
 use serde::Deserialize;
 
 use crate::render::{Binding, BindingFile};
@@ -266,7 +267,7 @@ impl Config {
         if anti_entropy < Duration::from_millis(50) || anti_entropy > Duration::from_secs(3600) {
             bail!("sync.anti_entropy_ms must be between 50 and 3600000");
         }
-        let fanout = f.sync.fanout.unwrap_or(3);
+        let fanout = f.sync.fanout.unwrap_or(SyncConfig::default().fanout);
         if fanout == 0 || fanout > 64 {
             bail!("sync.fanout must be between 1 and 64");
         }
