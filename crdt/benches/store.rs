@@ -1,6 +1,7 @@
 //! Store benchmarks (criterion). Run: `cargo bench -p lichen-crdt --bench store`.
 //!
-//! * `local_commit`: make + sign + store one change, fsync off (the CPU cost) and on.
+//! * `local_commit`: make + sign + store one change, with no sync at all (`synchronous=OFF`:
+//!   the CPU cost) and fsynced (`FULL`).
 //! * `group_commit_8`: eight writes to one document sharing one transaction, one fsync and one
 //!   signed change.
 //! * `ingest_10k`: verify + apply a batch of 10,000 remote changes on a fresh replica.
@@ -30,7 +31,11 @@ fn local_commit(c: &mut Criterion) {
     for fsync in [false, true] {
         let path = dir.path().join(format!("commit-{fsync}.db"));
         let mut s = Store::create(&path, &key, "bench", T0).unwrap();
-        s.set_fsync(fsync).unwrap();
+        if fsync {
+            s.set_fsync(true).unwrap();
+        } else {
+            s.set_no_sync().unwrap();
+        }
         let mut i = 0u64;
         g.bench_function(if fsync { "fsync_on" } else { "fsync_off" }, |b| {
             b.iter(|| {
@@ -61,7 +66,7 @@ fn local_commit(c: &mut Criterion) {
 fn history(path: &std::path::Path, n: u64) -> (Store, Vec<SignedChange>) {
     let key = SecretKey::from_seed([1; 32]);
     let mut s = Store::create(path, &key, "bench", T0).unwrap();
-    s.set_fsync(false).unwrap();
+    s.set_no_sync().unwrap();
     let out = (0..n)
         .map(|i| s.write(&key, "app/big", &put(i), T0).unwrap().unwrap())
         .collect();
@@ -77,7 +82,7 @@ fn hot_key(c: &mut Criterion) {
     for n in [0u64, 10_000] {
         let path = dir.path().join(format!("hot-{n}.db"));
         let mut s = Store::create(&path, &key, "bench", T0).unwrap();
-        s.set_fsync(false).unwrap();
+        s.set_no_sync().unwrap();
         let hot = |i: u64| Op::Put {
             path: parse_path("hot").unwrap(),
             value: json!(i),

@@ -753,6 +753,15 @@ impl Store {
         self.sync_for(true)
     }
 
+    /// Never sync at all (`synchronous = OFF`): commits survive a process crash, but a power
+    /// loss may corrupt the database. For simulations and for benchmarks that measure the CPU
+    /// cost of a commit; an agent uses [`Store::set_fsync_policy`].
+    pub fn set_no_sync(&mut self) -> Result<(), StoreError> {
+        self.set_fsync_policy(false, false)?;
+        self.conn.pragma_update(None, "synchronous", "OFF")?;
+        Ok(())
+    }
+
     /// Set `synchronous` for the commits that follow: this node's own writes (`local`) or
     /// received changes.
     fn sync_for(&mut self, local: bool) -> Result<(), StoreError> {

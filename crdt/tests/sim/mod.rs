@@ -337,7 +337,7 @@ impl Sim {
             nodes[0].path.as_path()
         };
         let mut admin = Store::create(admin_path, &nodes[0].key, "n0", 0).expect("create");
-        admin.set_fsync(false).unwrap();
+        admin.set_no_sync().unwrap();
         let cluster = admin.cluster_id();
         let stride = cfg.member_stride.unwrap_or(1).max(1);
         let members: Vec<NodeId> = nodes
@@ -354,7 +354,7 @@ impl Sim {
         if cfg.in_memory {
             for node in nodes.iter_mut().skip(1) {
                 let mut s = Store::join(memory, cluster).expect("join");
-                s.set_fsync(false).unwrap();
+                s.set_no_sync().unwrap();
                 if node.kind == Kind::Honest {
                     let r = s.ingest(vec![genesis.clone(), bulk.clone()]).unwrap();
                     assert_eq!(r.applied_count(), 2);
@@ -368,7 +368,7 @@ impl Sim {
         let template = dir.path().join("template.db");
         {
             let mut t = Store::join(&template, cluster).expect("join");
-            t.set_fsync(false).unwrap();
+            t.set_no_sync().unwrap();
             let r = t.ingest(vec![genesis, bulk]).unwrap();
             assert_eq!(r.applied_count(), 2, "template: {:?}", r.outcomes);
         }
@@ -382,7 +382,7 @@ impl Sim {
             };
             std::fs::copy(from, &node.path).expect("copy template store");
             let mut s = Store::open(&node.path, Some(cluster)).expect("open");
-            s.set_fsync(false).unwrap();
+            s.set_no_sync().unwrap();
             node.store = Some(s);
         }
         // Topology: full mesh, or a ring plus random links up to the degree.
@@ -563,7 +563,7 @@ impl Sim {
     /// Restart node `x` from its own store file.
     pub fn restart(&mut self, x: usize) {
         let mut s = Store::open(&self.nodes[x].path, Some(self.cluster)).expect("reopen");
-        s.set_fsync(false).unwrap();
+        s.set_no_sync().unwrap();
         self.nodes[x].store = Some(s);
         self.nodes[x].restarts += 1;
         self.start_engine(x);
