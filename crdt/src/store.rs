@@ -14,7 +14,9 @@
 //!   as evidence and the document re-judged by [`crate::equivocation`]) and `start_op` → parse
 //!   with Automerge under
 //!   `catch_unwind` → apply the whole batch at once (one at a time is quadratic) → one SQLite
-//!   transaction. Changes that may become valid later (unknown author, missing dependencies,
+//!   transaction. A *fast forward* (a chain on our heads of root-level scalar puts) skips
+//!   Automerge: the view rows are the written scalars and a loaded document catches up later in
+//!   one batch (see `fast_forward_rows`). Changes that may become valid later (unknown author, missing dependencies,
 //!   seq gap) wait in a bounded pending set and are retried whenever something is applied.
 //! * **Reads** ([`Store::get`], [`Store::keys`], [`Store::list_docs`]) are served from the `kv`
 //!   table, so opening the store and reading a document costs the same for 10 or 100k changes.
@@ -168,13 +170,23 @@ struct Loaded {
     am: Automerge,
     /// Owner (top-level key) of each object, built on first need: see [`crate::owners`].
     owners: Option<Owners>,
+    /// Stored fast-forward changes not yet applied to `am` (see [`fast_forward_rows`]):
+    /// applied in one batch when the document is next needed.
+    deferred: Vec<Change>,
 }
 
 impl Loaded {
     fn new(am: Automerge) -> Loaded {
-        Loaded { am, owners: None }
+        Loaded {
+            am,
+            owners: None,
+            deferred: Vec::new(),
+        }
     }
 }
+
+/// Most fast-forward changes held back from a loaded document before they are applied.
+const MAX_DEFERRED: usize = 1024;
 
 /// Changes that may become valid later, already authenticated (their signatures are not
 /// checked again on retry), bounded in count and bytes: the oldest are dropped first (peers
@@ -215,6 +227,11 @@ enum Touched {
     Keys(BTreeSet<String>),
     /// Every key.
     All,
+    /// Rows computed without Automerge (a fast-forward batch) and the heads after it.
+    FastForward {
+        heads: Vec<[u8; 32]>,
+        rows: BTreeMap<String, Option<String>>,
+    },
 }
 
 impl Touched {
@@ -1440,6 +1457,22 @@ impl Store {
             };
             self.loaded.insert(doc.to_string(), Loaded::new(am));
         }
+        let flushed = match self.loaded.get_mut(doc) {
+            Some(l) if !l.deferred.is_empty() => {
+                let changes = std::mem::take(&mut l.deferred);
+                matches!(panic_safe(|| l.am.apply_changes(changes)), Some(Ok(())))
+            }
+            _ => true,
+        };
+        if !flushed {
+            // Never expected (the changes passed every check); reload from disk instead.
+            tracing::warn!(
+                doc,
+                "deferred changes did not apply in memory; reloading the document"
+            );
+            let am = self.load_from_disk(doc)?;
+            self.loaded.insert(doc.to_string(), Loaded::new(am));
+        }
         self.loaded
             .get_mut(doc)
             .ok_or_else(|| StoreError::NoSuchDocument(doc.to_string()))
@@ -1517,10 +1550,11 @@ impl Store {
                 params![doc],
                 |r| r.get(0),
             )?;
-            let Some(l) = self.loaded.get(&doc) else {
+            if !self.loaded.contains_key(&doc) {
                 continue;
-            };
-            let bytes = l.am.save();
+            }
+            // Apply deferred changes first: the snapshot must hold everything up to max_id.
+            let bytes = self.loaded_doc(&doc)?.am.save();
             self.conn.execute(
                 "UPDATE docs SET snapshot = ?2, snapshot_upto = ?3 WHERE doc = ?1",
                 params![doc, bytes, max_id],
@@ -1543,6 +1577,10 @@ impl Store {
         type ViewUpdate = (String, Vec<u8>, BTreeMap<String, Option<String>>);
         let mut updates: Vec<ViewUpdate> = Vec::new();
         for (doc, t) in touched {
+            if let Touched::FastForward { heads, rows } = t {
+                updates.push((doc.clone(), hashes_to_blob(heads), rows.clone()));
+                continue;
+            }
             let Some(l) = self.loaded.get(doc) else {
                 continue;
             };
@@ -1550,6 +1588,7 @@ impl Store {
             let keys = match t {
                 Touched::Since(before) => touched_keys(&l.am, before, &after),
                 Touched::Keys(k) => k.clone(),
+                Touched::FastForward { .. } => BTreeSet::new(),
                 Touched::All => {
                     let mut k: BTreeSet<String> = self
                         .conn
@@ -2221,6 +2260,33 @@ impl Store {
         if accepted.is_empty() {
             return self.ingest_variants(doc, variants, report, outcome);
         }
+        // Fast forward: a chain on top of our heads made only of root-level scalar puts needs
+        // no Automerge to know the new view; it is applied to the in-memory document later,
+        // in one batch, if and when that is needed (hot keys make single applies costly).
+        if let Some(rows) = fast_forward_rows(&self.heads(doc)?, &accepted) {
+            let heads = vec![accepted[accepted.len() - 1].header.hash];
+            let mut flush = false;
+            if let Some(l) = self.loaded.get_mut(doc) {
+                l.deferred.extend(accepted.iter().map(|a| a.change.clone()));
+                flush = l.deferred.len() >= MAX_DEFERRED;
+            }
+            let mut touched = BTreeMap::new();
+            touched.insert(doc.to_string(), Touched::FastForward { heads, rows });
+            let refs: Vec<&Accepted> = accepted.iter().collect();
+            if let Err(e) = self.persist(&refs, &touched) {
+                self.loaded.remove(doc);
+                return Err(e);
+            }
+            if flush {
+                self.loaded_doc(doc)?;
+            }
+            for a in &accepted {
+                outcome(report, &a.signed, Some(a.header.hash), Outcome::Applied);
+            }
+            report.changed_docs.insert(doc.to_string());
+            self.ingest_variants(doc, variants, report, outcome)?;
+            return Ok(true);
+        }
         // Apply the whole batch to the in-memory document, containing any panic.
         let before = self.loaded_doc_or_new(doc)?.am.get_heads();
         let all: Vec<Change> = accepted.iter().map(|a| a.change.clone()).collect();
@@ -2429,6 +2495,39 @@ fn order_by_deps(changes: Vec<(SignedChange, ChangeHeader)>) -> Vec<(SignedChang
             return out;
         }
     }
+}
+
+/// The view rows after `accepted` if it is a fast forward: a chain (each change depends on
+/// exactly the previous one, the first on exactly `heads`) whose ops are all puts of scalars
+/// at keys of the root map. Then each op has a higher counter than every op the document holds
+/// (its `start_op` was checked against its causal past, which is the whole document), so it is
+/// the visible value at its key whatever its `pred` says, and the row is that scalar. Deletes,
+/// increments, nested objects and concurrent changes take the Automerge path.
+fn fast_forward_rows(
+    heads: &[[u8; 32]],
+    accepted: &[Accepted],
+) -> Option<BTreeMap<String, Option<String>>> {
+    use automerge::legacy::{Key, ObjectId, OpType};
+    let mut prev: BTreeSet<[u8; 32]> = heads.iter().copied().collect();
+    let mut rows = BTreeMap::new();
+    for a in accepted {
+        let deps: BTreeSet<[u8; 32]> = a.header.deps.iter().copied().collect();
+        if deps != prev || deps.len() != a.header.deps.len() {
+            return None;
+        }
+        let expanded = panic_safe(|| a.change.decode())?;
+        for op in &expanded.operations {
+            match (&op.obj, &op.key, &op.action, op.insert) {
+                (ObjectId::Root, Key::Map(k), OpType::Put(v), false) => {
+                    let v = json::scalar_to_json(v).to_string();
+                    rows.insert(k.to_string(), Some(v));
+                }
+                _ => return None,
+            }
+        }
+        prev = [a.header.hash].into();
+    }
+    Some(rows)
 }
 
 /// Top-level keys touched between two sets of heads.

@@ -286,3 +286,55 @@ fn a_group_commit_to_one_document_is_one_change_and_a_failure_stays_its_own() {
         get(&c.stores[0], "app/x", "")
     );
 }
+
+/// A replica applies plain overwrites on top of its heads without Automerge (deferred), and
+/// its in-memory document catches up before it is next used: its own write, the view and the
+/// heads all agree with a replica that applied everything the slow way.
+#[test]
+fn fast_forward_changes_are_deferred_and_caught_up_before_use() {
+    let mut c = Cluster::new(3);
+    let admin = c.admin.clone();
+    let writer = key(2);
+    c.add(&writer, "w", Role::Writer, &[]);
+    // Replica 1 has the document loaded (it wrote to it); replica 2 only ever ingests.
+    let first = put(&mut c.stores[1], &writer, "app/x", "mine", json!(0));
+    c.stores[0].ingest(vec![first.clone()]).unwrap();
+    c.stores[2].ingest(vec![first]).unwrap();
+    let mut remote = Vec::new();
+    for i in 0..5 {
+        remote.push(put(&mut c.stores[0], &admin, "app/x", "hot", json!(i)));
+    }
+    // A delete and a nested object take the Automerge path, in the same stream.
+    remote.push(put(
+        &mut c.stores[0],
+        &admin,
+        "app/x",
+        "nested",
+        json!({"a": [1]}),
+    ));
+    for ch in &remote {
+        c.stores[1].ingest(vec![ch.clone()]).unwrap();
+    }
+    c.stores[2].ingest(remote.clone()).unwrap();
+    assert_eq!(get(&c.stores[1], "app/x", "hot"), Some(json!(4)));
+    // Its own write builds on the caught-up document.
+    let mine = put(&mut c.stores[1], &writer, "app/x", "mine", json!(1));
+    for s in [0, 2] {
+        c.stores[s].ingest(vec![mine.clone()]).unwrap();
+    }
+    for s in 0..3 {
+        assert_eq!(
+            c.stores[s].check_view("app/x").unwrap(),
+            None,
+            "replica {s}"
+        );
+        assert_eq!(
+            c.stores[s].heads("app/x").unwrap(),
+            vec![mine.hash().unwrap()]
+        );
+        assert_eq!(
+            get(&c.stores[s], "app/x", ""),
+            Some(json!({"mine": 1, "hot": 4, "nested": {"a": [1]}}))
+        );
+    }
+}
