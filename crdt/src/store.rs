@@ -1714,6 +1714,14 @@ impl Store {
         Ok(progress)
     }
 
+    /// Whether a valid change with this hash is stored (an index probe; reads no bytes).
+    pub fn has_valid_change(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM changes WHERE hash = ?1 AND status = 0")?
+            .exists(params![hash.to_vec()])?)
+    }
+
     fn has_change(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
         Ok(self
             .conn

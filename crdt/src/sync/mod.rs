@@ -275,6 +275,10 @@ impl Replica for Store {
         Store::get_change(self, hash)
     }
 
+    fn contains(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        Store::has_valid_change(self, hash)
+    }
+
     fn get_any(&self, hash: &[u8; 32]) -> Result<Option<SignedChange>, StoreError> {
         Store::get_stored(self, hash)
     }
