@@ -492,9 +492,19 @@ impl Store {
 
     /// Read the flagged forks (through the small partial index on status 3).
     fn load_forks(&mut self) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT doc, author, MIN(seq) FROM changes WHERE status = 3 GROUP BY doc, author",
-        )?;
+        self.forks = self
+            .doc_author_seqs(
+                "SELECT doc, author, MIN(seq) FROM changes WHERE status = 3 GROUP BY doc, author",
+            )?
+            .into_iter()
+            .map(|(doc, id, seq)| ((doc, id), seq))
+            .collect();
+        Ok(())
+    }
+
+    /// Rows of a `SELECT doc, author, <seq>` query (rows with a malformed author skipped).
+    fn doc_author_seqs(&self, sql: &str) -> Result<Vec<(String, NodeId, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -502,16 +512,14 @@ impl Store {
                 r.get::<_, i64>(2)?,
             ))
         })?;
-        let mut forks = BTreeMap::new();
+        let mut out = Vec::new();
         for row in rows {
             let (doc, author, seq) = row?;
             if let Some(id) = NodeId::from_slice(&author) {
-                forks.insert((doc, id), seq as u64);
+                out.push((doc, id, seq as u64));
             }
         }
-        drop(stmt);
-        self.forks = forks;
-        Ok(())
+        Ok(out)
     }
 
     fn load_membership(&mut self) -> Result<(), StoreError> {
@@ -713,22 +721,11 @@ impl Store {
         if let Some(c) = self.clocks.borrow().as_ref() {
             return Ok(f(c));
         }
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT doc, author, MAX(seq) FROM changes WHERE status = 0 GROUP BY doc, author",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?;
         let mut out: Clocks = BTreeMap::new();
-        for row in rows {
-            let (d, a, s) = row?;
-            if let Some(id) = NodeId::from_slice(&a) {
-                out.entry(d).or_default().insert(id, s as u64);
-            }
+        for (d, id, seq) in self.doc_author_seqs(
+            "SELECT doc, author, MAX(seq) FROM changes WHERE status = 0 GROUP BY doc, author",
+        )? {
+            out.entry(d).or_default().insert(id, seq);
         }
         let r = f(&out);
         *self.clocks.borrow_mut() = Some(out);
