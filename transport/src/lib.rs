@@ -93,7 +93,7 @@
 //! figures varied by about ±30% between runs; three runs shown as ranges):
 //!
 //! ```text
-//! cargo run --release -p lichen-transport --example bench 2
+//! cargo run --release -p lichen-transport --example throughput 2
 //!
 //! frames of    100 B: 400000 frames  440k – 537k frames/s   44 –  54 MB/s
 //! frames of  16384 B:  40000 frames   18k –  22k frames/s  293 – 352 MB/s

@@ -5,7 +5,7 @@
 //! counts them. Then it measures connection set-up: a fresh endpoint dials B
 //! and the time from `add_peer` to its `Connected` event is averaged.
 //!
-//! Run: `cargo run --release -p lichen-transport --example bench [SCALE]`
+//! Run: `cargo run --release -p lichen-transport --example throughput [SCALE]`
 //! (SCALE multiplies the frame counts; default 1).
 
 use std::sync::{Arc, RwLock};
