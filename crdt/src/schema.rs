@@ -110,3 +110,42 @@ pub(crate) fn prepare(conn: &mut Connection, fresh: bool) -> Result<(), SchemaPr
     tx.commit()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version-1 database (session 1's schema) is migrated in place: its rows are kept, the
+    /// new index exists, and the version says 2.
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rows() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        conn.execute(
+            "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes)
+             VALUES (x'01', 'app/x', x'02', 1, 1, 1, 0, x'', x'', x'')",
+            [],
+        )
+        .unwrap();
+        prepare(&mut conn, false).ok().unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+        let index: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'changes_forked'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
+    }
+}
