@@ -653,6 +653,17 @@ fn an_edit_made_while_the_agent_was_stopped_is_ingested_at_start() {
             .clone()
     };
     assert_eq!(history(&a).len(), 1);
+    // The agent records what it rendered after writing the file (agent/src/render/last.rs);
+    // wait for that record, or a kill in between would leave no base to compare with.
+    let rendered = read(&file);
+    let records = dir.join("n-data").join("bindings");
+    wait_for("the render is recorded", 10, || {
+        std::fs::read_dir(&records).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| std::fs::read(e.path()).is_ok_and(|b| b.ends_with(&rendered)))
+        })
+    });
 
     // Stopped (SIGKILL: nothing gets a chance to run), the file is edited by hand.
     a.kill();
