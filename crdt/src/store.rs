@@ -800,14 +800,27 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<SignedChange>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        self.signed_rows(
             "SELECT sig, bytes FROM changes WHERE doc = ?1 AND author = ?2 AND seq > ?3 AND status = 0
              ORDER BY seq LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(
+            doc,
+            author,
             params![doc, author.0.to_vec(), after as i64, limit as i64],
-            |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
-        )?;
+        )
+    }
+
+    /// Changes of one (doc, author) from a `SELECT sig, bytes …` query.
+    fn signed_rows(
+        &self,
+        sql: &str,
+        doc: &str,
+        author: &NodeId,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<SignedChange>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params, |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
             let (sig, bytes) = row?;
@@ -894,26 +907,13 @@ impl Store {
         let Some(seq) = self.forks.get(&(doc.to_string(), *author)) else {
             return Ok(Vec::new());
         };
-        let mut stmt = self.conn.prepare_cached(
+        self.signed_rows(
             "SELECT sig, bytes FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3 AND status = 3
              ORDER BY hash LIMIT 2",
-        )?;
-        let rows = stmt.query_map(params![doc, author.0.to_vec(), *seq as i64], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (sig, bytes) = row?;
-            out.push(SignedChange {
-                doc: doc.to_string(),
-                author: *author,
-                sig: sig
-                    .try_into()
-                    .map_err(|_| corrupt(&self.path, "bad signature length"))?,
-                bytes,
-            });
-        }
-        Ok(out)
+            doc,
+            author,
+            params![doc, author.0.to_vec(), *seq as i64],
+        )
     }
 
     /// Current heads of every document (membership included), by name.
