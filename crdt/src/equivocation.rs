@@ -125,18 +125,7 @@ impl Bits {
 /// Judge every change of one document (see the module docs). `rows` must be in storage order
 /// (dependencies first); a dependency not found earlier in `rows` counts as void.
 pub(crate) fn evaluate(rows: &[Row]) -> Verdict {
-    let index: HashMap<[u8; 32], usize> =
-        rows.iter().enumerate().map(|(i, r)| (r.hash, i)).collect();
-    let deps: Vec<Vec<Option<usize>>> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.deps
-                .iter()
-                .map(|d| index.get(d).copied().filter(|j| *j < i))
-                .collect()
-        })
-        .collect();
+    let deps = dep_indices(rows);
     let mut base = vec![false; rows.len()];
     for i in 0..rows.len() {
         base[i] = !rows[i].base_void && deps[i].iter().all(|d| d.is_some_and(|j| base[j]));
@@ -175,47 +164,76 @@ pub(crate) fn evaluate(rows: &[Row]) -> Verdict {
                 forks: flagged,
             };
         }
-        let forks: Vec<(NodeId, u64)> = groups.keys().copied().collect();
-        // For each valid row: the forks whose scope holds something in its causal past.
-        let mut by_author: HashMap<NodeId, Vec<(usize, u64)>> = HashMap::new();
-        for (k, (a, s)) in forks.iter().enumerate() {
-            by_author.entry(*a).or_default().push((k, *s));
-        }
-        let mut taint: Vec<Bits> = vec![Bits::default(); rows.len()];
-        for i in (0..rows.len()).filter(|i| valid[*i]) {
-            let mut t = Bits::default();
-            for j in deps[i].iter().flatten() {
-                t.or(&taint[*j]);
-            }
-            if let Some(list) = by_author.get(&rows[i].author) {
-                for (k, s) in list {
-                    if rows[i].seq >= *s {
-                        t.set(*k);
-                    }
-                }
-            }
-            taint[i] = t;
-        }
-        let first: Vec<usize> = (0..forks.len())
-            .filter(|k| {
-                groups[&forks[*k]]
-                    .iter()
-                    .filter(|v| taint[**v].only(*k))
-                    .count()
-                    >= 2
-            })
-            .collect();
-        let chosen: Vec<usize> = if first.is_empty() {
-            (0..forks.len()).collect()
-        } else {
-            first
-        };
-        for k in chosen {
-            let (a, s) = forks[k];
+        for (a, s) in first_forks(rows, &deps, &valid, &groups) {
             let f = flagged.entry(a).or_insert(s);
             *f = (*f).min(s);
         }
     }
+}
+
+/// Per row, the indices of its dependencies among the *earlier* rows (`None`: not found
+/// before it, which counts as void).
+pub(crate) fn dep_indices(rows: &[Row]) -> Vec<Vec<Option<usize>>> {
+    let index: HashMap<[u8; 32], usize> =
+        rows.iter().enumerate().map(|(i, r)| (r.hash, i)).collect();
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.deps
+                .iter()
+                .map(|d| index.get(d).copied().filter(|j| *j < i))
+                .collect()
+        })
+        .collect()
+}
+
+/// Of the current `groups` of forks ((author, seq) → at least two valid variants), the ones to
+/// flag now: the *causally first* (two of their variants have no change in their causal past,
+/// themselves included, that another current fork would void), or all of them if none is
+/// first (a cycle, which only colluding equivocators can build). `deps[i]` are the indices of
+/// row `i`'s dependencies (earlier rows), `valid[i]` whether row `i` stands so far.
+pub(crate) fn first_forks(
+    rows: &[Row],
+    deps: &[Vec<Option<usize>>],
+    valid: &[bool],
+    groups: &BTreeMap<(NodeId, u64), Vec<usize>>,
+) -> Vec<(NodeId, u64)> {
+    let forks: Vec<(NodeId, u64)> = groups.keys().copied().collect();
+    // For each valid row: the forks whose scope holds something in its causal past.
+    let mut by_author: HashMap<NodeId, Vec<(usize, u64)>> = HashMap::new();
+    for (k, (a, s)) in forks.iter().enumerate() {
+        by_author.entry(*a).or_default().push((k, *s));
+    }
+    let mut taint: Vec<Bits> = vec![Bits::default(); rows.len()];
+    for i in (0..rows.len()).filter(|i| valid[*i]) {
+        let mut t = Bits::default();
+        for j in deps[i].iter().flatten() {
+            t.or(&taint[*j]);
+        }
+        if let Some(list) = by_author.get(&rows[i].author) {
+            for (k, s) in list {
+                if rows[i].seq >= *s {
+                    t.set(*k);
+                }
+            }
+        }
+        taint[i] = t;
+    }
+    let first: Vec<usize> = (0..forks.len())
+        .filter(|k| {
+            groups[&forks[*k]]
+                .iter()
+                .filter(|v| taint[**v].only(*k))
+                .count()
+                >= 2
+        })
+        .collect();
+    let chosen: Vec<usize> = if first.is_empty() {
+        (0..forks.len()).collect()
+    } else {
+        first
+    };
+    chosen.into_iter().map(|k| forks[k]).collect()
 }
 
 #[cfg(test)]

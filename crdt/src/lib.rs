@@ -35,8 +35,12 @@
 //!
 //! Every node ends up with both variants: the anti-entropy digest covers each document's heads
 //! and flagged forks, and sync ships the two variants to any peer that has not flagged the
-//! fork (see [`sync`]). The membership document is the exception: there the first variant
-//! stays and the second is kept as evidence (a cloned *admin* key needs a new cluster epoch).
+//! fork (see [`sync`]). The membership document follows the same rule (a cloned *admin* key):
+//! its replay sets a second change at a taken (author, seq) aside, judges it by a replay without
+//! the other variant, and flags the key from the fork seq if both stand on their own; both
+//! variants, the key's later membership changes and what was built on them are void, while
+//! the key's earlier standing (an admin stays an admin until another admin removes it) and its
+//! changes in other documents stand. A flagged admin key cannot edit membership any more.
 //!
 //! ## Modules and data flow
 //! * [`identity`]: keys, node ids, key files.

@@ -47,7 +47,17 @@
 //!
 //! **Equivocation** (one key, two different changes at one seq) is judged by its own rule,
 //! in `crate::equivocation`: both variants and the key's later changes in that document are
-//! void, with the same void-descendants consequence as above.
+//! void, with the same void-descendants consequence as above. In the membership document (a
+//! cloned *admin* key) the replay cannot hold both variants (Automerge refuses a second change
+//! at a used (actor, seq)), so it sets the later one aside as *shadowed*; each shadowed change
+//! is replayed in a world without the other changes at its slot, and if it stands there it is
+//! "otherwise valid". The forks to flag are then chosen by the causally-first rule of
+//! `crate::equivocation`, every change of the flagged key from the fork seq joins the void set
+//! (reason `equivocation`, stored with status 3 as proof for peers) and the replay runs again.
+//! A shadowed change that does not stand on its own (an honest author reusing the seq of its
+//! own void change) is simply void. Test: `store_adversarial.rs`
+//! (`a_cloned_admin_key_editing_membership_concurrently_is_void_whatever_the_order`) and the
+//! simulation `cloned_admin_key_editing_membership_in_two_partitions_is_void_everywhere`.
 //!
 //! # Evaluating the membership document deterministically
 //! Membership changes are replayed in a deterministic topological order: Kahn's algorithm,
@@ -64,6 +74,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use automerge::{Automerge, Change, ROOT};
 use serde::{Deserialize, Serialize};
 
+use crate::equivocation;
 use crate::error::RejectReason;
 use crate::identity::NodeId;
 use crate::json;
@@ -234,6 +245,8 @@ pub(crate) struct Evaluation {
     pub valid: Vec<[u8; 32]>,
     /// Void changes with the reason.
     pub void: BTreeMap<[u8; 32], RejectReason>,
+    /// Keys flagged for equivocation in the membership document, with their fork seq.
+    pub forks: BTreeMap<NodeId, u64>,
     /// The replay that produced this, when nothing was void: new changes that sort after all
     /// of it extend it instead of replaying everything (see [`evaluate_extend`]).
     replayer: Option<Replayer>,
@@ -242,26 +255,127 @@ pub(crate) struct Evaluation {
 /// Evaluate the membership document from the full set of its changes (see module docs).
 pub(crate) fn evaluate(cluster: &[u8; 32], changes: &[MemberChange]) -> Evaluation {
     let mut void: BTreeMap<[u8; 32], RejectReason> = BTreeMap::new();
+    let mut forks: BTreeMap<NodeId, u64> = BTreeMap::new();
     loop {
         let run = replay(cluster, changes, &void);
         let newly = final_checks(&run, changes);
-        if newly.is_empty() {
-            let valid = run.accepted.iter().map(|(h, _)| *h).collect();
-            for (h, r) in run.rejected.clone() {
-                void.entry(h).or_insert(r);
-            }
-            return Evaluation {
-                state: run.state.clone(),
-                doc: run.doc.clone(),
-                valid,
-                replayer: void.is_empty().then_some(run),
-                void,
-            };
+        if !newly.is_empty() {
+            void.extend(newly);
+            continue;
         }
-        for (h, r) in newly {
-            void.insert(h, r);
+        if !run.shadowed.is_empty() {
+            match judge_forks(cluster, changes, &void, &run) {
+                Ok(flagged) => {
+                    for (a, f) in flagged {
+                        let e = forks.entry(a).or_insert(f);
+                        *e = (*e).min(f);
+                    }
+                    for c in changes {
+                        if forks.get(&c.author).is_some_and(|f| c.seq >= *f) {
+                            void.entry(c.hash).or_insert(RejectReason::Equivocation);
+                        }
+                    }
+                }
+                Err(not_forks) => void.extend(not_forks),
+            }
+            continue;
+        }
+        let valid = run.accepted.iter().map(|(h, _)| *h).collect();
+        for (h, r) in run.rejected.clone() {
+            void.entry(h).or_insert(r);
+        }
+        return Evaluation {
+            state: run.state.clone(),
+            doc: run.doc.clone(),
+            valid,
+            replayer: void.is_empty().then_some(run),
+            void,
+            forks,
+        };
+    }
+}
+
+/// Judge the *shadowed* changes of `run`: changes at an (author, seq) whose slot an accepted
+/// change already holds (Automerge cannot hold both). A shadowed change is a fork witness if
+/// it is *otherwise valid*: accepted by a replay without the other changes at its slot. The
+/// forks to flag now are chosen by the rule of [`crate::equivocation`] (causally first); if
+/// no shadowed change is otherwise valid, `Err` carries each one's own reason to be void (an
+/// honest author reusing the seq of a change that turned out void is not equivocating).
+#[allow(clippy::type_complexity)]
+fn judge_forks(
+    cluster: &[u8; 32],
+    changes: &[MemberChange],
+    void: &BTreeMap<[u8; 32], RejectReason>,
+    run: &Replayer,
+) -> Result<Vec<(NodeId, u64)>, Vec<([u8; 32], RejectReason)>> {
+    let by_hash: HashMap<[u8; 32], &MemberChange> = changes.iter().map(|c| (c.hash, c)).collect();
+    let mut otherwise: HashSet<[u8; 32]> = run.accepted.iter().map(|(h, _)| *h).collect();
+    let mut slots: BTreeMap<(NodeId, u64), BTreeSet<[u8; 32]>> = BTreeMap::new();
+    let mut not_forks = Vec::new();
+    for (s, p) in &run.shadowed {
+        let Some(c) = by_hash.get(s) else { continue };
+        let mut world = void.clone();
+        for other in changes
+            .iter()
+            .filter(|o| o.author == c.author && o.seq == c.seq && o.hash != *s)
+        {
+            world.insert(other.hash, RejectReason::Equivocation);
+        }
+        let w = replay(cluster, changes, &world);
+        let late = final_checks(&w, changes);
+        let accepted = w.accepted.iter().any(|(h, _)| h == s);
+        match late.iter().find(|(h, _)| h == s) {
+            None if accepted => {
+                otherwise.insert(*s);
+                let slot = slots.entry((c.author, c.seq)).or_default();
+                slot.insert(*s);
+                slot.insert(*p);
+            }
+            late_reason => {
+                let reason = late_reason
+                    .map(|(_, r)| r.clone())
+                    .or_else(|| {
+                        w.rejected
+                            .iter()
+                            .find(|(h, _)| h == s)
+                            .map(|(_, r)| r.clone())
+                    })
+                    .unwrap_or(RejectReason::DependsOnVoid);
+                not_forks.push((*s, reason));
+            }
         }
     }
+    if slots.is_empty() {
+        return Err(not_forks);
+    }
+    let order = topo_order(changes);
+    let rows: Vec<equivocation::Row> = order
+        .iter()
+        .map(|i| {
+            let c = &changes[*i];
+            equivocation::Row {
+                hash: c.hash,
+                author: c.author,
+                seq: c.seq,
+                deps: c.deps.clone(),
+                base_void: !otherwise.contains(&c.hash),
+            }
+        })
+        .collect();
+    let position: HashMap<[u8; 32], usize> =
+        rows.iter().enumerate().map(|(i, r)| (r.hash, i)).collect();
+    let valid: Vec<bool> = rows.iter().map(|r| !r.base_void).collect();
+    let groups: BTreeMap<(NodeId, u64), Vec<usize>> = slots
+        .iter()
+        .map(|(k, hs)| {
+            (
+                *k,
+                hs.iter().filter_map(|h| position.get(h).copied()).collect(),
+            )
+        })
+        .collect();
+    let deps = equivocation::dep_indices(&rows);
+    Ok(equivocation::first_forks(&rows, &deps, &valid, &groups))
 }
 
 /// Check every accepted change against the final state's cut-offs.
@@ -305,7 +419,7 @@ pub(crate) fn evaluate_extend(
     for i in topo_order(new) {
         run.step(cluster, &new[i]);
     }
-    if !run.rejected.is_empty() || !final_checks(&run, all).is_empty() {
+    if !run.rejected.is_empty() || !run.shadowed.is_empty() || !final_checks(&run, all).is_empty() {
         return evaluate(cluster, all);
     }
     Evaluation {
@@ -313,6 +427,7 @@ pub(crate) fn evaluate_extend(
         doc: run.doc.clone(),
         valid: run.accepted.iter().map(|(h, _)| *h).collect(),
         void: BTreeMap::new(),
+        forks: BTreeMap::new(),
         replayer: Some(run),
     }
 }
@@ -356,6 +471,11 @@ struct Replayer {
     applied_changes: Vec<Change>,
     accepted: Vec<([u8; 32], bool)>,
     rejected: Vec<([u8; 32], RejectReason)>,
+    /// The accepted change at each (author, seq).
+    slots: HashMap<(NodeId, u64), [u8; 32]>,
+    /// Changes not taken because an accepted change holds their (author, seq): (change,
+    /// holder). Judged by [`judge_forks`].
+    shadowed: Vec<([u8; 32], [u8; 32])>,
     /// Position in the replay order of the next change (admin seniority).
     pos: usize,
     /// Sort key of the last change taken.
@@ -502,6 +622,8 @@ fn replay(
         applied_changes: Vec::new(),
         accepted: Vec::new(),
         rejected: Vec::new(),
+        slots: HashMap::new(),
+        shadowed: Vec::new(),
         pos: 0,
         last_key: None,
     };
@@ -524,6 +646,10 @@ impl Replayer {
         self.last_key = Some((c.start_op, c.author.0, c.hash));
         if !c.deps.iter().all(|d| self.applied.contains(d)) {
             self.rejected.push((c.hash, RejectReason::DependsOnVoid));
+            return;
+        }
+        if let Some(holder) = self.slots.get(&(c.author, c.seq)) {
+            self.shadowed.push((c.hash, *holder));
             return;
         }
         let is_genesis = c.deps.is_empty() && c.hash == *cluster;
@@ -563,6 +689,7 @@ impl Replayer {
                 state.root = Some(root);
                 self.tracker = scratch;
                 self.applied.insert(c.hash);
+                self.slots.insert((c.author, c.seq), c.hash);
                 self.applied_changes.push(c.change.clone());
                 self.accepted.push((c.hash, needed_admin));
             }

@@ -485,8 +485,8 @@ impl Store {
             }
         }
         let mut store = Store::empty(conn, path, cluster);
-        store.load_membership()?;
         store.load_forks()?;
+        store.load_membership()?;
         Ok(store)
     }
 
@@ -557,6 +557,10 @@ impl Store {
         self.member_valid = eval.valid.iter().copied().collect();
         self.membership = eval.state.clone();
         self.member_changes = changes;
+        self.forks.retain(|(d, _), _| d != MEMBERSHIP_DOC);
+        for (a, f) in &eval.forks {
+            self.forks.insert((MEMBERSHIP_DOC.to_string(), *a), *f);
+        }
         self.member_eval = Some(eval);
         Ok(())
     }
@@ -1353,6 +1357,13 @@ impl Store {
                 "membership has not been received yet: wait for sync with a member".into(),
             ));
         }
+        if let Some(f) = self.forks.get(&(MEMBERSHIP_DOC.to_string(), me)) {
+            return Err(StoreError::Denied(format!(
+                "this key signed two different membership changes at seq {f} (a cloned key?), \
+                 so its membership changes from seq {f} on are void everywhere; another admin \
+                 must remove it, then join this machine again with a new key"
+            )));
+        }
         let mut am = self.membership_doc()?;
         am.set_actor(ActorId::from(me.0.as_slice()));
         let mut tx = am.transaction();
@@ -1754,20 +1765,6 @@ impl Store {
         Ok(h.and_then(|h| h.try_into().ok()))
     }
 
-    fn record_equivocation(
-        &self,
-        c: &SignedChange,
-        h: &ChangeHeader,
-        other: [u8; 32],
-    ) -> Result<(), StoreError> {
-        tracing::warn!(author = %c.author, doc = %c.doc, seq = h.seq, "equivocation: two different changes at the same seq; keeping evidence");
-        self.conn.execute(
-            "INSERT OR IGNORE INTO evidence (hash, doc, author, seq, sig, bytes, conflicts_with) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![h.hash.to_vec(), c.doc, c.author.0.to_vec(), h.seq as i64, c.sig.to_vec(), c.bytes, other.to_vec()],
-        )?;
-        Ok(())
-    }
-
     /// Structural checks shared by all documents: deps, seq, equivocation, start_op, parse.
     /// `batch_info` holds (valid, max_op) of changes accepted earlier in this batch,
     /// `batch_seq` the last seq per author accepted in this batch and `batch_at` their hashes
@@ -1877,26 +1874,15 @@ impl Store {
                 continue;
             }
             match self.check_structure(&c, &h, &batch_info, &batch_seq, &batch_at)? {
-                Ok((_, _, true)) => {
-                    // Membership equivocation (a cloned admin key) keeps the first variant and
-                    // records the second as evidence; see the crate docs.
-                    let other = batch_at
-                        .get(&(c.author, h.seq))
-                        .copied()
-                        .or(self.hash_at(&c.doc, &c.author, h.seq)?)
-                        .unwrap_or([0; 32]);
-                    self.record_equivocation(&c, &h, other)?;
-                    outcome(
-                        report,
-                        &c,
-                        Some(h.hash),
-                        Outcome::Rejected(RejectReason::Equivocation),
-                    );
-                }
-                Ok((change, max_op, false)) => {
+                Ok((change, max_op, variant)) => {
+                    // A variant (a second change at a used seq: a cloned admin key?) is judged
+                    // with the rest by the membership evaluation, which applies the fork rule
+                    // of `crate::equivocation` to the membership document too.
                     batch_info.insert(h.hash, max_op);
-                    batch_seq.insert(c.author, h.seq);
-                    batch_at.insert((c.author, h.seq), h.hash);
+                    if !variant {
+                        batch_seq.insert(c.author, h.seq);
+                        batch_at.insert((c.author, h.seq), h.hash);
+                    }
                     candidates.push((c, h, change, max_op));
                 }
                 Err(r) if r.is_transient() => {
@@ -1924,23 +1910,27 @@ impl Store {
         all.extend(new.iter().cloned());
         let eval = self.evaluate_with(&all, &new);
         let new_valid: HashSet<[u8; 32]> = eval.valid.iter().copied().collect();
-        // New changes: valid ones are stored; void ones rejected (not stored). A void change
-        // whose author is not (yet) a member waits in the pending set.
+        // New changes: valid ones are stored; equivocation variants are stored void (status
+        // 3: the proof sync ships to peers); other void ones rejected (not stored). A void
+        // change whose author is not (yet) a member waits in the pending set.
         let mut accepted = Vec::new();
+        let mut variants = Vec::new();
         for (c, h, change, max_op) in candidates {
-            if new_valid.contains(&h.hash) {
-                accepted.push(Accepted {
+            let reason = eval.void.get(&h.hash).cloned();
+            if new_valid.contains(&h.hash) || reason == Some(RejectReason::Equivocation) {
+                let a = Accepted {
                     signed: c,
                     header: h,
                     change,
                     max_op,
-                });
+                };
+                if new_valid.contains(&a.header.hash) {
+                    accepted.push(a);
+                } else {
+                    variants.push(a);
+                }
             } else {
-                let reason = eval
-                    .void
-                    .get(&h.hash)
-                    .cloned()
-                    .unwrap_or(RejectReason::NotAMember);
+                let reason = reason.unwrap_or(RejectReason::NotAMember);
                 all.retain(|m| m.hash != h.hash);
                 if reason == RejectReason::NotAMember {
                     outcome(report, &c, Some(h.hash), Outcome::Pending(reason));
@@ -1950,11 +1940,15 @@ impl Store {
                 }
             }
         }
-        let flips: Vec<([u8; 32], bool)> = self
+        // Stored changes whose status changes: (hash, new status code, was valid).
+        let flips: Vec<([u8; 32], i64, bool)> = self
             .member_changes
             .iter()
-            .filter(|m| self.member_valid.contains(&m.hash) != new_valid.contains(&m.hash))
-            .map(|m| (m.hash, new_valid.contains(&m.hash)))
+            .filter_map(|m| {
+                let was = member_status(&self.member_valid, self.member_eval.as_ref(), &m.hash);
+                let now = member_status(&new_valid, Some(&eval), &m.hash);
+                (was != now).then_some((m.hash, now, was == 0))
+            })
             .collect();
         let changed_members: BTreeSet<NodeId> = eval
             .state
@@ -1974,9 +1968,10 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             insert_changes(&tx, accepted.iter(), 0)?;
+            insert_changes(&tx, variants.iter(), 3)?;
             let mut flip = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
-            for (h, valid) in &flips {
-                flip.execute(params![h.to_vec(), if *valid { 0 } else { 1 }])?;
+            for (h, status, _) in &flips {
+                flip.execute(params![h.to_vec(), status])?;
             }
             let heads: Vec<[u8; 32]> = eval.doc.get_heads().iter().map(|h| h.0).collect();
             tx.execute(
@@ -1998,12 +1993,31 @@ impl Store {
         for a in &accepted {
             outcome(report, &a.signed, Some(a.header.hash), Outcome::Applied);
         }
-        for (h, valid) in &flips {
-            if *valid {
-                report.revived.push(*h);
-            } else {
-                report.voided.push(*h);
+        if !variants.is_empty() {
+            tracing::warn!(
+                count = variants.len(),
+                "equivocation in the membership document: a key signed two different changes \
+                 at one seq; both variants and the key's later membership changes are void"
+            );
+        }
+        for a in &variants {
+            outcome(
+                report,
+                &a.signed,
+                Some(a.header.hash),
+                Outcome::Rejected(RejectReason::Equivocation),
+            );
+        }
+        for (h, status, was_valid) in &flips {
+            match (*was_valid, *status == 0) {
+                (false, true) => report.revived.push(*h),
+                (true, false) => report.voided.push(*h),
+                _ => {}
             }
+        }
+        self.forks.retain(|(d, _), _| d != MEMBERSHIP_DOC);
+        for (a, f) in &eval.forks {
+            self.forks.insert((MEMBERSHIP_DOC.to_string(), *a), *f);
         }
         let changed = self.membership != eval.state;
         self.member_changes = all;
@@ -2015,7 +2029,7 @@ impl Store {
             report.changed_docs.insert(MEMBERSHIP_DOC.to_string());
             self.reevaluate_authors(&changed_members, report)?;
         }
-        Ok(!accepted.is_empty())
+        Ok(!accepted.is_empty() || !variants.is_empty() || changed)
     }
 
     /// After membership changed: re-judge stored changes by `authors` in every document;
@@ -2411,6 +2425,22 @@ impl Store {
             outcome(report, &v.signed, Some(v.header.hash), o);
         }
         Ok(true)
+    }
+}
+
+/// The `changes.status` code of a membership change under an evaluation: 0 valid, 3 void as
+/// an equivocation (a fork variant or later by a flagged key), 1 void for another reason.
+fn member_status(
+    valid: &HashSet<[u8; 32]>,
+    eval: Option<&membership::Evaluation>,
+    hash: &[u8; 32],
+) -> i64 {
+    if valid.contains(hash) {
+        0
+    } else if eval.and_then(|e| e.void.get(hash)) == Some(&RejectReason::Equivocation) {
+        3
+    } else {
+        1
     }
 }
 

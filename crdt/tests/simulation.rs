@@ -9,7 +9,7 @@
 mod sim;
 
 use lichen_crdt::sync::{Config, Event};
-use lichen_crdt::MEMBERSHIP_DOC;
+use lichen_crdt::{Role, MEMBERSHIP_DOC};
 use sim::{sweep, Kind, Sim, SimConfig};
 
 #[test]
@@ -420,6 +420,124 @@ fn concurrent_equivocation_in_two_partitions_converges_with_both_variants_void()
         s.assert_converged();
         assert!(s.everywhere(&again) && s.everywhere(&again4), "seed {seed}");
         assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
+    });
+}
+
+/// Node `by` edits membership with its signing key (`edit` calls one of the store's member
+/// methods) and hands the change to its engine.
+fn member_edit(
+    s: &mut Sim,
+    by: usize,
+    edit: impl FnOnce(
+        &mut lichen_crdt::Store,
+        &lichen_crdt::SecretKey,
+        i64,
+    ) -> Result<lichen_crdt::SignedChange, lichen_crdt::StoreError>,
+) -> lichen_crdt::SignedChange {
+    let now = s.now as i64;
+    let seed = s.seed;
+    let key = s.nodes[by].sign_key.clone();
+    let c = edit(s.nodes[by].store.as_mut().unwrap(), &key, now)
+        .unwrap_or_else(|e| panic!("seed {seed}: membership edit by n{by} failed: {e}"));
+    s.committed(by, vec![c.clone()]);
+    c
+}
+
+#[test]
+fn cloned_admin_key_editing_membership_in_two_partitions_is_void_everywhere() {
+    sweep("cloned_admin", 0..6, |seed| {
+        let n = 7;
+        let (admin2, clone) = (1, 6);
+        let mut s = Sim::with_kinds(
+            seed,
+            SimConfig::new(n).lossy(0.03, 0.03),
+            &[(clone, Kind::Clone)],
+        );
+        s.clone_writes_forbidden = false;
+        s.isolate(clone);
+        // The root makes n1 a second admin; then n1's disk image (key included) is copied.
+        let id = |s: &Sim, i: usize| s.nodes[i].id;
+        let a2 = id(&s, admin2);
+        member_edit(&mut s, 0, |st, k, t| st.set_role(k, a2, Role::Admin, t));
+        s.settle(10_000);
+        s.clone_node(clone, admin2);
+        s.excluded.insert(clone);
+        // Two partitions, each with one holder of the admin key, which demotes a different
+        // writer at the same seq of the membership document.
+        s.heal();
+        s.split(|i| i <= 3);
+        s.run_until(s.now + 100);
+        let (d2, d4) = (id(&s, 2), id(&s, 4));
+        let va = member_edit(&mut s, admin2, |st, k, t| {
+            st.set_role(k, d2, Role::Reader, t)
+        });
+        let vb = member_edit(&mut s, clone, |st, k, t| {
+            st.set_role(k, d4, Role::Reader, t)
+        });
+        s.run_until(s.now + 300);
+        // On side A the root builds on va (it cannot know); honest writes on both sides.
+        let n3 = id(&s, 3);
+        let scopes = || vec!["app/".to_string()];
+        let on_va = member_edit(&mut s, 0, |st, k, t| st.set_scopes(k, n3, scopes(), t));
+        let mut honest = Vec::new();
+        for k in 0..3 {
+            honest.extend(s.write(3, "app/a", &format!("k{k}")));
+            honest.extend(s.write(5, "app/b", &format!("k{k}")));
+        }
+        s.run_until(s.now + 500);
+        s.heal();
+        s.settle(30_000);
+        s.run_until(s.now + 3_000);
+        s.settle(30_000);
+        s.assert_converged();
+        for (i, nd) in s.nodes.iter().enumerate().filter(|(_, n)| n.honest()) {
+            let st = nd.store();
+            assert_eq!(st.equivocators().unwrap(), vec![a2], "seed {seed}: n{i}");
+            assert_eq!(
+                st.forks().get(&(MEMBERSHIP_DOC.to_string(), a2)),
+                Some(&lichen_crdt::header::parse(&va.bytes).unwrap().seq),
+                "seed {seed}: n{i}"
+            );
+            // Neither demotion stands; the second admin keeps what it had before the fork.
+            for w in [d2, d4] {
+                assert_eq!(st.membership().get(&w).unwrap().role, Role::Writer);
+            }
+            assert_eq!(st.membership().get(&a2).unwrap().role, Role::Admin);
+        }
+        for h in [&va, &vb, &on_va] {
+            assert!(
+                s.nowhere(&h.hash().unwrap()),
+                "seed {seed}: a void change stands"
+            );
+        }
+        for h in &honest {
+            assert!(
+                s.everywhere(&h.hash().unwrap()),
+                "seed {seed}: an honest write was lost"
+            );
+        }
+        // The root re-does its edit (reusing its voided seq is not a fork) and removes the
+        // cloned admin; both reach everyone.
+        let again = member_edit(&mut s, 0, |st, k, t| st.set_scopes(k, n3, scopes(), t));
+        let removal = member_edit(&mut s, 0, |st, k, t| st.remove_member(k, a2, t));
+        s.settle(30_000);
+        s.assert_converged();
+        assert!(s.everywhere(&again.hash().unwrap()) && s.everywhere(&removal.hash().unwrap()));
+        for nd in s.nodes.iter().filter(|n| n.honest() && n.id != a2) {
+            assert_eq!(nd.store().membership().get(&n3).unwrap().scopes, scopes());
+            assert_eq!(
+                nd.store().membership().get(&a2).unwrap().role,
+                Role::Removed
+            );
+        }
+        // The removal supersedes the flag (everything the key wrote after its cut-off is void
+        // as revoked); the variants stay void.
+        for h in [&va, &vb, &on_va] {
+            assert!(
+                s.nowhere(&h.hash().unwrap()),
+                "seed {seed}: a void change stands"
+            );
+        }
     });
 }
 

@@ -424,3 +424,118 @@ fn truncated_and_random_bytes_are_rejected() {
         assert_refused(&mut c, t, |o| matches!(o, Outcome::Rejected(_)));
     }
 }
+
+/// Whether `id` is an active member of the store's membership.
+fn is_member(s: &Store, who: &SecretKey) -> bool {
+    s.membership().is_active(&who.node_id())
+}
+
+#[test]
+fn a_cloned_admin_key_editing_membership_concurrently_is_void_whatever_the_order() {
+    // Key 5 is a second admin; its key is copied onto a second machine. Each copy adds a
+    // different member at the same seq of the membership document, on a different replica,
+    // before either has seen the other's change.
+    let mut c = Cluster::new(4);
+    let a2 = key(5);
+    c.add(&a2, "a2", Role::Admin, &[]);
+    let w = key(2);
+    c.add(&w, "w", Role::Writer, &["app/"]);
+    let root = c.admin.clone();
+    let scopes = || vec!["app/".to_string(), "ops/".to_string()];
+    let (x, y) = (key(7), key(8));
+    let v1 = c.stores[1]
+        .add_member(&a2, x.node_id(), "x", Role::Writer, vec![], vec![], T0)
+        .unwrap();
+    let v2 = c.stores[2]
+        .add_member(&a2, y.node_id(), "y", Role::Writer, vec![], vec![], T0)
+        .unwrap();
+    let seq = |c: &SignedChange| lichen_crdt::header::parse(&c.bytes).unwrap().seq;
+    assert_eq!(seq(&v1), seq(&v2), "two variants at one seq");
+    assert!(is_member(&c.stores[1], &x) && is_member(&c.stores[2], &y));
+    // On replica 1, x (admitted by v1) writes, and the root widens w's scopes on top of v1.
+    let xw = put(&mut c.stores[1], &x, "app/x", "by", json!("x"));
+    let on_v1 = c.stores[1]
+        .set_scopes(&root, w.node_id(), scopes(), T0)
+        .unwrap();
+
+    // Replica 1 then learns v2: both variants are void, and what stood on v1 with them.
+    let r = c.stores[1].ingest(vec![v2.clone()]).unwrap();
+    assert_eq!(outcome(&r), Outcome::Rejected(RejectReason::Equivocation));
+    assert!(!is_member(&c.stores[1], &x) && !is_member(&c.stores[1], &y));
+    assert_eq!(c.stores[1].equivocators().unwrap(), vec![a2.node_id()]);
+    assert!(r.voided.contains(&v1.hash().unwrap()));
+    assert!(
+        r.voided.contains(&on_v1.hash().unwrap()),
+        "built on a void variant"
+    );
+    assert!(
+        r.voided.contains(&xw.hash().unwrap()),
+        "x is no member any more"
+    );
+    // The flagged key may not edit membership any more; the root may, and re-does its edit
+    // (reusing the seq of its voided change is no equivocation).
+    let refused = c.stores[1].set_role(&a2, w.node_id(), Role::Reader, T0);
+    assert!(
+        matches!(refused, Err(lichen_crdt::StoreError::Denied(ref m)) if m.contains("cloned")),
+        "{refused:?}"
+    );
+    let again = c.stores[1]
+        .set_scopes(&root, w.node_id(), scopes(), T0)
+        .unwrap();
+    assert_eq!(seq(&again), seq(&on_v1));
+
+    // The other replicas receive the same set in other orders and reach the same verdict.
+    for b in [
+        vec![v1.clone(), xw.clone(), on_v1.clone()],
+        vec![again.clone()],
+    ] {
+        c.stores[2].ingest(b).unwrap();
+    }
+    for b in [
+        vec![v2.clone()],
+        vec![v1.clone()],
+        vec![again.clone(), on_v1.clone(), xw.clone()],
+    ] {
+        c.stores[0].ingest(b).unwrap();
+    }
+    for b in [
+        vec![on_v1.clone(), again.clone(), xw.clone(), v1.clone()],
+        vec![v2.clone()],
+    ] {
+        c.stores[3].ingest(b).unwrap();
+    }
+    let want = observable(&c.stores[1]);
+    for (i, s) in c.stores.iter().enumerate() {
+        assert_eq!(observable(s), want, "replica {i} differs");
+        assert!(!is_member(s, &x) && !is_member(s, &y), "replica {i}");
+        assert!(s.get_change(&v1.hash().unwrap()).unwrap().is_none());
+        assert!(s.get_change(&v2.hash().unwrap()).unwrap().is_none());
+        assert!(s.get_change(&again.hash().unwrap()).unwrap().is_some());
+        assert_eq!(
+            s.membership().get(&w.node_id()).unwrap().scopes,
+            scopes(),
+            "replica {i}"
+        );
+        // The second admin's earlier standing is untouched: still an admin, but flagged.
+        assert!(is_member(s, &a2));
+        assert_eq!(s.equivocators().unwrap(), vec![a2.node_id()], "replica {i}");
+    }
+    // The verdict survives a restart, and the proof is kept for peers.
+    let path = c.stores[3].path().to_path_buf();
+    let cluster = c.stores[3].cluster_id();
+    let reopened = Store::open(&path, Some(cluster)).unwrap();
+    assert_eq!(observable(&reopened), want);
+    assert_eq!(
+        reopened
+            .fork_evidence(lichen_crdt::MEMBERSHIP_DOC, &a2.node_id())
+            .unwrap()
+            .len(),
+        2
+    );
+    // The root removes the cloned admin: that is how an operator ends it.
+    c.stores[0].remove_member(&root, a2.node_id(), T0).unwrap();
+    assert_eq!(
+        c.stores[0].membership().get(&a2.node_id()).unwrap().role,
+        Role::Removed
+    );
+}
