@@ -857,6 +857,113 @@ fn equivocation_under_chaos_converges() {
     });
 }
 
+/// Chaos with a cloned *admin* key: the second admin and its clone edit membership (each
+/// gives random writers new scopes, so their membership seqs collide) while the root edits
+/// membership too and writers write, among splits, crashes and a lossy network. At quiescence
+/// every honest node agrees on membership, heads, state and flags; once both lines edited
+/// apart, the admin key is flagged in the membership document everywhere, nothing it signed
+/// there from the fork seq on stands, and every config write stands everywhere.
+#[test]
+fn cloned_admin_under_chaos_converges() {
+    use lichen_crdt::sync::rng::SplitMix64;
+    sweep("cloned_admin_chaos", 0..6, |seed| {
+        let n = 6 + (seed as usize % 3);
+        let (admin2, clone) = (1, n - 1);
+        let mut s = Sim::with_kinds(
+            seed,
+            SimConfig::new(n).lossy(0.05, 0.05),
+            &[(clone, Kind::Clone)],
+        );
+        s.clone_writes_forbidden = false;
+        s.isolate(clone);
+        let a2 = s.nodes[admin2].id;
+        member_edit(&mut s, 0, |st, k, t| st.set_role(k, a2, Role::Admin, t));
+        s.settle(10_000);
+        s.clone_node(clone, admin2);
+        s.excluded.insert(clone);
+        s.heal();
+        // An edit by `by` (if its store has flagged no key): new scopes for writer `w`.
+        fn edit(s: &mut Sim, by: usize, w: usize, k: u64) {
+            if !unflagged(s, by) {
+                return;
+            }
+            let id = s.nodes[w].id;
+            let scopes = vec!["app/".to_string(), format!("s{by}-{k}/")];
+            member_edit(s, by, move |st, key, t| st.set_scopes(key, id, scopes, t));
+        }
+        let mut r = SplitMix64::new(seed ^ 0xad_31);
+        let mut t = s.now + 100;
+        for k in 0..14u64 {
+            t += r.range(30, 250);
+            let roll = r.below(100);
+            let a = r.below(n as u64) as usize;
+            let b = r.below(n as u64) as usize;
+            // Writers that nobody's membership edit can touch badly: 2..n-1, not the clone.
+            let w = 2 + (a % (n - 3));
+            match roll {
+                0..=19 => s.at(t, move |s| edit(s, clone, w, k)),
+                20..=39 => s.at(t, move |s| edit(s, admin2, w, k)),
+                40..=49 => s.at(t, move |s| edit(s, 0, w, k)),
+                50..=74 if a != admin2 && a != clone && s.nodes[a].alive() => s.at(t, move |s| {
+                    s.write(a, if k % 2 == 0 { "app/e" } else { "app/f" }, "h");
+                }),
+                75..=84 => s.at(t, move |s| s.split(move |i| (i + b) % 2 == 0)),
+                85..=89 if a > 1 && a != clone => s.at(t, move |s| {
+                    if s.nodes[a].alive() {
+                        s.crash(a)
+                    }
+                }),
+                _ => s.at(t, |s| s.heal()),
+            }
+        }
+        s.run_until(t + 100);
+        for i in 0..n {
+            if !s.nodes[i].alive() {
+                s.restart(i);
+            }
+        }
+        // Make sure the two lines fork: both alive, apart, editing.
+        s.heal();
+        s.split(move |i| i == clone);
+        edit(&mut s, clone, 2, 100);
+        edit(&mut s, admin2, 3, 100);
+        s.run_until(s.now + 300);
+        s.heal();
+        s.settle(60_000);
+        s.run_until(s.now + 2_000);
+        s.settle(60_000);
+        s.assert_converged();
+        for (i, nd) in s.nodes.iter().enumerate().filter(|(_, nd)| nd.honest()) {
+            let st = nd.store();
+            assert_eq!(
+                st.equivocators().unwrap(),
+                vec![a2],
+                "seed {seed}: n{i} flags"
+            );
+            let f = st.forks()[&(MEMBERSHIP_DOC.to_string(), a2)];
+            let after = st.changes_after(MEMBERSHIP_DOC, &a2, f - 1, 1000).unwrap();
+            assert!(
+                after.is_empty(),
+                "seed {seed}: n{i} holds changes past the fork"
+            );
+            assert_eq!(st.membership().get(&a2).unwrap().role, Role::Admin);
+        }
+        // Config writes never depend on the fork: they all stand.
+        for h in s.written.clone() {
+            // Its author's store holds it, valid or not.
+            let config = s.nodes.iter().filter(|nd| nd.honest()).any(|nd| {
+                nd.store()
+                    .get_stored(&h)
+                    .unwrap()
+                    .is_some_and(|c| c.doc != MEMBERSHIP_DOC)
+            });
+            if config {
+                assert!(s.everywhere(&h), "seed {seed}: a config write was lost");
+            }
+        }
+    });
+}
+
 #[test]
 fn seed_sweep_small_clusters_converge_under_chaos() {
     sweep("seed_sweep_small", 0..24, |seed| {
