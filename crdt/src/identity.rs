@@ -154,9 +154,30 @@ impl SecretKey {
     }
 }
 
+/// Decompressed public keys per thread: decompressing a key is a square root on the curve,
+/// ~10% of a verification, and a cluster has few authors. Bounded: cleared when full.
+const KEY_CACHE_MAX: usize = 4096;
+
+thread_local! {
+    static KEYS: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 /// Verify an ed25519 signature by `signer` over `msg` (strict verification: no malleability).
 pub(crate) fn verify(signer: &NodeId, msg: &[u8], sig: &[u8; 64]) -> bool {
-    let Ok(key) = VerifyingKey::from_bytes(&signer.0) else {
+    let key = KEYS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(k) = cache.get(&signer.0) {
+            return Some(*k);
+        }
+        let k = VerifyingKey::from_bytes(&signer.0).ok()?;
+        if cache.len() >= KEY_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(signer.0, k);
+        Some(k)
+    });
+    let Some(key) = key else {
         return false;
     };
     let sig = ed25519_dalek::Signature::from_bytes(sig);
