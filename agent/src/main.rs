@@ -373,4 +373,16 @@ fn print_status(r: &Value) {
             }
         }
     }
+    let flagged: Vec<String> = r["equivocators"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    if !flagged.is_empty() {
+        println!("keys flagged for equivocation (a cloned key? remove them and re-admit the machines with new keys)");
+        for k in flagged {
+            println!("  {k}");
+        }
+    }
 }
