@@ -1862,6 +1862,7 @@ impl Store {
         let mut batch_info = HashMap::new();
         let mut batch_seq = HashMap::new();
         let mut batch_at = HashMap::new();
+        let mut variant_slots: HashSet<(NodeId, u64)> = HashSet::new();
         let mut candidates: Vec<(SignedChange, ChangeHeader, Change, u64)> = Vec::new();
         for (c, h) in ordered {
             if self.membership.root.is_none() && h.deps.is_empty() && h.hash != self.cluster {
@@ -1874,6 +1875,18 @@ impl Store {
                 continue;
             }
             match self.check_structure(&c, &h, &batch_info, &batch_seq, &batch_at)? {
+                Ok((_, _, true)) if !variant_slots.insert((c.author, h.seq)) => {
+                    // One variant per (author, seq) per batch: judging a variant costs a
+                    // replay of the membership document, so a flood of variants must not
+                    // multiply it. A fork needs only two; a valid variant dropped here comes
+                    // back with the next anti-entropy exchange (the heads differ).
+                    outcome(
+                        report,
+                        &c,
+                        Some(h.hash),
+                        Outcome::Rejected(RejectReason::Equivocation),
+                    );
+                }
                 Ok((change, max_op, variant)) => {
                     // A variant (a second change at a used seq: a cloned admin key?) is judged
                     // with the rest by the membership evaluation, which applies the fork rule

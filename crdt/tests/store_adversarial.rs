@@ -539,3 +539,42 @@ fn a_cloned_admin_key_editing_membership_concurrently_is_void_whatever_the_order
         Role::Removed
     );
 }
+
+#[test]
+fn many_membership_variants_in_one_batch_flag_the_key_once() {
+    // A writer may change its own addresses. Its key, copied onto three machines, changes
+    // them three ways at the same seq; all three variants reach one replica in one batch.
+    let mut c = Cluster::new(4);
+    let w = key(2);
+    c.add(&w, "w", Role::Writer, &["app/"]);
+    let variants: Vec<SignedChange> = (1..4)
+        .map(|i| {
+            c.stores[i]
+                .set_own_addrs(&w, vec![format!("10.0.0.{i}:7946")], T0)
+                .unwrap()
+                .expect("a change")
+        })
+        .collect();
+    let r = c.stores[0].ingest(variants.clone()).unwrap();
+    assert_eq!(r.applied_count(), 0);
+    assert!(r
+        .outcomes
+        .iter()
+        .all(|o| o.3 == Outcome::Rejected(RejectReason::Equivocation)));
+    assert_eq!(c.stores[0].equivocators().unwrap(), vec![w.node_id()]);
+    assert!(c.stores[0]
+        .membership()
+        .get(&w.node_id())
+        .unwrap()
+        .addrs
+        .is_empty());
+    // Every other replica, whatever it held first, reaches the same verdict.
+    for i in 1..4 {
+        c.stores[i].ingest(variants.clone()).unwrap();
+        assert_eq!(
+            observable(&c.stores[i]),
+            observable(&c.stores[0]),
+            "replica {i}"
+        );
+    }
+}
