@@ -5,7 +5,15 @@
 //!
 //! ```text
 //! cargo run --release -p lichen-crdt --example one_by_one -- 2000 [scalar]
+//! CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release -p lichen-crdt --example one_by_one
+//! valgrind --tool=callgrind target/release/examples/one_by_one 500 scalar
 //! ```
+//!
+//! Measured 2026-11-23 (callgrind, 500 scalar overwrites of one key, no fsync): a local write
+//! is ~493k instructions, of which the ed25519 signature is 236k; a single-change ingest is
+//! ~555k, of which strict ed25519 verification is 405k (after caching decompressed public
+//! keys; 595k before). So the signature scheme alone is ~1.05M instructions of every write
+//! replicated to two followers; SQLite and Automerge are the rest (~0.4M).
 use std::time::Instant;
 
 use lichen_crdt::{parse_path, Op, SecretKey, Store};
