@@ -77,13 +77,16 @@ fn get(h: &ureq::Agent, api: &str, path: &str) -> Option<Value> {
 }
 
 fn put(h: &ureq::Agent, api: &str, doc: &str, path: &str, v: &Value) -> Result<()> {
-    let r = h
+    let mut r = h
         .put(format!("http://{api}/v1/put"))
         .query("doc", doc)
         .query("path", path)
         .send_json(v)?;
+    // Read the answer to its end: only then does ureq put the connection back in its pool,
+    // so that each write does not pay for a new TCP connection (as a long-lived client would).
+    let body = r.body_mut().read_to_string()?;
     if r.status() != 200 {
-        return Err(format!("put answered {}", r.status()).into());
+        return Err(format!("put answered {}: {body}", r.status()).into());
     }
     Ok(())
 }

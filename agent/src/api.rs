@@ -18,6 +18,7 @@
 //! that names the next step.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -29,10 +30,10 @@ use axum::{Json, Router};
 use lichen_crdt::{parse_path, NodeId, Op, PathSeg, Role};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 
-use crate::node::{ApiError, Command, NodeHandle};
+use crate::node::{ApiError, Command, NodeHandle, Watched};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1 << 20;
@@ -189,7 +190,9 @@ async fn conflicts(State(n): State<NodeHandle>, Query(q): Query<DocQuery>) -> Ap
 }
 
 /// SSE: one `value` event now if the client's known state (`since` / `Last-Event-ID`, the
-/// document heads) differs from ours or is absent, then one per change of the watched value.
+/// document heads) differs from ours or is absent, then one per change of the document's heads
+/// while the path holds a value. The node task updates the subscription itself after each
+/// change ([`Command::Watch`]); a burst of changes may be coalesced into its last value.
 async fn watch(
     State(n): State<NodeHandle>,
     headers: HeaderMap,
@@ -201,90 +204,51 @@ async fn watch(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or(q.since.clone());
-    // Subscribe before reading, so no change between the read and the subscription is missed.
-    let rx = BroadcastStream::new(n.notices.subscribe());
-    let node = n.clone();
-    let first = read_event(&node, &doc, &path).await?;
-    let mut last_heads = since;
-    let initial = match first {
-        Some((ev, heads)) if last_heads.as_deref() != Some(heads.as_str()) => {
-            last_heads = Some(heads);
-            Some(ev)
+    let path_text = lichen_crdt::format_path(&path);
+    let d = doc.clone();
+    let mut rx = n
+        .ask(|reply| Command::Watch {
+            doc: d,
+            path,
+            reply,
+        })
+        .await?;
+    let first = rx.borrow_and_update().clone();
+    let initial = (since.as_deref() != Some(first.heads.as_str()))
+        .then(|| value_event(&doc, &path_text, &first));
+    let mut last_heads = first.heads.clone();
+    let stream = WatchStream::from_changes(rx).filter_map(move |w: Arc<Watched>| {
+        if w.heads == last_heads {
+            return None;
         }
-        Some((_, heads)) => {
-            last_heads = Some(heads);
-            None
-        }
-        None => None,
-    };
-    let doc2 = doc.clone();
-    let stream = async_stream(node, doc2, path, rx, last_heads);
+        last_heads.clone_from(&w.heads);
+        Some(Ok(value_event(&doc, &path_text, &w)))
+    });
     let stream = tokio_stream::iter(initial.map(Ok::<Event, Infallible>)).chain(stream);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }
 
-fn async_stream(
-    node: NodeHandle,
-    doc: String,
-    path: Vec<PathSeg>,
-    rx: BroadcastStream<crate::node::Notice>,
-    last_heads: Option<String>,
-) -> impl tokio_stream::Stream<Item = Result<Event, Infallible>> {
-    let state = std::sync::Arc::new(tokio::sync::Mutex::new((last_heads, None::<Value>)));
-    let watched = doc.clone();
-    rx.filter_map(move |n| match n {
-        Ok(n) if n.doc == watched => Some(()),
-        Ok(_) => None,
-        // Lagged: we may have missed notices; re-read to be safe.
-        Err(_) => Some(()),
-    })
-    .then(move |_| {
-        let node = node.clone();
-        let doc = doc.clone();
-        let path = path.clone();
-        let state = state.clone();
-        async move {
-            let r = read_event(&node, &doc, &path).await.ok().flatten();
-            let mut st = state.lock().await;
-            match r {
-                Some((ev, heads)) if st.0.as_deref() != Some(heads.as_str()) => {
-                    st.0 = Some(heads);
-                    Some(Ok(ev))
-                }
-                _ => None,
-            }
-        }
-    })
-    .filter_map(|x| x)
-}
-
-async fn read_event(
-    node: &NodeHandle,
-    doc: &str,
-    path: &[PathSeg],
-) -> Result<Option<(Event, String)>, ApiError> {
-    let d = doc.to_string();
-    let p = path.to_vec();
-    let r = node
-        .ask(|reply| Command::Get {
-            doc: d,
-            path: p,
-            reply,
-        })
-        .await?;
-    let (value, heads) = match r {
-        Some((v, h)) => (v, h),
-        None => (Value::Null, String::new()),
+fn value_event(doc: &str, path: &str, w: &Watched) -> Event {
+    /// The event's data (fields in the order `json!` would print them).
+    #[derive(serde::Serialize)]
+    struct Data<'a> {
+        doc: &'a str,
+        heads: &'a str,
+        path: &'a str,
+        value: &'a Value,
+    }
+    let data = Data {
+        doc,
+        heads: &w.heads,
+        path,
+        value: &w.value,
     };
-    let data =
-        json!({"doc": doc, "path": lichen_crdt::format_path(path), "value": value, "heads": heads});
-    let ev = Event::default()
+    Event::default()
         .event("value")
-        .id(heads.clone())
-        .data(data.to_string());
-    Ok(Some((ev, heads)))
+        .id(w.heads.clone())
+        .data(serde_json::to_string(&data).unwrap_or_default())
 }
 
 async fn members(State(n): State<NodeHandle>) -> ApiResult {

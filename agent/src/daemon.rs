@@ -179,6 +179,12 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             )
         })?;
     let api_addr = api.local_addr()?;
+    // Small responses and SSE events go out at once, not after the previous segment's ACK.
+    let api = axum::serve::ListenerExt::tap_io(api, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
+    });
 
     let member = store.membership().is_active(&me);
     let mut seeds = load_seeds(&cfg.data_dir);

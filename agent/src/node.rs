@@ -117,6 +117,27 @@ pub enum Command {
     Status {
         reply: Reply<Value>,
     },
+    /// Follow the value at a path: the receiver holds the current value and is updated by
+    /// the node task itself whenever the document's heads change (no round trip per change).
+    Watch {
+        doc: String,
+        path: Vec<PathSeg>,
+        reply: Reply<watch::Receiver<Arc<Watched>>>,
+    },
+}
+
+/// The value at a watched path and the document heads it was read at (`""` and null when
+/// the path holds nothing).
+#[derive(Debug, Default)]
+pub struct Watched {
+    pub heads: String,
+    pub value: Value,
+}
+
+/// A `GET /v1/watch` subscriber, kept by the node task.
+struct Watcher {
+    path: Vec<PathSeg>,
+    tx: watch::Sender<Arc<Watched>>,
 }
 
 /// A document changed (locally or from a peer).
@@ -220,6 +241,7 @@ pub fn spawn(
         known_peers: BTreeSet::new(),
         membership: None,
         join_token: parts.join_token,
+        watchers: HashMap::new(),
     };
     let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
     (handle, jh)
@@ -241,6 +263,8 @@ struct Node {
     known_peers: BTreeSet<NodeId>,
     membership: Option<lichen_crdt::Membership>,
     join_token: Option<String>,
+    /// Watchers by document.
+    watchers: HashMap<String, Vec<Watcher>>,
 }
 
 fn wall_ms() -> i64 {
@@ -269,12 +293,19 @@ impl Node {
         mut shutdown: watch::Receiver<bool>,
     ) -> Store {
         self.refresh_membership();
+        // One timer, moved only when the engine's deadline moves (not a new one per event).
+        let idle = self.start + Duration::from_secs(3600 * 24 * 365);
+        let timer = tokio::time::sleep_until(idle.into());
+        tokio::pin!(timer);
         loop {
             let deadline = self
                 .engine
                 .poll_timeout()
                 .map(|ms| self.start + Duration::from_millis(ms))
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                .unwrap_or(idle);
+            if timer.deadline() != deadline.into() {
+                timer.as_mut().reset(deadline.into());
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -295,7 +326,7 @@ impl Node {
                     let Some(ev) = ev else { break };
                     self.handle_net(ev);
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                _ = &mut timer => {
                     let now = self.now();
                     if let Err(e) = self.engine.handle_timeout(now, &mut self.store) {
                         tracing::error!(error = %e, "sync timer failed");
@@ -374,7 +405,7 @@ impl Node {
                         if doc == MEMBERSHIP_DOC {
                             membership_touched = true;
                         }
-                        let _ = self.notices.send(Notice { doc });
+                        self.doc_changed(doc);
                     }
                 }
                 SyncEvent::Rejected { from, label, count } => {
@@ -389,17 +420,14 @@ impl Node {
             }
         }
         let now = self.now();
-        let lag = self
-            .engine
-            .peers_up()
+        let up = self.engine.peers_up();
+        let lag = up
             .iter()
             .map(|p| now.saturating_sub(*self.last_caught_up.get(p).unwrap_or(&0)))
             .min()
             .unwrap_or(0);
         self.metrics.sync_lag_ms.store(lag, Relaxed);
-        self.metrics
-            .connections
-            .store(self.engine.peers_up().len() as u64, Relaxed);
+        self.metrics.connections.store(up.len() as u64, Relaxed);
         if membership_touched {
             self.refresh_membership();
         }
@@ -547,8 +575,56 @@ impl Node {
             }
         }
         for doc in docs {
-            let _ = self.notices.send(Notice { doc });
+            self.doc_changed(doc);
         }
+    }
+
+    /// A document changed: update its watchers, then tell the other subscribers (file
+    /// bindings).
+    fn doc_changed(&mut self, doc: String) {
+        if let Some(mut list) = self.watchers.remove(&doc) {
+            list.retain(|w| !w.tx.is_closed());
+            let mut heads: Option<String> = None;
+            for w in &list {
+                let snap = match self.snapshot(&doc, &w.path, &mut heads) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(doc = %doc, error = %e, "cannot read a watched value");
+                        continue;
+                    }
+                };
+                w.tx.send_if_modified(|cur| {
+                    let changed = cur.heads != snap.heads;
+                    if changed {
+                        *cur = Arc::new(snap);
+                    }
+                    changed
+                });
+            }
+            if !list.is_empty() {
+                self.watchers.insert(doc.clone(), list);
+            }
+        }
+        let _ = self.notices.send(Notice { doc });
+    }
+
+    /// The watched value at `path`; `heads` caches the document's heads across watchers.
+    fn snapshot(
+        &self,
+        doc: &str,
+        path: &[PathSeg],
+        heads: &mut Option<String>,
+    ) -> Result<Watched, StoreError> {
+        Ok(match self.store.get(doc, path)? {
+            Some(value) => {
+                let h = match heads {
+                    Some(h) => h.clone(),
+                    None => heads.insert(heads_string(&self.store.heads(doc)?)).clone(),
+                };
+                Watched { heads: h, value }
+            }
+            None => Watched::default(),
+        })
     }
 
     /// A refused write; on a node that is not a member yet, say what to run.
@@ -575,9 +651,7 @@ impl Node {
         let _ = self
             .engine
             .local_commit(now, std::slice::from_ref(&ch), &mut self.store);
-        let _ = self.notices.send(Notice {
-            doc: MEMBERSHIP_DOC.to_string(),
-        });
+        self.doc_changed(MEMBERSHIP_DOC.to_string());
         self.refresh_membership();
         Ok(ch.hash().map(|h| NodeId(h).to_string()).unwrap_or_default())
     }
@@ -665,6 +739,22 @@ impl Node {
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Command::Watch { doc, path, reply } => {
+                // Forget watchers whose stream has ended (on any document).
+                self.watchers.retain(|_, list| {
+                    list.retain(|w| !w.tx.is_closed());
+                    !list.is_empty()
+                });
+                let r = self.snapshot(&doc, &path, &mut None).map(|snap| {
+                    let (tx, rx) = watch::channel(Arc::new(snap));
+                    self.watchers
+                        .entry(doc)
+                        .or_default()
+                        .push(Watcher { path, tx });
+                    rx
+                });
+                let _ = reply.send(r.map_err(ApiError::from));
             }
         }
     }

@@ -274,3 +274,26 @@ fn demo_runs_and_shows_the_converged_state() {
         "the demo removes its directories: {left:?}"
     );
 }
+
+#[test]
+fn watch_follows_local_writes_and_a_delete() {
+    // The node task updates watchers itself after each commit: every step is seen, in order.
+    let c = Cluster::start(1, 37, Net::Direct);
+    let a = &c.agents[0];
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--api", &a.api, "watch", "w", "k", "--count", "4"]);
+    let mut watch = common::Lines::spawn(cmd);
+    watch.expect("with the initial (absent) value", PATIENCE, |l| l == "null");
+    assert!(a.put("w", "k", "1"));
+    watch.expect("with the first write", PATIENCE, |l| l == "1");
+    assert!(a.put("w", "k", "{\"x\": 2}"));
+    watch.expect("with the second write", PATIENCE, |l| {
+        serde_json::from_str::<Value>(l).ok() == Some(json!({"x": 2}))
+    });
+    a.ok(&["del", "w", "k"]);
+    watch.expect("with the delete", PATIENCE, |l| l == "null");
+    assert!(
+        watch.child.wait().unwrap().success(),
+        "watch --count 4 exits 0"
+    );
+}
