@@ -99,6 +99,39 @@ fn paged_clocks_still_converge() {
 }
 
 #[test]
+fn one_document_with_more_authors_than_a_page_holds_is_paged_between_authors() {
+    sweep("paged_authors", 0..3, |seed| {
+        let n = 12;
+        let mut cfg = SimConfig::new(n).lossy(0.03, 0.03);
+        // One document, 12 authors (480 bytes of version vector); pages of ~150 bytes hold
+        // at most 3 of them, so every pull cuts the document between authors.
+        cfg.sync.clocks_page_bytes = 150;
+        let mut s = Sim::new(seed, cfg);
+        s.run_until(100);
+        s.split(|i| i < 5);
+        for k in 0..36u64 {
+            s.at(200 + k * 40, move |s| {
+                s.write(k as usize % n, "app/shared", &format!("k{}", k % 5));
+            });
+        }
+        s.run_until(3_000);
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+        }
+        let authors = s.nodes[0].store().all_clocks().unwrap()["app/shared"].len();
+        assert_eq!(authors, n, "seed {seed}");
+        assert!(
+            s.max_clock_entries <= 3,
+            "seed {seed}: a Clocks page carried {} entries",
+            s.max_clock_entries
+        );
+    });
+}
+
+#[test]
 fn isolated_node_catches_up_in_bounded_batches() {
     sweep("isolated_catches_up", 0..2, |seed| {
         let mut cfg = SimConfig::new(4);

@@ -64,11 +64,16 @@
 //!    waiting for dependencies (and made progress) is followed by another pull carrying their
 //!    hashes, at most 64 in a row: this walks back a chain the version vectors cannot show.
 //!
-//! **Clocks in pages.** A node's version vectors are sent in pages of whole documents of about
-//! `clocks_page_bytes` (1 MiB; ~25,000 document × author entries), each with its document
-//! range; the puller sends page *k + 1* when page *k*'s transfer is done. So any number of
-//! documents stays within the 8 MiB message limit (one document with more than ~200,000
-//! authors would still exceed it: pages do not split a document).
+//! **Clocks in pages.** A node's version vectors are sent in pages of about
+//! `clocks_page_bytes` (1 MiB; ~25,000 document × author entries), each with its range of
+//! (document, author) positions; the puller sends page *k + 1* when page *k*'s transfer is
+//! done. A page is cut between documents or, inside a document with more authors than fit,
+//! between two authors (a document's frontier travels in the page where the document starts).
+//! So any number of documents and of authors per document stays within the 8 MiB message
+//! limit (tested in `one_document_with_more_authors_than_a_message_holds_is_split_across_pages`
+//! and, end to end, `one_document_with_more_authors_than_a_page_holds_is_paged_between_authors`).
+//! One limit is left: a single document's *heads* are not split, so a document with more than
+//! ~250,000 concurrent heads would still exceed a message.
 //!
 //! **Equivocation (a cloned key).** Two nodes holding different variants of one (document,
 //! author, seq) have equal version vectors, so version vectors alone would leave them split
