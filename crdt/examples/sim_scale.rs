@@ -15,7 +15,9 @@
 //! bytes in full, larger ones as `Announce`/`Have` announcements; default from `Config`),
 //! `--pulled P` (relay changes newly applied from anti-entropy batches of at most P changes;
 //! default from `Config`), `--eager2 0|1` (relay a change pushed by its author in full;
-//! default from `Config`), `--writes W`
+//! default from `Config`), `--skip-holders 0|1`, `--prop 0|1`, `--prefer 0|1`, `--quiet 0|1`
+//! (`Config::relay_skip_holders`, `relay_proportional`, `ae_prefer_unknown`,
+//! `quiet_while_fetching`; defaults from `Config`), `--writes W`
 //! (writes per side in the partition scenario, default 16), `--size B` (the single write
 //! carries a B-byte string instead of a small object), `--memory 1` (SQLite `:memory:`
 //! databases instead of files: a file store holds 3 descriptors, so 10,000 file stores exceed

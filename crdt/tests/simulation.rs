@@ -43,6 +43,33 @@ fn one_write_reaches_nodes_with_no_link_to_its_author() {
 }
 
 #[test]
+fn relays_that_skip_known_holders_announce_less_and_still_reach_everyone() {
+    sweep("relay_skips_holders", 0..3, |seed| {
+        // The same cluster and write, with and without what the relays know of who holds
+        // the change.
+        let run = |know: bool| {
+            let mut cfg = SimConfig::new(60).degree(12);
+            cfg.sync.relay_skip_holders = know;
+            cfg.sync.relay_proportional = know;
+            let mut s = Sim::new(seed, cfg);
+            s.run_until(2_000);
+            let before = s.by_kind.get("announce").map_or(0, |k| k.0);
+            let c = s.write(0, "app/web", "replicas").unwrap();
+            let h = c.hash().unwrap();
+            s.settle(10_000);
+            s.assert_converged();
+            assert!(s.everywhere(&h), "seed {seed}");
+            s.by_kind["announce"].0 - before
+        };
+        let (with, without) = (run(true), run(false));
+        assert!(
+            with < without,
+            "seed {seed}: {with} announcements knowing holders, {without} without"
+        );
+    });
+}
+
+#[test]
 fn partition_heals_and_both_sides_converge() {
     sweep("partition_heals", 0..6, |seed| {
         let n = 3 + (seed as usize % 8);

@@ -74,15 +74,22 @@ pub struct Config {
     /// A node's version vectors are sent in pages of about this many bytes (by document
     /// range), so that any number of documents and authors stays within the message limit.
     pub clocks_page_bytes: usize,
-    /// EXPERIMENT: relays skip peers known to hold the changes.
+    /// Relays skip peers known to hold the changes (they pushed or announced them to us, or
+    /// fetched them from us), so announcements go where they may be news.
     pub relay_skip_holders: bool,
-    /// EXPERIMENT: with `relay_skip_holders`, relay to `fanout × candidates / others` peers.
+    /// With [`Config::relay_skip_holders`], relay to `fanout × candidates / others` peers
+    /// (randomly rounded) instead of `fanout`: each peer not known to hold the changes is
+    /// picked with the same probability as if nothing were known, so coverage is that of
+    /// plain `fanout` with fewer announcements.
     pub relay_proportional: bool,
-    /// EXPERIMENT: the periodic digest goes to a peer not known to hold the changes applied
-    /// in the last interval, if there is one.
+    /// The periodic digest goes to a random peer among those not known to hold the changes
+    /// applied here during the last interval (a node gossip missed is found by the next
+    /// round of a neighbour rather than after many), else to any random peer.
     pub ae_prefer_unknown: bool,
-    /// EXPERIMENT: while a fetch of an announced change is under way, a mismatched `Digest`
-    /// is ignored and the periodic round skipped.
+    /// While a fetch of an announced change is under way (the announced change has not
+    /// arrived yet, less than `pull_gap_ms` after asking), a periodic round is skipped (never
+    /// two in a row) and a mismatched digest ignored (at most one per
+    /// `anti_entropy_interval_ms`): the difference is most likely that change, on its way.
     pub quiet_while_fetching: bool,
 }
 

@@ -26,12 +26,17 @@
 //! connected peer. A node that *newly applies* changes from a `Push` relays them to `fanout`
 //! random peers other than the sender. A change pushed by its own author (the second hop) is
 //! relayed in full as `Push`; beyond that, relays are *announcements*: `Announce` with 8-byte
-//! change ids (14 bytes for one change) for up to `announce_max` changes, `Have` by version
-//! vector for larger relays. A peer lacking an announced change answers `Fetch` (or `Want`),
-//! answered with `Push`; a node fetches an announced change from one peer at a time (again
-//! after `pull_gap_ms`). So each node receives a change in full about once, plus a few 14-byte
-//! announcements, at the price of two extra message delays per hop beyond the second
-//! (`relay_inline_bytes` relays small changes in full instead). Duplicates are never relayed
+//! change ids (`AnnounceOne`, 10 bytes, for one change) for up to `announce_max` changes,
+//! `Have` by version vector for larger relays. A peer lacking an announced change answers
+//! `Fetch` (`FetchOne`) or `Want`, answered with `Push` (`PushOne` for one change); a node
+//! fetches an announced change from one peer at a time (again after `pull_gap_ms`). So each
+//! node receives a change in full about once, plus a few 10-byte announcements, at the price
+//! of two extra message delays per hop beyond the second (`relay_inline_bytes` relays small
+//! changes in full instead). A node remembers, for a while, which peers are known to hold a
+//! recent change (they pushed or announced it to it, fetched it from it, or it told them):
+//! relays skip them, and pick each remaining peer with the probability `fanout / peers`
+//! they would have had knowing nothing (`relay_skip_holders`, `relay_proportional`): the
+//! same coverage with fewer announcements. Duplicates are never relayed
 //! (nor verified again), so gossip terminates. When a push leaves changes waiting in the
 //! store's pending set (unknown author: its membership has not arrived; missing
 //! dependencies; a sequence gap), the receiver immediately pulls from the pusher with
@@ -44,9 +49,15 @@
 //! announcements per node (1.38× → 1.51×).
 //!
 //! **Anti-entropy.** Every `anti_entropy_interval_ms` (± jitter) a node picks one random
-//! connected peer (and every peer that comes up) and sends `Digest` (SHA-256 of its version
-//! vectors *and frontiers*, see [`clocks_digest`]):
-//! 1. A → B `Digest(d_A)`. If `d_A = d_B`, B does nothing: an idle round costs 34 bytes.
+//! connected peer (and every peer that comes up) and sends `ShortDigest`: the first 16 bytes
+//! of the SHA-256 of its version vectors *and frontiers*, see [`clocks_digest`] (a full
+//! 32-byte `Digest` is still understood). The random peer is drawn among those not known to
+//! hold the changes applied here in the last interval when there are any
+//! (`ae_prefer_unknown`), so a node gossip missed is found by the next round of a neighbour.
+//! While a fetch of an announced change is under way, a round is skipped (never two in a row)
+//! and a mismatched digest ignored (at most one per interval): the difference is most likely
+//! that change, already on its way (`quiet_while_fetching`).
+//! 1. A → B `ShortDigest(d_A)`. If `d_A = d_B`, B does nothing: an idle round costs 18 bytes.
 //! 2. Otherwise B → A `Clocks{reply, pull}`: per document, per author, the highest seq held;
 //!    per document, the heads and the authors flagged for equivocation with their fork seq
 //!    (the *frontier*); and the hashes of dependencies B's pending changes wait for.
@@ -115,7 +126,7 @@
 //! fixed at 20 ms so that time converts to message delays ("rounds"). Every 64th node is a
 //! writer; all nodes replicate everything. Bytes per node count every message on the wire,
 //! framing included, from the write until one second after the last node applied it, so they
-//! include idle anti-entropy digests (34 B per node per second).
+//! include idle anti-entropy digests (18 B per node per second; 34 B before `ShortDigest`).
 //!
 //! ```text
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 1000
@@ -165,7 +176,7 @@
 //!   clocks and digests), because it pulls from one peer at a time. Clocks cost ~300 B more
 //!   per exchange than before: the frontiers (32 bytes per head per document) that make
 //!   equivocation visible.
-//! * **Idle cost**: 34 bytes per node per second (one `Digest`).
+//! * **Idle cost**: 18 bytes per node per second (one `ShortDigest`; 34 before).
 //! * **Size.** The 10,000-node run uses SQLite `:memory:` stores (`--memory 1`; file stores
 //!   hold 3 descriptors each): 5.3 GiB peak RSS, 10.5 min wall on the loaded 2-core machine.
 

@@ -53,8 +53,13 @@
 //! message limit), the frontiers (per-document heads, so two nodes holding different
 //! variants of one seq no longer look identical, and flagged forks, so evidence reaches every
 //! node), the hashes of missing dependencies, and `Announce`/`Fetch` (lazy push of single
-//! changes by 8-byte id: 14 bytes to announce one change instead of ~60). A v1 message is refused with
-//! [`DecodeError::UnknownVersion`]: mixed clusters do not sync (upgrade all nodes).
+//! changes by 8-byte id: 14 bytes to announce one change instead of ~60). Added later within
+//! version 2 (this build decodes every message of an earlier version-2 build, not the
+//! reverse: upgrade all nodes): `ShortDigest`, `AnnounceOne`, `FetchOne`, `PushOne` (types
+//! 9–12: the idle and one-change cases, 4–16 bytes shorter), and author bounds in a `Clocks`
+//! range (flag bits 2 and 3: a page may cut one document's version vector between two
+//! authors). A v1 message is refused with [`DecodeError::UnknownVersion`]: mixed clusters do
+//! not sync (upgrade all nodes).
 //! Limits: a message is at most [`MAX_MESSAGE_BYTES`] (8 MiB) long; document names are valid
 //! names of at most 128 bytes; counts are bounded by what the remaining bytes could hold.
 //! Unknown version → [`DecodeError::UnknownVersion`]; unknown type or flag bits →
