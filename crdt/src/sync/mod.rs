@@ -134,51 +134,59 @@
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 10000 --memory 1
 //! ```
 //!
-//! Measured 2026-11-23 on the shared 2-core VM. *Before*: eager gossip (every relay a full
-//! `Push`, fanout 4), the figures of the previous version of this table; *after*: this
-//! protocol.
+//! Measured 2026-11-23 on the shared 2-core VM, one run each with the commands above (seed 1).
+//! *Before*: the protocol as of commit 2fa6776 (lazy push with 14-byte `Announce`, 34-byte
+//! `Digest`, relays to random peers); *after*: this version (one-change messages,
+//! `ShortDigest`, relays and rounds that use who is known to hold a change, quiet while
+//! fetching). The eager-gossip figures that preceded both are in the git history.
 //!
-//! | N | scenario | 99 % of nodes | all nodes | bytes/node | missing bytes/node | ratio |
-//! |---|---|---|---|---|---|---|
-//! | 1,000 | one write, 215 B change, before | 120 ms (6 delays) | 265 ms | 937 | 215 | 4.36× |
-//! | 1,000 | one write, 215 B change, after | 220 ms (11 delays) | 220 ms | 378 | 215 | 1.76× |
-//! | 1,000 | one write, 2 KB change, before | ~400 ms | 1,055 ms | 2,661 | 2,190 | 1.22× |
-//! | 1,000 | one write, 2 KB change, after | 220 ms | 220 ms | 2,417 | 2,190 | 1.10× |
-//! | 1,000 | one write, 8 KB change, before | ~400 ms | 1,055 ms | 8,901 | 8,184 | 1.09× |
-//! | 1,000 | one write, 8 KB change, after | 220 ms | 220 ms | 8,603 | 8,184 | 1.05× |
-//! | 1,000 | healed partition, 16 + 16 changes, before | – | 100 ms (5 delays) | 4,788 | 3,700 | 1.29× |
-//! | 1,000 | healed partition, 16 + 16 changes, after | – | 100 ms (5 delays) | 5,113 | 3,716 | 1.38× |
-//! | 10,000 | one write, 215 B, before | 160 ms (8 delays) | 1,215 ms | 960 | 215 | 4.5× |
-//! | 10,000 | one write, 215 B, after | 280 ms (14 delays) | 1,305 ms | 418 | 215 | 1.95× |
-//! | 10,000 | healed partition, 16 + 16 changes, before | – | 600 ms | 4,805 | 3,702 | 1.30× |
-//! | 10,000 | healed partition, 16 + 16 changes, after | – | 600 ms | 5,319 | 3,786 | 1.40× |
+//! | N | scenario | 99 % of nodes | all nodes | msgs/node | bytes/node | missing bytes/node | ratio |
+//! |---|---|---|---|---|---|---|---|
+//! | 1,000 | one write, 215 B change, before | 220 ms (11 delays) | 220 ms | 9.1 | 378 | 215 | 1.76× |
+//! | 1,000 | one write, 215 B change, after | 220 ms (11 delays) | 220 ms | 8.6 | 313 | 215 | 1.46× |
+//! | 1,000 | one write, 2 KB change, before | 220 ms | 220 ms | 9.1 | 2,417 | 2,190 | 1.10× |
+//! | 1,000 | one write, 2 KB change, after | 220 ms | 220 ms | 8.6 | 2,331 | 2,190 | 1.06× |
+//! | 1,000 | one write, 8 KB change, before | 220 ms | 220 ms | 9.1 | 8,603 | 8,184 | 1.05× |
+//! | 1,000 | one write, 8 KB change, after | 220 ms | 220 ms | 8.6 | 8,457 | 8,184 | 1.03× |
+//! | 1,000 | healed partition, 16 + 16 changes, before | – | 100 ms (5 delays) | 9.2 | 5,113 | 3,716 | 1.38× |
+//! | 1,000 | healed partition, 16 + 16 changes, after | – | 100 ms (5 delays) | 9.3 | 4,998 | 3,716 | 1.34× |
+//! | 10,000 | one write, 215 B, before | 280 ms (14 delays) | 1,305 ms | 10.4 | 418 | 215 | 1.95× |
+//! | 10,000 | one write, 215 B, after | 280 ms (14 delays) | 660 ms | 9.2 | 323 | 215 | 1.50× |
+//! | 10,000 | healed partition, 16 + 16 changes, before | – | 600 ms | 9.7 | 5,319 | 3,786 | 1.40× |
+//! | 10,000 | healed partition, 16 + 16 changes, after | – | 1,000 ms | 10.1 | 5,185 | 3,770 | 1.38× |
 //!
 //! Reading it:
-//! * **One small write: 1.76× at 1,000 nodes, not the 1.5× aimed at.** Where a node's 378
-//!   bytes go: the change once in full (221 B: 215 + 6 of framing), 5.9 announcements
-//!   (82 B), one `Fetch` (12 B), digests of idle anti-entropy during the 1.2 s window (42 B),
-//!   anti-entropy repairs (21 B). The floor for a 215-byte change is therefore about one copy
-//!   plus the idle digests (1.22×); what is left is the price of reaching *every* node
-//!   without a round trip to each: a rumor that stops at duplicates misses a node when none
-//!   of its ~12 neighbours picks it, ≈ (1 − fanout/12)^12, so fanout 4 leaves ~0.5 % of nodes
-//!   (0.4 % measured) to the next anti-entropy round (all nodes at 1,055 ms, 1.79×) and fanout 6 leaves ~0.02 %
-//!   (all nodes at 220 ms, 1.76×). At 14 bytes an announcement is cheap enough that covering
-//!   everyone by gossip is cheaper than the digests of waiting for anti-entropy. 1.5× would
-//!   need fewer than ~3 announcements per node, which leaves several percent of nodes to
-//!   anti-entropy (≥ 1 s). For changes of 2 KB and more the overhead is ≤ 1.1×.
-//! * **Latency.** Beyond the second hop each hop costs three message delays instead of one,
-//!   so 99 % of nodes take 11 delays instead of 6 at 1,000 nodes, 14 instead of 8 at 10,000;
-//!   but the last nodes are reached by gossip instead of by the next anti-entropy round, so
-//!   *all* nodes hold a change sooner at 1,000 nodes (220 ms vs 265 ms; 1,055 ms vs 220 ms for
-//!   2 KB changes). At 10,000 nodes a few nodes still wait for anti-entropy (1.3 s).
-//! * **Rounds ~ log N**: 11 and 14 delays at 1k and 10k nodes (≈ 3 × log₆ N).
-//! * **Healed partition.** A node receives what it lacks about once (1.38–1.40× including
-//!   clocks and digests), because it pulls from one peer at a time. Clocks cost ~300 B more
-//!   per exchange than before: the frontiers (32 bytes per head per document) that make
-//!   equivocation visible.
+//! * **One small write: 1.46× at 1,000 nodes, 1.50× at 10,000** (1.76× and 1.95× before).
+//!   Where a node's 313 bytes go at 1,000 nodes (before → after): the change once in full,
+//!   221 → 217 B (`PushOne`: 2 bytes of framing instead of 6); announcements, 5.86 × 14 = 82 →
+//!   5.43 × 10 = 54 B (`AnnounceOne`, and relays skip peers known to hold the change, picking
+//!   the others as often as before); `Fetch`, 12 → 9 B; digests of anti-entropy during the
+//!   1.2 s window, 1.23 × 34 = 42 → 1.19 × 18 = 21 B (`ShortDigest`); repairs (a round racing
+//!   the gossip: `Clocks` + `Changes`), 21 → 12 B (quiet while fetching). At 10,000 nodes the
+//!   same, except the window: a few nodes none of whose neighbours relayed to them wait for
+//!   anti-entropy, and every node pays idle digests until the last is reached (1.62 digests,
+//!   29 B, in 1.66 s; before: 2.33 digests, 79 B, in 2.3 s). Rounds now go first to peers not
+//!   known to hold the latest changes, so those nodes are found by the next round of a
+//!   neighbour: 660 ms for all nodes instead of 1,305 ms. That tail decides the 10,000-node
+//!   ratio and varies between runs with the one or two nodes in it: a variant that held
+//!   rounds back for 400 ms after a change (not kept) reached all nodes at 1,110 ms, 1.53×;
+//!   without `relay_proportional` (`--prop 0`: 5.9 announcements per node, fewer nodes
+//!   missed) all nodes had it at 340 ms, 322 B, 1.50× (but 1.48–1.51× at 1,000 nodes, seeds
+//!   1–2, against 1.46–1.47× with it). For changes of 2 KB and more the overhead is ≤ 1.06×.
+//! * **What was tried and not kept**: a lower fanout (5 or 4, even with relays that skip
+//!   known holders) saves 10–20 B of announcements but leaves more nodes to anti-entropy:
+//!   all nodes at 280–865 ms at 1,000 nodes and more idle digests in the window, 1.48–1.52×.
+//! * **Latency.** Beyond the second hop each hop costs three message delays (announce, fetch,
+//!   push), so 99 % of nodes take 11 delays at 1,000 nodes, 14 at 10,000; unchanged.
+//! * **Rounds ~ log N**: 11 and 14 delays at 1k and 10k nodes (≈ 3 × log₆ N) for 99 % of
+//!   nodes.
+//! * **Healed partition.** A node receives what it lacks about once (1.34–1.38× including
+//!   clocks and digests), because it pulls from one peer at a time. At 10,000 nodes the last
+//!   node took 1,000 ms in this run (600 ms before; 600 ms in the variant run above): the
+//!   last of 10,000 nodes waits for one anti-entropy round or not, by chance.
 //! * **Idle cost**: 18 bytes per node per second (one `ShortDigest`; 34 before).
 //! * **Size.** The 10,000-node run uses SQLite `:memory:` stores (`--memory 1`; file stores
-//!   hold 3 descriptors each): 5.3 GiB peak RSS, 10.5 min wall on the loaded 2-core machine.
+//!   hold 3 descriptors each): 5.4 GiB peak RSS, 5–6 min wall on the loaded 2-core machine.
 
 mod engine;
 pub mod rng;
