@@ -70,6 +70,38 @@ fn relays_that_skip_known_holders_announce_less_and_still_reach_everyone() {
 }
 
 #[test]
+fn a_full_mesh_prunes_the_eager_second_hop_after_one_duplicate() {
+    sweep("prune", 0..3, |seed| {
+        // Three nodes, all linked, fixed latency: a relayed copy (two hops) always arrives
+        // after the author's own push, so it is a duplicate.
+        let mut cfg = SimConfig::new(3);
+        cfg.latency = (20, 20);
+        let mut s = Sim::new(seed, cfg);
+        s.run_until(100);
+        let mut pushes = Vec::new();
+        for k in 0..6 {
+            let before = s.by_kind.get("push").map_or(0, |p| p.0);
+            s.write(0, "app/web", &format!("k{k}")).unwrap();
+            s.run_until(s.now + 300);
+            pushes.push(s.by_kind["push"].0 - before);
+        }
+        s.settle(10_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}");
+        }
+        // First write: the author's two pushes and two relayed duplicates (then pruned);
+        // afterwards the author's two pushes only (anti-entropy never pushes).
+        assert_eq!(pushes[0], 4, "seed {seed}: {pushes:?}");
+        assert!(
+            pushes[1..].iter().all(|p| *p == 2),
+            "seed {seed}: {pushes:?}"
+        );
+        assert!(s.by_kind["prune"].0 >= 2, "seed {seed}");
+    });
+}
+
+#[test]
 fn partition_heals_and_both_sides_converge() {
     sweep("partition_heals", 0..6, |seed| {
         let n = 3 + (seed as usize % 8);

@@ -59,7 +59,9 @@ pub struct Config {
     pub relay_inline_bytes: usize,
     /// Most changes announced one by one (`Announce`); larger relays use `Have`.
     pub announce_max: usize,
-    /// Changes pushed by their own author are relayed in full (the second hop is eager too).
+    /// Changes pushed by their own author are relayed in full (the second hop is eager too),
+    /// except to a peer that answered such a relay with `Prune` (it gets that author's
+    /// changes straight from the author): it gets announcements instead.
     pub eager_first_hop: bool,
     /// Changes newly applied from an anti-entropy batch (`Changes`) of at most this many
     /// changes are relayed like pushed ones (0: never).
@@ -230,6 +232,8 @@ pub struct SyncEngine {
     /// Changes applied or committed here in the last anti-entropy interval: (when, id).
     /// Bounded.
     recent: VecDeque<(u64, ChangeId)>,
+    /// (peer, author): `peer` pruned our eager relays of `author`'s changes. Bounded.
+    pruned: HashSet<(NodeId, NodeId)>,
     /// The last round was skipped because a fetch was under way (the next one is not).
     skipped_round: bool,
     /// When a mismatched digest was last ignored because a fetch was under way.
@@ -257,6 +261,7 @@ impl SyncEngine {
             holders: HashMap::new(),
             recent: VecDeque::new(),
             skipped_round: false,
+            pruned: HashSet::new(),
             ignored_digest: None,
             stats: Stats::default(),
         }
@@ -334,6 +339,7 @@ impl SyncEngine {
         if self.pulling.as_ref().is_some_and(|p| p.peer == peer) {
             self.pulling = None;
         }
+        self.pruned.retain(|(p, _)| *p != peer);
     }
 
     /// Flow control: while `ready` is false (the transport to `peer` is backed up),
@@ -546,6 +552,16 @@ impl SyncEngine {
             }
             SyncMessage::Announce { ids } => self.announced(now, from, ids, store)?,
             SyncMessage::AnnounceOne { id } => self.announced(now, from, vec![id], store)?,
+            SyncMessage::Prune { id } => {
+                if let Some(c) = store.change_by_id(&id)? {
+                    if c.author != from {
+                        if self.pruned.len() >= MAX_WANTED {
+                            self.pruned.clear();
+                        }
+                        self.pruned.insert((from, c.author));
+                    }
+                }
+            }
             SyncMessage::Fetch { ids } => self.fetch(now, from, &ids, store)?,
             SyncMessage::FetchOne { id } => self.fetch(now, from, &[id], store)?,
         }
@@ -560,12 +576,25 @@ impl SyncEngine {
         changes: Vec<SignedChange>,
         store: &mut impl Replica,
     ) -> Result<(), SyncError> {
+        // A full relay (not from the changes' author, not asked for) that brings nothing new:
+        // tell the relayer to announce this author's changes to us instead.
+        let n = changes.len();
+        let mut prune = None;
         for c in &changes {
             if let Some(h) = c.hash() {
-                self.note_holder(now, change_id(&h), from);
+                let id = change_id(&h);
+                self.note_holder(now, id, from);
+                if c.author != from && !self.fetched.contains_key(&id) {
+                    prune = Some(id);
+                }
             }
         }
         let outcome = self.ingest(from, changes, store)?;
+        if let Some(id) = prune {
+            if n > 0 && outcome.duplicates == n {
+                self.enqueue(from, SyncMessage::Prune { id });
+            }
+        }
         if !outcome.applied.is_empty() {
             self.relay(now, from, outcome.applied);
         }
@@ -952,15 +981,27 @@ impl SyncEngine {
         // A change pushed by its own author is on its first relay: few nodes hold it yet, so
         // pushing it in full costs few duplicates and saves two message delays.
         let first_hop = applied.iter().all(|c| c.author == from);
-        if bytes <= self.cfg.relay_inline_bytes
-            || (first_hop && self.cfg.eager_first_hop && bytes <= self.cfg.batch_bytes)
-        {
-            for chunk in self.chunks(applied) {
-                for t in &targets {
+        let (eager, targets): (Vec<NodeId>, Vec<NodeId>) = if bytes <= self.cfg.relay_inline_bytes {
+            (targets, Vec::new())
+        } else if first_hop && self.cfg.eager_first_hop && bytes <= self.cfg.batch_bytes {
+            // Peers that pruned this author (they hold its changes first-hand) get announcements.
+            targets
+                .into_iter()
+                .partition(|t| !self.pruned.contains(&(*t, from)))
+        } else {
+            (Vec::new(), targets)
+        };
+        if !eager.is_empty() {
+            for chunk in self.chunks(applied.clone()) {
+                for t in &eager {
                     self.enqueue(*t, push(chunk.clone()));
                 }
             }
-        } else if applied.len() <= self.cfg.announce_max {
+        }
+        if targets.is_empty() {
+            return;
+        }
+        if applied.len() <= self.cfg.announce_max {
             let mut ids: Vec<ChangeId> = applied
                 .iter()
                 .filter_map(|c| c.hash().map(|h| change_id(&h)))
@@ -1007,17 +1048,22 @@ impl SyncEngine {
     ) -> Result<Ingested, SyncError> {
         let mut fresh = Vec::with_capacity(changes.len());
         let mut seen = HashSet::new();
+        let mut dups = 0;
         for c in changes {
             if let Ok(h) = crate::header::parse(&c.bytes) {
                 if !seen.insert(h.hash) || store.contains(&h.hash)? {
                     self.stats.duplicates += 1;
+                    dups += 1;
                     continue;
                 }
             }
             fresh.push(c);
         }
         if fresh.is_empty() {
-            return Ok(Ingested::default());
+            return Ok(Ingested {
+                duplicates: dups,
+                ..Ingested::default()
+            });
         }
         let mut by_hash: BTreeMap<[u8; 32], SignedChange> = BTreeMap::new();
         for c in &fresh {
@@ -1026,7 +1072,10 @@ impl SyncEngine {
             }
         }
         let report = store.ingest(fresh)?;
-        let mut out = Ingested::default();
+        let mut out = Ingested {
+            duplicates: dups,
+            ..Ingested::default()
+        };
         let mut rejected: BTreeMap<&'static str, usize> = BTreeMap::new();
         for (_, _, hash, o) in &report.outcomes {
             match o {
@@ -1038,7 +1087,10 @@ impl SyncEngine {
                     };
                     out.applied.extend(c);
                 }
-                Outcome::Duplicate => self.stats.duplicates += 1,
+                Outcome::Duplicate => {
+                    self.stats.duplicates += 1;
+                    out.duplicates += 1;
+                }
                 Outcome::Pending(_) => {
                     out.waiting += 1;
                     if let Some(h) = hash {
@@ -1368,6 +1420,8 @@ const MAX_WANT_ROUNDS: u32 = 64;
 
 #[derive(Default)]
 struct Ingested {
+    /// Changes already held (not verified again).
+    duplicates: usize,
     /// Newly applied changes (for relaying).
     applied: Vec<SignedChange>,
     /// Changes held in the pending set (their dependencies or author are not known yet).

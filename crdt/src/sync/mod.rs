@@ -36,7 +36,11 @@
 //! recent change (they pushed or announced it to it, fetched it from it, or it told them):
 //! relays skip them, and pick each remaining peer with the probability `fanout / peers`
 //! they would have had knowing nothing (`relay_skip_holders`, `relay_proportional`): the
-//! same coverage with fewer announcements. Duplicates are never relayed
+//! same coverage with fewer announcements. A full second-hop relay that brings a node
+//! nothing new (it had the change straight from its author, as in a full mesh) is answered
+//! with `Prune`: the relayer then announces that author's changes to it instead of pushing
+//! them (Plumtree's prune; in a 3-node mesh each change then arrives in full once, not twice;
+//! `a_full_mesh_prunes_the_eager_second_hop_after_one_duplicate`). Duplicates are never relayed
 //! (nor verified again), so gossip terminates. When a push leaves changes waiting in the
 //! store's pending set (unknown author: its membership has not arrived; missing
 //! dependencies; a sequence gap), the receiver immediately pulls from the pusher with

@@ -29,6 +29,8 @@
 //! AnnounceOne (10) = id[8]   (an Announce of one change, 4 bytes shorter)
 //! FetchOne  (11) = id[8]     (a Fetch of one change)
 //! PushOne   (12) = signed change (a Push of one change, 4 bytes shorter)
+//! Prune     (13) = id[8]     (a relayed Push brought this change twice: relay its author's
+//!                              changes to me lazily)
 //! ids       = n:u32 | n × id[8], strictly ascending (an id is the first 8 bytes of a change
 //!             hash)
 //! range     = start_len:u16 | start | [start_author[32] if bit 2] | end_len:u16 | end
@@ -56,9 +58,9 @@
 //! changes by 8-byte id: 14 bytes to announce one change instead of ~60). Added later within
 //! version 2 (this build decodes every message of an earlier version-2 build, not the
 //! reverse: upgrade all nodes): `ShortDigest`, `AnnounceOne`, `FetchOne`, `PushOne` (types
-//! 9–12: the idle and one-change cases, 4–16 bytes shorter), and author bounds in a `Clocks`
-//! range (flag bits 2 and 3: a page may cut one document's version vector between two
-//! authors). A v1 message is refused with [`DecodeError::UnknownVersion`]: mixed clusters do
+//! 9–12: the idle and one-change cases, 4–16 bytes shorter), `Prune` (13), and author bounds
+//! in a `Clocks` range (flag bits 2 and 3: a page may cut one document's version vector
+//! between two authors). A v1 message is refused with [`DecodeError::UnknownVersion`]: mixed clusters do
 //! not sync (upgrade all nodes).
 //! Limits: a message is at most [`MAX_MESSAGE_BYTES`] (8 MiB) long; document names are valid
 //! names of at most 128 bytes; counts are bounded by what the remaining bytes could hold.
@@ -166,6 +168,7 @@ const T_SHORT_DIGEST: u8 = 9;
 const T_ANNOUNCE_ONE: u8 = 10;
 const T_FETCH_ONE: u8 = 11;
 const T_PUSH_ONE: u8 = 12;
+const T_PRUNE: u8 = 13;
 
 /// Short id of a change in `Announce`/`Fetch`: the first 8 bytes of its hash.
 pub type ChangeId = [u8; 8];
@@ -270,6 +273,13 @@ pub enum SyncMessage {
         /// The change.
         change: SignedChange,
     },
+    /// The change with this id, relayed in full by the receiver of this message, was already
+    /// held here (it came straight from its author): relay that author's changes to the
+    /// sender as announcements from now on (Plumtree's prune).
+    Prune {
+        /// The short id of the duplicate.
+        id: ChangeId,
+    },
 }
 
 impl SyncMessage {
@@ -288,6 +298,7 @@ impl SyncMessage {
             SyncMessage::AnnounceOne { .. } => "announce",
             SyncMessage::FetchOne { .. } => "fetch",
             SyncMessage::PushOne { .. } => "push",
+            SyncMessage::Prune { .. } => "prune",
         }
     }
 
@@ -296,7 +307,9 @@ impl SyncMessage {
         2 + match self {
             SyncMessage::Digest { .. } => 32,
             SyncMessage::ShortDigest { .. } => 16,
-            SyncMessage::AnnounceOne { .. } | SyncMessage::FetchOne { .. } => 8,
+            SyncMessage::AnnounceOne { .. }
+            | SyncMessage::FetchOne { .. }
+            | SyncMessage::Prune { .. } => 8,
             SyncMessage::PushOne { change } => change.encoded_len(),
             SyncMessage::Clocks {
                 range,
@@ -343,6 +356,10 @@ impl SyncMessage {
             SyncMessage::PushOne { change } => {
                 out.push(T_PUSH_ONE);
                 change.encode_into(&mut out);
+            }
+            SyncMessage::Prune { id } => {
+                out.push(T_PRUNE);
+                out.extend_from_slice(id);
             }
             SyncMessage::Clocks {
                 reply,
@@ -409,6 +426,7 @@ impl SyncMessage {
             T_SHORT_DIGEST => SyncMessage::ShortDigest { digest: r.array()? },
             T_ANNOUNCE_ONE => SyncMessage::AnnounceOne { id: r.array()? },
             T_FETCH_ONE => SyncMessage::FetchOne { id: r.array()? },
+            T_PRUNE => SyncMessage::Prune { id: r.array()? },
             T_PUSH_ONE => {
                 let (change, used) = SignedChange::decode(&r.buf[r.pos..])?;
                 r.pos += used;
@@ -928,6 +946,10 @@ mod tests {
                 SyncMessage::PushOne { change: change() },
                 hex(&format!("02 0c {CHANGE_HEX}")),
             ),
+            (
+                SyncMessage::Prune { id: [6; 8] },
+                hex("02 0d 0606060606060606"),
+            ),
         ]
     }
 
@@ -968,7 +990,7 @@ mod tests {
             Err(DecodeError::UnknownVersion(3))
         );
         assert_eq!(
-            SyncMessage::decode(&hex("02 0d")),
+            SyncMessage::decode(&hex("02 0e")),
             Err(DecodeError::Invalid("unknown message type"))
         );
         assert_eq!(
@@ -1078,7 +1100,7 @@ mod tests {
         /// What the fuzz target checks, on random and on mutated valid input.
         #[test]
         fn whatever_decodes_re_encodes_identically(
-            pick in 0usize..14,
+            pick in 0usize..15,
             flips in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 0..4),
             tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
         ) {
