@@ -167,8 +167,9 @@
 //!   the others as often as before); `Fetch`, 12 → 9 B; digests of anti-entropy during the
 //!   1.2 s window, 1.23 × 34 = 42 → 1.19 × 18 = 21 B (`ShortDigest`); repairs (a round racing
 //!   the gossip: `Clocks` + `Changes`), 21 → 12 B (quiet while fetching). At 10,000 nodes the
-//!   same (323 / 215 = 1.502×), except the window: a few nodes none of whose neighbours relayed to them wait for
-//!   anti-entropy, and every node pays idle digests until the last is reached (1.62 digests,
+//!   same (323 / 215 = 1.502×), except the window: a few nodes none of whose neighbours
+//!   relayed to them wait for anti-entropy, and every node pays idle digests until the last
+//!   is reached (1.62 digests,
 //!   29 B, in 1.66 s; before: 2.33 digests, 79 B, in 2.3 s). Rounds now go first to peers not
 //!   known to hold the latest changes, so those nodes are found by the next round of a
 //!   neighbour: 660 ms for all nodes instead of 1,305 ms. That tail decides the 10,000-node
