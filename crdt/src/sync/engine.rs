@@ -433,7 +433,7 @@ impl SyncEngine {
                     && self.fetching(now, store)?
                 {
                     // Gossip is bringing us a change that this digest probably reflects: leave
-                    // it to the fetch (at most one digest per interval is ignored so, so a
+                    // it to the fetch (at most one digest per interval is ignored this way, so a
                     // steady stream of announcements cannot starve anti-entropy).
                     self.ignored_digest = Some(now);
                 } else if self.start_pull(now, from) {
