@@ -1687,6 +1687,70 @@ mod tests {
     }
 
     #[test]
+    fn a_steady_stream_of_announcements_does_not_starve_anti_entropy() {
+        let (me, peer) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut e = SyncEngine::new(me, Config::default(), 3);
+        let mut r = Fake::default();
+        e.peer_up(0, peer, &mut r).unwrap();
+        drain(&mut e);
+        let (mut digests, mut ignored, mut pulls) = (0, 0, 0);
+        for k in 0..20u8 {
+            // A new change is announced (and fetched, never delivered) just before every
+            // round and every digest from the peer.
+            let due = e.poll_timeout().unwrap();
+            e.handle(
+                due - 1,
+                peer,
+                SyncMessage::AnnounceOne { id: [k; 8] },
+                &mut r,
+            )
+            .unwrap();
+            assert!(matches!(
+                drain(&mut e).as_slice(),
+                [(_, SyncMessage::FetchOne { .. })]
+            ));
+            e.handle_timeout(due, &mut r).unwrap();
+            let out = drain(&mut e);
+            digests += out
+                .iter()
+                .filter(|(_, m)| matches!(m, SyncMessage::ShortDigest { .. }))
+                .count();
+            // A mismatched digest from the peer while the fetch is under way.
+            e.handle(
+                due + 1,
+                peer,
+                SyncMessage::ShortDigest { digest: [k; 16] },
+                &mut r,
+            )
+            .unwrap();
+            let out = drain(&mut e);
+            if out.is_empty() {
+                ignored += 1;
+            } else {
+                pulls += 1;
+            }
+            // The pull gets its answer, so the next mismatch may start another.
+            e.handle(
+                due + 2,
+                peer,
+                SyncMessage::Changes {
+                    more: false,
+                    changes: Vec::new(),
+                },
+                &mut r,
+            )
+            .unwrap();
+            drain(&mut e);
+        }
+        // Rounds are skipped while fetching, but never two in a row; mismatched digests are
+        // ignored at most once per interval (rounds are about one interval apart).
+        assert!(digests >= 10, "{digests} digests in 20 rounds");
+        assert!(digests < 20, "no round was ever skipped");
+        assert!(pulls >= 6, "{pulls} pulls, {ignored} ignored");
+        assert!(ignored > 0, "no digest was ever ignored");
+    }
+
+    #[test]
     fn garbage_from_the_network_is_an_event_not_an_error() {
         let mut e = SyncEngine::new(NodeId([1; 32]), Config::default(), 1);
         let mut r = Fake::default();
