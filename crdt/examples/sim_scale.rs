@@ -15,7 +15,9 @@
 //! bytes in full, larger ones as `Announce`/`Have` announcements; default from `Config`),
 //! `--pulled P` (relay changes newly applied from anti-entropy batches of at most P changes;
 //! default from `Config`), `--eager2 0|1` (relay a change pushed by its author in full;
-//! default from `Config`), `--writes W`
+//! default from `Config`), `--skip-holders 0|1`, `--prop 0|1`, `--prefer 0|1`, `--quiet 0|1`
+//! (`Config::relay_skip_holders`, `relay_proportional`, `ae_prefer_unknown`,
+//! `quiet_while_fetching`; defaults from `Config`), `--writes W`
 //! (writes per side in the partition scenario, default 16), `--size B` (the single write
 //! carries a B-byte string instead of a small object), `--memory 1` (SQLite `:memory:`
 //! databases instead of files: a file store holds 3 descriptors, so 10,000 file stores exceed
@@ -54,6 +56,10 @@ struct Args {
     size: usize,
     memory: bool,
     seed: u64,
+    skip_holders: bool,
+    quiet: bool,
+    prop: bool,
+    prefer: bool,
 }
 
 fn parse() -> Args {
@@ -69,6 +75,10 @@ fn parse() -> Args {
         size: 0,
         memory: false,
         seed: 1,
+        skip_holders: d.relay_skip_holders,
+        quiet: d.quiet_while_fetching,
+        prop: d.relay_proportional,
+        prefer: d.ae_prefer_unknown,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -88,6 +98,10 @@ fn parse() -> Args {
             "--size" => a.size = num(&v),
             "--memory" => a.memory = v == "1" || v == "true",
             "--seed" => a.seed = num(&v) as u64,
+            "--skip-holders" => a.skip_holders = v == "1" || v == "true",
+            "--quiet" => a.quiet = v == "1" || v == "true",
+            "--prop" => a.prop = v == "1" || v == "true",
+            "--prefer" => a.prefer = v == "1" || v == "true",
             other => panic!("unknown option {other}"),
         }
     }
@@ -131,6 +145,10 @@ fn run(n: usize, a: &Args) {
     cfg.sync.relay_inline_bytes = a.inline;
     cfg.sync.relay_pulled_max = a.pulled;
     cfg.sync.eager_first_hop = a.eager2;
+    cfg.sync.relay_skip_holders = a.skip_holders;
+    cfg.sync.quiet_while_fetching = a.quiet;
+    cfg.sync.relay_proportional = a.prop;
+    cfg.sync.ae_prefer_unknown = a.prefer;
     let stride = cfg.member_stride.unwrap_or(1);
     let interval = cfg.sync.anti_entropy_interval_ms;
     let mut s = Sim::new(a.seed, cfg);

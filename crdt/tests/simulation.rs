@@ -43,6 +43,65 @@ fn one_write_reaches_nodes_with_no_link_to_its_author() {
 }
 
 #[test]
+fn relays_that_skip_known_holders_announce_less_and_still_reach_everyone() {
+    sweep("relay_skips_holders", 0..3, |seed| {
+        // The same cluster and write, with and without what the relays know of who holds
+        // the change.
+        let run = |know: bool| {
+            let mut cfg = SimConfig::new(60).degree(12);
+            cfg.sync.relay_skip_holders = know;
+            cfg.sync.relay_proportional = know;
+            let mut s = Sim::new(seed, cfg);
+            s.run_until(2_000);
+            let before = s.by_kind.get("announce").map_or(0, |k| k.0);
+            let c = s.write(0, "app/web", "replicas").unwrap();
+            let h = c.hash().unwrap();
+            s.settle(10_000);
+            s.assert_converged();
+            assert!(s.everywhere(&h), "seed {seed}");
+            s.by_kind["announce"].0 - before
+        };
+        let (with, without) = (run(true), run(false));
+        assert!(
+            with < without,
+            "seed {seed}: {with} announcements knowing holders, {without} without"
+        );
+    });
+}
+
+#[test]
+fn a_full_mesh_prunes_the_eager_second_hop_after_one_duplicate() {
+    sweep("prune", 0..3, |seed| {
+        // Three nodes, all linked, fixed latency: a relayed copy (two hops) always arrives
+        // after the author's own push, so it is a duplicate.
+        let mut cfg = SimConfig::new(3);
+        cfg.latency = (20, 20);
+        let mut s = Sim::new(seed, cfg);
+        s.run_until(100);
+        let mut pushes = Vec::new();
+        for k in 0..6 {
+            let before = s.by_kind.get("push").map_or(0, |p| p.0);
+            s.write(0, "app/web", &format!("k{k}")).unwrap();
+            s.run_until(s.now + 300);
+            pushes.push(s.by_kind["push"].0 - before);
+        }
+        s.settle(10_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}");
+        }
+        // First write: the author's two pushes and two relayed duplicates (then pruned);
+        // afterwards the author's two pushes only (anti-entropy never pushes).
+        assert_eq!(pushes[0], 4, "seed {seed}: {pushes:?}");
+        assert!(
+            pushes[1..].iter().all(|p| *p == 2),
+            "seed {seed}: {pushes:?}"
+        );
+        assert!(s.by_kind["prune"].0 >= 2, "seed {seed}");
+    });
+}
+
+#[test]
 fn partition_heals_and_both_sides_converge() {
     sweep("partition_heals", 0..6, |seed| {
         let n = 3 + (seed as usize % 8);
@@ -94,6 +153,39 @@ fn paged_clocks_still_converge() {
         assert!(
             s.by_kind["clocks"].0 - clocks_before >= 4,
             "seed {seed}: not paged"
+        );
+    });
+}
+
+#[test]
+fn one_document_with_more_authors_than_a_page_holds_is_paged_between_authors() {
+    sweep("paged_authors", 0..3, |seed| {
+        let n = 12;
+        let mut cfg = SimConfig::new(n).lossy(0.03, 0.03);
+        // One document, 12 authors (480 bytes of version vector); pages of ~150 bytes hold
+        // at most 3 of them, so every pull cuts the document between authors.
+        cfg.sync.clocks_page_bytes = 150;
+        let mut s = Sim::new(seed, cfg);
+        s.run_until(100);
+        s.split(|i| i < 5);
+        for k in 0..36u64 {
+            s.at(200 + k * 40, move |s| {
+                s.write(k as usize % n, "app/shared", &format!("k{}", k % 5));
+            });
+        }
+        s.run_until(3_000);
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in s.written.clone() {
+            assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+        }
+        let authors = s.nodes[0].store().all_clocks().unwrap()["app/shared"].len();
+        assert_eq!(authors, n, "seed {seed}");
+        assert!(
+            s.max_clock_entries <= 3,
+            "seed {seed}: a Clocks page carried {} entries",
+            s.max_clock_entries
         );
     });
 }

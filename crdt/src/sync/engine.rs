@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use super::rng::SplitMix64;
 use super::wire::{
     change_id, clocks_entry_len, frontier_entry_len, ChangeId, Clocks, DocRange, Frontiers,
-    SyncMessage,
+    SyncMessage, VersionVector, AUTHOR_ENTRY_LEN,
 };
 use super::{clocks_digest, Replica, SyncError};
 use crate::identity::NodeId;
@@ -59,7 +59,9 @@ pub struct Config {
     pub relay_inline_bytes: usize,
     /// Most changes announced one by one (`Announce`); larger relays use `Have`.
     pub announce_max: usize,
-    /// Changes pushed by their own author are relayed in full (the second hop is eager too).
+    /// Changes pushed by their own author are relayed in full (the second hop is eager too),
+    /// except to a peer that answered such a relay with `Prune` (it gets that author's
+    /// changes straight from the author): it gets announcements instead.
     pub eager_first_hop: bool,
     /// Changes newly applied from an anti-entropy batch (`Changes`) of at most this many
     /// changes are relayed like pushed ones (0: never).
@@ -74,6 +76,23 @@ pub struct Config {
     /// A node's version vectors are sent in pages of about this many bytes (by document
     /// range), so that any number of documents and authors stays within the message limit.
     pub clocks_page_bytes: usize,
+    /// Relays skip peers known to hold the changes (they pushed or announced them to us, or
+    /// fetched them from us), so announcements go where they may be news.
+    pub relay_skip_holders: bool,
+    /// With [`Config::relay_skip_holders`], relay to `fanout × candidates / others` peers
+    /// (randomly rounded) instead of `fanout`: each peer not known to hold the changes is
+    /// picked with the same probability as if nothing were known, so coverage is that of
+    /// plain `fanout` with fewer announcements.
+    pub relay_proportional: bool,
+    /// The periodic digest goes to a random peer among those not known to hold the changes
+    /// applied here during the last interval (a node gossip missed is found by the next
+    /// round of a neighbour rather than after many), else to any random peer.
+    pub ae_prefer_unknown: bool,
+    /// While a fetch of an announced change is under way (the announced change has not
+    /// arrived yet, less than `pull_gap_ms` after asking), a periodic round is skipped (never
+    /// two in a row) and a mismatched digest ignored (at most one per
+    /// `anti_entropy_interval_ms`): the difference is most likely that change, on its way.
+    pub quiet_while_fetching: bool,
 }
 
 impl Default for Config {
@@ -94,6 +113,10 @@ impl Default for Config {
             pull_timeout_ms: 2_000,
             max_events: 4_096,
             clocks_page_bytes: 1 << 20,
+            relay_skip_holders: true,
+            relay_proportional: true,
+            ae_prefer_unknown: true,
+            quiet_while_fetching: true,
         }
     }
 }
@@ -202,6 +225,19 @@ pub struct SyncEngine {
     wanted: HashMap<(String, NodeId), (u64, u64)>,
     /// Changes announced by id already fetched: id → when. Bounded.
     fetched: HashMap<ChangeId, u64>,
+    /// Peers known to hold a recent change (they pushed or announced it to us): id → (when
+    /// first noted, peers). A relay skips them. Bounded; entries expire after an
+    /// anti-entropy interval.
+    holders: HashMap<ChangeId, (u64, Vec<NodeId>)>,
+    /// Changes applied or committed here in the last anti-entropy interval: (when, id).
+    /// Bounded.
+    recent: VecDeque<(u64, ChangeId)>,
+    /// (peer, author): `peer` pruned our eager relays of `author`'s changes. Bounded.
+    pruned: HashSet<(NodeId, NodeId)>,
+    /// The last round was skipped because a fetch was under way (the next one is not).
+    skipped_round: bool,
+    /// When a mismatched digest was last ignored because a fetch was under way.
+    ignored_digest: Option<u64>,
     stats: Stats,
 }
 
@@ -222,6 +258,11 @@ impl SyncEngine {
             seen_waiting: HashSet::new(),
             wanted: HashMap::new(),
             fetched: HashMap::new(),
+            holders: HashMap::new(),
+            recent: VecDeque::new(),
+            skipped_round: false,
+            pruned: HashSet::new(),
+            ignored_digest: None,
             stats: Stats::default(),
         }
     }
@@ -283,8 +324,8 @@ impl SyncEngine {
         if self.next_round.is_none() {
             self.schedule_round(now);
         }
-        let digest = self.summary(store)?.digest;
-        self.enqueue(peer, SyncMessage::Digest { digest });
+        let digest = short_digest(&self.summary(store)?.digest);
+        self.enqueue(peer, SyncMessage::ShortDigest { digest });
         Ok(())
     }
 
@@ -298,6 +339,7 @@ impl SyncEngine {
         if self.pulling.as_ref().is_some_and(|p| p.peer == peer) {
             self.pulling = None;
         }
+        self.pruned.retain(|(p, _)| *p != peer);
     }
 
     /// Flow control: while `ready` is false (the transport to `peer` is backed up),
@@ -316,20 +358,23 @@ impl SyncEngine {
         changes: &[SignedChange],
         store: &mut impl Replica,
     ) -> Result<(), SyncError> {
-        let _ = (now, &*store);
+        let _ = &*store;
         self.cache = None;
         if changes.is_empty() {
             return Ok(());
         }
         let targets = self.peers_up();
+        for c in changes {
+            if let Some(h) = c.hash() {
+                self.note_recent(now, change_id(&h));
+                for t in &targets {
+                    self.note_holder(now, change_id(&h), *t);
+                }
+            }
+        }
         for chunk in self.chunks(changes.to_vec()) {
             for t in &targets {
-                self.enqueue(
-                    *t,
-                    SyncMessage::Push {
-                        changes: chunk.clone(),
-                    },
-                );
+                self.enqueue(*t, push(chunk.clone()));
             }
         }
         Ok(())
@@ -372,14 +417,29 @@ impl SyncEngine {
             return Ok(());
         }
         match msg {
-            SyncMessage::Digest { digest } => {
+            SyncMessage::Digest { .. } | SyncMessage::ShortDigest { .. } => {
                 let mine = self.summary(store)?.digest;
-                if digest == mine {
+                let equal = match &msg {
+                    SyncMessage::Digest { digest } => *digest == mine,
+                    SyncMessage::ShortDigest { digest } => *digest == short_digest(&mine),
+                    _ => false,
+                };
+                if equal {
                     self.event(Event::CaughtUp { peer: from });
+                } else if self.cfg.quiet_while_fetching
+                    && self
+                        .ignored_digest
+                        .is_none_or(|t| now >= t + self.cfg.anti_entropy_interval_ms)
+                    && self.fetching(now, store)?
+                {
+                    // Gossip is bringing us a change that this digest probably reflects: leave
+                    // it to the fetch (at most one digest per interval is ignored this way, so a
+                    // steady stream of announcements cannot starve anti-entropy).
+                    self.ignored_digest = Some(now);
                 } else if self.start_pull(now, from) {
                     // (While pulling from another peer we ignore it: that pull is bringing us
                     // up to date, and the next round will compare again.)
-                    self.send_page(from, store, "", true)?;
+                    self.send_page(from, store, &Pos::default(), true)?;
                 }
             }
             SyncMessage::Clocks {
@@ -405,8 +465,9 @@ impl SyncEngine {
                     )?;
                     self.enqueue(from, SyncMessage::Changes { more, changes });
                 }
-                if reply && lacks(&mine, &clocks, &frontiers) && self.start_pull(now, from) {
-                    self.send_page(from, store, "", false)?;
+                if reply && lacks(&mine, &clocks, &frontiers, &range) && self.start_pull(now, from)
+                {
+                    self.send_page(from, store, &Pos::default(), false)?;
                 }
             }
             SyncMessage::Changes { more, changes } => {
@@ -415,7 +476,7 @@ impl SyncEngine {
                 if !outcome.applied.is_empty() && n <= self.cfg.relay_pulled_max {
                     // A small catch-up batch is likely news to our other peers too.
                     let applied = std::mem::take(&mut outcome.applied);
-                    self.relay(from, applied);
+                    self.relay(now, from, applied);
                 }
                 let page = self
                     .pulling
@@ -424,14 +485,17 @@ impl SyncEngine {
                     .map(|p| p.page.clone());
                 if more {
                     // Keep pulling this page from this peer until it has nothing more for us.
-                    let start = page.map(|p| p.start).unwrap_or_default();
+                    let start = page.map(|p| (p.start, p.start_author)).unwrap_or_default();
                     self.pulling = Some(Pull {
                         peer: from,
                         until: now + self.cfg.pull_timeout_ms,
                         page: DocRange::default(),
                     });
                     self.send_page(from, store, &start, false)?;
-                } else if let Some(next) = page.as_ref().and_then(|p| p.end.clone()) {
+                } else if let Some(next) = page
+                    .as_ref()
+                    .and_then(|p| p.end.clone().map(|e| (e, p.end_author)))
+                {
                     // This page is done; on to the next one.
                     if let Some(p) = self.pulling.as_mut() {
                         p.until = now + self.cfg.pull_timeout_ms;
@@ -451,19 +515,12 @@ impl SyncEngine {
                         // Changes wait for dependencies this peer may hold (for instance the
                         // other variant's chain of an equivocation): ask for them by hash.
                         self.want_rounds += 1;
-                        self.send_page(from, store, "", false)?;
+                        self.send_page(from, store, &Pos::default(), false)?;
                     }
                 }
             }
-            SyncMessage::Push { changes } => {
-                let outcome = self.ingest(from, changes, store)?;
-                if !outcome.applied.is_empty() {
-                    self.relay(from, outcome.applied);
-                }
-                if outcome.waiting > 0 {
-                    self.pull(now, from, store)?;
-                }
-            }
+            SyncMessage::PushOne { change } => self.pushed(now, from, vec![change], store)?,
+            SyncMessage::Push { changes } => self.pushed(now, from, changes, store)?,
             SyncMessage::Have { clocks } => {
                 let mine = self.summary(store)?.clocks;
                 let wait = self.cfg.pull_gap_ms;
@@ -490,36 +547,111 @@ impl SyncEngine {
             SyncMessage::Want { clocks } => {
                 let (changes, _) = self.wanted_by(store, &clocks)?;
                 if !changes.is_empty() {
-                    self.enqueue(from, SyncMessage::Push { changes });
+                    self.enqueue(from, push(changes));
                 }
             }
-            SyncMessage::Announce { ids } => {
-                let wait = self.cfg.pull_gap_ms;
-                self.fetched.retain(|_, t| now < *t + wait);
-                let mut want = Vec::new();
-                for id in ids.into_iter().take(MAX_WANTED) {
-                    // Asked another announcer recently: wait for its answer.
-                    if self.fetched.contains_key(&id) || store.holds_id(&id)? {
-                        continue;
+            SyncMessage::Announce { ids } => self.announced(now, from, ids, store)?,
+            SyncMessage::AnnounceOne { id } => self.announced(now, from, vec![id], store)?,
+            SyncMessage::Prune { id } => {
+                if let Some(c) = store.change_by_id(&id)? {
+                    if c.author != from {
+                        if self.pruned.len() >= MAX_WANTED {
+                            self.pruned.clear();
+                        }
+                        self.pruned.insert((from, c.author));
                     }
-                    if self.fetched.len() < MAX_WANTED {
-                        self.fetched.insert(id, now);
-                    }
-                    want.push(id);
-                }
-                if !want.is_empty() {
-                    self.enqueue(from, SyncMessage::Fetch { ids: want });
                 }
             }
-            SyncMessage::Fetch { ids } => {
-                let mut changes = Vec::new();
-                for id in ids.iter().take(self.cfg.batch_changes) {
-                    changes.extend(store.change_by_id(id)?);
-                }
-                for chunk in self.chunks(changes) {
-                    self.enqueue(from, SyncMessage::Push { changes: chunk });
+            SyncMessage::Fetch { ids } => self.fetch(now, from, &ids, store)?,
+            SyncMessage::FetchOne { id } => self.fetch(now, from, &[id], store)?,
+        }
+        Ok(())
+    }
+
+    /// `from` pushed changes: apply them, relay the new ones, pull what they wait for.
+    fn pushed(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        changes: Vec<SignedChange>,
+        store: &mut impl Replica,
+    ) -> Result<(), SyncError> {
+        // A full relay (not from the changes' author, not asked for) that brings nothing new:
+        // tell the relayer to announce this author's changes to us instead.
+        let n = changes.len();
+        let mut prune = None;
+        for c in &changes {
+            if let Some(h) = c.hash() {
+                let id = change_id(&h);
+                self.note_holder(now, id, from);
+                if c.author != from && !self.fetched.contains_key(&id) {
+                    prune = Some(id);
                 }
             }
+        }
+        let outcome = self.ingest(from, changes, store)?;
+        if let Some(id) = prune {
+            if n > 0 && outcome.duplicates == n {
+                self.enqueue(from, SyncMessage::Prune { id });
+            }
+        }
+        if !outcome.applied.is_empty() {
+            self.relay(now, from, outcome.applied);
+        }
+        if outcome.waiting > 0 {
+            self.pull(now, from, store)?;
+        }
+        Ok(())
+    }
+
+    /// `from` announced changes by id: fetch those we lack and nobody else is fetching.
+    fn announced(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        ids: Vec<ChangeId>,
+        store: &impl Replica,
+    ) -> Result<(), SyncError> {
+        let wait = self.cfg.pull_gap_ms;
+        self.fetched.retain(|_, t| now < *t + wait);
+        let mut want = Vec::new();
+        for id in ids.into_iter().take(MAX_WANTED) {
+            self.note_holder(now, id, from);
+            // Asked another announcer recently: wait for its answer.
+            if self.fetched.contains_key(&id) || store.holds_id(&id)? {
+                continue;
+            }
+            if self.fetched.len() < MAX_WANTED {
+                self.fetched.insert(id, now);
+            }
+            want.push(id);
+        }
+        if let [id] = want.as_slice() {
+            self.enqueue(from, SyncMessage::FetchOne { id: *id });
+        } else if !want.is_empty() {
+            self.enqueue(from, SyncMessage::Fetch { ids: want });
+        }
+        Ok(())
+    }
+
+    /// `from` asked for changes by id: push those we hold.
+    fn fetch(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        ids: &[ChangeId],
+        store: &impl Replica,
+    ) -> Result<(), SyncError> {
+        let mut changes = Vec::new();
+        for id in ids.iter().take(self.cfg.batch_changes) {
+            let c = store.change_by_id(id)?;
+            if c.is_some() {
+                self.note_holder(now, *id, from);
+            }
+            changes.extend(c);
+        }
+        for chunk in self.chunks(changes) {
+            self.enqueue(from, push(chunk));
         }
         Ok(())
     }
@@ -537,10 +669,17 @@ impl SyncEngine {
         if up.is_empty() {
             return Ok(());
         }
-        let peer = up[self.rng.below(up.len() as u64) as usize];
-        let digest = self.summary(store)?.digest;
+        let peer = self.round_peer(now, &up);
+        if self.cfg.quiet_while_fetching && !self.skipped_round && self.fetching(now, store)? {
+            // A fetch under way: the round would most likely chase the same change. Skipped,
+            // but never twice in a row.
+            self.skipped_round = true;
+            return Ok(());
+        }
+        self.skipped_round = false;
+        let digest = short_digest(&self.summary(store)?.digest);
         self.stats.rounds += 1;
-        self.enqueue(peer, SyncMessage::Digest { digest });
+        self.enqueue(peer, SyncMessage::ShortDigest { digest });
         Ok(())
     }
 
@@ -612,7 +751,11 @@ impl SyncEngine {
         if !p.queue.is_empty() && (p.queue.len() >= qm || p.queued_bytes + len > qb) {
             if matches!(
                 msg,
-                SyncMessage::Push { .. } | SyncMessage::Have { .. } | SyncMessage::Announce { .. }
+                SyncMessage::Push { .. }
+                    | SyncMessage::PushOne { .. }
+                    | SyncMessage::Have { .. }
+                    | SyncMessage::Announce { .. }
+                    | SyncMessage::AnnounceOne { .. }
             ) {
                 self.stats.dropped_pushes += 1;
             } else {
@@ -641,14 +784,14 @@ impl SyncEngine {
         Ok(sum)
     }
 
-    /// Send `peer` the page of our clocks that starts at document `start` (with our missing
+    /// Send `peer` the page of our clocks that starts at position `start` (with our missing
     /// dependencies), asking for what we lack in it; remember the page if we are pulling
     /// from `peer`.
     fn send_page(
         &mut self,
         peer: NodeId,
         store: &impl Replica,
-        start: &str,
+        start: &Pos,
         reply: bool,
     ) -> Result<(), SyncError> {
         let sum = self.summary(store)?;
@@ -684,7 +827,7 @@ impl SyncEngine {
         if !self.start_pull(now, peer) {
             return Ok(());
         }
-        self.send_page(peer, store, "", false)
+        self.send_page(peer, store, &Pos::default(), false)
     }
 
     /// Start pulling from `peer` unless a pull is still in progress: at most one peer sends
@@ -726,36 +869,139 @@ impl SyncEngine {
         out
     }
 
-    /// Relay newly applied changes to `fanout` random peers other than the sender.
-    fn relay(&mut self, from: NodeId, applied: Vec<SignedChange>) {
-        let others: Vec<NodeId> = self
+    /// Whether a change announced to us was fetched less than `pull_gap_ms` ago and has not
+    /// arrived yet.
+    fn fetching(&self, now: u64, store: &impl Replica) -> Result<bool, SyncError> {
+        for (id, t) in &self.fetched {
+            if now < *t + self.cfg.pull_gap_ms && !store.holds_id(id)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The peer of a periodic round: a random one among those not known to hold every change
+    /// applied here in the last interval (they may have been missed by gossip; the others
+    /// almost surely hold the same as we do), else a random one.
+    fn round_peer(&mut self, now: u64, up: &[NodeId]) -> NodeId {
+        let ttl = self.cfg.anti_entropy_interval_ms + self.cfg.anti_entropy_jitter_ms;
+        while self.recent.front().is_some_and(|(t, _)| now >= *t + ttl) {
+            self.recent.pop_front();
+        }
+        if self.cfg.ae_prefer_unknown && !self.recent.is_empty() {
+            let unknown: Vec<NodeId> = up
+                .iter()
+                .filter(|p| {
+                    !self.recent.iter().all(|(_, id)| {
+                        self.holders
+                            .get(id)
+                            .is_some_and(|(_, peers)| peers.contains(p))
+                    })
+                })
+                .copied()
+                .collect();
+            if !unknown.is_empty() {
+                return unknown[self.rng.below(unknown.len() as u64) as usize];
+            }
+        }
+        up[self.rng.below(up.len() as u64) as usize]
+    }
+
+    /// Remember that `id` was applied or committed here at `now`.
+    fn note_recent(&mut self, now: u64, id: ChangeId) {
+        if self.recent.len() >= MAX_RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, id));
+    }
+
+    /// Remember that `peer` holds the change `id` (it pushed or announced it to us).
+    fn note_holder(&mut self, now: u64, id: ChangeId, peer: NodeId) {
+        if !self.holders.contains_key(&id) && self.holders.len() >= MAX_WANTED {
+            let ttl = self.cfg.anti_entropy_interval_ms;
+            self.holders.retain(|_, (t, _)| now < *t + ttl);
+            if self.holders.len() >= MAX_WANTED {
+                self.holders.clear();
+            }
+        }
+        let (_, peers) = self.holders.entry(id).or_insert((now, Vec::new()));
+        if !peers.contains(&peer) && peers.len() < MAX_HOLDERS {
+            peers.push(peer);
+        }
+    }
+
+    /// Relay newly applied changes to `fanout` random peers other than the sender and other
+    /// than those known to hold them all already (they pushed or announced them to us).
+    fn relay(&mut self, now: u64, from: NodeId, applied: Vec<SignedChange>) {
+        let ids: Vec<ChangeId> = applied
+            .iter()
+            .filter_map(|c| c.hash().map(|h| change_id(&h)))
+            .collect();
+        for id in &ids {
+            self.note_recent(now, *id);
+        }
+        let holds_all = |peer: &NodeId| {
+            !ids.is_empty()
+                && ids.iter().all(|id| {
+                    self.holders
+                        .get(id)
+                        .is_some_and(|(_, peers)| peers.contains(peer))
+                })
+        };
+        let all = self
             .peers
             .iter()
             .filter(|(id, p)| p.up && **id != from)
+            .count();
+        let others: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                p.up && **id != from && !(self.cfg.relay_skip_holders && holds_all(id))
+            })
             .map(|(id, _)| *id)
             .collect();
-        let targets = self.rng.choose(&others, self.cfg.fanout);
+        let mut fanout = self.cfg.fanout;
+        if self.cfg.relay_proportional && all > 0 {
+            // Each peer not known to hold the changes is picked with the same probability
+            // as without that knowledge (fanout / others): same coverage, fewer messages.
+            let scaled = fanout * others.len();
+            fanout = scaled / all + usize::from(self.rng.below(all as u64) < (scaled % all) as u64);
+        }
+        let targets = self.rng.choose(&others, fanout);
         if targets.is_empty() {
             return;
+        }
+        for id in &ids {
+            for t in &targets {
+                self.note_holder(now, *id, *t);
+            }
         }
         let bytes: usize = applied.iter().map(SignedChange::encoded_len).sum();
         // A change pushed by its own author is on its first relay: few nodes hold it yet, so
         // pushing it in full costs few duplicates and saves two message delays.
         let first_hop = applied.iter().all(|c| c.author == from);
-        if bytes <= self.cfg.relay_inline_bytes
-            || (first_hop && self.cfg.eager_first_hop && bytes <= self.cfg.batch_bytes)
-        {
-            for chunk in self.chunks(applied) {
-                for t in &targets {
-                    self.enqueue(
-                        *t,
-                        SyncMessage::Push {
-                            changes: chunk.clone(),
-                        },
-                    );
+        let (eager, targets): (Vec<NodeId>, Vec<NodeId>) = if bytes <= self.cfg.relay_inline_bytes {
+            (targets, Vec::new())
+        } else if first_hop && self.cfg.eager_first_hop && bytes <= self.cfg.batch_bytes {
+            // Peers that pruned this author (they hold its changes first-hand) get announcements.
+            targets
+                .into_iter()
+                .partition(|t| !self.pruned.contains(&(*t, from)))
+        } else {
+            (Vec::new(), targets)
+        };
+        if !eager.is_empty() {
+            for chunk in self.chunks(applied.clone()) {
+                for t in &eager {
+                    self.enqueue(*t, push(chunk.clone()));
                 }
             }
-        } else if applied.len() <= self.cfg.announce_max {
+        }
+        if targets.is_empty() {
+            return;
+        }
+        if applied.len() <= self.cfg.announce_max {
             let mut ids: Vec<ChangeId> = applied
                 .iter()
                 .filter_map(|c| c.hash().map(|h| change_id(&h)))
@@ -763,7 +1009,11 @@ impl SyncEngine {
             ids.sort_unstable();
             ids.dedup();
             for t in targets {
-                self.enqueue(t, SyncMessage::Announce { ids: ids.clone() });
+                let msg = match ids.as_slice() {
+                    [id] => SyncMessage::AnnounceOne { id: *id },
+                    _ => SyncMessage::Announce { ids: ids.clone() },
+                };
+                self.enqueue(t, msg);
             }
         } else {
             let mut have = Clocks::new();
@@ -798,17 +1048,22 @@ impl SyncEngine {
     ) -> Result<Ingested, SyncError> {
         let mut fresh = Vec::with_capacity(changes.len());
         let mut seen = HashSet::new();
+        let mut dups = 0;
         for c in changes {
             if let Ok(h) = crate::header::parse(&c.bytes) {
                 if !seen.insert(h.hash) || store.contains(&h.hash)? {
                     self.stats.duplicates += 1;
+                    dups += 1;
                     continue;
                 }
             }
             fresh.push(c);
         }
         if fresh.is_empty() {
-            return Ok(Ingested::default());
+            return Ok(Ingested {
+                duplicates: dups,
+                ..Ingested::default()
+            });
         }
         let mut by_hash: BTreeMap<[u8; 32], SignedChange> = BTreeMap::new();
         for c in &fresh {
@@ -817,7 +1072,10 @@ impl SyncEngine {
             }
         }
         let report = store.ingest(fresh)?;
-        let mut out = Ingested::default();
+        let mut out = Ingested {
+            duplicates: dups,
+            ..Ingested::default()
+        };
         let mut rejected: BTreeMap<&'static str, usize> = BTreeMap::new();
         for (_, _, hash, o) in &report.outcomes {
             match o {
@@ -829,7 +1087,10 @@ impl SyncEngine {
                     };
                     out.applied.extend(c);
                 }
-                Outcome::Duplicate => self.stats.duplicates += 1,
+                Outcome::Duplicate => {
+                    self.stats.duplicates += 1;
+                    out.duplicates += 1;
+                }
                 Outcome::Pending(_) => {
                     out.waiting += 1;
                     if let Some(h) = hash {
@@ -930,8 +1191,14 @@ impl SyncEngine {
                     }
                 }
                 let their_heads = their_f.map(|t| t.heads.as_slice()).unwrap_or(&[]);
-                let same_vv =
-                    theirs.clocks.get(doc).is_some() && theirs.clocks.get(doc) == mine.get(doc);
+                let same_vv = if theirs.range.covers(doc) {
+                    theirs.clocks.get(doc).is_some() && theirs.clocks.get(doc) == mine.get(doc)
+                } else {
+                    // This page holds only part of the document's version vector: compare
+                    // that part (equal whole vectors are equal in every part, so no fork is
+                    // missed; an unequal rest costs at most a few heads sent twice).
+                    same_in_range(mine.get(doc), theirs.clocks.get(doc), doc, theirs.range)
+                };
                 if same_vv && their_heads != f.heads.as_slice() {
                     for h in &f.heads {
                         if their_heads.binary_search(h).is_err() {
@@ -953,7 +1220,7 @@ impl SyncEngine {
             .keys()
             .filter(|d| d.as_str() == MEMBERSHIP_DOC)
             .chain(mine.keys().filter(|d| d.as_str() != MEMBERSHIP_DOC))
-            .filter(|d| theirs.range.contains(d));
+            .filter(|d| theirs.range.touches(d));
         for doc in docs {
             let vv = &mine[doc];
             let their_vv = theirs.clocks.get(doc);
@@ -964,7 +1231,11 @@ impl SyncEngine {
             let mut fetched: Vec<(u64, SignedChange)> = Vec::new();
             // Lowest last start_op among authors whose list was cut by the limit.
             let mut horizon = u64::MAX;
+            let whole = theirs.range.covers(doc);
             for (author, seq) in vv {
+                if !whole && !theirs.range.contains_entry(doc, author) {
+                    continue;
+                }
                 let theirs_seq = match their_vv.and_then(|v| v.get(author)) {
                     Some(s) => *s,
                     None if partial => continue,
@@ -1023,52 +1294,134 @@ struct Theirs<'a> {
     wants: &'a [[u8; 32]],
 }
 
-/// The page of `sum` starting at document `start`: as many whole documents as fit in about
-/// `max_bytes` (at least one).
-fn page(sum: &Summary, start: &str, max_bytes: usize) -> (DocRange, Clocks, Frontiers) {
+/// A position in a node's clocks where a page starts or ends: a document, and an author
+/// within it (`None`: the document itself, before its first author; see [`DocRange`]).
+type Pos = (String, Option<NodeId>);
+
+/// The page of `sum` starting at position `start`: as many clock entries and frontiers as fit
+/// in about `max_bytes` (at least one), cut between documents or, within a document with
+/// more authors than fit, between two authors.
+fn page(sum: &Summary, start: &Pos, max_bytes: usize) -> (DocRange, Clocks, Frontiers) {
+    let (start_doc, start_author) = start;
     let docs: BTreeSet<&String> = sum
         .clocks
         .keys()
         .chain(sum.frontiers.keys())
-        .filter(|d| d.as_str() >= start)
+        .filter(|d| d.as_str() >= start_doc.as_str())
         .collect();
     let mut clocks = Clocks::new();
     let mut frontiers = Frontiers::new();
     let mut bytes = 0usize;
-    let mut end = None;
-    for doc in docs {
-        let vv = sum.clocks.get(doc);
-        let f = sum.frontiers.get(doc);
-        let len = vv.map_or(0, |v| clocks_entry_len(doc, v))
-            + f.map_or(0, |f| frontier_entry_len(doc, f));
-        if bytes > 0 && bytes + len > max_bytes {
-            end = Some(doc.clone());
-            break;
+    let mut end: Option<Pos> = None;
+    'docs: for doc in docs {
+        // Where this document starts in the page: itself, or (the page's first document
+        // only) an author of it.
+        let from = if doc == start_doc {
+            start_author.as_ref()
+        } else {
+            None
+        };
+        if from.is_none() {
+            let vv_head = if sum.clocks.contains_key(doc) {
+                clocks_entry_len(doc, &VersionVector::new())
+            } else {
+                0
+            };
+            let f = sum.frontiers.get(doc);
+            let len = vv_head + f.map_or(0, |f| frontier_entry_len(doc, f));
+            if bytes > 0 && bytes + len > max_bytes {
+                end = Some((doc.clone(), None));
+                break;
+            }
+            bytes += len;
+            if let Some(f) = f {
+                frontiers.insert(doc.clone(), f.clone());
+            }
+            if let Some(v) = sum.clocks.get(doc) {
+                if v.is_empty() {
+                    clocks.insert(doc.clone(), VersionVector::new());
+                }
+            }
+        } else {
+            // The document's entry header again, in this page.
+            bytes += clocks_entry_len(doc, &VersionVector::new());
         }
-        bytes += len;
-        if let Some(v) = vv {
-            clocks.insert(doc.clone(), v.clone());
-        }
-        if let Some(f) = f {
-            frontiers.insert(doc.clone(), f.clone());
+        let Some(vv) = sum.clocks.get(doc) else {
+            continue;
+        };
+        let authors = match from {
+            Some(a) => vv.range(*a..),
+            None => vv.range(..),
+        };
+        for (author, seq) in authors {
+            if bytes > 0 && bytes + AUTHOR_ENTRY_LEN > max_bytes {
+                end = Some((doc.clone(), Some(*author)));
+                break 'docs;
+            }
+            bytes += AUTHOR_ENTRY_LEN;
+            clocks.entry(doc.clone()).or_default().insert(*author, *seq);
         }
     }
     let range = DocRange {
-        start: start.to_string(),
-        end,
+        start: start_doc.clone(),
+        start_author: *start_author,
+        end: end.as_ref().map(|e| e.0.clone()),
+        end_author: end.and_then(|e| e.1),
     };
     (range, clocks, frontiers)
+}
+
+/// Whether `mine` and `theirs` agree on every entry of `doc` that `range` holds.
+fn same_in_range(
+    mine: Option<&VersionVector>,
+    theirs: Option<&VersionVector>,
+    doc: &str,
+    range: &DocRange,
+) -> bool {
+    let part = |v: Option<&VersionVector>| {
+        v.into_iter()
+            .flatten()
+            .filter(|(a, _)| range.contains_entry(doc, a))
+            .map(|(a, s)| (*a, *s))
+            .collect::<Vec<_>>()
+    };
+    part(mine) == part(theirs)
 }
 
 /// Most outstanding `Want` entries remembered (older ones expire after `pull_gap_ms`).
 const MAX_WANTED: usize = 4_096;
 /// Most missing-dependency hashes sent with one `Clocks`, or served from one.
 const MAX_WANTS: usize = 64;
+/// `Push` of `changes`, as `PushOne` when there is one.
+fn push(mut changes: Vec<SignedChange>) -> SyncMessage {
+    match changes.pop() {
+        Some(change) if changes.is_empty() => SyncMessage::PushOne { change },
+        Some(last) => {
+            changes.push(last);
+            SyncMessage::Push { changes }
+        }
+        None => SyncMessage::Push { changes },
+    }
+}
+
+/// The first 16 bytes of a digest, as sent in `ShortDigest`.
+fn short_digest(d: &[u8; 32]) -> [u8; 16] {
+    let mut s = [0; 16];
+    s.copy_from_slice(&d[..16]);
+    s
+}
+
+/// Most recently applied changes remembered for choosing the peer of a round.
+const MAX_RECENT: usize = 64;
+/// Most holders remembered per change.
+const MAX_HOLDERS: usize = 32;
 /// Most consecutive pulls made only to fetch missing dependencies.
 const MAX_WANT_ROUNDS: u32 = 64;
 
 #[derive(Default)]
 struct Ingested {
+    /// Changes already held (not verified again).
+    duplicates: usize,
     /// Newly applied changes (for relaying).
     applied: Vec<SignedChange>,
     /// Changes held in the pending set (their dependencies or author are not known yet).
@@ -1087,7 +1440,7 @@ fn seq_of(clocks: &Clocks, doc: &str, author: &NodeId) -> u64 {
 
 /// Whether `mine` lacks something a page of a peer's clocks shows: a higher seq, a fork we
 /// have not flagged, or other heads for the same version vector.
-fn lacks(mine: &Summary, theirs: &Clocks, their_f: &Frontiers) -> bool {
+fn lacks(mine: &Summary, theirs: &Clocks, their_f: &Frontiers, range: &DocRange) -> bool {
     let higher = theirs
         .iter()
         .any(|(doc, vv)| vv.iter().any(|(a, s)| *s > seq_of(&mine.clocks, doc, a)));
@@ -1096,10 +1449,18 @@ fn lacks(mine: &Summary, theirs: &Clocks, their_f: &Frontiers) -> bool {
             .iter()
             .any(|(a, s)| mine.frontiers.get(doc).and_then(|m| m.forks.get(a)) != Some(s))
     });
-    let heads = theirs.iter().any(|(doc, vv)| {
-        mine.clocks.get(doc) == Some(vv)
-            && mine.frontiers.get(doc).map(|f| &f.heads) != their_f.get(doc).map(|f| &f.heads)
-    });
+    let heads = theirs
+        .keys()
+        .chain(their_f.keys())
+        .filter(|doc| range.contains(doc))
+        .any(|doc| {
+            let same = if range.covers(doc) {
+                theirs.get(doc).is_some() && mine.clocks.get(doc) == theirs.get(doc)
+            } else {
+                same_in_range(mine.clocks.get(doc), theirs.get(doc), doc, range)
+            };
+            same && mine.frontiers.get(doc).map(|f| &f.heads) != their_f.get(doc).map(|f| &f.heads)
+        });
     higher || fork || heads
 }
 
@@ -1201,11 +1562,19 @@ mod tests {
             clocks: clocks.clone(),
             frontiers: frontiers.clone(),
         };
-        let cfg = Config::default();
-        let (mut start, mut pages) = (String::new(), 0);
+        let (pages, got, got_f) = walk_pages(&sum, Config::default().clocks_page_bytes);
+        assert!(pages >= 12, "{pages} pages");
+        assert_eq!(got, clocks);
+        assert_eq!(got_f, frontiers);
+    }
+
+    /// Every page of `sum` from the first, each checked under the size bound and through the
+    /// wire; the number of pages and the clocks and frontiers they carried, merged.
+    fn walk_pages(sum: &Summary, page_bytes: usize) -> (usize, Clocks, Frontiers) {
+        let (mut start, mut pages) = (Pos::default(), 0);
         let (mut got, mut got_f) = (Clocks::new(), Frontiers::new());
         loop {
-            let (range, c, f) = page(&sum, &start, cfg.clocks_page_bytes);
+            let (range, c, f) = page(sum, &start, page_bytes);
             let msg = SyncMessage::Clocks {
                 reply: false,
                 pull: true,
@@ -1215,22 +1584,55 @@ mod tests {
                 wants: Vec::new(),
             };
             let bytes = msg.encode();
-            assert!(
-                bytes.len() <= cfg.clocks_page_bytes + 64 * 1024,
-                "{}",
-                bytes.len()
-            );
+            assert!(bytes.len() <= page_bytes + 64 * 1024, "{}", bytes.len());
             assert!(bytes.len() < super::super::wire::MAX_MESSAGE_BYTES);
             assert_eq!(SyncMessage::decode(&bytes).unwrap(), msg);
             pages += 1;
-            got.extend(c);
-            got_f.extend(f);
+            for (doc, vv) in c {
+                got.entry(doc).or_default().extend(vv);
+            }
+            for (doc, fr) in f {
+                assert!(got_f.insert(doc, fr).is_none(), "a frontier sent twice");
+            }
             match range.end {
-                Some(e) => start = e,
-                None => break,
+                Some(e) => {
+                    let next = (e, range.end_author);
+                    assert!(next > start, "no progress");
+                    start = next;
+                }
+                None => return (pages, got, got_f),
             }
         }
-        assert!(pages >= 12, "{pages} pages");
+    }
+
+    fn author(a: u32) -> NodeId {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&a.to_be_bytes());
+        NodeId(id)
+    }
+
+    #[test]
+    fn one_document_with_more_authors_than_a_message_holds_is_split_across_pages() {
+        // 250,000 authors in one document: 10 MB as one version vector, over the 8 MiB
+        // message limit. Pages cut the document between authors.
+        let vv: VersionVector = (0..250_000u32).map(|a| (author(a), 1)).collect();
+        let mut clocks = Clocks::new();
+        clocks.insert("app/big".into(), vv);
+        clocks.insert("app/small".into(), [(author(7), 3)].into_iter().collect());
+        let mut frontiers = Frontiers::new();
+        frontiers.entry("app/big".into()).or_default().heads = vec![[9; 32]];
+        let sum = Summary {
+            digest: super::super::clocks_digest(&clocks, &frontiers),
+            clocks: clocks.clone(),
+            frontiers: frontiers.clone(),
+        };
+        let (pages, got, got_f) = walk_pages(&sum, Config::default().clocks_page_bytes);
+        assert!(pages >= 10, "{pages} pages");
+        assert_eq!(got, clocks);
+        assert_eq!(got_f, frontiers);
+        // The same at a tiny page size: every page holds a few authors.
+        let (pages, got, got_f) = walk_pages(&sum, 200);
+        assert!(pages > 50_000, "{pages} pages");
         assert_eq!(got, clocks);
         assert_eq!(got_f, frontiers);
     }
@@ -1285,6 +1687,70 @@ mod tests {
     }
 
     #[test]
+    fn a_steady_stream_of_announcements_does_not_starve_anti_entropy() {
+        let (me, peer) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut e = SyncEngine::new(me, Config::default(), 3);
+        let mut r = Fake::default();
+        e.peer_up(0, peer, &mut r).unwrap();
+        drain(&mut e);
+        let (mut digests, mut ignored, mut pulls) = (0, 0, 0);
+        for k in 0..20u8 {
+            // A new change is announced (and fetched, never delivered) just before every
+            // round and every digest from the peer.
+            let due = e.poll_timeout().unwrap();
+            e.handle(
+                due - 1,
+                peer,
+                SyncMessage::AnnounceOne { id: [k; 8] },
+                &mut r,
+            )
+            .unwrap();
+            assert!(matches!(
+                drain(&mut e).as_slice(),
+                [(_, SyncMessage::FetchOne { .. })]
+            ));
+            e.handle_timeout(due, &mut r).unwrap();
+            let out = drain(&mut e);
+            digests += out
+                .iter()
+                .filter(|(_, m)| matches!(m, SyncMessage::ShortDigest { .. }))
+                .count();
+            // A mismatched digest from the peer while the fetch is under way.
+            e.handle(
+                due + 1,
+                peer,
+                SyncMessage::ShortDigest { digest: [k; 16] },
+                &mut r,
+            )
+            .unwrap();
+            let out = drain(&mut e);
+            if out.is_empty() {
+                ignored += 1;
+            } else {
+                pulls += 1;
+            }
+            // The pull gets its answer, so the next mismatch may start another.
+            e.handle(
+                due + 2,
+                peer,
+                SyncMessage::Changes {
+                    more: false,
+                    changes: Vec::new(),
+                },
+                &mut r,
+            )
+            .unwrap();
+            drain(&mut e);
+        }
+        // Rounds are skipped while fetching, but never two in a row; mismatched digests are
+        // ignored at most once per interval (rounds are about one interval apart).
+        assert!(digests >= 10, "{digests} digests in 20 rounds");
+        assert!(digests < 20, "no round was ever skipped");
+        assert!(pulls >= 6, "{pulls} pulls, {ignored} ignored");
+        assert!(ignored > 0, "no digest was ever ignored");
+    }
+
+    #[test]
     fn garbage_from_the_network_is_an_event_not_an_error() {
         let mut e = SyncEngine::new(NodeId([1; 32]), Config::default(), 1);
         let mut r = Fake::default();
@@ -1324,7 +1790,7 @@ mod tests {
         a.handle_timeout(due, &mut ra).unwrap();
         let out = drain(&mut a);
         assert_eq!(out.len(), 1);
-        assert!(matches!(out[0].1, SyncMessage::Digest { .. }));
+        assert!(matches!(out[0].1, SyncMessage::ShortDigest { .. }));
         b.handle(due + 1, a_id, out[0].1.clone(), &mut rb).unwrap();
         assert!(drain(&mut b).is_empty(), "nothing to say when in sync");
         assert_eq!(b.poll_event(), Some(Event::CaughtUp { peer: a_id }));

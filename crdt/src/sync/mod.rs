@@ -26,12 +26,21 @@
 //! connected peer. A node that *newly applies* changes from a `Push` relays them to `fanout`
 //! random peers other than the sender. A change pushed by its own author (the second hop) is
 //! relayed in full as `Push`; beyond that, relays are *announcements*: `Announce` with 8-byte
-//! change ids (14 bytes for one change) for up to `announce_max` changes, `Have` by version
-//! vector for larger relays. A peer lacking an announced change answers `Fetch` (or `Want`),
-//! answered with `Push`; a node fetches an announced change from one peer at a time (again
-//! after `pull_gap_ms`). So each node receives a change in full about once, plus a few 14-byte
-//! announcements, at the price of two extra message delays per hop beyond the second
-//! (`relay_inline_bytes` relays small changes in full instead). Duplicates are never relayed
+//! change ids (`AnnounceOne`, 10 bytes, for one change) for up to `announce_max` changes,
+//! `Have` by version vector for larger relays. A peer lacking an announced change answers
+//! `Fetch` (`FetchOne`) or `Want`, answered with `Push` (`PushOne` for one change); a node
+//! fetches an announced change from one peer at a time (again after `pull_gap_ms`). So each
+//! node receives a change in full about once, plus a few 10-byte announcements, at the price
+//! of two extra message delays per hop beyond the second (`relay_inline_bytes` relays small
+//! changes in full instead). A node remembers, for a while, which peers are known to hold a
+//! recent change (they pushed or announced it to it, fetched it from it, or it told them):
+//! relays skip them, and pick each remaining peer with the probability `fanout / peers`
+//! they would have had knowing nothing (`relay_skip_holders`, `relay_proportional`): the
+//! same coverage with fewer announcements. A full second-hop relay that brings a node
+//! nothing new (it had the change straight from its author, as in a full mesh) is answered
+//! with `Prune`: the relayer then announces that author's changes to it instead of pushing
+//! them (Plumtree's prune; in a 3-node mesh each change then arrives in full once, not twice;
+//! `a_full_mesh_prunes_the_eager_second_hop_after_one_duplicate`). Duplicates are never relayed
 //! (nor verified again), so gossip terminates. When a push leaves changes waiting in the
 //! store's pending set (unknown author: its membership has not arrived; missing
 //! dependencies; a sequence gap), the receiver immediately pulls from the pusher with
@@ -44,9 +53,15 @@
 //! announcements per node (1.38× → 1.51×).
 //!
 //! **Anti-entropy.** Every `anti_entropy_interval_ms` (± jitter) a node picks one random
-//! connected peer (and every peer that comes up) and sends `Digest` (SHA-256 of its version
-//! vectors *and frontiers*, see [`clocks_digest`]):
-//! 1. A → B `Digest(d_A)`. If `d_A = d_B`, B does nothing: an idle round costs 34 bytes.
+//! connected peer (and every peer that comes up) and sends `ShortDigest`: the first 16 bytes
+//! of the SHA-256 of its version vectors *and frontiers*, see [`clocks_digest`] (a full
+//! 32-byte `Digest` is still understood). The random peer is drawn among those not known to
+//! hold the changes applied here in the last interval when there are any
+//! (`ae_prefer_unknown`), so a node gossip missed is found by the next round of a neighbour.
+//! While a fetch of an announced change is under way, a round is skipped (never two in a row)
+//! and a mismatched digest ignored (at most one per interval): the difference is most likely
+//! that change, already on its way (`quiet_while_fetching`).
+//! 1. A → B `ShortDigest(d_A)`. If `d_A = d_B`, B does nothing: an idle round costs 18 bytes.
 //! 2. Otherwise B → A `Clocks{reply, pull}`: per document, per author, the highest seq held;
 //!    per document, the heads and the authors flagged for equivocation with their fork seq
 //!    (the *frontier*); and the hashes of dependencies B's pending changes wait for.
@@ -64,11 +79,16 @@
 //!    waiting for dependencies (and made progress) is followed by another pull carrying their
 //!    hashes, at most 64 in a row: this walks back a chain the version vectors cannot show.
 //!
-//! **Clocks in pages.** A node's version vectors are sent in pages of whole documents of about
-//! `clocks_page_bytes` (1 MiB; ~25,000 document × author entries), each with its document
-//! range; the puller sends page *k + 1* when page *k*'s transfer is done. So any number of
-//! documents stays within the 8 MiB message limit (one document with more than ~200,000
-//! authors would still exceed it: pages do not split a document).
+//! **Clocks in pages.** A node's version vectors are sent in pages of about
+//! `clocks_page_bytes` (1 MiB; ~25,000 document × author entries), each with its range of
+//! (document, author) positions; the puller sends page *k + 1* when page *k*'s transfer is
+//! done. A page is cut between documents or, inside a document with more authors than fit,
+//! between two authors (a document's frontier travels in the page where the document starts).
+//! So any number of documents and of authors per document stays within the 8 MiB message
+//! limit (tested in `one_document_with_more_authors_than_a_message_holds_is_split_across_pages`
+//! and, end to end, `one_document_with_more_authors_than_a_page_holds_is_paged_between_authors`).
+//! One limit is left: a single document's *heads* are not split, so a document with more than
+//! ~250,000 concurrent heads would still exceed a message.
 //!
 //! **Equivocation (a cloned key).** Two nodes holding different variants of one (document,
 //! author, seq) have equal version vectors, so version vectors alone would leave them split
@@ -110,7 +130,7 @@
 //! fixed at 20 ms so that time converts to message delays ("rounds"). Every 64th node is a
 //! writer; all nodes replicate everything. Bytes per node count every message on the wire,
 //! framing included, from the write until one second after the last node applied it, so they
-//! include idle anti-entropy digests (34 B per node per second).
+//! include idle anti-entropy digests (18 B per node per second; 34 B before `ShortDigest`).
 //!
 //! ```text
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 1000
@@ -118,51 +138,60 @@
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 10000 --memory 1
 //! ```
 //!
-//! Measured 2026-11-23 on the shared 2-core VM. *Before*: eager gossip (every relay a full
-//! `Push`, fanout 4), the figures of the previous version of this table; *after*: this
-//! protocol.
+//! Measured 2026-11-23 on the shared 2-core VM, one run each with the commands above (seed 1).
+//! *Before*: the protocol as of commit 2fa6776 (lazy push with 14-byte `Announce`, 34-byte
+//! `Digest`, relays to random peers); *after*: this version (one-change messages,
+//! `ShortDigest`, relays and rounds that use who is known to hold a change, quiet while
+//! fetching, `Prune`). The eager-gossip figures that preceded both are in the git history.
 //!
-//! | N | scenario | 99 % of nodes | all nodes | bytes/node | missing bytes/node | ratio |
-//! |---|---|---|---|---|---|---|
-//! | 1,000 | one write, 215 B change, before | 120 ms (6 delays) | 265 ms | 937 | 215 | 4.36× |
-//! | 1,000 | one write, 215 B change, after | 220 ms (11 delays) | 220 ms | 378 | 215 | 1.76× |
-//! | 1,000 | one write, 2 KB change, before | ~400 ms | 1,055 ms | 2,661 | 2,190 | 1.22× |
-//! | 1,000 | one write, 2 KB change, after | 220 ms | 220 ms | 2,417 | 2,190 | 1.10× |
-//! | 1,000 | one write, 8 KB change, before | ~400 ms | 1,055 ms | 8,901 | 8,184 | 1.09× |
-//! | 1,000 | one write, 8 KB change, after | 220 ms | 220 ms | 8,603 | 8,184 | 1.05× |
-//! | 1,000 | healed partition, 16 + 16 changes, before | – | 100 ms (5 delays) | 4,788 | 3,700 | 1.29× |
-//! | 1,000 | healed partition, 16 + 16 changes, after | – | 100 ms (5 delays) | 5,113 | 3,716 | 1.38× |
-//! | 10,000 | one write, 215 B, before | 160 ms (8 delays) | 1,215 ms | 960 | 215 | 4.5× |
-//! | 10,000 | one write, 215 B, after | 280 ms (14 delays) | 1,305 ms | 418 | 215 | 1.95× |
-//! | 10,000 | healed partition, 16 + 16 changes, before | – | 600 ms | 4,805 | 3,702 | 1.30× |
-//! | 10,000 | healed partition, 16 + 16 changes, after | – | 600 ms | 5,319 | 3,786 | 1.40× |
+//! | N | scenario | 99 % of nodes | all nodes | msgs/node | bytes/node | missing bytes/node | ratio |
+//! |---|---|---|---|---|---|---|---|
+//! | 1,000 | one write, 215 B change, before | 220 ms (11 delays) | 220 ms | 9.1 | 378 | 215 | 1.76× |
+//! | 1,000 | one write, 215 B change, after | 220 ms (11 delays) | 220 ms | 8.6 | 313 | 215 | 1.46× |
+//! | 1,000 | one write, 2 KB change, before | 220 ms | 220 ms | 9.1 | 2,417 | 2,190 | 1.10× |
+//! | 1,000 | one write, 2 KB change, after | 220 ms | 220 ms | 8.6 | 2,332 | 2,190 | 1.06× |
+//! | 1,000 | one write, 8 KB change, before | 220 ms | 220 ms | 9.1 | 8,603 | 8,184 | 1.05× |
+//! | 1,000 | one write, 8 KB change, after | 220 ms | 220 ms | 8.6 | 8,458 | 8,184 | 1.03× |
+//! | 1,000 | healed partition, 16 + 16 changes, before | – | 100 ms (5 delays) | 9.2 | 5,113 | 3,716 | 1.38× |
+//! | 1,000 | healed partition, 16 + 16 changes, after | – | 100 ms (5 delays) | 9.3 | 4,992 | 3,716 | 1.34× |
+//! | 10,000 | one write, 215 B, before | 280 ms (14 delays) | 1,305 ms | 10.4 | 418 | 215 | 1.95× |
+//! | 10,000 | one write, 215 B, after | 280 ms (14 delays) | 660 ms | 9.2 | 323 | 215 | 1.50× |
+//! | 10,000 | healed partition, 16 + 16 changes, before | – | 600 ms | 9.7 | 5,319 | 3,786 | 1.40× |
+//! | 10,000 | healed partition, 16 + 16 changes, after | – | 1,000 ms | 10.1 | 5,185 | 3,770 | 1.38× |
 //!
 //! Reading it:
-//! * **One small write: 1.76× at 1,000 nodes, not the 1.5× aimed at.** Where a node's 378
-//!   bytes go: the change once in full (221 B: 215 + 6 of framing), 5.9 announcements
-//!   (82 B), one `Fetch` (12 B), digests of idle anti-entropy during the 1.2 s window (42 B),
-//!   anti-entropy repairs (21 B). The floor for a 215-byte change is therefore about one copy
-//!   plus the idle digests (1.22×); what is left is the price of reaching *every* node
-//!   without a round trip to each: a rumor that stops at duplicates misses a node when none
-//!   of its ~12 neighbours picks it, ≈ (1 − fanout/12)^12, so fanout 4 leaves ~0.5 % of nodes
-//!   (0.4 % measured) to the next anti-entropy round (all nodes at 1,055 ms, 1.79×) and fanout 6 leaves ~0.02 %
-//!   (all nodes at 220 ms, 1.76×). At 14 bytes an announcement is cheap enough that covering
-//!   everyone by gossip is cheaper than the digests of waiting for anti-entropy. 1.5× would
-//!   need fewer than ~3 announcements per node, which leaves several percent of nodes to
-//!   anti-entropy (≥ 1 s). For changes of 2 KB and more the overhead is ≤ 1.1×.
-//! * **Latency.** Beyond the second hop each hop costs three message delays instead of one,
-//!   so 99 % of nodes take 11 delays instead of 6 at 1,000 nodes, 14 instead of 8 at 10,000;
-//!   but the last nodes are reached by gossip instead of by the next anti-entropy round, so
-//!   *all* nodes hold a change sooner at 1,000 nodes (220 ms vs 265 ms; 1,055 ms vs 220 ms for
-//!   2 KB changes). At 10,000 nodes a few nodes still wait for anti-entropy (1.3 s).
-//! * **Rounds ~ log N**: 11 and 14 delays at 1k and 10k nodes (≈ 3 × log₆ N).
-//! * **Healed partition.** A node receives what it lacks about once (1.38–1.40× including
-//!   clocks and digests), because it pulls from one peer at a time. Clocks cost ~300 B more
-//!   per exchange than before: the frontiers (32 bytes per head per document) that make
-//!   equivocation visible.
-//! * **Idle cost**: 34 bytes per node per second (one `Digest`).
+//! * **One small write: 1.46× at 1,000 nodes, 1.50× at 10,000** (1.76× and 1.95× before).
+//!   Where a node's 313 bytes go at 1,000 nodes (before → after): the change once in full,
+//!   221 → 217 B (`PushOne`: 2 bytes of framing instead of 6); announcements, 5.86 × 14 = 82 →
+//!   5.43 × 10 = 54 B (`AnnounceOne`, and relays skip peers known to hold the change, picking
+//!   the others as often as before); `Fetch`, 12 → 9 B; digests of anti-entropy during the
+//!   1.2 s window, 1.23 × 34 = 42 → 1.19 × 18 = 21 B (`ShortDigest`); repairs (a round racing
+//!   the gossip: `Clocks` + `Changes`), 21 → 12 B (quiet while fetching). At 10,000 nodes the
+//!   same (323 / 215 = 1.502×), except the window: a few nodes none of whose neighbours
+//!   relayed to them wait for anti-entropy, and every node pays idle digests until the last
+//!   is reached (1.62 digests,
+//!   29 B, in 1.66 s; before: 2.33 digests, 79 B, in 2.3 s). Rounds now go first to peers not
+//!   known to hold the latest changes, so those nodes are found by the next round of a
+//!   neighbour: 660 ms for all nodes instead of 1,305 ms. That tail decides the 10,000-node
+//!   ratio and varies between runs with the one or two nodes in it: a variant that held
+//!   rounds back for 400 ms after a change (not kept) reached all nodes at 1,110 ms, 1.53×;
+//!   without `relay_proportional` (`--prop 0`: 5.9 announcements per node, fewer nodes
+//!   missed) all nodes had it at 340 ms, 322 B, 1.50× (but 1.48–1.51× at 1,000 nodes, seeds
+//!   1–2, against 1.46–1.47× with it). For changes of 2 KB and more the overhead is ≤ 1.06×.
+//! * **What was tried and not kept**: a lower fanout (5 or 4, even with relays that skip
+//!   known holders) saves 10–20 B of announcements but leaves more nodes to anti-entropy:
+//!   all nodes at 280–865 ms at 1,000 nodes and more idle digests in the window, 1.48–1.52×.
+//! * **Latency.** Beyond the second hop each hop costs three message delays (announce, fetch,
+//!   push), so 99 % of nodes take 11 delays at 1,000 nodes, 14 at 10,000; unchanged.
+//! * **Rounds ~ log N**: 11 and 14 delays at 1k and 10k nodes (≈ 3 × log₆ N) for 99 % of
+//!   nodes.
+//! * **Healed partition.** A node receives what it lacks about once (1.34–1.38× including
+//!   clocks and digests), because it pulls from one peer at a time. At 10,000 nodes the last
+//!   node took 1,000 ms in this run (600 ms before; 600 ms in the variant run above): the
+//!   last of 10,000 nodes waits for one anti-entropy round or not, by chance.
+//! * **Idle cost**: 18 bytes per node per second (one `ShortDigest`; 34 before).
 //! * **Size.** The 10,000-node run uses SQLite `:memory:` stores (`--memory 1`; file stores
-//!   hold 3 descriptors each): 5.3 GiB peak RSS, 10.5 min wall on the loaded 2-core machine.
+//!   hold 3 descriptors each): 5.4 GiB peak RSS, 5–6 min wall on the loaded 2-core machine.
 
 mod engine;
 pub mod rng;

@@ -16,7 +16,8 @@
 //! ```text
 //! message   = version:u8 (=2) | type:u8 | body
 //! Digest    (1) = digest[32]
-//! Clocks    (2) = flags:u8 (bit 0: reply wanted; bit 1: pull; other bits 0) | range | clocks
+//! Clocks    (2) = flags:u8 (bit 0: reply wanted; bit 1: pull; bit 2: the range starts at an
+//!                 author; bit 3: the range ends at an author; other bits 0) | range | clocks
 //!                 | frontiers | wants
 //! Changes   (3) = flags:u8 (bit 0: more to come; other bits 0) | changes
 //! Push      (4) = changes
@@ -24,17 +25,27 @@
 //! Want      (6) = clocks
 //! Announce  (7) = ids
 //! Fetch     (8) = ids
+//! ShortDigest (9) = digest[16] (the first 16 bytes of a Digest's)
+//! AnnounceOne (10) = id[8]   (an Announce of one change, 4 bytes shorter)
+//! FetchOne  (11) = id[8]     (a Fetch of one change)
+//! PushOne   (12) = signed change (a Push of one change, 4 bytes shorter)
+//! Prune     (13) = id[8]     (a relayed Push brought this change twice: relay its author's
+//!                              changes to me lazily)
 //! ids       = n:u32 | n × id[8], strictly ascending (an id is the first 8 bytes of a change
 //!             hash)
-//! range     = start_len:u16 | start | end_len:u16 | end
-//!             documents d with start ≤ d < end; an empty start: from the first document, an
-//!             empty end: to the last; non-empty bounds are valid names, start < end
+//! range     = start_len:u16 | start | [start_author[32] if bit 2] | end_len:u16 | end
+//!             | [end_author[32] if bit 3]
+//!             positions p with start ≤ p < end, in (document, author) order where a document
+//!             itself comes before its authors (a bound without author: the document itself);
+//!             an empty start: from the first document, an empty end: to the last; non-empty
+//!             bounds are valid names, an author only after a non-empty name, start < end
 //! clocks    = n_docs:u32 | n_docs × ( doc_len:u16 | doc | n_authors:u32 | n_authors × (author[32] | seq:u64) )
 //!             docs strictly ascending (byte order), authors strictly ascending per doc
 //! frontiers = n_docs:u32 | n_docs × ( doc_len:u16 | doc | n_heads:u32 | n_heads × hash[32]
 //!             | n_forks:u32 | n_forks × (author[32] | fork seq:u64) )
-//!             docs, heads and authors strictly ascending; clock and frontier documents lie
-//!             inside the range
+//!             docs, heads and authors strictly ascending; every clock entry (document,
+//!             author) and every frontier's document (or a clock document without authors)
+//!             lies inside the range
 //! wants     = n:u32 | n × hash[32], strictly ascending
 //! changes   = n:u32 | n × signed change (see crate::signed: u8 version | u16 doc_len | doc |
 //!             author[32] | sig[64] | u32 len | bytes)
@@ -44,8 +55,13 @@
 //! message limit), the frontiers (per-document heads, so two nodes holding different
 //! variants of one seq no longer look identical, and flagged forks, so evidence reaches every
 //! node), the hashes of missing dependencies, and `Announce`/`Fetch` (lazy push of single
-//! changes by 8-byte id: 14 bytes to announce one change instead of ~60). A v1 message is refused with
-//! [`DecodeError::UnknownVersion`]: mixed clusters do not sync (upgrade all nodes).
+//! changes by 8-byte id: 14 bytes to announce one change instead of ~60). Added later within
+//! version 2 (this build decodes every message of an earlier version-2 build, not the
+//! reverse: upgrade all nodes): `ShortDigest`, `AnnounceOne`, `FetchOne`, `PushOne` (types
+//! 9–12: the idle and one-change cases, 4–16 bytes shorter), `Prune` (13), and author bounds
+//! in a `Clocks` range (flag bits 2 and 3: a page may cut one document's version vector
+//! between two authors). A v1 message is refused with [`DecodeError::UnknownVersion`]: mixed clusters do
+//! not sync (upgrade all nodes).
 //! Limits: a message is at most [`MAX_MESSAGE_BYTES`] (8 MiB) long; document names are valid
 //! names of at most 128 bytes; counts are bounded by what the remaining bytes could hold.
 //! Unknown version → [`DecodeError::UnknownVersion`]; unknown type or flag bits →
@@ -80,13 +96,23 @@ pub struct Frontier {
 /// Frontiers of several documents, by document name.
 pub type Frontiers = BTreeMap<String, Frontier>;
 
-/// A range of document names: `start ≤ doc < end` (`end` `None`: no upper bound).
+/// A range of clock positions. A position is a document and, within it, either the document
+/// itself (`None`: placed before every author of the document; its frontier lives there) or
+/// one author's entry. A range is `start ≤ position < end` in (document, author) order, so a
+/// page can cut one document's version vector between two authors: any number of authors fits
+/// in pages under the message limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocRange {
     /// First document included (empty: from the first).
     pub start: String,
+    /// With `start`: the range begins at this author's entry of `start` (its frontier and
+    /// earlier authors excluded). `None`: at the document itself.
+    pub start_author: Option<NodeId>,
     /// First document after the range (`None`: to the last).
     pub end: Option<String>,
+    /// With `end`: the range stops before this author's entry of `end` (the document itself
+    /// and earlier authors included). `None`: before the document itself.
+    pub end_author: Option<NodeId>,
 }
 
 impl DocRange {
@@ -95,9 +121,38 @@ impl DocRange {
         DocRange::default()
     }
 
-    /// Whether `doc` lies in the range.
+    /// Whether the position of `doc` itself (its frontier; before all its authors) lies in
+    /// the range.
     pub fn contains(&self, doc: &str) -> bool {
-        doc >= self.start.as_str() && self.end.as_deref().is_none_or(|e| doc < e)
+        self.contains_pos(doc, None)
+    }
+
+    /// Whether the entry of `author` in `doc` lies in the range.
+    pub fn contains_entry(&self, doc: &str, author: &NodeId) -> bool {
+        self.contains_pos(doc, Some(author))
+    }
+
+    /// Whether some position of `doc` (itself or an author's entry) lies in the range.
+    pub fn touches(&self, doc: &str) -> bool {
+        doc >= self.start.as_str()
+            && match self.end.as_deref() {
+                None => true,
+                Some(e) => doc < e || (doc == e && self.end_author.is_some()),
+            }
+    }
+
+    /// Whether every position of `doc` lies in the range (the page holds it whole).
+    pub fn covers(&self, doc: &str) -> bool {
+        (doc > self.start.as_str() || (doc == self.start && self.start_author.is_none()))
+            && self.end.as_deref().is_none_or(|e| doc < e)
+    }
+
+    fn contains_pos(&self, doc: &str, author: Option<&NodeId>) -> bool {
+        (doc, author) >= (self.start.as_str(), self.start_author.as_ref())
+            && self
+                .end
+                .as_deref()
+                .is_none_or(|e| (doc, author) < (e, self.end_author.as_ref()))
     }
 }
 
@@ -109,6 +164,11 @@ const T_HAVE: u8 = 5;
 const T_WANT: u8 = 6;
 const T_ANNOUNCE: u8 = 7;
 const T_FETCH: u8 = 8;
+const T_SHORT_DIGEST: u8 = 9;
+const T_ANNOUNCE_ONE: u8 = 10;
+const T_FETCH_ONE: u8 = 11;
+const T_PUSH_ONE: u8 = 12;
+const T_PRUNE: u8 = 13;
 
 /// Short id of a change in `Announce`/`Fetch`: the first 8 bytes of its hash.
 pub type ChangeId = [u8; 8];
@@ -126,6 +186,8 @@ const MIN_CHANGE_LEN: usize = 1 + 2 + 32 + 64 + 4;
 const MIN_DOC_ENTRY: usize = 2 + 1 + 4;
 /// Encoding of one (author, seq) entry.
 const AUTHOR_ENTRY: usize = 32 + 8;
+/// Encoded length of one (author, seq) entry of a version vector.
+pub(crate) const AUTHOR_ENTRY_LEN: usize = AUTHOR_ENTRY;
 
 /// One message of the sync protocol (see [`crate::sync`] for the protocol itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +250,36 @@ pub enum SyncMessage {
         /// Sorted short ids.
         ids: Vec<ChangeId>,
     },
+    /// Anti-entropy opener as sent by the engine: the first 16 bytes of the digest (18 bytes
+    /// on the wire instead of 34; 128 bits are as far from a chance collision as 256, and
+    /// finding two states with equal short digests takes ~2⁶⁴ hashes).
+    ShortDigest {
+        /// The digest's first 16 bytes.
+        digest: [u8; 16],
+    },
+    /// `Announce` of a single change (the common case of a relayed write): 10 bytes on the
+    /// wire instead of 14.
+    AnnounceOne {
+        /// The short id.
+        id: ChangeId,
+    },
+    /// `Fetch` of a single change.
+    FetchOne {
+        /// The short id.
+        id: ChangeId,
+    },
+    /// `Push` of a single change.
+    PushOne {
+        /// The change.
+        change: SignedChange,
+    },
+    /// The change with this id, relayed in full by the receiver of this message, was already
+    /// held here (it came straight from its author): relay that author's changes to the
+    /// sender as announcements from now on (Plumtree's prune).
+    Prune {
+        /// The short id of the duplicate.
+        id: ChangeId,
+    },
 }
 
 impl SyncMessage {
@@ -202,6 +294,11 @@ impl SyncMessage {
             SyncMessage::Want { .. } => "want",
             SyncMessage::Announce { .. } => "announce",
             SyncMessage::Fetch { .. } => "fetch",
+            SyncMessage::ShortDigest { .. } => "digest",
+            SyncMessage::AnnounceOne { .. } => "announce",
+            SyncMessage::FetchOne { .. } => "fetch",
+            SyncMessage::PushOne { .. } => "push",
+            SyncMessage::Prune { .. } => "prune",
         }
     }
 
@@ -209,6 +306,11 @@ impl SyncMessage {
     pub fn encoded_len(&self) -> usize {
         2 + match self {
             SyncMessage::Digest { .. } => 32,
+            SyncMessage::ShortDigest { .. } => 16,
+            SyncMessage::AnnounceOne { .. }
+            | SyncMessage::FetchOne { .. }
+            | SyncMessage::Prune { .. } => 8,
+            SyncMessage::PushOne { change } => change.encoded_len(),
             SyncMessage::Clocks {
                 range,
                 clocks,
@@ -239,6 +341,26 @@ impl SyncMessage {
                 out.push(T_DIGEST);
                 out.extend_from_slice(digest);
             }
+            SyncMessage::ShortDigest { digest } => {
+                out.push(T_SHORT_DIGEST);
+                out.extend_from_slice(digest);
+            }
+            SyncMessage::AnnounceOne { id } => {
+                out.push(T_ANNOUNCE_ONE);
+                out.extend_from_slice(id);
+            }
+            SyncMessage::FetchOne { id } => {
+                out.push(T_FETCH_ONE);
+                out.extend_from_slice(id);
+            }
+            SyncMessage::PushOne { change } => {
+                out.push(T_PUSH_ONE);
+                change.encode_into(&mut out);
+            }
+            SyncMessage::Prune { id } => {
+                out.push(T_PRUNE);
+                out.extend_from_slice(id);
+            }
             SyncMessage::Clocks {
                 reply,
                 pull,
@@ -248,7 +370,7 @@ impl SyncMessage {
                 wants,
             } => {
                 out.push(T_CLOCKS);
-                out.push(u8::from(*reply) | (u8::from(*pull) << 1));
+                out.push(u8::from(*reply) | (u8::from(*pull) << 1) | range_flags(range));
                 encode_range(range, &mut out);
                 encode_clocks(clocks, &mut out);
                 encode_frontiers(frontiers, &mut out);
@@ -301,19 +423,31 @@ impl SyncMessage {
         }
         let msg = match r.u8()? {
             T_DIGEST => SyncMessage::Digest { digest: r.array()? },
+            T_SHORT_DIGEST => SyncMessage::ShortDigest { digest: r.array()? },
+            T_ANNOUNCE_ONE => SyncMessage::AnnounceOne { id: r.array()? },
+            T_FETCH_ONE => SyncMessage::FetchOne { id: r.array()? },
+            T_PRUNE => SyncMessage::Prune { id: r.array()? },
+            T_PUSH_ONE => {
+                let (change, used) = SignedChange::decode(&r.buf[r.pos..])?;
+                r.pos += used;
+                SyncMessage::PushOne { change }
+            }
             T_CLOCKS => {
                 let flags = r.u8()?;
-                if flags > 3 {
+                if flags > 15 {
                     return Err(DecodeError::Invalid("unknown flag bits"));
                 }
-                let range = r.range()?;
+                let range = r.range(flags & 4 != 0, flags & 8 != 0)?;
                 let clocks = r.clocks()?;
                 let frontiers = r.frontiers()?;
-                if !clocks
-                    .keys()
-                    .chain(frontiers.keys())
-                    .all(|d| range.contains(d))
-                {
+                let entries_inside = clocks.iter().all(|(d, vv)| {
+                    if vv.is_empty() {
+                        range.contains(d)
+                    } else {
+                        vv.keys().all(|a| range.contains_entry(d, a))
+                    }
+                });
+                if !entries_inside || !frontiers.keys().all(|d| range.contains(d)) {
                     return Err(DecodeError::Invalid("document outside the range"));
                 }
                 let n = r.count(32, "want count")?;
@@ -386,15 +520,28 @@ fn frontiers_len(frontiers: &Frontiers) -> usize {
 }
 
 fn range_len(range: &DocRange) -> usize {
-    4 + range.start.len() + range.end.as_ref().map_or(0, |e| e.len())
+    4 + range.start.len()
+        + range.end.as_ref().map_or(0, |e| e.len())
+        + 32 * (usize::from(range.start_author.is_some()) + usize::from(range.end_author.is_some()))
+}
+
+/// Flag bits 2 and 3 of `Clocks`: which bounds of the range carry an author.
+fn range_flags(range: &DocRange) -> u8 {
+    (u8::from(range.start_author.is_some()) << 2) | (u8::from(range.end_author.is_some()) << 3)
 }
 
 fn encode_range(range: &DocRange, out: &mut Vec<u8>) {
     out.extend_from_slice(&(range.start.len() as u16).to_be_bytes());
     out.extend_from_slice(range.start.as_bytes());
+    if let Some(a) = &range.start_author {
+        out.extend_from_slice(&a.0);
+    }
     let end = range.end.as_deref().unwrap_or("");
     out.extend_from_slice(&(end.len() as u16).to_be_bytes());
     out.extend_from_slice(end.as_bytes());
+    if let Some(a) = &range.end_author {
+        out.extend_from_slice(&a.0);
+    }
 }
 
 /// Canonical encoding of frontiers (also an input of the anti-entropy digest).
@@ -544,15 +691,35 @@ impl<'a> Reader<'a> {
         Ok(ids)
     }
 
-    fn range(&mut self) -> Result<DocRange, DecodeError> {
+    /// A range; `start_author`/`end_author`: the flags say the bound carries an author.
+    fn range(&mut self, start_author: bool, end_author: bool) -> Result<DocRange, DecodeError> {
         let start = self.doc_name(true)?.to_string();
+        let start_author = if start_author {
+            if start.is_empty() {
+                return Err(DecodeError::Invalid("author bound without a document"));
+            }
+            Some(NodeId(self.array()?))
+        } else {
+            None
+        };
         let end = self.doc_name(true)?;
-        if !end.is_empty() && start.as_str() >= end {
+        let end_author = if end_author {
+            if end.is_empty() {
+                return Err(DecodeError::Invalid("author bound without a document"));
+            }
+            Some(NodeId(self.array()?))
+        } else {
+            None
+        };
+        if !end.is_empty() && (start.as_str(), start_author.as_ref()) >= (end, end_author.as_ref())
+        {
             return Err(DecodeError::Invalid("empty document range"));
         }
         Ok(DocRange {
             start,
+            start_author,
             end: (!end.is_empty()).then(|| end.to_string()),
+            end_author,
         })
     }
 
@@ -698,12 +865,39 @@ mod tests {
                     range: DocRange {
                         start: "a".into(),
                         end: Some("b".into()),
+                        ..DocRange::default()
                     },
                     clocks: Clocks::new(),
                     frontiers: Frontiers::new(),
                     wants: Vec::new(),
                 },
                 hex("02 02 02 0001 61 0001 62 00000000 00000000 00000000"),
+            ),
+            (
+                // One document's version vector cut between authors: the page starts at
+                // author 01 of `a` and stops before author 02 of `a`.
+                SyncMessage::Clocks {
+                    reply: false,
+                    pull: true,
+                    range: DocRange {
+                        start: "a".into(),
+                        start_author: Some(id(1)),
+                        end: Some("a".into()),
+                        end_author: Some(id(2)),
+                    },
+                    clocks: [("a".to_string(), [(id(1), 1)].into_iter().collect())]
+                        .into_iter()
+                        .collect(),
+                    frontiers: Frontiers::new(),
+                    wants: Vec::new(),
+                },
+                hex(&format!(
+                    "02 02 0e 0001 61 {} 0001 61 {} 00000001 0001 61 00000001 {} 0000000000000001 \
+                     00000000 00000000",
+                    "01".repeat(32),
+                    "02".repeat(32),
+                    "01".repeat(32)
+                )),
             ),
             (
                 SyncMessage::Changes {
@@ -735,6 +929,26 @@ mod tests {
             (
                 SyncMessage::Fetch { ids: vec![[3; 8]] },
                 hex("02 08 00000001 0303030303030303"),
+            ),
+            (
+                SyncMessage::ShortDigest { digest: [7; 16] },
+                hex("02 09 07070707070707070707070707070707"),
+            ),
+            (
+                SyncMessage::AnnounceOne { id: [4; 8] },
+                hex("02 0a 0404040404040404"),
+            ),
+            (
+                SyncMessage::FetchOne { id: [5; 8] },
+                hex("02 0b 0505050505050505"),
+            ),
+            (
+                SyncMessage::PushOne { change: change() },
+                hex(&format!("02 0c {CHANGE_HEX}")),
+            ),
+            (
+                SyncMessage::Prune { id: [6; 8] },
+                hex("02 0d 0606060606060606"),
             ),
         ]
     }
@@ -776,12 +990,17 @@ mod tests {
             Err(DecodeError::UnknownVersion(3))
         );
         assert_eq!(
-            SyncMessage::decode(&hex("02 09")),
+            SyncMessage::decode(&hex("02 0e")),
             Err(DecodeError::Invalid("unknown message type"))
         );
         assert_eq!(
-            SyncMessage::decode(&hex("02 02 04 0000 0000 00000000 00000000 00000000")),
+            SyncMessage::decode(&hex("02 02 10 0000 0000 00000000 00000000 00000000")),
             Err(DecodeError::Invalid("unknown flag bits"))
+        );
+        // Bits 2 and 3 (an author bound) need a document to hang on.
+        assert_eq!(
+            SyncMessage::decode(&hex("02 02 04 0000 0000 00000000 00000000 00000000")),
+            Err(DecodeError::Invalid("author bound without a document"))
         );
         assert_eq!(SyncMessage::decode(&[]), Err(DecodeError::Truncated));
     }
@@ -829,6 +1048,36 @@ mod tests {
             SyncMessage::decode(&hex("02 02 00 0001 62 0001 61 00000000 00000000 00000000")),
             Err(DecodeError::Invalid("empty document range"))
         );
+        // An author before the page's first author, an empty range within one document.
+        let outside = format!(
+            "02 02 04 0001 61 {} 0000 00000001 0001 61 00000001 {} 0000000000000001 \
+             00000000 00000000",
+            "02".repeat(32),
+            "01".repeat(32)
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex(&outside)),
+            Err(DecodeError::Invalid("document outside the range"))
+        );
+        let empty = format!(
+            "02 02 0c 0001 61 {} 0001 61 {} 00000000 00000000 00000000",
+            "02".repeat(32),
+            "02".repeat(32)
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex(&empty)),
+            Err(DecodeError::Invalid("empty document range"))
+        );
+        // A frontier belongs to the document itself, before its authors: not in a page that
+        // starts at an author of it.
+        let frontier = format!(
+            "02 02 04 0001 61 {} 0000 00000000 00000001 0001 61 00000000 00000000 00000000",
+            "02".repeat(32)
+        );
+        assert_eq!(
+            SyncMessage::decode(&hex(&frontier)),
+            Err(DecodeError::Invalid("document outside the range"))
+        );
         let heads = format!(
             "02 02 00 0000 0000 00000000 00000001 0001 61 00000002 {} {} 00000000 00000000",
             "22".repeat(32),
@@ -851,7 +1100,7 @@ mod tests {
         /// What the fuzz target checks, on random and on mutated valid input.
         #[test]
         fn whatever_decodes_re_encodes_identically(
-            pick in 0usize..9,
+            pick in 0usize..15,
             flips in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 0..4),
             tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
         ) {

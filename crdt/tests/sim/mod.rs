@@ -241,6 +241,8 @@ pub struct Sim {
     pub wire: (u64, u64),
     /// Messages by kind.
     pub by_kind: BTreeMap<&'static str, (u64, u64)>,
+    /// Most (document, author) entries one `Clocks` message carried.
+    pub max_clock_entries: usize,
     pub delivered: u64,
     /// Nodes left out of convergence checks for now (e.g. stalled on purpose).
     pub excluded: BTreeSet<usize>,
@@ -437,6 +439,7 @@ impl Sim {
             clone_writes_forbidden: true,
             wire: (0, 0),
             by_kind: BTreeMap::new(),
+            max_clock_entries: 0,
             delivered: 0,
             excluded: BTreeSet::new(),
             counter: 0,
@@ -822,6 +825,10 @@ impl Sim {
             let len = bytes.len() as u64;
             self.wire.0 += 1;
             self.wire.1 += len;
+            if let SyncMessage::Clocks { clocks, .. } = &msg {
+                let entries = clocks.values().map(|v| v.len()).sum::<usize>();
+                self.max_clock_entries = self.max_clock_entries.max(entries);
+            }
             let k = self.by_kind.entry(msg.kind()).or_default();
             k.0 += 1;
             k.1 += len;
