@@ -821,16 +821,26 @@ fn chaos(seed: u64, n: usize, degree: Option<usize>, writes: usize) {
         }
     }
     s.run_until(t + 100);
-    for i in 0..n {
-        if !s.nodes[i].alive() {
-            s.restart(i);
-        }
-    }
+    s.restart_crashed();
     s.heal();
     s.settle(60_000);
     s.assert_converged();
     for h in s.written.clone() {
         assert!(s.everywhere(&h), "seed {seed}: a write was lost");
+    }
+}
+
+/// The disruptions the cloned-key chaos stories share (rolls 75 and up): a random split,
+/// crashing node `a` if `crashable`, or healing.
+fn disrupt(s: &mut Sim, t: u64, roll: u64, a: usize, b: usize, crashable: bool) {
+    match roll {
+        75..=84 => s.at(t, move |s| s.split(move |i| (i + b) % 2 == 0)),
+        85..=89 if crashable => s.at(t, move |s| {
+            if s.nodes[a].alive() {
+                s.crash(a)
+            }
+        }),
+        _ => s.at(t, |s| s.heal()),
     }
 }
 
@@ -886,22 +896,12 @@ fn equivocation_under_chaos_converges() {
                 50..=74 if a != original && a != clone => s.at(t, move |s| {
                     s.write(a, if k % 2 == 0 { "app/e" } else { "app/f" }, "h");
                 }),
-                75..=84 => s.at(t, move |s| s.split(move |i| (i + b) % 2 == 0)),
-                85..=89 if a != 0 && a != clone => s.at(t, move |s| {
-                    if s.nodes[a].alive() {
-                        s.crash(a)
-                    }
-                }),
-                _ => s.at(t, |s| s.heal()),
+                _ => disrupt(&mut s, t, roll, a, b, a != 0 && a != clone),
             }
         }
         // Make sure the two lines fork: both alive, apart, writing.
         s.run_until(t + 100);
-        for i in 0..n {
-            if !s.nodes[i].alive() {
-                s.restart(i);
-            }
-        }
+        s.restart_crashed();
         s.heal();
         s.split(move |i| i == clone);
         if unflagged(&s, clone) {
@@ -999,21 +999,11 @@ fn cloned_admin_under_chaos_converges() {
                 50..=74 if a != admin2 && a != clone && s.nodes[a].alive() => s.at(t, move |s| {
                     s.write(a, if k % 2 == 0 { "app/e" } else { "app/f" }, "h");
                 }),
-                75..=84 => s.at(t, move |s| s.split(move |i| (i + b) % 2 == 0)),
-                85..=89 if a > 1 && a != clone => s.at(t, move |s| {
-                    if s.nodes[a].alive() {
-                        s.crash(a)
-                    }
-                }),
-                _ => s.at(t, |s| s.heal()),
+                _ => disrupt(&mut s, t, roll, a, b, a > 1 && a != clone),
             }
         }
         s.run_until(t + 100);
-        for i in 0..n {
-            if !s.nodes[i].alive() {
-                s.restart(i);
-            }
-        }
+        s.restart_crashed();
         // Make sure the two lines fork: both alive, apart, editing.
         s.heal();
         s.split(move |i| i == clone);

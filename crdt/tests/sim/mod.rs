@@ -576,6 +576,15 @@ impl Sim {
         }
     }
 
+    /// Restart every crashed node from its store.
+    pub fn restart_crashed(&mut self) {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].alive() {
+                self.restart(i);
+            }
+        }
+    }
+
     /// Flow control: the transport from every neighbour to `x` is stuck (or unstuck).
     pub fn stall(&mut self, x: usize, stalled: bool) {
         let id = self.nodes[x].id;
