@@ -23,6 +23,7 @@
 //! anti-entropy repairs the gap later), batches are limited in bytes and changes, and the
 //! event queue drops its oldest entries when full.
 
+use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use super::rng::SplitMix64;
@@ -324,8 +325,8 @@ impl SyncEngine {
         if self.next_round.is_none() {
             self.schedule_round(now);
         }
-        let digest = short_digest(&self.summary(store)?.digest);
-        self.enqueue(peer, SyncMessage::ShortDigest { digest });
+        let msg = self.short_digest(store)?;
+        self.enqueue(peer, msg);
         Ok(())
     }
 
@@ -421,7 +422,7 @@ impl SyncEngine {
                 let mine = self.summary(store)?.digest;
                 let equal = match &msg {
                     SyncMessage::Digest { digest } => *digest == mine,
-                    SyncMessage::ShortDigest { digest } => *digest == short_digest(&mine),
+                    SyncMessage::ShortDigest { nonce, tag } => *tag == short_tag(nonce, &mine),
                     _ => false,
                 };
                 if equal {
@@ -677,9 +678,9 @@ impl SyncEngine {
             return Ok(());
         }
         self.skipped_round = false;
-        let digest = short_digest(&self.summary(store)?.digest);
+        let msg = self.short_digest(store)?;
         self.stats.rounds += 1;
-        self.enqueue(peer, SyncMessage::ShortDigest { digest });
+        self.enqueue(peer, msg);
         Ok(())
     }
 
@@ -728,6 +729,16 @@ impl SyncEngine {
     }
 
     // ------------------------------------------------------------------ internals
+
+    /// A `ShortDigest` of our state with a fresh nonce.
+    fn short_digest(&mut self, store: &impl Replica) -> Result<SyncMessage, SyncError> {
+        let digest = self.summary(store)?.digest;
+        let nonce = (self.rng.next_u64() as u32).to_be_bytes();
+        Ok(SyncMessage::ShortDigest {
+            nonce,
+            tag: short_tag(&nonce, &digest),
+        })
+    }
 
     fn schedule_round(&mut self, now: u64) {
         let base = self.cfg.anti_entropy_interval_ms.max(1);
@@ -1404,10 +1415,14 @@ fn push(mut changes: Vec<SignedChange>) -> SyncMessage {
     }
 }
 
-/// The first 16 bytes of a digest, as sent in `ShortDigest`.
-fn short_digest(d: &[u8; 32]) -> [u8; 16] {
-    let mut s = [0; 16];
-    s.copy_from_slice(&d[..16]);
+/// The tag of `ShortDigest`: SHA-256(nonce ‖ digest), first 6 bytes (see the message's docs).
+fn short_tag(nonce: &[u8; 4], d: &[u8; 32]) -> [u8; 6] {
+    let mut h = Sha256::new();
+    h.update(nonce);
+    h.update(d);
+    let full = h.finalize();
+    let mut s = [0; 6];
+    s.copy_from_slice(&full[..6]);
     s
 }
 
@@ -1719,7 +1734,10 @@ mod tests {
             e.handle(
                 due + 1,
                 peer,
-                SyncMessage::ShortDigest { digest: [k; 16] },
+                SyncMessage::ShortDigest {
+                    nonce: [k; 4],
+                    tag: [k; 6],
+                },
                 &mut r,
             )
             .unwrap();

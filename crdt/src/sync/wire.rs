@@ -25,7 +25,7 @@
 //! Want      (6) = clocks
 //! Announce  (7) = ids
 //! Fetch     (8) = ids
-//! ShortDigest (9) = digest[16] (the first 16 bytes of a Digest's)
+//! ShortDigest (9) = nonce[4] tag[6] (tag: SHA-256(nonce ‖ Digest's digest), first 6 bytes)
 //! AnnounceOne (10) = id[8]   (an Announce of one change, 4 bytes shorter)
 //! FetchOne  (11) = id[8]     (a Fetch of one change)
 //! PushOne   (12) = signed change (a Push of one change, 4 bytes shorter)
@@ -58,7 +58,7 @@
 //! changes by 8-byte id: 14 bytes to announce one change instead of ~60). Added later within
 //! version 2 (this build decodes every message of an earlier version-2 build, not the
 //! reverse: upgrade all nodes): `ShortDigest`, `AnnounceOne`, `FetchOne`, `PushOne` (types
-//! 9–12: the idle and one-change cases, 4–16 bytes shorter), `Prune` (13), and author bounds
+//! 9–12: the idle and one-change cases, 4–22 bytes shorter), `Prune` (13), and author bounds
 //! in a `Clocks` range (flag bits 2 and 3: a page may cut one document's version vector
 //! between two authors). A v1 message is refused with [`DecodeError::UnknownVersion`]: mixed clusters do
 //! not sync (upgrade all nodes).
@@ -250,12 +250,17 @@ pub enum SyncMessage {
         /// Sorted short ids.
         ids: Vec<ChangeId>,
     },
-    /// Anti-entropy opener as sent by the engine: the first 16 bytes of the digest (18 bytes
-    /// on the wire instead of 34; 128 bits are as far from a chance collision as 256, and
-    /// finding two states with equal short digests takes ~2⁶⁴ hashes).
+    /// Anti-entropy opener as sent by the engine: a fresh random `nonce` and the first 6 bytes
+    /// of SHA-256(nonce ‖ digest) (12 bytes on the wire instead of 34). The receiver computes
+    /// the same tag over its own digest. A chance false "equal" is 2⁻⁴⁸ per round and costs one
+    /// round with that peer; because the nonce is the sender's fresh choice, no one can
+    /// precompute two states whose tags collide (a plain 6- or 8-byte prefix of the digest
+    /// could be collided with 2²⁴–2³² hashes by a member crafting its own changes).
     ShortDigest {
-        /// The digest's first 16 bytes.
-        digest: [u8; 16],
+        /// Chosen at random by the sender for this message.
+        nonce: [u8; 4],
+        /// SHA-256(nonce ‖ digest), first 6 bytes.
+        tag: [u8; 6],
     },
     /// `Announce` of a single change (the common case of a relayed write): 10 bytes on the
     /// wire instead of 14.
@@ -306,7 +311,7 @@ impl SyncMessage {
     pub fn encoded_len(&self) -> usize {
         2 + match self {
             SyncMessage::Digest { .. } => 32,
-            SyncMessage::ShortDigest { .. } => 16,
+            SyncMessage::ShortDigest { .. } => 10,
             SyncMessage::AnnounceOne { .. }
             | SyncMessage::FetchOne { .. }
             | SyncMessage::Prune { .. } => 8,
@@ -341,9 +346,10 @@ impl SyncMessage {
                 out.push(T_DIGEST);
                 out.extend_from_slice(digest);
             }
-            SyncMessage::ShortDigest { digest } => {
+            SyncMessage::ShortDigest { nonce, tag } => {
                 out.push(T_SHORT_DIGEST);
-                out.extend_from_slice(digest);
+                out.extend_from_slice(nonce);
+                out.extend_from_slice(tag);
             }
             SyncMessage::AnnounceOne { id } => {
                 out.push(T_ANNOUNCE_ONE);
@@ -423,7 +429,10 @@ impl SyncMessage {
         }
         let msg = match r.u8()? {
             T_DIGEST => SyncMessage::Digest { digest: r.array()? },
-            T_SHORT_DIGEST => SyncMessage::ShortDigest { digest: r.array()? },
+            T_SHORT_DIGEST => SyncMessage::ShortDigest {
+                nonce: r.array()?,
+                tag: r.array()?,
+            },
             T_ANNOUNCE_ONE => SyncMessage::AnnounceOne { id: r.array()? },
             T_FETCH_ONE => SyncMessage::FetchOne { id: r.array()? },
             T_PRUNE => SyncMessage::Prune { id: r.array()? },
@@ -931,8 +940,11 @@ mod tests {
                 hex("02 08 00000001 0303030303030303"),
             ),
             (
-                SyncMessage::ShortDigest { digest: [7; 16] },
-                hex("02 09 07070707070707070707070707070707"),
+                SyncMessage::ShortDigest {
+                    nonce: [7; 4],
+                    tag: [8; 6],
+                },
+                hex("02 09 07070707 080808080808"),
             ),
             (
                 SyncMessage::AnnounceOne { id: [4; 8] },
