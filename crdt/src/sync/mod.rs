@@ -168,7 +168,7 @@
 //! | N | one write, 215 B change | all nodes | bytes/node | ratio |
 //! |---|---|---|---|---|
 //! | 1,000 | seeds 1 / 2 / 3 | 220 / 220 / 550 ms | 307 / 305 / 315 | 1.43× / 1.42× / 1.47× |
-//! | 10,000 | seeds 1 / 3 / 4 | 1,025 / 400 / 800 ms | 319 / 310 / 315 | 1.48× / 1.44× / 1.46× |
+//! | 10,000 | seeds 1 / 2 / 3 / 4 | 1,025 / 930 / 400 / 800 ms | 319 / 316 / 310 / 315 | 1.48× / 1.47× / 1.44× / 1.46× |
 //!
 //! So the small-write aim of ≤ 1.5× now holds in every run at both sizes (before this last
 //! step, 10,000 nodes gave 1.49–1.53× over seeds 1–4); the worst case keeps little margin.
