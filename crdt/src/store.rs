@@ -1930,18 +1930,15 @@ impl Store {
         let mut variants = Vec::new();
         for (c, h, change, max_op) in candidates {
             let reason = eval.void.get(&h.hash).cloned();
-            if new_valid.contains(&h.hash) || reason == Some(RejectReason::Equivocation) {
+            let valid = new_valid.contains(&h.hash);
+            if valid || reason == Some(RejectReason::Equivocation) {
                 let a = Accepted {
                     signed: c,
                     header: h,
                     change,
                     max_op,
                 };
-                if new_valid.contains(&a.header.hash) {
-                    accepted.push(a);
-                } else {
-                    variants.push(a);
-                }
+                if valid { &mut accepted } else { &mut variants }.push(a);
             } else {
                 let reason = reason.unwrap_or(RejectReason::NotAMember);
                 all.retain(|m| m.hash != h.hash);

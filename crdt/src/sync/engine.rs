@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use super::rng::SplitMix64;
 use super::wire::{
     change_id, clocks_entry_len, frontier_entry_len, ChangeId, Clocks, DocRange, Frontiers,
-    SyncMessage, VersionVector, AUTHOR_ENTRY_LEN,
+    SyncMessage, VersionVector, AUTHOR_ENTRY,
 };
 use super::{clocks_digest, Replica, SyncError};
 use crate::identity::NodeId;
@@ -1365,11 +1365,11 @@ fn page(sum: &Summary, start: &Pos, max_bytes: usize) -> (DocRange, Clocks, Fron
             None => vv.range(..),
         };
         for (author, seq) in authors {
-            if bytes > 0 && bytes + AUTHOR_ENTRY_LEN > max_bytes {
+            if bytes > 0 && bytes + AUTHOR_ENTRY > max_bytes {
                 end = Some((doc.clone(), Some(*author)));
                 break 'docs;
             }
-            bytes += AUTHOR_ENTRY_LEN;
+            bytes += AUTHOR_ENTRY;
             clocks.entry(doc.clone()).or_default().insert(*author, *seq);
         }
     }

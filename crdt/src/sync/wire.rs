@@ -184,10 +184,8 @@ pub fn change_id(hash: &[u8; 32]) -> ChangeId {
 const MIN_CHANGE_LEN: usize = 1 + 2 + 32 + 64 + 4;
 /// Smallest encoding of one document entry of a clock list.
 const MIN_DOC_ENTRY: usize = 2 + 1 + 4;
-/// Encoding of one (author, seq) entry.
-const AUTHOR_ENTRY: usize = 32 + 8;
 /// Encoded length of one (author, seq) entry of a version vector.
-pub(crate) const AUTHOR_ENTRY_LEN: usize = AUTHOR_ENTRY;
+pub(crate) const AUTHOR_ENTRY: usize = 32 + 8;
 
 /// One message of the sync protocol (see [`crate::sync`] for the protocol itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
