@@ -152,6 +152,9 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let (mut store, founded) = open_store(&cfg, &key)?;
     let (local, remote) = cfg.fsync.policy();
     store.set_fsync_policy(local, remote)?;
+    // The agent is the database's only user while it runs: hold it (no per-transaction file
+    // locks; a second agent on this data directory is refused).
+    store.hold_exclusive()?;
     if new_key {
         tracing::info!(node = %me, path = %key_path(&cfg.data_dir).display(), "generated a new node key");
     }

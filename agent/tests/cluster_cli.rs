@@ -113,6 +113,39 @@ fn exit_codes_json_output_and_membership_messages() {
 }
 
 #[test]
+fn a_second_agent_on_the_same_data_directory_is_refused_and_the_first_keeps_going() {
+    let c = Cluster::start(1, 26, Net::Direct);
+    let a = &c.agents[0];
+    assert!(a.put("doc", "k", "1"));
+    // Same data directory, its own ports: it must not share the database with the first.
+    let second_api = format!("127.0.0.1:{}", free_tcp_port());
+    let child = Command::new(BIN)
+        .args(["--api", &second_api, "run", "--name", "twin"])
+        .arg("--data-dir")
+        .arg(&a.dir)
+        .args(["--listen", &free_udp_addr(node_ip(26, 1)).to_string()])
+        .env_remove("RUST_LOG")
+        .env_remove("LICHEN_API")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = Guard(child);
+    let st = g.wait_exit(PATIENCE);
+    assert_eq!(st.code(), Some(1), "a refused start exits 1");
+    let mut err = String::new();
+    std::io::Read::read_to_string(g.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("in use by another process"),
+        "the error names the cause: {err}"
+    );
+    // The first agent did not notice.
+    assert!(a.put("doc", "k", "2"));
+    assert_eq!(a.get("doc", "k"), Some(json!(2)));
+}
+
+#[test]
 fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_writes() {
     let mut c = Cluster::start(1, 24, Net::Direct);
     let api = c.agents[0].api.clone();

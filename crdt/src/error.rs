@@ -160,6 +160,12 @@ pub enum StoreError {
         /// Latest version this build knows.
         supported: i64,
     },
+    /// Another process holds the database (see [`crate::Store::hold_exclusive`]).
+    #[error("{path} is in use by another process (is a lichen agent already running with this data directory?)")]
+    InUse {
+        /// Database path.
+        path: String,
+    },
     /// The database holds another cluster.
     #[error("{path} belongs to cluster {found}, not {expected}")]
     WrongCluster {

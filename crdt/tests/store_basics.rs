@@ -110,6 +110,32 @@ fn everything_survives_close_and_reopen() {
 }
 
 #[test]
+fn a_held_store_refuses_a_second_opener_until_it_is_closed() {
+    let mut c = Cluster::new(1);
+    let admin = c.admin.clone();
+    let cluster = c.stores[0].cluster_id();
+    let path = c.stores[0].path().to_path_buf();
+    c.stores[0].hold_exclusive().unwrap();
+    // The holder keeps reading and writing (with no per-transaction file locks)...
+    put(&mut c.stores[0], &admin, "app/x", "a", json!(1));
+    assert_eq!(get(&c.stores[0], "app/x", "a"), Some(json!(1)));
+    // ...while a second opener (another agent on the same data directory) is refused with
+    // an error that says why, and the holder is undisturbed.
+    match Store::open(&path, Some(cluster)) {
+        Err(e @ StoreError::InUse { .. }) => {
+            assert!(e.to_string().contains("in use by another process"), "{e}")
+        }
+        Err(e) => panic!("expected InUse, got {e}"),
+        Ok(_) => panic!("a second store opened a held database"),
+    }
+    put(&mut c.stores[0], &admin, "app/x", "b", json!(2));
+    // Closing the holder releases the file; everything it wrote is there.
+    drop(c.stores.pop());
+    let s = Store::open(&path, Some(cluster)).unwrap();
+    assert_eq!(get(&s, "app/x", ""), Some(json!({"a": 1, "b": 2})));
+}
+
+#[test]
 fn concurrent_writes_to_one_key_are_visible_as_a_conflict() {
     let mut c = Cluster::new(2);
     let admin = c.admin.clone();
