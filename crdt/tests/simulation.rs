@@ -102,6 +102,68 @@ fn a_full_mesh_prunes_the_eager_second_hop_after_one_duplicate() {
 }
 
 #[test]
+fn a_small_mesh_batches_its_insurance_announcements_and_they_still_repair_a_cut_link() {
+    sweep("held_announcements", 0..3, |seed| {
+        // Three nodes, all linked, fixed latency (so the relayed copy of the first write is a
+        // duplicate and gets pruned), and no anti-entropy to speak of: announcements are the
+        // only way a change can travel besides the author's own push.
+        let run = |delay: u64| {
+            let mut cfg = SimConfig::new(3);
+            cfg.latency = (20, 20);
+            cfg.sync.anti_entropy_interval_ms = 600_000;
+            cfg.sync.anti_entropy_jitter_ms = 0;
+            cfg.sync.pruned_announce_delay_ms = delay;
+            let mut s = Sim::new(seed, cfg);
+            s.run_until(100);
+            s.write(0, "app/web", "first").unwrap();
+            s.run_until(s.now + 300);
+            assert!(
+                s.by_kind["prune"].0 >= 2,
+                "seed {seed}: the followers pruned"
+            );
+            // A burst of 20 writes, one per millisecond.
+            let before = s.by_kind.get("announce").map_or(0, |a| a.0);
+            let start = s.now;
+            for k in 0..20u64 {
+                s.at(start + k, move |s| {
+                    s.write(0, "app/web", &format!("k{k}"));
+                });
+            }
+            s.run_until(start + 400);
+            let announced = s.by_kind["announce"].0 - before;
+            // The link 0-2 fails; 0 keeps writing: 2 hears of the writes only from 1.
+            s.cut(0, 2);
+            let cut_at = s.now;
+            for k in 0..5u64 {
+                s.at(cut_at + 1 + k, move |s| {
+                    s.write(0, "app/web", &format!("cut{k}"));
+                });
+            }
+            let deadline = cut_at + 400;
+            while s.now < deadline && !s.written.iter().all(|h| s.everywhere(h)) {
+                s.run_until(s.now + 5);
+            }
+            assert!(
+                s.written.iter().all(|h| s.everywhere(h)),
+                "seed {seed} delay {delay}: node 2 did not get the writes through node 1 within 400 ms"
+            );
+            s.heal();
+            s.settle(5_000);
+            s.assert_converged();
+            announced
+        };
+        let (held, immediate) = (run(50), run(0));
+        println!("seed {seed}: burst of 20 writes: {held} announcements held, {immediate} at once");
+        // At once, each follower announces every write to the other (about 40 messages);
+        // held, a burst costs a few.
+        assert!(
+            held * 5 <= immediate,
+            "seed {seed}: {held} announcements held, {immediate} at once"
+        );
+    });
+}
+
+#[test]
 fn partition_heals_and_both_sides_converge() {
     sweep("partition_heals", 0..6, |seed| {
         let n = 3 + (seed as usize % 8);

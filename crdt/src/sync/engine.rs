@@ -64,6 +64,12 @@ pub struct Config {
     /// except to a peer that answered such a relay with `Prune` (it gets that author's
     /// changes straight from the author): it gets announcements instead.
     pub eager_first_hop: bool,
+    /// In a mesh small enough that an author pushes to every peer (at most `fanout` peers up
+    /// here), the announcements of an author's changes to a peer that pruned that author are
+    /// insurance only (the peer got them first-hand unless its link to the author failed):
+    /// they are held this long, sent as one `Announce`, and skip ids the peer announced to
+    /// us meanwhile. 0 sends each at once. Larger meshes always announce at once.
+    pub pruned_announce_delay_ms: u64,
     /// Changes newly applied from an anti-entropy batch (`Changes`) of at most this many
     /// changes are relayed like pushed ones (0: never).
     pub relay_pulled_max: usize,
@@ -109,6 +115,7 @@ impl Default for Config {
             relay_inline_bytes: 64,
             announce_max: 64,
             eager_first_hop: true,
+            pruned_announce_delay_ms: 50,
             relay_pulled_max: 0,
             pull_gap_ms: 200,
             pull_timeout_ms: 2_000,
@@ -235,6 +242,10 @@ pub struct SyncEngine {
     recent: VecDeque<(u64, ChangeId)>,
     /// (peer, author): `peer` pruned our eager relays of `author`'s changes. Bounded.
     pruned: HashSet<(NodeId, NodeId)>,
+    /// Held announcements for peers that pruned the author (see
+    /// [`Config::pruned_announce_delay_ms`]): peer → (when due, ids). At most `announce_max`
+    /// ids per peer (then sent at once).
+    held: BTreeMap<NodeId, (u64, Vec<ChangeId>)>,
     /// The last round was skipped because a fetch was under way (the next one is not).
     skipped_round: bool,
     /// When a mismatched digest was last ignored because a fetch was under way.
@@ -263,6 +274,7 @@ impl SyncEngine {
             recent: VecDeque::new(),
             skipped_round: false,
             pruned: HashSet::new(),
+            held: BTreeMap::new(),
             ignored_digest: None,
             stats: Stats::default(),
         }
@@ -341,6 +353,7 @@ impl SyncEngine {
             self.pulling = None;
         }
         self.pruned.retain(|(p, _)| *p != peer);
+        self.held.remove(&peer);
     }
 
     /// Flow control: while `ready` is false (the transport to `peer` is backed up),
@@ -659,6 +672,7 @@ impl SyncEngine {
 
     /// Timers: start an anti-entropy round with one random connected peer when it is due.
     pub fn handle_timeout(&mut self, now: u64, store: &mut impl Replica) -> Result<(), SyncError> {
+        self.send_held(now, false);
         let Some(due) = self.next_round else {
             return Ok(());
         };
@@ -720,7 +734,11 @@ impl SyncEngine {
 
     /// When [`SyncEngine::handle_timeout`] should next be called (ms, same epoch as `now`).
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.next_round
+        let held = self.held.values().map(|(due, _)| *due).min();
+        match (self.next_round, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next event.
@@ -941,6 +959,40 @@ impl SyncEngine {
         }
     }
 
+    /// Send the held announcements that are due (all that are full or due with `full`):
+    /// one `Announce` per peer, without the ids the peer is known to hold by now.
+    fn send_held(&mut self, now: u64, full: bool) {
+        let max = self.cfg.announce_max;
+        let due: Vec<NodeId> = self
+            .held
+            .iter()
+            .filter(|(_, (t, ids))| now >= *t || (full && ids.len() >= max))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            let Some((_, mut ids)) = self.held.remove(&peer) else {
+                continue;
+            };
+            ids.sort_unstable();
+            ids.dedup();
+            ids.retain(|id| {
+                !self
+                    .holders
+                    .get(id)
+                    .is_some_and(|(_, peers)| peers.contains(&peer))
+            });
+            for chunk in ids.chunks(max.max(1)) {
+                let msg = match chunk {
+                    [id] => SyncMessage::AnnounceOne { id: *id },
+                    _ => SyncMessage::Announce {
+                        ids: chunk.to_vec(),
+                    },
+                };
+                self.enqueue(peer, msg);
+            }
+        }
+    }
+
     /// Relay newly applied changes to `fanout` random peers other than the sender and other
     /// than those known to hold them all already (they pushed or announced them to us).
     fn relay(&mut self, now: u64, from: NodeId, applied: Vec<SignedChange>) {
@@ -979,7 +1031,34 @@ impl SyncEngine {
             let scaled = fanout * others.len();
             fanout = scaled / all + usize::from(self.rng.below(all as u64) < (scaled % all) as u64);
         }
-        let targets = self.rng.choose(&others, fanout);
+        let mut targets = self.rng.choose(&others, fanout);
+        // A change pushed by its own author is on its first relay: few nodes hold it yet, so
+        // pushing it in full costs few duplicates and saves two message delays.
+        let first_hop = applied.iter().all(|c| c.author == from);
+        // In a mesh where the author pushes to everyone, the announcements to peers that
+        // pruned the author are insurance: hold and batch them (see
+        // `Config::pruned_announce_delay_ms`).
+        if first_hop
+            && self.cfg.eager_first_hop
+            && self.cfg.pruned_announce_delay_ms > 0
+            && all < self.cfg.fanout
+            && !self.pruned.is_empty()
+        {
+            let delay = self.cfg.pruned_announce_delay_ms;
+            let mut full = false;
+            targets.retain(|t| {
+                if !self.pruned.contains(&(*t, from)) {
+                    return true;
+                }
+                let (_, held) = self.held.entry(*t).or_insert((now + delay, Vec::new()));
+                held.extend(ids.iter().copied());
+                full |= held.len() >= self.cfg.announce_max;
+                false
+            });
+            if full {
+                self.send_held(now, true);
+            }
+        }
         if targets.is_empty() {
             return;
         }
@@ -989,9 +1068,6 @@ impl SyncEngine {
             }
         }
         let bytes: usize = applied.iter().map(SignedChange::encoded_len).sum();
-        // A change pushed by its own author is on its first relay: few nodes hold it yet, so
-        // pushing it in full costs few duplicates and saves two message delays.
-        let first_hop = applied.iter().all(|c| c.author == from);
         let (eager, targets): (Vec<NodeId>, Vec<NodeId>) = if bytes <= self.cfg.relay_inline_bytes {
             (targets, Vec::new())
         } else if first_hop && self.cfg.eager_first_hop && bytes <= self.cfg.batch_bytes {

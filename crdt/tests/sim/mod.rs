@@ -219,6 +219,8 @@ pub struct Sim {
     groups: Vec<u64>,
     /// Only ring links (i, i+1 mod n) pass.
     ring_only: bool,
+    /// Single links cut with [`Sim::cut`] (lower index first), restored by [`Sim::heal`].
+    cut_links: std::collections::HashSet<(usize, usize)>,
     next_group: u64,
     index: HashMap<NodeId, usize>,
     queue: BTreeMap<(u64, u64), Ev>,
@@ -426,6 +428,7 @@ impl Sim {
             adj,
             groups: vec![0; n],
             ring_only: false,
+            cut_links: std::collections::HashSet::new(),
             next_group: 1,
             index: HashMap::new(),
             queue: BTreeMap::new(),
@@ -477,6 +480,7 @@ impl Sim {
         a != b
             && self.groups[a] == self.groups[b]
             && (!self.ring_only || (a + 1) % n == b || (b + 1) % n == a)
+            && !self.cut_links.contains(&(a.min(b), a.max(b)))
             && self.adj[a].contains(&b)
             && self.nodes[a].alive()
             && self.nodes[b].alive()
@@ -540,6 +544,12 @@ impl Sim {
         self.refresh_all();
     }
 
+    /// Cut the one link between `a` and `b` (both keep their other links).
+    pub fn cut(&mut self, a: usize, b: usize) {
+        self.cut_links.insert((a.min(b), a.max(b)));
+        self.refresh_all();
+    }
+
     /// Keep only the links between ring neighbours (i, i+1 mod n).
     pub fn ring(&mut self) {
         self.ring_only = true;
@@ -550,6 +560,7 @@ impl Sim {
     pub fn heal(&mut self) {
         self.groups.iter_mut().for_each(|g| *g = 0);
         self.ring_only = false;
+        self.cut_links.clear();
         self.refresh_all();
     }
 
