@@ -54,11 +54,16 @@ fn relays_that_skip_known_holders_announce_less_and_still_reach_everyone() {
             let mut s = Sim::new(seed, cfg);
             s.run_until(2_000);
             let before = s.by_kind.get("announce").map_or(0, |k| k.0);
-            let c = s.write(0, "app/web", "replicas").unwrap();
-            let h = c.hash().unwrap();
-            s.settle(10_000);
-            s.assert_converged();
-            assert!(s.everywhere(&h), "seed {seed}");
+            // Five writes by different nodes, one after another: one write's saving is a few
+            // announcements out of ~250 and can vanish in the noise of one seed (seed 6 of
+            // a single write measured 252 both ways).
+            for w in 0..5 {
+                let c = s.write(w * 11, "app/web", &format!("replicas{w}")).unwrap();
+                let h = c.hash().unwrap();
+                s.settle(10_000);
+                s.assert_converged();
+                assert!(s.everywhere(&h), "seed {seed}");
+            }
             s.by_kind["announce"].0 - before
         };
         let (with, without) = (run(true), run(false));
