@@ -296,6 +296,17 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
     }
 }
 
+/// `StoreError::InUse` when SQLite says another connection holds the file.
+fn in_use(path: &Path, e: &rusqlite::Error) -> Option<StoreError> {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+    .then(|| StoreError::InUse {
+        path: path.display().to_string(),
+    })
+}
+
 pub(crate) fn panic_safe<T>(f: impl FnOnce() -> T) -> Option<T> {
     catch_unwind(AssertUnwindSafe(f)).ok()
 }
@@ -343,14 +354,7 @@ impl Store {
         // A non-database file fails here ("file is not a database"); so does a database that
         // another process holds exclusively (a running agent).
         conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| match e.sqlite_error_code() {
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-                    StoreError::InUse {
-                        path: path.display().to_string(),
-                    }
-                }
-                _ => corrupt(path, e.to_string()),
-            })?;
+            .map_err(|e| in_use(path, &e).unwrap_or_else(|| corrupt(path, e.to_string())))?;
         match schema::prepare(&mut conn, create) {
             Ok(()) => {}
             Err(SchemaProblem::NotLichen) => {
@@ -774,14 +778,7 @@ impl Store {
         let taken = self
             .conn
             .execute_batch("BEGIN IMMEDIATE; COMMIT;")
-            .map_err(|e| match e.sqlite_error_code() {
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-                    StoreError::InUse {
-                        path: self.path.display().to_string(),
-                    }
-                }
-                _ => StoreError::Sqlite(e),
-            });
+            .map_err(|e| in_use(&self.path, &e).unwrap_or(StoreError::Sqlite(e)));
         if taken.is_err() {
             // Leave the connection as it was: shared, per-transaction locks.
             let _ = self

@@ -982,13 +982,7 @@ impl SyncEngine {
                     .is_some_and(|(_, peers)| peers.contains(&peer))
             });
             for chunk in ids.chunks(max.max(1)) {
-                let msg = match chunk {
-                    [id] => SyncMessage::AnnounceOne { id: *id },
-                    _ => SyncMessage::Announce {
-                        ids: chunk.to_vec(),
-                    },
-                };
-                self.enqueue(peer, msg);
+                self.enqueue(peer, announce(chunk));
             }
         }
     }
@@ -1089,18 +1083,11 @@ impl SyncEngine {
             return;
         }
         if applied.len() <= self.cfg.announce_max {
-            let mut ids: Vec<ChangeId> = applied
-                .iter()
-                .filter_map(|c| c.hash().map(|h| change_id(&h)))
-                .collect();
+            let mut ids = ids;
             ids.sort_unstable();
             ids.dedup();
             for t in targets {
-                let msg = match ids.as_slice() {
-                    [id] => SyncMessage::AnnounceOne { id: *id },
-                    _ => SyncMessage::Announce { ids: ids.clone() },
-                };
-                self.enqueue(t, msg);
+                self.enqueue(t, announce(&ids));
             }
         } else {
             let mut have = Clocks::new();
@@ -1488,6 +1475,14 @@ fn push(mut changes: Vec<SignedChange>) -> SyncMessage {
             SyncMessage::Push { changes }
         }
         None => SyncMessage::Push { changes },
+    }
+}
+
+/// The announcement of `ids`: `AnnounceOne` for one, `Announce` for more.
+fn announce(ids: &[ChangeId]) -> SyncMessage {
+    match ids {
+        [id] => SyncMessage::AnnounceOne { id: *id },
+        _ => SyncMessage::Announce { ids: ids.to_vec() },
     }
 }
 
