@@ -141,6 +141,10 @@ pub struct ConnectionInfo {
     pub dialed_by_us: bool,
     /// Current round-trip estimate.
     pub rtt: Duration,
+    /// UDP datagrams received from the peer on this connection.
+    pub datagrams_received: u64,
+    /// ACK frames sent to the peer on this connection.
+    pub acks_sent: u64,
 }
 
 /// What the registry and the connection's `serve` task share.
@@ -288,6 +292,11 @@ impl Endpoint {
         ));
         transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
         transport.max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
+        if config.ack_eliciting_threshold > 0 {
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(VarInt::from_u32(config.ack_eliciting_threshold));
+            transport.ack_frequency_config(Some(ack));
+        }
         let transport = Arc::new(transport);
 
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(identity.server_config()?));
@@ -515,6 +524,8 @@ impl Endpoint {
                 remote_addr: e.conn.remote_address(),
                 dialed_by_us: e.dialed_by_us,
                 rtt: e.conn.rtt(),
+                datagrams_received: e.conn.stats().udp_rx.datagrams,
+                acks_sent: e.conn.stats().frame_tx.acks,
             })
             .collect()
     }

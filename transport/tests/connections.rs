@@ -254,3 +254,51 @@ async fn redial_cap_bounds_the_pause_while_a_peer_refuses_us() {
         .unwrap();
     assert_eq!(&wait_frame(&mut brx, key(1)).await[..], b"admitted");
 }
+
+/// Sends `n` frames from `a` to `b` one at a time (each waits for the previous to arrive,
+/// like an agent pushing one write after another) and returns how many datagrams `b`
+/// received from `a` and how many ACK frames it sent back.
+async fn acks_for_one_at_a_time(threshold: u32, n: usize) -> (u64, u64) {
+    let members = Members::of(&[key(1), key(2)]);
+    let bind = |k: u8| {
+        let mut c = config(k);
+        c.ack_eliciting_threshold = threshold;
+        Endpoint::bind(c, Arc::new(members.clone()))
+    };
+    let (a, mut arx) = bind(1).await.unwrap();
+    let (b, mut brx) = bind(2).await.unwrap();
+    a.add_peer(key(2), vec![b.local_addr()]);
+    wait_connected(&mut arx, key(2)).await;
+    wait_connected(&mut brx, key(1)).await;
+    let before = b.connections()[0].clone();
+    for _ in 0..n {
+        send(&a, &key(2), b"one write").await;
+        wait_frame(&mut brx, key(1)).await;
+    }
+    let after = b.connections()[0].clone();
+    (
+        after.datagrams_received - before.datagrams_received,
+        after.acks_sent - before.acks_sent,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_receiving_one_write_at_a_time_acknowledges_every_tenth_packet_not_every_second() {
+    init_tracing();
+    // QUIC's default: an ACK for every second packet (or sooner).
+    let (datagrams, acks) = acks_for_one_at_a_time(0, 200).await;
+    eprintln!("default: {acks} ACKs for {datagrams} datagrams");
+    assert!(datagrams >= 200, "{datagrams}");
+    assert!(
+        acks * 3 > datagrams,
+        "{acks} ACKs for {datagrams} datagrams"
+    );
+    // Lichen's default asks for one every ten: the writer wakes up for far fewer ACKs.
+    let (datagrams, acks) = acks_for_one_at_a_time(10, 200).await;
+    eprintln!("threshold 10: {acks} ACKs for {datagrams} datagrams");
+    assert!(datagrams >= 200, "{datagrams}");
+    assert!(
+        acks * 4 < datagrams,
+        "{acks} ACKs for {datagrams} datagrams"
+    );
+}
