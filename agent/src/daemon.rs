@@ -152,6 +152,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let (mut store, founded) = open_store(&cfg, &key)?;
     let (local, remote) = cfg.fsync.policy();
     store.set_fsync_policy(local, remote)?;
+    store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
     // The agent is the database's only user while it runs: hold it (no per-transaction file
     // locks; a second agent on this data directory is refused).
     store.hold_exclusive()?;
@@ -276,8 +277,9 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
                         if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log)) {
                             tracing::warn!(error = %e, "could not change the log filter");
                         }
-                        if new.listen != current.listen || new.api != current.api || new.data_dir != current.data_dir {
-                            tracing::warn!("listen, api and data_dir changes take effect after a restart");
+                        if new.listen != current.listen || new.api != current.api || new.data_dir != current.data_dir
+                            || new.fsync != current.fsync || new.wal_checkpoint_pages != current.wal_checkpoint_pages {
+                            tracing::warn!("listen, api, data_dir, fsync and wal_checkpoint_pages changes take effect after a restart");
                         }
                         bindings.reload(new.bindings.clone());
                         metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -762,6 +762,25 @@ impl Store {
         }
     }
 
+    /// Let the write-ahead log grow to `pages` pages (of 4 KiB) before a commit copies it
+    /// back into the database file (SQLite's `wal_autocheckpoint`; SQLite's default is 1000).
+    ///
+    /// The commit that crosses the mark pays for the checkpoint: every page changed since
+    /// the last one is written back and the database file is fsynced. A bigger mark makes
+    /// that rarer and cheaper per commit (a page rewritten by many commits is copied once)
+    /// but each one longer, and the log file bigger on disk (~4 KiB per page; it keeps its
+    /// largest size). Between 100 and 1,000,000.
+    pub fn set_wal_autocheckpoint(&mut self, pages: u32) -> Result<(), StoreError> {
+        if !(100..=1_000_000).contains(&pages) {
+            return Err(StoreError::Invalid(format!(
+                "the WAL checkpoint mark must be between 100 and 1000000 pages, not {pages}"
+            )));
+        }
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", i64::from(pages))?;
+        Ok(())
+    }
+
     /// Hold the database for this connection until the store is dropped (SQLite's
     /// `locking_mode = EXCLUSIVE`, taken at once with an empty write transaction).
     ///

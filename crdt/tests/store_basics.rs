@@ -136,6 +136,43 @@ fn a_held_store_refuses_a_second_opener_until_it_is_closed() {
 }
 
 #[test]
+fn the_write_ahead_log_is_checkpointed_at_the_mark_the_owner_sets() {
+    let wal_len = |s: &Store| {
+        let mut p = s.path().as_os_str().to_owned();
+        p.push("-wal");
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    };
+    let frame = 4096 + 24;
+    for (mark, checkpointed) in [(100u32, true), (4000, false)] {
+        let mut c = Cluster::new(1);
+        let admin = c.admin.clone();
+        c.stores[0].hold_exclusive().unwrap();
+        c.stores[0].set_wal_autocheckpoint(mark).unwrap();
+        // 300 writes append ~1,900 frames: well over 100 and over SQLite's default mark
+        // (1000), under 4000.
+        for i in 0..300 {
+            put(&mut c.stores[0], &admin, "app/x", "n", json!(i));
+        }
+        let frames = wal_len(&c.stores[0]) / frame;
+        eprintln!("mark {mark}: {frames} frames in the log after 300 writes");
+        if checkpointed {
+            // Checkpointed at 100 pages: the log restarted from its beginning each time.
+            assert!(
+                frames < 150,
+                "{frames} frames in the log with a mark of {mark}"
+            );
+        } else {
+            assert!(frames > 1200, "only {frames} frames with a mark of {mark}");
+        }
+        assert_eq!(get(&c.stores[0], "app/x", "n"), Some(json!(299)));
+    }
+    let mut c = Cluster::new(1);
+    for bad in [0, 99, 1_000_001] {
+        assert!(c.stores[0].set_wal_autocheckpoint(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn concurrent_writes_to_one_key_are_visible_as_a_conflict() {
     let mut c = Cluster::new(2);
     let admin = c.admin.clone();
