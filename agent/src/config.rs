@@ -127,6 +127,38 @@ pub struct Config {
     pub bindings: Vec<Binding>,
 }
 
+impl Config {
+    /// Settings that a reload cannot apply to a running agent (they shape the socket, the
+    /// API listener, the open database or the sync engine), by their config-file names,
+    /// that differ between `self` and `new`. A reload applies the log filter and the file
+    /// bindings; these wait for the next start.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |differs: bool, name| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check(self.data_dir != new.data_dir, "data_dir");
+        check(self.name != new.name, "name");
+        check(self.listen != new.listen, "listen");
+        check(self.advertise != new.advertise, "advertise");
+        check(self.api != new.api, "api");
+        check(self.log_format != new.log_format, "log_format");
+        check(self.fsync != new.fsync, "fsync");
+        check(
+            self.wal_checkpoint_pages != new.wal_checkpoint_pages,
+            "wal_checkpoint_pages",
+        );
+        check(
+            self.anti_entropy != new.anti_entropy,
+            "sync.anti_entropy_ms",
+        );
+        check(self.fanout != new.fanout, "sync.fanout");
+        changed
+    }
+}
+
 /// What a new node needs to join: the cluster id and one member to dial.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinToken {
@@ -357,6 +389,16 @@ mod tests {
         assert!(format!("{e:#}").contains("loopback"), "{e:#}");
         let f: FileConfig = toml::from_str("fsync = \"sometimes\"").unwrap();
         assert!(Config::resolve_with(&Overrides::default(), f).is_err());
+        let base = Config::resolve_with(&Overrides::default(), FileConfig::default()).unwrap();
+        let f: FileConfig =
+            toml::from_str("wal_checkpoint_pages = 5000\nlog = \"debug\"\n[sync]\nfanout = 3")
+                .unwrap();
+        let new = Config::resolve_with(&Overrides::default(), f).unwrap();
+        assert_eq!(
+            base.restart_only_changes(&new),
+            ["wal_checkpoint_pages", "sync.fanout"]
+        );
+        assert!(base.restart_only_changes(&base).is_empty());
         let f: FileConfig = toml::from_str("wal_checkpoint_pages = 10").unwrap();
         let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
         assert!(format!("{e:#}").contains("wal_checkpoint_pages"), "{e:#}");

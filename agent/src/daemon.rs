@@ -266,7 +266,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut current = cfg;
+    let started = cfg;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
@@ -277,14 +277,15 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
                         if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log)) {
                             tracing::warn!(error = %e, "could not change the log filter");
                         }
-                        if new.listen != current.listen || new.api != current.api || new.data_dir != current.data_dir
-                            || new.fsync != current.fsync || new.wal_checkpoint_pages != current.wal_checkpoint_pages {
-                            tracing::warn!("listen, api, data_dir, fsync and wal_checkpoint_pages changes take effect after a restart");
+                        // Against the configuration the agent started with: a change stays
+                        // pending (and reported) until the next start.
+                        let later = started.restart_only_changes(&new);
+                        if !later.is_empty() {
+                            tracing::warn!(settings = later.join(", "), "these changed settings take effect at the next start");
                         }
                         bindings.reload(new.bindings.clone());
                         metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!("configuration reloaded");
-                        current = new;
                     }
                     Err(e) => {
                         metrics.config_reload_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

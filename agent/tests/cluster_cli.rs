@@ -212,12 +212,24 @@ fn sighup_with_an_invalid_config_keeps_running_with_the_old_one() {
     assert_eq!(metric(&m, "lichen_config_reload_errors_total"), Some(1.0));
     assert_eq!(metric(&m, "lichen_config_reloads_total"), Some(0.0));
 
-    std::fs::write(&a.config, good).unwrap();
+    std::fs::write(&a.config, &good).unwrap();
     a.signal("HUP");
     wait_until("the good config is loaded", PATIENCE, || {
         metric(&http_get(&a.api, "/metrics"), "lichen_config_reloads_total") == Some(1.0)
     });
     assert_eq!(a.get("cfg", "x"), Some(json!(1)));
+
+    // A valid change that only a restart can apply is loaded and reported as pending.
+    std::fs::write(&a.config, format!("wal_checkpoint_pages = 5000\n{good}")).unwrap();
+    a.signal("HUP");
+    wait_until("the pending setting is reported", PATIENCE, || {
+        let log = a.log_text();
+        log.contains("take effect at the next start") && log.contains("wal_checkpoint_pages")
+    });
+    assert_eq!(
+        metric(&http_get(&a.api, "/metrics"), "lichen_config_reloads_total"),
+        Some(2.0)
+    );
 }
 
 /// `lichen` alone (and `lichen run`), with the data directory from `HOME` or
