@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,7 @@ impl From<StoreError> for ApiError {
             StoreError::Denied(_) => 403,
             StoreError::NoSuchDocument(_) => 404,
             StoreError::Invalid(_) | StoreError::Json(_) | StoreError::Rejected(_) => 400,
+            StoreError::DiskFull => 507,
             _ => 500,
         };
         let mut msg = e.to_string();
@@ -369,7 +371,10 @@ impl Node {
                     .engine
                     .handle_bytes(now, NodeId(peer), &frame, &mut self.store)
                 {
-                    tracing::error!(error = %e, peer = %NodeId(peer), "applying received changes failed; they will be fetched again");
+                    let lichen_crdt::sync::SyncError::Store(se) = &e;
+                    if !self.storage_failure(se, "received changes (they will be fetched again)") {
+                        tracing::error!(error = %e, peer = %NodeId(peer), "applying received changes failed; they will be fetched again");
+                    }
                 }
                 self.metrics.apply_latency.observe(t.elapsed());
             }
@@ -628,7 +633,22 @@ impl Node {
     }
 
     /// A refused write; on a node that is not a member yet, say what to run.
+    /// Count (and log) a store failure that is not the caller's fault: a full disk or a
+    /// failed commit. `false` for other errors (refusals, bad input).
+    fn storage_failure(&self, e: &StoreError, what: &str) -> bool {
+        let reason = match e {
+            StoreError::DiskFull => "disk_full",
+            StoreError::CommitFailed(_) | StoreError::Sqlite(_) => "database",
+            _ => return false,
+        };
+        self.metrics
+            .inc_labelled("lichen_store_errors_total", reason, 1);
+        tracing::error!(error = %e, data_dir = %self.store.path().display(), "{what} not stored");
+        true
+    }
+
     fn write_error(&self, e: StoreError) -> ApiError {
+        self.storage_failure(&e, "write");
         let me = self.key.node_id();
         if matches!(e, StoreError::Denied(_)) && !self.store.membership().is_active(&me) {
             return ApiError::new(
@@ -636,6 +656,19 @@ impl Node {
                 format!(
                     "this node is not a member of the cluster yet, so it cannot write: on an admin node run `lichen members add {me} --role writer --name {}`, then retry",
                     self.name
+                ),
+            );
+        }
+        if matches!(e, StoreError::DiskFull) {
+            return ApiError::new(
+                507,
+                format!(
+                    "{e} (data directory {})",
+                    self.store
+                        .path()
+                        .parent()
+                        .unwrap_or(Path::new("/"))
+                        .display()
                 ),
             );
         }

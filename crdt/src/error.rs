@@ -141,7 +141,16 @@ pub enum KeyError {
 pub enum StoreError {
     /// SQLite failed.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// The file system holding the database is full (SQLite's `SQLITE_FULL`): the
+    /// transaction was rolled back, so nothing of it was stored and everything committed
+    /// before is intact. Writes work again once there is space.
+    #[error("the disk holding the database is full, so this was not stored (everything stored before is kept); free space there and retry")]
+    DiskFull,
+    /// A transaction could not be committed for another reason than a full disk; nothing of
+    /// it was stored.
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
     /// The file is not a Lichen database, or it is damaged.
     #[error("{path} is not a usable Lichen database: {reason}")]
     Corrupt {
@@ -194,4 +203,14 @@ pub enum StoreError {
     /// Automerge failed on local data.
     #[error("automerge: {0}")]
     Automerge(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            StoreError::DiskFull
+        } else {
+            StoreError::Sqlite(e)
+        }
+    }
 }

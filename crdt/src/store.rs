@@ -797,7 +797,7 @@ impl Store {
         let taken = self
             .conn
             .execute_batch("BEGIN IMMEDIATE; COMMIT;")
-            .map_err(|e| in_use(&self.path, &e).unwrap_or(StoreError::Sqlite(e)));
+            .map_err(|e| in_use(&self.path, &e).unwrap_or_else(|| StoreError::from(e)));
         if taken.is_err() {
             // Leave the connection as it was: shared, per-transaction locks.
             let _ = self
@@ -1196,7 +1196,10 @@ impl Store {
             let msg = e.to_string();
             for (idx, _) in &made {
                 for &i in idx {
-                    results[i] = Err(StoreError::Invalid(format!("commit failed: {msg}")));
+                    results[i] = Err(match e {
+                        StoreError::DiskFull => StoreError::DiskFull,
+                        _ => StoreError::CommitFailed(msg.clone()),
+                    });
                 }
             }
         }
