@@ -244,6 +244,7 @@ pub fn spawn(
         membership: None,
         join_token: parts.join_token,
         watchers: HashMap::new(),
+        storage_log: std::cell::Cell::new((None, 0)),
     };
     let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
     (handle, jh)
@@ -267,7 +268,12 @@ struct Node {
     join_token: Option<String>,
     /// Watchers by document.
     watchers: HashMap<String, Vec<Watcher>>,
+    /// When a storage failure was last logged, and how many since were not.
+    storage_log: std::cell::Cell<(Option<Instant>, u64)>,
 }
+
+/// At most one log line per this long for repeated storage failures (a full disk).
+const STORAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
@@ -643,7 +649,16 @@ impl Node {
         };
         self.metrics
             .inc_labelled("lichen_store_errors_total", reason, 1);
-        tracing::error!(error = %e, data_dir = %self.store.path().display(), "{what} not stored");
+        // While the disk stays full every anti-entropy round fails again: one line per
+        // STORAGE_LOG_EVERY, with how many were left out (the metric counts each).
+        let now = Instant::now();
+        let (last, quiet) = self.storage_log.get();
+        if last.is_some_and(|t| now.duration_since(t) < STORAGE_LOG_EVERY) {
+            self.storage_log.set((last, quiet + 1));
+        } else {
+            tracing::error!(error = %e, data_dir = %self.store.path().display(), similar_failures_not_logged = quiet, "{what} not stored");
+            self.storage_log.set((Some(now), 0));
+        }
         true
     }
 

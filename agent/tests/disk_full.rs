@@ -102,7 +102,10 @@ fn a_full_disk_refuses_writes_clearly_keeps_serving_and_loses_nothing() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("disk") && err.contains("full"), "{err}");
     assert!(err.contains("free space"), "{err}");
-    assert!(err.contains(&*c.agents[1].dir.to_string_lossy()), "names the data directory: {err}");
+    assert!(
+        err.contains(&*c.agents[1].dir.to_string_lossy()),
+        "names the data directory: {err}"
+    );
     // b keeps running and serving what it stored; the failure is counted and logged.
     assert!(c.agents[1].alive());
     assert_eq!(c.agents[1].get("app/cfg", "on_tmpfs"), Some(json!(2)));
