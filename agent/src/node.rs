@@ -638,7 +638,6 @@ impl Node {
         })
     }
 
-    /// A refused write; on a node that is not a member yet, say what to run.
     /// Count (and log) a store failure that is not the caller's fault: a full disk or a
     /// failed commit. `false` for other errors (refusals, bad input).
     fn storage_failure(&self, e: &StoreError, what: &str) -> bool {
@@ -662,6 +661,8 @@ impl Node {
         true
     }
 
+    /// A refused write; on a node that is not a member yet, say what to run; on a full disk,
+    /// which data directory.
     fn write_error(&self, e: StoreError) -> ApiError {
         self.storage_failure(&e, "write");
         let me = self.key.node_id();

@@ -519,13 +519,16 @@ impl Endpoint {
         st.conns
             .iter()
             .filter(|(_, e)| e.alive())
-            .map(|(k, e)| ConnectionInfo {
-                peer: *k,
-                remote_addr: e.conn.remote_address(),
-                dialed_by_us: e.dialed_by_us,
-                rtt: e.conn.rtt(),
-                datagrams_received: e.conn.stats().udp_rx.datagrams,
-                acks_sent: e.conn.stats().frame_tx.acks,
+            .map(|(k, e)| {
+                let stats = e.conn.stats();
+                ConnectionInfo {
+                    peer: *k,
+                    remote_addr: e.conn.remote_address(),
+                    dialed_by_us: e.dialed_by_us,
+                    rtt: stats.path.rtt,
+                    datagrams_received: stats.udp_rx.datagrams,
+                    acks_sent: stats.frame_tx.acks,
+                }
             })
             .collect()
     }
