@@ -19,32 +19,31 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount_over(dir: &Path, size: &str) -> Option<Tmpfs> {
-        let keep = dir.with_extension("tmpfs");
+        // Keep the contents aside, mount over `dir` (which hides them), copy them back.
+        // Without permission to mount, `dir` is left as it was.
+        let keep = dir.with_extension("before-tmpfs");
         std::fs::create_dir_all(&keep).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&keep)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        // Mount on an empty sibling first, so that a missing permission leaves `dir` alone.
-        if !ok {
-            return None;
-        }
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
             std::fs::copy(e.path(), keep.join(e.file_name())).unwrap();
         }
-        let st = Command::new("mount")
-            .args(["--move"])
-            .arg(&keep)
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir)
+            .stderr(std::process::Stdio::null())
             .status()
-            .unwrap();
-        assert!(st.success(), "mount --move");
-        Some(Tmpfs {
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            return None;
+        }
+        let disk = Tmpfs {
             dir: dir.to_path_buf(),
-        })
+        };
+        for e in std::fs::read_dir(&keep).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        Some(disk)
     }
 
     /// Write zeros into `name` until the file system says it is full.
