@@ -71,7 +71,7 @@ pub enum Command {
         #[command(subcommand)]
         command: MembersCommand,
     },
-    /// Peers and connection state, document heads, sync lag, rejected changes.
+    /// Peers and connection state, document heads, sync lag, rejected changes, changes not stored.
     Status,
     /// Start three agents on loopback and show writes, a partition, and convergence.
     Demo {

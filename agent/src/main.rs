@@ -379,6 +379,14 @@ fn print_status(r: &Value) {
             }
         }
     }
+    if let Some(errs) = r["store_errors"].as_object() {
+        if !errs.is_empty() {
+            println!("not stored (disk full or database failure; see the log)");
+            for (k, v) in errs {
+                println!("  {k}: {v}");
+            }
+        }
+    }
     let flagged: Vec<String> = r["equivocators"]
         .as_array()
         .into_iter()

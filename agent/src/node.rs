@@ -855,6 +855,7 @@ impl Node {
             "pending_changes": self.store.pending_len(),
             "sync_lag_ms": self.metrics.sync_lag_ms.load(std::sync::atomic::Ordering::Relaxed),
             "rejected": self.metrics.labelled("lichen_changes_rejected_total"),
+            "store_errors": self.metrics.labelled("lichen_store_errors_total"),
             "sync": {
                 "messages_sent": stats.sent_messages,
                 "messages_received": stats.received_messages,

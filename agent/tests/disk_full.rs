@@ -110,6 +110,9 @@ fn a_full_disk_refuses_writes_clearly_keeps_serving_and_loses_nothing() {
     assert_eq!(c.agents[1].get("app/cfg", "on_tmpfs"), Some(json!(2)));
     assert!(disk_full_errors(&c.agents[1].api) >= 1.0);
     assert!(c.agents[1].log_text().contains("write not stored"));
+    assert!(c.agents[1].status()["store_errors"]["disk_full"].as_u64() >= Some(1));
+    let status = c.agents[1].ok(&["status"]);
+    assert!(status.contains("disk_full"), "{status}");
 
     // a keeps writing; b receives the changes but cannot store them, and says so.
     c.agents[0].ok(&["put", "app/cfg", "from_a", "4"]);
