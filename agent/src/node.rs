@@ -272,6 +272,9 @@ struct Node {
     storage_log: std::cell::Cell<(Option<Instant>, u64)>,
 }
 
+/// How often documents with many changes since their last snapshot get a new one.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(300);
+
 /// At most one log line per this long for repeated storage failures (a full disk).
 const STORAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -305,6 +308,13 @@ impl Node {
         let idle = self.start + Duration::from_secs(3600 * 24 * 365);
         let timer = tokio::time::sleep_until(idle.into());
         tokio::pin!(timer);
+        // Snapshots of documents with many changes since their last one, so that a document
+        // dropped from memory (see `trim_cache` below) or loaded after a restart is rebuilt fast.
+        let mut maintenance = tokio::time::interval_at(
+            (Instant::now() + MAINTENANCE_EVERY).into(),
+            MAINTENANCE_EVERY,
+        );
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self
                 .engine
@@ -340,8 +350,21 @@ impl Node {
                         tracing::error!(error = %e, "sync timer failed");
                     }
                 }
+                _ = maintenance.tick() => {
+                    match self.store.maintenance() {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(snapshots = n, "saved document snapshots"),
+                        Err(e) => {
+                            if !self.storage_failure(&e, "document snapshots") {
+                                tracing::warn!(error = %e, "saving document snapshots failed");
+                            }
+                        }
+                    }
+                }
             }
             self.drain();
+            // Between batches nothing holds a document: keep memory to the cap.
+            self.store.trim_cache();
         }
         // Answer what is still queued, then hand back the store (already durable).
         rx.close();

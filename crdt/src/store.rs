@@ -173,6 +173,8 @@ struct Loaded {
     /// Stored fast-forward changes not yet applied to `am` (see [`fast_forward_rows`]):
     /// applied in one batch when the document is next needed.
     deferred: Vec<Change>,
+    /// When it was last needed (the store's use counter), for [`Store::trim_cache`].
+    last_used: u64,
 }
 
 impl Loaded {
@@ -181,9 +183,13 @@ impl Loaded {
             am,
             owners: None,
             deferred: Vec::new(),
+            last_used: 0,
         }
     }
 }
+
+/// Documents a store keeps in memory by default (see [`Store::set_max_loaded_docs`]).
+pub const DEFAULT_MAX_LOADED_DOCS: usize = 128;
 
 /// Most fast-forward changes held back from a loaded document before they are applied.
 const MAX_DEFERRED: usize = 1024;
@@ -275,7 +281,12 @@ pub struct Store {
     /// The last membership evaluation, extended by new changes when they come after it.
     member_eval: Option<membership::Evaluation>,
     member_valid: HashSet<[u8; 32]>,
+    /// Documents held in memory (Automerge, with their whole history), rebuilt from disk
+    /// when needed: everything in them is also on disk.
     loaded: HashMap<String, Loaded>,
+    /// Use counter for `loaded` (least recently used first out), and the cap.
+    use_tick: u64,
+    max_loaded: usize,
     pending: PendingSet,
     /// Cached version vectors (None: recompute from disk on next use).
     clocks: std::cell::RefCell<Option<Clocks>>,
@@ -390,6 +401,8 @@ impl Store {
             member_eval: None,
             member_valid: HashSet::new(),
             loaded: HashMap::new(),
+            use_tick: 0,
+            max_loaded: DEFAULT_MAX_LOADED_DOCS,
             clocks: std::cell::RefCell::new(None),
             forks: BTreeMap::new(),
             fsync_local: true,
@@ -779,6 +792,43 @@ impl Store {
         self.conn
             .pragma_update(None, "wal_autocheckpoint", i64::from(pages))?;
         Ok(())
+    }
+
+    /// Keep at most `max` documents in memory after each [`Store::trim_cache`] (at least 1).
+    /// A document in memory holds its whole Automerge history (~20 KiB for a small
+    /// configuration document, much more for one with a long history); one that is needed
+    /// again is rebuilt from its snapshot and the changes after it. Default
+    /// [`DEFAULT_MAX_LOADED_DOCS`].
+    pub fn set_max_loaded_docs(&mut self, max: usize) {
+        self.max_loaded = max.max(1);
+    }
+
+    /// How many documents are in memory now.
+    pub fn loaded_docs(&self) -> usize {
+        self.loaded.len()
+    }
+
+    /// Once more than the cap ([`Store::set_max_loaded_docs`]) are in memory, drop the least
+    /// recently used documents down to 7/8 of it (so that the sort is not paid on every call
+    /// while documents are cycled through); returns how many were dropped. Nothing is lost: a
+    /// document in memory is derived from what is on disk. Call between operations (the agent
+    /// does after each batch of commands and messages), not in the middle of one.
+    pub fn trim_cache(&mut self) -> usize {
+        if self.loaded.len() <= self.max_loaded {
+            return 0;
+        }
+        let keep = self.max_loaded - self.max_loaded / 8;
+        let excess = self.loaded.len() - keep;
+        let mut by_age: Vec<(u64, String)> = self
+            .loaded
+            .iter()
+            .map(|(d, l)| (l.last_used, d.clone()))
+            .collect();
+        by_age.sort_unstable();
+        for (_, doc) in by_age.into_iter().take(excess) {
+            self.loaded.remove(&doc);
+        }
+        excess
     }
 
     /// Hold the database for this connection until the store is dropped (SQLite's
@@ -1543,9 +1593,14 @@ impl Store {
             let am = self.load_from_disk(doc)?;
             self.loaded.insert(doc.to_string(), Loaded::new(am));
         }
-        self.loaded
+        self.use_tick += 1;
+        let tick = self.use_tick;
+        let l = self
+            .loaded
             .get_mut(doc)
-            .ok_or_else(|| StoreError::NoSuchDocument(doc.to_string()))
+            .ok_or_else(|| StoreError::NoSuchDocument(doc.to_string()))?;
+        l.last_used = tick;
+        Ok(l)
     }
 
     fn loaded_doc(&mut self, doc: &str) -> Result<&mut Loaded, StoreError> {
