@@ -4,7 +4,8 @@
 //! channel (the HTTP API, the file bindings). The task `select!`s on commands, transport
 //! events and the engine's timer, and after each step drains every engine output: messages go
 //! to the transport (bounded per-peer queues; a full queue drops the message and anti-entropy
-//! repairs it), events go to metrics and to watchers.
+//! repairs it), events go to metrics and to watchers. Then it trims the store's in-memory
+//! documents to their cap; every 5 minutes it saves snapshots of busy documents.
 //!
 //! Writes are group-committed: every write command waiting in the channel is taken and
 //! committed in one SQLite transaction (one fsync); each caller is answered only after that
