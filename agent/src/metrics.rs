@@ -54,6 +54,7 @@ impl Histogram {
 pub struct Metrics {
     pub writes: AtomicU64,
     pub write_errors: AtomicU64,
+    pub wal_checkpoints: AtomicU64,
     pub changes_sent: AtomicU64,
     pub changes_received: AtomicU64,
     pub messages_sent: AtomicU64,
@@ -97,7 +98,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 15] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 16] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -108,6 +109,12 @@ impl Metrics {
                 "lichen_write_errors_total",
                 "Local writes refused or failed",
                 &self.write_errors,
+                "counter",
+            ),
+            (
+                "lichen_wal_checkpoints_total",
+                "Write-ahead log checkpoints done while idle (log truncated)",
+                &self.wal_checkpoints,
                 "counter",
             ),
             (

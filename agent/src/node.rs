@@ -246,6 +246,7 @@ pub fn spawn(
         join_token: parts.join_token,
         watchers: HashMap::new(),
         storage_log: std::cell::Cell::new((None, 0)),
+        committed: false,
     };
     let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
     (handle, jh)
@@ -271,7 +272,12 @@ struct Node {
     watchers: HashMap<String, Vec<Watcher>>,
     /// When a storage failure was last logged, and how many since were not.
     storage_log: std::cell::Cell<(Option<Instant>, u64)>,
+    /// Something was committed since the last look (for the idle checkpoint).
+    committed: bool,
 }
+
+/// After this long without commits the write-ahead log is checkpointed and truncated.
+const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
 
 /// How often documents with many changes since their last snapshot get a new one.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(300);
@@ -316,6 +322,12 @@ impl Node {
             MAINTENANCE_EVERY,
         );
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Once writes pause, copy the write-ahead log into the database and truncate it: the
+        // checkpoint is then not paid inside a write (SQLite does it in the commit that
+        // crosses `wal_checkpoint_pages`), and the disk gets the log's space back.
+        let checkpoint = tokio::time::sleep_until(idle.into());
+        tokio::pin!(checkpoint);
+        let mut wal_dirty = false;
         loop {
             let deadline = self
                 .engine
@@ -351,6 +363,22 @@ impl Node {
                         tracing::error!(error = %e, "sync timer failed");
                     }
                 }
+                _ = &mut checkpoint, if wal_dirty => {
+                    wal_dirty = false;
+                    checkpoint.as_mut().reset(idle.into());
+                    match self.store.checkpoint() {
+                        Ok(()) => {
+                            self.metrics
+                                .wal_checkpoints
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if !self.storage_failure(&e, "write-ahead log checkpoint") {
+                                tracing::warn!(error = %e, "write-ahead log checkpoint failed");
+                            }
+                        }
+                    }
+                }
                 _ = maintenance.tick() => {
                     match self.store.maintenance() {
                         Ok(0) => {}
@@ -366,6 +394,12 @@ impl Node {
             self.drain();
             // Between batches nothing holds a document: keep memory to the cap.
             self.store.trim_cache();
+            if std::mem::take(&mut self.committed) {
+                wal_dirty = true;
+                checkpoint
+                    .as_mut()
+                    .reset((Instant::now() + IDLE_CHECKPOINT).into());
+            }
         }
         // Answer what is still queued, then hand back the store (already durable).
         rx.close();
@@ -432,6 +466,7 @@ impl Node {
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 SyncEvent::Applied { from, docs, count } => {
+                    self.committed = true;
                     self.metrics
                         .changes_received
                         .fetch_add(count as u64, Relaxed);
@@ -597,6 +632,7 @@ impl Node {
             };
             let _ = reply.send(answer);
         }
+        self.committed |= !committed.is_empty();
         // Writes to one document in one group commit share a change: announce it once.
         let mut seen = HashSet::new();
         committed.retain(|c| seen.insert(c.hash()));
@@ -720,6 +756,7 @@ impl Node {
         r: Result<lichen_crdt::SignedChange, StoreError>,
     ) -> Result<String, ApiError> {
         let ch = r?;
+        self.committed = true;
         let now = self.now();
         let _ = self
             .engine

@@ -196,6 +196,35 @@ fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_writes() {
 }
 
 #[test]
+fn an_idle_agent_checkpoints_and_truncates_its_write_ahead_log() {
+    let mut c = Cluster::start(1, 27, Net::Direct);
+    let a = &mut c.agents[0];
+    let wal = a.dir.join("lichen.db-wal");
+    let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let checkpoints = || {
+        metric(
+            &http_get(&a.api, "/metrics"),
+            "lichen_wal_checkpoints_total",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = checkpoints();
+    for i in 0..20 {
+        a.ok(&["put", "cfg", &format!("k{i}"), &i.to_string()]);
+    }
+    // A second after the last write the log is copied into the database and emptied.
+    wait_until("the idle agent checkpoints", PATIENCE, || {
+        checkpoints() > before && wal_len() == 0
+    });
+    // Nothing was lost by it.
+    a.kill9();
+    a.start();
+    for i in 0..20 {
+        assert_eq!(a.get("cfg", &format!("k{i}")), Some(json!(i)));
+    }
+}
+
+#[test]
 fn sighup_with_an_invalid_config_keeps_running_with_the_old_one() {
     let mut c = Cluster::start(1, 25, Net::Direct);
     let a = &mut c.agents[0];

@@ -794,6 +794,22 @@ impl Store {
         Ok(())
     }
 
+    /// Copy the whole write-ahead log into the database file and truncate the log to zero
+    /// bytes (SQLite's `wal_checkpoint(TRUNCATE)`): the database file is fsynced, and the
+    /// disk gets the log's space back. Takes as long as a checkpoint inside a commit would
+    /// (milliseconds): call it when idle, so that writes do not pay for it.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy != 0 {
+            return Err(StoreError::CommitFailed(
+                "the write-ahead log is in use; checkpoint not done".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Keep at most `max` documents in memory after each [`Store::trim_cache`] (at least 1).
     /// A document in memory holds its whole Automerge history (~20 KiB for a small
     /// configuration document, much more for one with a long history); one that is needed
