@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p lichen-agent
-//! cargo run --release -p lichen-agent --example bench -- [--writes N] [--seconds S] [--clients C] [--fsync local|always|never] [--docs D]
+//! cargo run --release -p lichen-agent --example bench -- [--writes N] [--seconds S] [--clients C] [--fsync local|always|never] [--docs D] [--bursts B]
 //! ```
 //!
 //! The agent binary is found next to this example's directory (`target/release/lichen`) or
@@ -17,6 +17,7 @@
 //! * resident memory (VmRSS from /proc/PID/status): idle after start, and after the run, split
 //!   into anonymous memory (the agent's own heap and stacks) and file pages (mostly the
 //!   binary's code, shared with every process mapping it and reclaimable page cache);
+//! * with `--bursts B`: B bursts of 200 sequential writes 1.5 s apart (visible p50, p99, max);
 //! * with `--docs D`: D documents written once each and then rewritten, and agent a's
 //!   anonymous memory before and after (the agent keeps a bounded number in memory).
 //!
@@ -168,6 +169,32 @@ impl Writer {
         conn.read_exact(&mut body)?;
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
+}
+
+/// Writes in one burst of the `--bursts` phase.
+const BURST: usize = 200;
+
+/// Write `i` through a and wait until both watchers saw it: (acknowledged, visible on both).
+fn one_write(
+    w: &mut Writer,
+    rx: &mpsc::Receiver<(i64, Instant)>,
+    i: i64,
+) -> Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    w.put("bench", "lat", &json!(i))?;
+    let ack = t0.elapsed();
+    let mut got = 0;
+    let mut last = t0;
+    while got < 2 {
+        let (v, at) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| format!("write {i} not seen on all agents within 10 s"))?;
+        if v == i {
+            got += 1;
+            last = last.max(at);
+        }
+    }
+    Ok((ack, last.duration_since(t0)))
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<Duration> {
@@ -431,6 +458,7 @@ fn main() -> Result<()> {
     let seconds: f64 = arg(&args, "--seconds", "5").parse()?;
     let clients: usize = arg(&args, "--clients", "8").parse()?;
     let docs: usize = arg(&args, "--docs", "0").parse()?;
+    let bursts: usize = arg(&args, "--bursts", "0").parse()?;
     let fsync = arg(&args, "--fsync", "local");
     let bin = find_lichen()?;
     let tck = clk_tck();
@@ -473,21 +501,9 @@ fn main() -> Result<()> {
     let mut acked = Vec::with_capacity(writes);
     let t_all = Instant::now();
     for i in 1..=writes as i64 {
-        let t0 = Instant::now();
-        w.put("bench", "lat", &json!(i))?;
-        acked.push(t0.elapsed());
-        let mut got = 0;
-        let mut last = t0;
-        while got < 2 {
-            let (v, at) = rx
-                .recv_timeout(Duration::from_secs(10))
-                .map_err(|_| format!("write {i} not seen on all agents within 10 s"))?;
-            if v == i {
-                got += 1;
-                last = last.max(at);
-            }
-        }
-        visible.push(last.duration_since(t0));
+        let (ack, vis) = one_write(&mut w, &rx, i)?;
+        acked.push(ack);
+        visible.push(vis);
     }
     let elapsed = t_all.elapsed();
     let cpu1 = cpu_each(&c, tck);
@@ -512,6 +528,32 @@ fn main() -> Result<()> {
         "CPU per write (3 agents) : {}",
         cpu_line(&cpu0, &cpu1, writes as f64)
     );
+
+    // --- bursts (optional) -----------------------------------------------------------------
+    // Writes in bursts with pauses, as configuration changes tend to come: the agents
+    // checkpoint their write-ahead logs in the pauses, not inside a write.
+    if bursts > 0 {
+        let (mut acked, mut visible) = (Vec::new(), Vec::new());
+        let mut i = writes as i64;
+        for _ in 0..bursts {
+            std::thread::sleep(Duration::from_millis(1500));
+            for _ in 0..BURST {
+                i += 1;
+                let (ack, vis) = one_write(&mut w, &rx, i)?;
+                acked.push(ack);
+                visible.push(vis);
+            }
+        }
+        acked.sort();
+        visible.sort();
+        println!(
+            "\n{bursts} bursts of {BURST}       : visible p50 {}  p99 {}  max {}; acknowledged max {}",
+            ms(pct(&visible, 0.5)),
+            ms(pct(&visible, 0.99)),
+            ms(*visible.last().unwrap_or(&Duration::ZERO)),
+            ms(*acked.last().unwrap_or(&Duration::ZERO))
+        );
+    }
 
     // --- throughput -----------------------------------------------------------------------
     let stop = Arc::new(AtomicBool::new(false));

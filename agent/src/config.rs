@@ -47,7 +47,7 @@ pub struct FileConfig {
     pub fsync: Option<String>,
     /// Pages (4 KiB) the SQLite write-ahead log may hold before a commit checkpoints it into
     /// the database file (default 4000, ~16 MiB): fewer, longer checkpoints; see the README.
-    /// Independently, the agent checkpoints and truncates the log once writes pause.
+    /// Independently, the agent checkpoints the log once writes pause for a second.
     pub wal_checkpoint_pages: Option<u32>,
     /// Sync tuning.
     #[serde(default)]

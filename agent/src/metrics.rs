@@ -55,6 +55,7 @@ pub struct Metrics {
     pub writes: AtomicU64,
     pub write_errors: AtomicU64,
     pub wal_checkpoints: AtomicU64,
+    pub wal_checkpoint_pending: AtomicU64,
     pub changes_sent: AtomicU64,
     pub changes_received: AtomicU64,
     pub messages_sent: AtomicU64,
@@ -98,7 +99,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 16] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 17] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -113,9 +114,15 @@ impl Metrics {
             ),
             (
                 "lichen_wal_checkpoints_total",
-                "Write-ahead log checkpoints done while idle (log truncated)",
+                "Write-ahead log checkpoints done while idle",
                 &self.wal_checkpoints,
                 "counter",
+            ),
+            (
+                "lichen_wal_checkpoint_pending",
+                "1 while commits since the last idle checkpoint wait for one",
+                &self.wal_checkpoint_pending,
+                "gauge",
             ),
             (
                 "lichen_changes_sent_total",

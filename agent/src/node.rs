@@ -276,7 +276,7 @@ struct Node {
     committed: bool,
 }
 
-/// After this long without commits the write-ahead log is checkpointed and truncated.
+/// After this long without commits the write-ahead log is checkpointed (restarted).
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
 
 /// How often documents with many changes since their last snapshot get a new one.
@@ -322,9 +322,9 @@ impl Node {
             MAINTENANCE_EVERY,
         );
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Once writes pause, copy the write-ahead log into the database and truncate it: the
-        // checkpoint is then not paid inside a write (SQLite does it in the commit that
-        // crosses `wal_checkpoint_pages`), and the disk gets the log's space back.
+        // Once writes pause, copy the write-ahead log into the database, so that the next
+        // writes start it again from its beginning: the checkpoint is then not paid inside a
+        // write (SQLite does it in the commit that crosses `wal_checkpoint_pages`).
         let checkpoint = tokio::time::sleep_until(idle.into());
         tokio::pin!(checkpoint);
         let mut wal_dirty = false;
@@ -368,9 +368,9 @@ impl Node {
                     checkpoint.as_mut().reset(idle.into());
                     match self.store.checkpoint() {
                         Ok(()) => {
-                            self.metrics
-                                .wal_checkpoints
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            use std::sync::atomic::Ordering::Relaxed;
+                            self.metrics.wal_checkpoints.fetch_add(1, Relaxed);
+                            self.metrics.wal_checkpoint_pending.store(0, Relaxed);
                         }
                         Err(e) => {
                             if !self.storage_failure(&e, "write-ahead log checkpoint") {
@@ -396,6 +396,9 @@ impl Node {
             self.store.trim_cache();
             if std::mem::take(&mut self.committed) {
                 wal_dirty = true;
+                self.metrics
+                    .wal_checkpoint_pending
+                    .store(1, std::sync::atomic::Ordering::Relaxed);
                 checkpoint
                     .as_mut()
                     .reset((Instant::now() + IDLE_CHECKPOINT).into());

@@ -196,30 +196,42 @@ fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_writes() {
 }
 
 #[test]
-fn an_idle_agent_checkpoints_and_truncates_its_write_ahead_log() {
+fn an_idle_agent_checkpoints_its_write_ahead_log_so_the_next_burst_does_not_grow_it() {
     let mut c = Cluster::start(1, 27, Net::Direct);
     let a = &mut c.agents[0];
     let wal = a.dir.join("lichen.db-wal");
     let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-    let checkpoints = || {
+    // 1 from a commit until the idle checkpoint after it.
+    let pending = || {
         metric(
             &http_get(&a.api, "/metrics"),
-            "lichen_wal_checkpoints_total",
-        )
-        .unwrap_or(0.0)
+            "lichen_wal_checkpoint_pending",
+        ) == Some(1.0)
     };
-    let before = checkpoints();
-    for i in 0..20 {
-        a.ok(&["put", "cfg", &format!("k{i}"), &i.to_string()]);
-    }
-    // A second after the last write the log is copied into the database and emptied.
-    wait_until("the idle agent checkpoints", PATIENCE, || {
-        checkpoints() > before && wal_len() == 0
-    });
+    let burst = |keys: std::ops::Range<usize>| {
+        for i in keys {
+            a.ok(&["put", "cfg", &format!("k{i}"), &i.to_string()]);
+        }
+    };
+    // A second after a burst of writes the log is copied into the database...
+    burst(0..30);
+    wait_until("the idle agent checkpoints", PATIENCE, || !pending());
+    let size = wal_len();
+    assert!(size > 0);
+    // ...so the next (smaller) burst writes the log from its beginning again instead of
+    // growing it.
+    burst(30..40);
+    assert_eq!(wal_len(), size, "the log restarted from its beginning");
+    wait_until("the idle agent checkpoints again", PATIENCE, || !pending());
+    let m = http_get(&a.api, "/metrics");
+    assert!(
+        metric(&m, "lichen_wal_checkpoints_total") >= Some(2.0),
+        "{m}"
+    );
     // Nothing was lost by it.
     a.kill9();
     a.start();
-    for i in 0..20 {
+    for i in 0..40 {
         assert_eq!(a.get("cfg", &format!("k{i}")), Some(json!(i)));
     }
 }

@@ -794,14 +794,16 @@ impl Store {
         Ok(())
     }
 
-    /// Copy the whole write-ahead log into the database file and truncate the log to zero
-    /// bytes (SQLite's `wal_checkpoint(TRUNCATE)`): the database file is fsynced, and the
-    /// disk gets the log's space back. Takes as long as a checkpoint inside a commit would
-    /// (milliseconds): call it when idle, so that writes do not pay for it.
+    /// Copy the whole write-ahead log into the database file, so that the next commit
+    /// starts the log again from its beginning (SQLite's `wal_checkpoint(RESTART)`); the
+    /// database file is fsynced. Takes as long as a checkpoint inside a commit would
+    /// (milliseconds): call it when idle, so that writes do not pay for it. The log file
+    /// keeps its size: overwriting it in place is cheaper to fsync than growing it again
+    /// (truncating it made the next burst of writes ~0.2 ms slower each on ext4).
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         let busy: i64 = self
             .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get(0))?;
         if busy != 0 {
             return Err(StoreError::CommitFailed(
                 "the write-ahead log is in use; checkpoint not done".into(),
