@@ -49,6 +49,9 @@ pub struct FileConfig {
     /// the database file (default 4000, ~16 MiB): fewer, longer checkpoints; see the README.
     /// Independently, the agent checkpoints the log once writes pause for a second.
     pub wal_checkpoint_pages: Option<u32>,
+    /// Documents kept in memory, least recently used dropped first (default 128; each holds
+    /// its whole Automerge history, ~20 KiB for a small configuration document).
+    pub max_loaded_docs: Option<usize>,
     /// Sync tuning.
     #[serde(default)]
     pub sync: SyncFile,
@@ -122,6 +125,7 @@ pub struct Config {
     pub log: String,
     pub fsync: Fsync,
     pub wal_checkpoint_pages: u32,
+    pub max_loaded_docs: usize,
     pub anti_entropy: Duration,
     pub fanout: usize,
     pub join: Option<JoinToken>,
@@ -311,6 +315,12 @@ impl Config {
                 "wal_checkpoint_pages must be between 100 and 1000000, not {wal_checkpoint_pages}"
             );
         }
+        let max_loaded_docs = f
+            .max_loaded_docs
+            .unwrap_or(lichen_crdt::DEFAULT_MAX_LOADED_DOCS);
+        if !(1..=1_000_000).contains(&max_loaded_docs) {
+            bail!("max_loaded_docs must be between 1 and 1000000, not {max_loaded_docs}");
+        }
         let anti_entropy = Duration::from_millis(f.sync.anti_entropy_ms.unwrap_or(1000));
         if anti_entropy < Duration::from_millis(50) || anti_entropy > Duration::from_secs(3600) {
             bail!("sync.anti_entropy_ms must be between 50 and 3600000");
@@ -350,6 +360,7 @@ impl Config {
             log,
             fsync,
             wal_checkpoint_pages,
+            max_loaded_docs,
             anti_entropy,
             fanout,
             join,
@@ -380,6 +391,7 @@ mod tests {
         assert!(c.api.ip().is_loopback());
         assert_eq!(c.fsync, Fsync::Local);
         assert_eq!(c.wal_checkpoint_pages, DEFAULT_WAL_PAGES);
+        assert_eq!(c.max_loaded_docs, lichen_crdt::DEFAULT_MAX_LOADED_DOCS);
         assert!(c.advertise.is_empty());
     }
 
@@ -400,6 +412,9 @@ mod tests {
             ["wal_checkpoint_pages", "sync.fanout"]
         );
         assert!(base.restart_only_changes(&base).is_empty());
+        let f: FileConfig = toml::from_str("max_loaded_docs = 0").unwrap();
+        let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
+        assert!(format!("{e:#}").contains("max_loaded_docs"), "{e:#}");
         let f: FileConfig = toml::from_str("wal_checkpoint_pages = 10").unwrap();
         let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
         assert!(format!("{e:#}").contains("wal_checkpoint_pages"), "{e:#}");

@@ -153,6 +153,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let (local, remote) = cfg.fsync.policy();
     store.set_fsync_policy(local, remote)?;
     store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
+    store.set_max_loaded_docs(cfg.max_loaded_docs);
     // The agent is the database's only user while it runs: hold it (no per-transaction file
     // locks; a second agent on this data directory is refused).
     store.hold_exclusive()?;
