@@ -21,7 +21,8 @@
 //! * **Reads** ([`Store::get`], [`Store::keys`], [`Store::list_docs`]) are served from the `kv`
 //!   table, so opening the store and reading a document costs the same for 10 or 100k changes.
 //!   Automerge is loaded lazily (from a snapshot plus the changes after it) only for writes,
-//!   conflicts and history.
+//!   conflicts and history, and at most [`Store::set_max_loaded_docs`] documents stay loaded
+//!   ([`Store::trim_cache`] drops the least recently used; everything in them is on disk).
 //!
 //! # Durability and fsync policy
 //! SQLite runs in WAL mode. By default every commit uses `synchronous = FULL`: it is fsynced
