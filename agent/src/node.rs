@@ -724,10 +724,8 @@ impl Node {
         true
     }
 
-    /// A refused write; on a node that is not a member yet, say what to run; on a full disk,
-    /// which data directory.
+    /// A refused write; on a node that is not a member yet, say what to run.
     fn write_error(&self, e: StoreError) -> ApiError {
-        self.storage_failure(&e, "write");
         let me = self.key.node_id();
         if matches!(e, StoreError::Denied(_)) && !self.store.membership().is_active(&me) {
             return ApiError::new(
@@ -738,18 +736,16 @@ impl Node {
                 ),
             );
         }
+        self.change_error(e, "write")
+    }
+
+    /// The API's answer to a local change (`what`) the store refused or could not store: a
+    /// storage failure is counted and logged, and a full disk names the data directory.
+    fn change_error(&self, e: StoreError, what: &str) -> ApiError {
+        self.storage_failure(&e, what);
         if matches!(e, StoreError::DiskFull) {
-            return ApiError::new(
-                507,
-                format!(
-                    "{e} (data directory {})",
-                    self.store
-                        .path()
-                        .parent()
-                        .unwrap_or(Path::new("/"))
-                        .display()
-                ),
-            );
+            let dir = self.store.path().parent().unwrap_or(Path::new("/"));
+            return ApiError::new(507, format!("{e} (data directory {})", dir.display()));
         }
         ApiError::from(e)
     }
@@ -758,7 +754,7 @@ impl Node {
         &mut self,
         r: Result<lichen_crdt::SignedChange, StoreError>,
     ) -> Result<String, ApiError> {
-        let ch = r?;
+        let ch = r.map_err(|e| self.change_error(e, "membership change"))?;
         self.committed = true;
         let now = self.now();
         let _ = self
