@@ -43,7 +43,8 @@ pub struct FileConfig {
     pub log: Option<String>,
     /// `local` (default: fsync this node's own writes; received changes survive a process
     /// crash and are fetched again after a power loss), `always` (fsync every commit) or
-    /// `never` (every commit survives a process crash only).
+    /// `never` (every commit survives a process crash only; for tests: after a power loss
+    /// a write made before resyncing can flag this node's key, see the README).
     pub fsync: Option<String>,
     /// Pages (4 KiB) the SQLite write-ahead log may hold before a commit checkpoints it into
     /// the database file (default 4000, ~16 MiB): fewer, longer checkpoints; see the README.

@@ -152,6 +152,11 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let (mut store, founded) = open_store(&cfg, &key)?;
     let (local, remote) = cfg.fsync.policy();
     store.set_fsync_policy(local, remote)?;
+    if !local {
+        tracing::warn!(
+            "fsync = \"never\": after a power loss this node may lose writes it acknowledged, and writing again before it has resynced can flag its key as equivocating; use it for tests only"
+        );
+    }
     store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
     store.set_max_loaded_docs(cfg.max_loaded_docs);
     // The agent is the database's only user while it runs: hold it (no per-transaction file

@@ -91,7 +91,9 @@
 //!
 //! Fsync policy: WAL with `synchronous=FULL` by default (survives power loss: every commit is
 //! fsynced before it is acknowledged); `Store::set_fsync(false)` (agent `fsync = "never"`,
-//! `synchronous=NORMAL`) survives a process crash (`kill -9`) but not a power loss; `Store::set_fsync_policy(true,
+//! `synchronous=NORMAL`) survives a process crash (`kill -9`) but not a power loss, after which a
+//! writer that writes again before fetching its lost change back from a peer equivocates
+//! (`tests/store_crash.rs`); `Store::set_fsync_policy(true,
 //! false)` (agent default `fsync = "local"`) fsyncs this node's own writes only, received
 //! changes being fetched again from peers after a power loss (see [`store`]). Concurrent
 //! writers share one fsync through `Store::write_batch` (group commit).
