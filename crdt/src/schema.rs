@@ -18,8 +18,13 @@
 //!   (schema 2) finds flagged authors without scanning the table.
 //! * `evidence`: (schema 1 only) the second change of an equivocating pair; no longer written
 //!   for configuration documents, still read by `Store::equivocators`.
-//! * `docs`: per document: heads, change count, and an optional Automerge snapshot with the
-//!   last change rowid it covers (so a lazy load applies only what came after).
+//! * `docs`: per document: heads and change count, rewritten by every commit that touches the
+//!   document (a small row: see `snapshots`).
+//! * `snapshots` (schema 3): per document, an Automerge snapshot with the last change rowid
+//!   it covers (so a lazy load applies only what came after). Until schema 2 these were
+//!   columns of `docs`; but SQLite rewrites a row's whole overflow chain whenever the row
+//!   changes size (the heads going from one hash to two and back, as concurrent writers do),
+//!   so every such commit copied the snapshot (tens of KiB to MiB) into the write-ahead log.
 //! * `kv`: the materialized view: the JSON value of each top-level key, maintained in the same
 //!   transaction as the changes, so reads never need Automerge.
 
@@ -28,7 +33,7 @@ use rusqlite::Connection;
 /// `PRAGMA application_id` of a Lichen database ("LCHN").
 pub const APPLICATION_ID: i64 = 0x4c43_484e;
 /// The newest schema this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -73,6 +78,16 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
     // 1 -> 2: equivocation variants live in `changes` with status 3.
     "CREATE INDEX changes_forked ON changes (doc, author, seq) WHERE status = 3;",
+    // 2 -> 3: snapshots move out of `docs`, whose rows every commit rewrites.
+    "CREATE TABLE snapshots (
+        doc TEXT PRIMARY KEY,
+        upto INTEGER NOT NULL,
+        snapshot BLOB NOT NULL
+     );
+     INSERT INTO snapshots (doc, upto, snapshot)
+        SELECT doc, snapshot_upto, snapshot FROM docs WHERE snapshot IS NOT NULL;
+     ALTER TABLE docs DROP COLUMN snapshot;
+     ALTER TABLE docs DROP COLUMN snapshot_upto;",
 ];
 
 /// Why a database could not be prepared.
@@ -147,5 +162,50 @@ mod tests {
             )
             .unwrap();
         assert_eq!(index, 1);
+    }
+
+    /// A version-2 database keeps its snapshots, now in their own table; `docs` keeps its
+    /// rows without the snapshot columns.
+    #[test]
+    fn a_version_2_database_moves_its_snapshots_out_of_docs() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[1]).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO docs (doc, heads, n_changes, snapshot, snapshot_upto)
+                VALUES ('app/a', x'aa', 3, x'0102', 7), ('app/b', x'bb', 1, NULL, 0);",
+        )
+        .unwrap();
+        prepare(&mut conn, false).ok().unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let snaps: Vec<(String, i64, Vec<u8>)> = conn
+            .prepare("SELECT doc, upto, snapshot FROM snapshots")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(snaps, vec![("app/a".to_string(), 7, vec![1, 2])]);
+        let docs: Vec<(String, Vec<u8>, i64)> = conn
+            .prepare("SELECT * FROM docs ORDER BY doc")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            docs,
+            vec![
+                ("app/a".to_string(), vec![0xaa], 3),
+                ("app/b".to_string(), vec![0xbb], 1)
+            ],
+            "`docs` has exactly heads and n_changes left"
+        );
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use lichen_crdt::{parse_path, Op, Role, Store, StoreError};
+use lichen_crdt::{parse_path, Op, Outcome, Role, Store, StoreError};
 use serde_json::json;
 
 #[test]
@@ -511,4 +511,79 @@ fn documents_beyond_the_memory_cap_are_dropped_and_come_back_from_disk_intact() 
         assert_eq!(get(&c.stores[1], &doc, ""), want, "{doc} on the replica");
     }
     assert!(c.stores[0].equivocators().unwrap().is_empty());
+}
+
+/// Two writers edit one document concurrently, so its heads keep going from one hash to two
+/// and back. A document's snapshot (saved by `maintenance`; here ~50 KiB, mostly one big value)
+/// must not be copied into the write-ahead log by each of those commits: SQLite rewrites a
+/// whole row, overflow pages included, whenever its size changes, so the snapshot lives in
+/// a table of its own. Measured in log frames (4 KiB pages) per round of two concurrent
+/// changes, before and after the snapshot exists.
+#[test]
+fn a_documents_snapshot_is_not_rewritten_by_commits_that_change_its_heads() {
+    let wal_frames = |s: &Store| {
+        let mut p = s.path().as_os_str().to_owned();
+        p.push("-wal");
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) / (4096 + 24)
+    };
+    let mut c = Cluster::new(2);
+    let admin = c.admin.clone();
+    let writer = key(2);
+    c.add(&writer, "w", Role::Writer, &[]);
+    // Nothing checkpoints the log during the story: it only grows.
+    c.stores[0].set_wal_autocheckpoint(1_000_000).unwrap();
+    // 64 KiB that Automerge's compression cannot shrink much (a fixed xorshift sequence).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: String = (0..64 << 10)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'0' + (x % 64) as u8)
+        })
+        .collect();
+    let first = put(&mut c.stores[0], &admin, "app/x", "big", json!(big));
+    c.stores[1].ingest(vec![first]).unwrap();
+    for i in 0..1000 {
+        let ch = put(&mut c.stores[0], &admin, "app/x", "n", json!(i));
+        c.stores[1].ingest(vec![ch]).unwrap();
+    }
+    // One round: each side writes on its own heads, then receives the other's change.
+    let round = |c: &mut Cluster, i: i64| {
+        let a = put(&mut c.stores[0], &admin, "app/x", "a", json!(i));
+        let b = put(&mut c.stores[1], &writer, "app/x", "b", json!(i));
+        assert_eq!(
+            outcome(&c.stores[0].ingest(vec![b]).unwrap()),
+            Outcome::Applied
+        );
+        assert_eq!(c.stores[0].heads("app/x").unwrap().len(), 2);
+        c.stores[1].ingest(vec![a]).unwrap();
+    };
+    let rounds = 10;
+    let before = wal_frames(&c.stores[0]);
+    for i in 0..rounds {
+        round(&mut c, i);
+    }
+    let without = (wal_frames(&c.stores[0]) - before) as f64 / rounds as f64;
+    assert_eq!(c.stores[0].maintenance().unwrap(), 1, "a snapshot saved");
+    let before = wal_frames(&c.stores[0]);
+    for i in rounds..2 * rounds {
+        round(&mut c, i);
+    }
+    let with = (wal_frames(&c.stores[0]) - before) as f64 / rounds as f64;
+    eprintln!("log frames per round: {without:.1} without a snapshot, {with:.1} with one");
+    assert!(
+        with < without + 3.0,
+        "{with:.1} frames per round with a snapshot against {without:.1} without"
+    );
+    // The snapshot is used: after a reopen the document loads from it, intact.
+    c.sync_all();
+    let path = c.stores[0].path().to_path_buf();
+    let cluster = c.stores[0].cluster_id();
+    let want = get(&c.stores[0], "app/x", "");
+    c.stores.truncate(1);
+    drop(c.stores.pop());
+    let mut s = Store::open(&path, Some(cluster)).unwrap();
+    assert_eq!(s.check_view("app/x").unwrap(), None);
+    assert_eq!(get(&s, "app/x", ""), want);
 }

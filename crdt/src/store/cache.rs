@@ -114,7 +114,7 @@ impl Store {
     fn load_from_disk(&self, doc: &str) -> Result<Automerge, StoreError> {
         let (snapshot, upto): (Option<Vec<u8>>, i64) = self
             .conn
-            .prepare_cached("SELECT snapshot, snapshot_upto FROM docs WHERE doc = ?1")?
+            .prepare_cached("SELECT snapshot, upto FROM snapshots WHERE doc = ?1")?
             .query_row(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?
             .unwrap_or((None, 0));
@@ -160,33 +160,31 @@ impl Store {
         let mut saved = 0;
         let docs: Vec<String> = self.loaded.keys().cloned().collect();
         for doc in docs {
-            let (n, upto): (i64, i64) = self
+            // Changes (valid or void) stored since the document's last snapshot.
+            let n: i64 = self
                 .conn
                 .prepare_cached(
-                    "SELECT (SELECT COUNT(*) FROM changes WHERE doc = ?1 AND id > d.snapshot_upto), d.snapshot_upto
-                     FROM docs d WHERE d.doc = ?1",
+                    "SELECT COUNT(*) FROM changes WHERE doc = ?1
+                       AND id > COALESCE((SELECT upto FROM snapshots WHERE doc = ?1), 0)",
                 )?
-                .query_row(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?
-                .unwrap_or((0, 0));
+                .query_row(params![doc], |r| r.get(0))?;
             if n < 1000 {
                 continue;
             }
-            let _ = upto;
             let max_id: i64 = self.conn.query_row(
                 "SELECT COALESCE(MAX(id), 0) FROM changes WHERE doc = ?1",
                 params![doc],
                 |r| r.get(0),
             )?;
-            if !self.loaded.contains_key(&doc) {
-                continue;
-            }
             // Apply deferred changes first: the snapshot must hold everything up to max_id.
             let bytes = self.loaded_doc(&doc)?.am.save();
-            self.conn.execute(
-                "UPDATE docs SET snapshot = ?2, snapshot_upto = ?3 WHERE doc = ?1",
-                params![doc, bytes, max_id],
-            )?;
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO snapshots (doc, upto, snapshot) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (doc) DO UPDATE SET upto = excluded.upto,
+                        snapshot = excluded.snapshot",
+                )?
+                .execute(params![doc, max_id, bytes])?;
             saved += 1;
         }
         Ok(saved)

@@ -114,6 +114,8 @@ impl Store {
                     put.execute(params![doc, k, v.to_string()])?;
                 }
             }
+            // The snapshot may hold changes that are void now.
+            tx.execute("DELETE FROM snapshots WHERE doc = ?1", params![doc])?;
             if valid_count == 0 {
                 // A document none of whose changes stand does not exist.
                 tx.execute("DELETE FROM docs WHERE doc = ?1", params![doc])?;
@@ -121,7 +123,7 @@ impl Store {
                 tx.execute(
                     "INSERT INTO docs (doc, heads, n_changes) VALUES (?1, ?2, ?3)
                      ON CONFLICT (doc) DO UPDATE SET heads = excluded.heads,
-                        n_changes = excluded.n_changes, snapshot = NULL, snapshot_upto = 0",
+                        n_changes = excluded.n_changes",
                     params![doc, hashes_to_blob(&heads), valid_count as i64],
                 )?;
             }
