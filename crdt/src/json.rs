@@ -18,8 +18,7 @@
 //!
 //! # How data flows
 //!
-//! * **Automerge → JSON** ([`to_json`], [`get_path`], [`conflicts_at`],
-//!   [`keys_at`]): walk the object tree and build a [`serde_json::Value`].
+//! * **Automerge → JSON** ([`to_json`], [`get_path`], [`conflicts_at`]): walk the object tree and build a [`serde_json::Value`].
 //!   Values this module never writes are still readable: `Text` objects read
 //!   as strings, `Counter`/`Timestamp` as numbers, `Bytes` as lowercase hex,
 //!   values of unknown type as `null`. Map keys are emitted in sorted order
