@@ -1,8 +1,8 @@
 //! Rebuilding a document from all its stored changes, after a revocation or an equivocation:
 //! every change is judged again (`crate::equivocation`) → the Automerge document is rebuilt
-//! from the valid ones → status flips, view, heads and snapshot are replaced in one
-//! transaction → the document goes into the cache and its flagged forks are updated. The
-//! flips are returned for the ingest report.
+//! from the valid ones → status flips, view and heads are replaced and the snapshot dropped
+//! (it may hold changes that are void now), in one transaction → the document goes into the
+//! cache and its flagged forks are updated. The flips are returned for the ingest report.
 
 use automerge::{Automerge, Change, ROOT};
 use rusqlite::params;
