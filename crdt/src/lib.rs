@@ -85,9 +85,11 @@
 //! view rows are the written scalars, and the in-memory document, if loaded, catches up in one
 //! batch when next needed. With it a replica's apply stays flat at ~0.2 ms per change from the
 //! first to the 10,000th overwrite (`cargo run --release -p lichen-crdt --example hot_key`).
-//! Concurrent writes, deletes and nested edits still take the Automerge path and its cost; a
-//! key rewritten concurrently by many nodes for months would need history compaction, which is
-//! not built.
+//! Concurrent writes, deletes and nested edits still take the Automerge path and its cost: the
+//! same example ends with two writers crossing changes, 1.41 ms per ingest after the 10,000
+//! overwrites against 0.20 ms on a fresh document (one run, 2026-11-24, machine busy). A
+//! key rewritten concurrently by many nodes for months would need history compaction, which
+//! is not built.
 //!
 //! Fsync policy: WAL with `synchronous=FULL` by default (survives power loss: every commit is
 //! fsynced before it is acknowledged); `Store::set_fsync(false)` (agent `fsync = "never"`,

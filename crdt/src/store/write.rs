@@ -147,6 +147,10 @@ impl Store {
         let cluster = self.cluster;
         let loaded = self.loaded_doc_or_new(doc)?;
         loaded.am.set_actor(ActorId::from(me.0.as_slice()));
+        // A document's first change names the document (as its Automerge message): Automerge
+        // hashes a change's content only, and a key's first put of the same value into two
+        // new documents in one millisecond would otherwise be one change, stored twice.
+        let first = loaded.am.get_heads().is_empty();
         let mut tx = loaded.am.transaction();
         let mut changed = Vec::with_capacity(ops.len());
         for op in ops {
@@ -167,7 +171,11 @@ impl Store {
             tx.rollback();
             return Ok(None);
         }
-        tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now_ms));
+        let mut options = automerge::transaction::CommitOptions::default().with_time(now_ms);
+        if first {
+            options = options.with_message(doc.to_string());
+        }
+        tx.commit_with(options);
         let change = loaded
             .am
             .get_last_local_change()
