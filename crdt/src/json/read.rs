@@ -9,6 +9,7 @@ use serde_json::Value as Json;
 #[cfg(test)]
 use super::is_map;
 use super::{format_path, is_container, prop_for, Child, JsonError, PathSeg, MAX_DEPTH};
+use crate::identity::hex;
 
 /// The JSON a scalar reads as: `Counter`/`Timestamp` as numbers, `Bytes` as
 /// lowercase hex, non-finite floats and unknown types as `null`.
@@ -24,16 +25,6 @@ pub(crate) fn scalar_to_json(sv: &ScalarValue) -> Json {
         ScalarValue::Bytes(bytes) => Json::String(hex(bytes)),
         ScalarValue::Null | ScalarValue::Unknown { .. } => Json::Null,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
 }
 
 /// Read one slot; `None` when the key is absent or the index is past the end.

@@ -695,7 +695,9 @@ impl SyncEngine {
     }
 }
 
-/// Most outstanding `Want` entries remembered (older ones expire after `pull_gap_ms`).
+/// Bound on each of the engine's small memories: outstanding `Want`s, announced changes
+/// fetched, ids announced at once, holders, prunes and changes seen waiting (older entries
+/// expire or are dropped).
 const MAX_WANTED: usize = 4_096;
 /// Most consecutive pulls made only to fetch missing dependencies.
 const MAX_WANT_ROUNDS: u32 = 64;
