@@ -130,15 +130,29 @@ pub(crate) fn prepare(conn: &mut Connection, fresh: bool) -> Result<(), SchemaPr
 mod tests {
     use super::*;
 
-    /// A version-1 database (session 1's schema) is migrated in place: its rows are kept, the
-    /// new index exists, and the version says 2.
-    #[test]
-    fn a_version_1_database_is_migrated_and_keeps_its_rows() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
+    /// An in-memory Lichen database as schema `version` left it.
+    fn database_at(version: usize) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .unwrap();
         conn.pragma_update(None, "application_id", APPLICATION_ID)
             .unwrap();
+        conn
+    }
+
+    fn user_version(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A version-1 database (session 1's schema) is migrated in place: its rows are kept, the
+    /// new index exists, and the version is the latest.
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rows() {
+        let mut conn = database_at(1);
         conn.execute(
             "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes)
              VALUES (x'01', 'app/x', x'02', 1, 1, 1, 0, x'', x'', x'')",
@@ -146,10 +160,7 @@ mod tests {
         )
         .unwrap();
         prepare(&mut conn, false).ok().unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
             .unwrap();
@@ -168,22 +179,14 @@ mod tests {
     /// rows without the snapshot columns.
     #[test]
     fn a_version_2_database_moves_its_snapshots_out_of_docs() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
-        conn.execute_batch(MIGRATIONS[1]).unwrap();
-        conn.pragma_update(None, "user_version", 2).unwrap();
-        conn.pragma_update(None, "application_id", APPLICATION_ID)
-            .unwrap();
+        let mut conn = database_at(2);
         conn.execute_batch(
             "INSERT INTO docs (doc, heads, n_changes, snapshot, snapshot_upto)
                 VALUES ('app/a', x'aa', 3, x'0102', 7), ('app/b', x'bb', 1, NULL, 0);",
         )
         .unwrap();
         prepare(&mut conn, false).ok().unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
         let snaps: Vec<(String, i64, Vec<u8>)> = conn
             .prepare("SELECT doc, upto, snapshot FROM snapshots")
             .unwrap()
