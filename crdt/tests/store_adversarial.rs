@@ -645,3 +645,40 @@ fn a_change_signed_for_two_documents_is_kept_in_the_first_only() {
     assert_eq!(get(&c.stores[1], "app/c", "z"), Some(json!(2)));
     assert_eq!(get(&c.stores[1], "app/b", "k"), None);
 }
+
+/// A change that names, as a dependency, a change of another document does not belong to
+/// the document it is signed for: Automerge would hold it back forever, waiting for a
+/// dependency this document never gets, while the store counted it as applied (and the
+/// author's next honest change there as an equivocation). It is refused, not stored, and the
+/// document carries on without it.
+#[test]
+fn a_change_depending_on_another_documents_change_is_not_applied() {
+    let (mut c, w) = setup();
+    let cluster = c.stores[1].cluster_id();
+    // The admin's changes to app/x (from `setup`); w's first change, built on them, is
+    // signed for app/b.
+    let admin = c.admin.node_id();
+    let of_x = c.stores[1].changes_after("app/x", &admin, 0, 10).unwrap();
+    assert_eq!(of_x.len(), 2);
+    let bytes = raw_change(&w, &of_x, "j", 2);
+    let crossed = SignedChange::sign(&w, &cluster, "app/b", bytes).unwrap();
+    let report = c.stores[1].ingest(vec![crossed.clone()]).unwrap();
+    assert_eq!(
+        outcome(&report),
+        Outcome::Rejected(RejectReason::Malformed(
+            "depends on a change of another document"
+        ))
+    );
+    assert!(c.stores[1]
+        .get_change(&crossed.hash().unwrap())
+        .unwrap()
+        .is_none());
+    assert_eq!(get(&c.stores[1], "app/b", "j"), None);
+    // w's honest first change to app/b is taken as usual.
+    let honest = SignedChange::sign(&w, &cluster, "app/b", raw_change(&w, &[], "j", 3)).unwrap();
+    assert_eq!(
+        outcome(&c.stores[1].ingest(vec![honest]).unwrap()),
+        Outcome::Applied
+    );
+    assert_eq!(get(&c.stores[1], "app/b", "j"), Some(json!(3)));
+}

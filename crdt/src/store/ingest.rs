@@ -147,12 +147,22 @@ impl Store {
     }
 
     /// Status and max_op of a stored change: `Some((valid, max_op))`.
-    fn dep_info(&self, hash: &[u8; 32]) -> Result<Option<(bool, u64)>, StoreError> {
+    /// A stored dependency of a change of `doc`: (valid, its max_op, whether it is a change
+    /// of `doc` too).
+    fn dep_info(
+        &self,
+        doc: &str,
+        hash: &[u8; 32],
+    ) -> Result<Option<(bool, u64, bool)>, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT status, max_op FROM changes WHERE hash = ?1")?
-            .query_row(params![hash.to_vec()], |r| {
-                Ok((r.get::<_, i64>(0)? == 0, r.get::<_, i64>(1)? as u64))
+            .prepare_cached("SELECT status, max_op, doc = ?2 FROM changes WHERE hash = ?1")?
+            .query_row(params![hash.to_vec(), doc], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? == 0,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, bool>(2)?,
+                ))
             })
             .optional()?)
     }
@@ -197,9 +207,15 @@ impl Store {
                 max_dep_op = max_dep_op.max(*m);
                 continue;
             }
-            match self.dep_info(d)? {
-                Some((true, m)) => max_dep_op = max_dep_op.max(m),
-                Some((false, _)) => return Ok(Err(RejectReason::DependsOnVoid)),
+            match self.dep_info(&c.doc, d)? {
+                // Automerge would wait forever for a dependency this document never gets.
+                Some((_, _, false)) => {
+                    return Ok(Err(RejectReason::Malformed(
+                        "depends on a change of another document",
+                    )))
+                }
+                Some((true, m, true)) => max_dep_op = max_dep_op.max(m),
+                Some((false, _, true)) => return Ok(Err(RejectReason::DependsOnVoid)),
                 None => missing += 1,
             }
         }
