@@ -377,14 +377,22 @@ impl SyncEngine {
         for c in changes {
             if let Some(h) = c.hash() {
                 self.note_recent(now, change_id(&h));
-                for t in &targets {
-                    self.note_holder(now, change_id(&h), *t);
-                }
             }
         }
         for chunk in self.chunks(changes.to_vec()) {
+            let ids: Vec<ChangeId> = chunk
+                .iter()
+                .filter_map(|c| c.hash())
+                .map(|h| change_id(&h))
+                .collect();
             for t in &targets {
-                self.enqueue(*t, push(chunk.clone()));
+                // A peer whose full queue dropped the push is not counted as holding these:
+                // the next anti-entropy round prefers it.
+                if self.enqueue(*t, push(chunk.clone())) {
+                    for id in &ids {
+                        self.note_holder(now, *id, *t);
+                    }
+                }
             }
         }
         Ok(())
@@ -669,11 +677,12 @@ impl SyncEngine {
         self.events.push_back(e);
     }
 
-    fn enqueue(&mut self, peer: NodeId, msg: SyncMessage) {
+    /// Queue `msg` for `peer`; `false` if it was dropped (peer down, or its queue full).
+    fn enqueue(&mut self, peer: NodeId, msg: SyncMessage) -> bool {
         let len = msg.encoded_len();
         let (qm, qb) = (self.cfg.queue_messages, self.cfg.queue_bytes);
         let Some(p) = self.peers.get_mut(&peer).filter(|p| p.up) else {
-            return;
+            return false;
         };
         if !p.queue.is_empty() && (p.queue.len() >= qm || p.queued_bytes + len > qb) {
             if matches!(
@@ -688,10 +697,11 @@ impl SyncEngine {
             } else {
                 self.stats.dropped_other += 1;
             }
-            return;
+            return false;
         }
         p.queued_bytes += len;
         p.queue.push_back(msg);
+        true
     }
 }
 
