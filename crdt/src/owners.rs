@@ -6,20 +6,23 @@
 //! follower applying one small change to a long-lived document paid most of its CPU there.
 //! Instead, the touched keys are read off the changes' own operations: an op on the root map
 //! names its key, and an op inside a nested object belongs to the top-level key under which
-//! that object was created (Automerge objects never move). This map remembers the owner of
-//! every object it has seen created; it is built once from the visible document when first
-//! needed and then extended by every change the store applies, local or remote.
+//! that object was created (Automerge objects never move). An op also overwrites the ops its
+//! `pred` names, wherever they are: an honest op names values at its own place, but a crafted
+//! one may name a value under another key, which Automerge then drops too, so those keys are
+//! touched as well. This map remembers the top-level key of every op it has seen (values and
+//! objects); it is built once from the visible document when first needed and then extended
+//! by every change the store applies, local or remote.
 //!
-//! An op on an object the map does not know (one created and deleted before the map was
-//! built, say) makes [`Owners::touched`] answer `None`, and the caller falls back to the
-//! Automerge diff: never a wrong answer, only a slower one.
+//! An op on an object, or a `pred` naming an op, that the map does not know (one created and
+//! overwritten before the map was built, say) makes [`Owners::touched`] answer `None`, and the
+//! caller falls back to the Automerge diff: never a wrong answer, only a slower one.
 
 use std::collections::{BTreeSet, HashMap};
 
-use automerge::legacy::{Key, ObjectId, OpType};
+use automerge::legacy::{Key, ObjectId};
 use automerge::{ActorId, Automerge, Change, ObjId, ReadDoc, Value, ROOT};
 
-/// Owner (top-level key) of each known object, keyed by the object's creating op id.
+/// Owner (top-level key) of each known op: the values it put and the objects it made.
 #[derive(Default, Clone)]
 pub(crate) struct Owners {
     owner: HashMap<(u64, ActorId), String>,
@@ -36,16 +39,22 @@ impl Owners {
             for (v, id) in values {
                 if matches!(v, Value::Object(_)) {
                     o.walk(am, &id, &key);
+                } else {
+                    o.note(&id, &key);
                 }
             }
         }
         o
     }
 
-    fn walk(&mut self, am: &Automerge, obj: &ObjId, top: &str) {
-        if let ObjId::Id(ctr, actor, _) = obj {
+    fn note(&mut self, id: &ObjId, top: &str) {
+        if let ObjId::Id(ctr, actor, _) = id {
             self.owner.insert((*ctr, actor.clone()), top.to_string());
         }
+    }
+
+    fn walk(&mut self, am: &Automerge, obj: &ObjId, top: &str) {
+        self.note(obj, top);
         let children: Vec<(Value<'_>, ObjId)> = match am.object_type(obj) {
             Ok(automerge::ObjType::Map) | Ok(automerge::ObjType::Table) => am
                 .keys(obj)
@@ -59,12 +68,15 @@ impl Owners {
         for (v, id) in children {
             if matches!(v, Value::Object(_)) {
                 self.walk(am, &id, top);
+            } else {
+                self.note(&id, top);
             }
         }
     }
 
-    /// The top-level keys `changes` touch, recording the objects they create. `None` if an op
-    /// names an object this map does not know (the caller must then ask Automerge).
+    /// The top-level keys `changes` touch (where their ops are, and where the ops they
+    /// overwrite are), recording their ops. `None` if an op names an object or overwrites an
+    /// op this map does not know (the caller must then ask Automerge).
     pub(crate) fn touched<'a>(
         &mut self,
         changes: impl IntoIterator<Item = &'a Change>,
@@ -90,10 +102,16 @@ impl Owners {
                     known = false;
                     continue;
                 };
-                if matches!(op.action, OpType::Make(_)) {
-                    self.owner
-                        .insert((start + i as u64, actor.clone()), top.clone());
+                for p in op.pred.iter() {
+                    match self.owner.get(&(p.0, p.1.clone())) {
+                        Some(k) => {
+                            keys.insert(k.clone());
+                        }
+                        None => known = false,
+                    }
                 }
+                self.owner
+                    .insert((start + i as u64, actor.clone()), top.clone());
                 keys.insert(top);
             }
         }
@@ -147,6 +165,47 @@ mod tests {
             owners.touched(&changes),
             Some(BTreeSet::from(["limits".to_string(), "name".to_string()]))
         );
+    }
+
+    #[test]
+    fn a_put_that_overwrites_a_value_under_another_key_touches_that_key_too() {
+        let mut am = Automerge::new();
+        let mut tx = am.transaction();
+        tx.put(ROOT, "a", 1).unwrap();
+        tx.put(ROOT, "k", 1).unwrap();
+        tx.commit();
+        let mut owners = Owners::of_doc(&am);
+        let a_op = match am.get(ROOT, "a").unwrap().unwrap().1 {
+            ObjId::Id(ctr, actor, _) => automerge::legacy::OpId(ctr, actor),
+            ObjId::Root => unreachable!(),
+        };
+        // An honest put at `k`, then the same put crafted to name `a`'s value as overwritten.
+        let before = am.clone();
+        let mut tx = am.transaction();
+        tx.put(ROOT, "k", 2).unwrap();
+        tx.commit();
+        let honest = change_keys(&before, &am).remove(0);
+        assert_eq!(
+            owners.clone().touched([&honest]),
+            Some(BTreeSet::from(["k".to_string()]))
+        );
+        let mut e = honest.decode();
+        e.hash = None;
+        e.operations[0].pred = vec![a_op].into();
+        let crafted = Change::from(e);
+        assert_eq!(
+            owners.touched([&crafted]),
+            Some(BTreeSet::from(["a".to_string(), "k".to_string()]))
+        );
+        // A pred naming an op nobody has seen asks for the slow path.
+        let mut e = honest.decode();
+        e.hash = None;
+        e.operations[0].pred = vec![automerge::legacy::OpId(
+            999,
+            ActorId::from([7u8; 32].as_slice()),
+        )]
+        .into();
+        assert_eq!(owners.touched([&Change::from(e)]), None);
     }
 
     #[test]

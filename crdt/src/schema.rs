@@ -26,14 +26,17 @@
 //!   changes size (the heads going from one hash to two and back, as concurrent writers do),
 //!   so every such commit copied the snapshot (tens of KiB to MiB) into the write-ahead log.
 //! * `kv`: the materialized view: the JSON value of each top-level key, maintained in the same
-//!   transaction as the changes, so reads never need Automerge.
+//!   transaction as the changes, so reads never need Automerge; and (schema 4) `ops`, the ids
+//!   of the Automerge ops whose values are visible at that key (sorted; each an 8-byte
+//!   big-endian counter, a 1-byte actor length and the actor), or NULL where not known: a
+//!   fast forward may only overwrite exactly these (see `store::ingest`).
 
 use rusqlite::Connection;
 
 /// `PRAGMA application_id` of a Lichen database ("LCHN").
 pub const APPLICATION_ID: i64 = 0x4c43_484e;
 /// The newest schema this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -88,6 +91,9 @@ const MIGRATIONS: &[&str] = &[
         SELECT doc, snapshot_upto, snapshot FROM docs WHERE snapshot IS NOT NULL;
      ALTER TABLE docs DROP COLUMN snapshot;
      ALTER TABLE docs DROP COLUMN snapshot_upto;",
+    // 3 -> 4: the Automerge ops behind each view row, so that a fast forward can check what
+    // a put overwrites (NULL: not known; the next change to the key takes the Automerge path).
+    "ALTER TABLE kv ADD COLUMN ops BLOB;",
 ];
 
 /// Why a database could not be prepared.

@@ -682,3 +682,45 @@ fn a_change_depending_on_another_documents_change_is_not_applied() {
     );
     assert_eq!(get(&c.stores[1], "app/b", "j"), Some(json!(3)));
 }
+
+/// An Automerge put names the ops it overwrites (its `pred`); an honest one names the values
+/// visible at its own key. A crafted put at `k` that names the op behind `a`'s value makes
+/// Automerge drop `a` too. The replica must show what Automerge holds, as every other replica
+/// does, rather than a view that kept `a` (what a fast forward that trusted the key alone did).
+#[test]
+fn a_put_that_names_another_keys_value_as_overwritten_is_applied_as_automerge_does() {
+    let (mut c, w) = setup();
+    let cluster = c.stores[1].cluster_id();
+    let admin = c.admin.node_id();
+    let of_x = c.stores[1].changes_after("app/x", &admin, 0, 10).unwrap();
+    let honest = automerge::Change::try_from(raw_change(&w, &of_x, "k", 5).as_slice()).unwrap();
+    let mut e = honest.decode();
+    e.hash = None;
+    // The op that put app/x's "a" (the admin's first change, first op).
+    let first = automerge::Change::try_from(of_x[0].bytes.as_slice())
+        .unwrap()
+        .decode();
+    assert_eq!(
+        first.operations[0].key,
+        automerge::legacy::Key::Map("a".into())
+    );
+    e.operations[0].pred = vec![automerge::legacy::OpId(
+        first.start_op.get(),
+        first.actor_id.clone(),
+    )]
+    .into();
+    let crafted = automerge::Change::from(e);
+    let signed = SignedChange::sign(&w, &cluster, "app/x", crafted.raw_bytes().to_vec()).unwrap();
+    for s in &mut c.stores {
+        assert_eq!(
+            outcome(&s.ingest(vec![signed.clone()]).unwrap()),
+            Outcome::Applied
+        );
+        assert_eq!(get(s, "app/x", ""), Some(json!({"b": "two", "k": 5})));
+        assert_eq!(
+            s.check_view("app/x").unwrap(),
+            None,
+            "the view is what Automerge holds"
+        );
+    }
+}

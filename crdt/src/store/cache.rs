@@ -83,6 +83,10 @@ impl Store {
         let flushed = match self.loaded.get_mut(doc) {
             Some(l) if !l.deferred.is_empty() => {
                 let changes = std::mem::take(&mut l.deferred);
+                if let Some(owners) = l.owners.as_mut() {
+                    // Record their ops, which later changes may overwrite.
+                    let _ = owners.touched(&changes);
+                }
                 matches!(panic_safe(|| l.am.apply_changes(changes)), Some(Ok(())))
             }
             _ => true,

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use automerge::Change;
 use rusqlite::{params, OptionalExtension};
 
-use super::persist::{insert_changes, Accepted, Touched};
+use super::persist::{insert_changes, op_ids_blob, Accepted, Row, Touched};
 use super::{
     panic_safe, IngestReport, Outcome, Store, MAX_DEFERRED, MAX_PENDING, MAX_PENDING_BYTES,
 };
@@ -330,7 +330,7 @@ impl Store {
         // Fast forward: a chain on top of our heads made only of root-level scalar puts needs
         // no Automerge to know the new view; it is applied to the in-memory document later,
         // in one batch, if and when that is needed (hot keys make single applies costly).
-        if let Some(rows) = fast_forward_rows(&self.heads(doc)?, &accepted) {
+        if let Some(rows) = self.fast_forward_rows(doc, &self.heads(doc)?, &accepted)? {
             let heads = vec![accepted[accepted.len() - 1].header.hash];
             let mut flush = false;
             if let Some(l) = self.loaded.get_mut(doc) {
@@ -543,35 +543,74 @@ pub(super) fn order_by_deps(
     }
 }
 
-/// The view rows after `accepted` if it is a fast forward: a chain (each change depends on
-/// exactly the previous one, the first on exactly `heads`) whose ops are all puts of scalars
-/// at keys of the root map. Then each op has a higher counter than every op the document holds
-/// (its `start_op` was checked against its causal past, which is the whole document), so it is
-/// the visible value at its key whatever its `pred` says, and the row is that scalar. Deletes,
-/// increments, nested objects and concurrent changes take the Automerge path.
-fn fast_forward_rows(
-    heads: &[[u8; 32]],
-    accepted: &[Accepted],
-) -> Option<BTreeMap<String, Option<String>>> {
-    use automerge::legacy::{Key, ObjectId, OpType};
-    let mut prev: BTreeSet<[u8; 32]> = heads.iter().copied().collect();
-    let mut rows = BTreeMap::new();
-    for a in accepted {
-        let deps: BTreeSet<[u8; 32]> = a.header.deps.iter().copied().collect();
-        if deps != prev || deps.len() != a.header.deps.len() {
-            return None;
-        }
-        let expanded = panic_safe(|| a.change.decode())?;
-        for op in &expanded.operations {
-            match (&op.obj, &op.key, &op.action, op.insert) {
-                (ObjectId::Root, Key::Map(k), OpType::Put(v), false) => {
-                    let v = json::scalar_to_json(v).to_string();
-                    rows.insert(k.to_string(), Some(v));
-                }
-                _ => return None,
+impl Store {
+    /// The view rows after `accepted` if it is a fast forward: a chain (each change depends on
+    /// exactly the previous one, the first on exactly `heads`) whose ops are all puts of
+    /// scalars at keys of the root map, each overwriting exactly the values visible at its key
+    /// (its `pred` is the key's `kv.ops`; none for a key without a value). Then each op has a
+    /// higher counter than every op the document holds (its `start_op` was checked against its
+    /// causal past, which is the whole document), so it is the one visible value at its key,
+    /// the row is that scalar, and no other key changes. A `pred` naming any other op (which
+    /// Automerge would take as overwriting a value elsewhere) or a key whose ops are not known
+    /// takes the Automerge path, as do deletes, increments, nested objects and concurrent
+    /// changes.
+    fn fast_forward_rows(
+        &self,
+        doc: &str,
+        heads: &[[u8; 32]],
+        accepted: &[Accepted],
+    ) -> Result<Option<BTreeMap<String, Option<Row>>>, StoreError> {
+        use automerge::legacy::{Key, ObjectId, OpType};
+        let mut prev: BTreeSet<[u8; 32]> = heads.iter().copied().collect();
+        let mut rows: BTreeMap<String, Option<Row>> = BTreeMap::new();
+        for a in accepted {
+            let deps: BTreeSet<[u8; 32]> = a.header.deps.iter().copied().collect();
+            if deps != prev || deps.len() != a.header.deps.len() {
+                return Ok(None);
             }
+            let Some(expanded) = panic_safe(|| a.change.decode()) else {
+                return Ok(None);
+            };
+            let actor = expanded.actor_id.to_bytes().to_vec();
+            for (i, op) in expanded.operations.iter().enumerate() {
+                let (ObjectId::Root, Key::Map(k), OpType::Put(v), false) =
+                    (&op.obj, &op.key, &op.action, op.insert)
+                else {
+                    return Ok(None);
+                };
+                let visible = match rows.get(k.as_str()) {
+                    Some(Some((_, ops))) => Some(ops.clone()),
+                    Some(None) => Some(Vec::new()),
+                    None => self.view_ops(doc, k)?,
+                };
+                let pred = op_ids_blob(
+                    op.pred
+                        .iter()
+                        .map(|p| (p.0, p.1.to_bytes().to_vec()))
+                        .collect(),
+                );
+                if visible.as_ref() != Some(&pred) {
+                    return Ok(None);
+                }
+                let v = json::scalar_to_json(v).to_string();
+                let id = op_ids_blob(vec![(a.header.start_op + i as u64, actor.clone())]);
+                rows.insert(k.to_string(), Some((v, id)));
+            }
+            prev = [a.header.hash].into();
         }
-        prev = [a.header.hash].into();
+        Ok(Some(rows))
     }
-    Some(rows)
+
+    /// The `kv.ops` of a key: empty without a row, `None` where not known.
+    fn view_ops(&self, doc: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<Option<Vec<u8>>> = self
+            .conn
+            .prepare_cached("SELECT ops FROM kv WHERE doc = ?1 AND key = ?2")?
+            .query_row(params![doc, key], |r| r.get(0))
+            .optional()?;
+        Ok(match row {
+            None => Some(Vec::new()),
+            Some(ops) => ops,
+        })
+    }
 }

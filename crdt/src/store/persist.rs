@@ -27,8 +27,40 @@ pub(super) enum Touched {
     /// Rows computed without Automerge (a fast-forward batch) and the heads after it.
     FastForward {
         heads: Vec<[u8; 32]>,
-        rows: BTreeMap<String, Option<String>>,
+        rows: BTreeMap<String, Option<Row>>,
     },
+}
+
+/// A view row: the key's JSON value and the ids of the ops behind it ([`op_ids_blob`]).
+pub(super) type Row = (String, Vec<u8>);
+
+/// The `kv.ops` encoding of op ids: sorted, each an 8-byte big-endian counter, a 1-byte actor
+/// length and the actor's bytes.
+pub(super) fn op_ids_blob(mut ids: Vec<(u64, Vec<u8>)>) -> Vec<u8> {
+    ids.sort();
+    let mut out = Vec::with_capacity(ids.len() * 41);
+    for (counter, actor) in ids {
+        out.extend_from_slice(&counter.to_be_bytes());
+        out.push(actor.len().min(255) as u8);
+        out.extend_from_slice(&actor[..actor.len().min(255)]);
+    }
+    out
+}
+
+/// The ids of the ops whose values are visible at root key `key` of `am`.
+fn visible_op_ids(am: &Automerge, key: &str) -> Result<Vec<u8>, StoreError> {
+    use automerge::{ObjId, ReadDoc};
+    let all = panic_safe(|| am.get_all(ROOT, key))
+        .ok_or_else(|| StoreError::Automerge(format!("reading key {key} panicked")))?
+        .map_err(|e| StoreError::Automerge(e.to_string()))?;
+    Ok(op_ids_blob(
+        all.into_iter()
+            .filter_map(|(_, id)| match id {
+                ObjId::Id(counter, actor, _) => Some((counter, actor.to_bytes().to_vec())),
+                ObjId::Root => None,
+            })
+            .collect(),
+    ))
 }
 
 impl Touched {
@@ -85,7 +117,7 @@ impl Store {
         touched: &BTreeMap<String, Touched>,
     ) -> Result<(), StoreError> {
         // Compute the view updates before opening the transaction.
-        type ViewUpdate = (String, Vec<u8>, BTreeMap<String, Option<String>>);
+        type ViewUpdate = (String, Vec<u8>, BTreeMap<String, Option<Row>>);
         let mut updates: Vec<ViewUpdate> = Vec::new();
         for (doc, t) in touched {
             if let Touched::FastForward { heads, rows } = t {
@@ -114,8 +146,11 @@ impl Store {
             };
             let mut rows = BTreeMap::new();
             for k in keys {
-                let v = json::get_path(&l.am, &[PathSeg::Key(k.clone())])?;
-                rows.insert(k, v.map(|v| v.to_string()));
+                let row = match json::get_path(&l.am, &[PathSeg::Key(k.clone())])? {
+                    Some(v) => Some((v.to_string(), visible_op_ids(&l.am, &k)?)),
+                    None => None,
+                };
+                rows.insert(k, row);
             }
             let heads: Vec<[u8; 32]> = after.iter().map(|h| h.0).collect();
             updates.push((doc.clone(), hashes_to_blob(&heads), rows));
@@ -124,7 +159,7 @@ impl Store {
         {
             insert_changes(&tx, accepted.iter().copied(), 0)?;
             let mut put = tx.prepare_cached(
-                "INSERT OR REPLACE INTO kv (doc, key, value) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO kv (doc, key, value, ops) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let mut del = tx.prepare_cached("DELETE FROM kv WHERE doc = ?1 AND key = ?2")?;
             let mut docs = tx.prepare_cached(
@@ -132,9 +167,9 @@ impl Store {
                  ON CONFLICT (doc) DO UPDATE SET heads = excluded.heads, n_changes = n_changes + excluded.n_changes",
             )?;
             for (doc, heads, rows) in &updates {
-                for (k, v) in rows {
-                    match v {
-                        Some(v) => put.execute(params![doc, k, v])?,
+                for (k, row) in rows {
+                    match row {
+                        Some((v, ops)) => put.execute(params![doc, k, v, ops])?,
                         None => del.execute(params![doc, k])?,
                     };
                 }
