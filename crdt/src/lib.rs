@@ -81,7 +81,8 @@
 //! with the overwrites already held (measured before the fast path below: 0.28 ms per change
 //! over the first 1,000 overwrites of one key, 1.49 ms between 9,000 and 10,000). The store
 //! therefore applies a *fast forward* (a chain on top of its heads made only of root-level
-//! scalar puts, the common case of a single writer updating values) without Automerge: the
+//! scalar puts, each overwriting exactly the values visible at its key, the common case of a
+//! single writer updating values) without Automerge: the
 //! view rows are the written scalars, and the in-memory document, if loaded, catches up in one
 //! batch when next needed. With it a replica's apply stays flat at ~0.2 ms per change from the
 //! first to the 10,000th overwrite (`cargo run --release -p lichen-crdt --example hot_key`).

@@ -14,7 +14,8 @@
 //!   as evidence and the document re-judged by [`crate::equivocation`]) and `start_op` → parse
 //!   with Automerge under
 //!   `catch_unwind` → apply the whole batch at once (one at a time is quadratic) → one SQLite
-//!   transaction. A *fast forward* (a chain on our heads of root-level scalar puts) skips
+//!   transaction. A *fast forward* (a chain on our heads of root-level scalar puts, each
+//!   overwriting exactly the values visible at its key: `kv.ops`) skips
 //!   Automerge: the view rows are the written scalars and a loaded document catches up later in
 //!   one batch (see `fast_forward_rows`). Changes that may become valid later (unknown author, missing dependencies,
 //!   seq gap) wait in a bounded pending set and are retried whenever something is applied.
