@@ -9,9 +9,10 @@
 //! that object was created (Automerge objects never move). An op also overwrites the ops its
 //! `pred` names, wherever they are: an honest op names values at its own place, but a crafted
 //! one may name a value under another key, which Automerge then drops too, so those keys are
-//! touched as well. This map remembers the top-level key of every op it has seen (values and
-//! objects); it is built once from the visible document when first needed and then extended
-//! by every change the store applies, local or remote.
+//! touched as well. This map remembers the top-level key of every visible op it has seen
+//! (values and objects; an op is forgotten once a change overwrites it, so the map stays about
+//! as big as the visible document); it is built once from the visible document when first
+//! needed and then extended by every change the store applies, local or remote.
 //!
 //! An op on an object, or a `pred` naming an op, that the map does not know (one created and
 //! overwritten before the map was built, say) makes [`Owners::touched`] answer `None`, and the
@@ -103,9 +104,12 @@ impl Owners {
                     continue;
                 };
                 for p in op.pred.iter() {
-                    match self.owner.get(&(p.0, p.1.clone())) {
+                    // An overwritten op is forgotten: the map holds about one entry per
+                    // visible value, not one per op ever applied. (A concurrent change naming
+                    // it again takes the slow path.)
+                    match self.owner.remove(&(p.0, p.1.clone())) {
                         Some(k) => {
-                            keys.insert(k.clone());
+                            keys.insert(k);
                         }
                         None => known = false,
                     }
@@ -206,6 +210,27 @@ mod tests {
         )]
         .into();
         assert_eq!(owners.touched([&Change::from(e)]), None);
+    }
+
+    #[test]
+    fn the_map_stays_the_size_of_the_visible_document() {
+        let mut am = Automerge::new();
+        let mut tx = am.transaction();
+        tx.put(ROOT, "a", 0).unwrap();
+        tx.commit();
+        let mut owners = Owners::of_doc(&am);
+        for i in 1..=500 {
+            let before = am.clone();
+            let mut tx = am.transaction();
+            tx.put(ROOT, "a", i).unwrap();
+            tx.commit();
+            let changes = change_keys(&before, &am);
+            assert_eq!(
+                owners.touched(&changes),
+                Some(BTreeSet::from(["a".to_string()]))
+            );
+        }
+        assert_eq!(owners.owner.len(), 1, "one visible value, one entry");
     }
 
     #[test]
