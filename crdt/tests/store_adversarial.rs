@@ -22,6 +22,15 @@ fn setup() -> (Cluster, SecretKey) {
     (c, w)
 }
 
+/// The admin's two changes to app/x written by [`setup`], as replica 1 holds them.
+fn admin_changes_of_x(c: &Cluster) -> Vec<SignedChange> {
+    let of_x = c.stores[1]
+        .changes_after("app/x", &c.admin.node_id(), 0, 10)
+        .unwrap();
+    assert_eq!(of_x.len(), 2);
+    of_x
+}
+
 /// An Automerge change authored by `actor` (the next seq after `prev`), for crafting attacks.
 fn raw_change(actor: &SecretKey, prev: &[SignedChange], k: &str, v: i64) -> Vec<u8> {
     let mut doc = Automerge::new();
@@ -655,12 +664,8 @@ fn a_change_signed_for_two_documents_is_kept_in_the_first_only() {
 fn a_change_depending_on_another_documents_change_is_not_applied() {
     let (mut c, w) = setup();
     let cluster = c.stores[1].cluster_id();
-    // The admin's changes to app/x (from `setup`); w's first change, built on them, is
-    // signed for app/b.
-    let admin = c.admin.node_id();
-    let of_x = c.stores[1].changes_after("app/x", &admin, 0, 10).unwrap();
-    assert_eq!(of_x.len(), 2);
-    let bytes = raw_change(&w, &of_x, "j", 2);
+    // w's first change, built on the admin's changes to app/x, is signed for app/b.
+    let bytes = raw_change(&w, &admin_changes_of_x(&c), "j", 2);
     let crossed = SignedChange::sign(&w, &cluster, "app/b", bytes).unwrap();
     let report = c.stores[1].ingest(vec![crossed.clone()]).unwrap();
     assert_eq!(
@@ -691,8 +696,7 @@ fn a_change_depending_on_another_documents_change_is_not_applied() {
 fn a_put_that_names_another_keys_value_as_overwritten_is_applied_as_automerge_does() {
     let (mut c, w) = setup();
     let cluster = c.stores[1].cluster_id();
-    let admin = c.admin.node_id();
-    let of_x = c.stores[1].changes_after("app/x", &admin, 0, 10).unwrap();
+    let of_x = admin_changes_of_x(&c);
     let honest = automerge::Change::try_from(raw_change(&w, &of_x, "k", 5).as_slice()).unwrap();
     let mut e = honest.decode();
     e.hash = None;
