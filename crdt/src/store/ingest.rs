@@ -559,10 +559,10 @@ impl Store {
         doc: &str,
         heads: &[[u8; 32]],
         accepted: &[Accepted],
-    ) -> Result<Option<BTreeMap<String, Option<Row>>>, StoreError> {
+    ) -> Result<Option<BTreeMap<String, Row>>, StoreError> {
         use automerge::legacy::{Key, ObjectId, OpType};
         let mut prev: BTreeSet<[u8; 32]> = heads.iter().copied().collect();
-        let mut rows: BTreeMap<String, Option<Row>> = BTreeMap::new();
+        let mut rows: BTreeMap<String, Row> = BTreeMap::new();
         for a in accepted {
             let deps: BTreeSet<[u8; 32]> = a.header.deps.iter().copied().collect();
             if deps != prev || deps.len() != a.header.deps.len() {
@@ -579,8 +579,7 @@ impl Store {
                     return Ok(None);
                 };
                 let visible = match rows.get(k.as_str()) {
-                    Some(Some((_, ops))) => Some(ops.clone()),
-                    Some(None) => Some(Vec::new()),
+                    Some((_, ops)) => Some(ops.clone()),
                     None => self.view_ops(doc, k)?,
                 };
                 let pred = op_ids_blob(
@@ -594,7 +593,7 @@ impl Store {
                 }
                 let v = json::scalar_to_json(v).to_string();
                 let id = op_ids_blob(vec![(a.header.start_op + i as u64, actor.clone())]);
-                rows.insert(k.to_string(), Some((v, id)));
+                rows.insert(k.to_string(), (v, id));
             }
             prev = [a.header.hash].into();
         }

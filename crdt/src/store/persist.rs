@@ -27,7 +27,7 @@ pub(super) enum Touched {
     /// Rows computed without Automerge (a fast-forward batch) and the heads after it.
     FastForward {
         heads: Vec<[u8; 32]>,
-        rows: BTreeMap<String, Option<Row>>,
+        rows: BTreeMap<String, Row>,
     },
 }
 
@@ -121,7 +121,8 @@ impl Store {
         let mut updates: Vec<ViewUpdate> = Vec::new();
         for (doc, t) in touched {
             if let Touched::FastForward { heads, rows } = t {
-                updates.push((doc.clone(), hashes_to_blob(heads), rows.clone()));
+                let rows = rows.iter().map(|(k, r)| (k.clone(), Some(r.clone())));
+                updates.push((doc.clone(), hashes_to_blob(heads), rows.collect()));
                 continue;
             }
             let Some(l) = self.loaded.get(doc) else {

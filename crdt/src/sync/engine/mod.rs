@@ -374,17 +374,15 @@ impl SyncEngine {
             return Ok(());
         }
         let targets = self.peers_up();
-        for c in changes {
-            if let Some(h) = c.hash() {
-                self.note_recent(now, change_id(&h));
-            }
-        }
         for chunk in self.chunks(changes.to_vec()) {
             let ids: Vec<ChangeId> = chunk
                 .iter()
                 .filter_map(|c| c.hash())
                 .map(|h| change_id(&h))
                 .collect();
+            for id in &ids {
+                self.note_recent(now, *id);
+            }
             for t in &targets {
                 // A peer whose full queue dropped the push is not counted as holding these:
                 // the next anti-entropy round prefers it.
