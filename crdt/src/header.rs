@@ -9,7 +9,8 @@
 //!
 //! Layout (Automerge binary format, uncompressed change chunk):
 //! `magic[4] checksum[4] type(=1)[1] uleb(len) data[len]`, where `data` begins with
-//! `uleb(n) hash[32]*n  uleb(actor_len) actor  uleb(seq)  uleb(start_op)  sleb(time)  ...`.
+//! `uleb(n) hash[32]*n  uleb(actor_len) actor  uleb(seq)  uleb(start_op)  sleb(time)
+//! uleb(msg_len) msg  ...`.
 
 use sha2::{Digest, Sha256};
 
@@ -37,6 +38,11 @@ pub struct ChangeHeader {
     pub start_op: u64,
     /// Wall-clock milliseconds the author claims (informational only, never trusted).
     pub time: i64,
+    /// For a change without dependencies (a document's first change, or one of several
+    /// made concurrently on empty replicas): its Automerge message, which Lichen requires to
+    /// be the document's name (see [`crate::SignedChange::authenticate`]). `None` for every
+    /// other change (their messages are not read).
+    pub root_message: Option<Vec<u8>>,
 }
 
 /// Read and hash a change chunk. Fails on anything that is not a well-framed, uncompressed
@@ -93,6 +99,15 @@ pub fn parse(bytes: &[u8]) -> Result<ChangeHeader, RejectReason> {
     if start_op >= 1 << 32 || seq >= 1 << 32 {
         return Err(RejectReason::InflatedStartOp);
     }
+    let root_message = if deps.is_empty() {
+        let len = r.uleb()?;
+        if len > r.remaining() as u64 {
+            return Err(RejectReason::Truncated);
+        }
+        Some(r.take(len as usize)?.to_vec())
+    } else {
+        None
+    };
     Ok(ChangeHeader {
         hash,
         deps,
@@ -100,6 +115,7 @@ pub fn parse(bytes: &[u8]) -> Result<ChangeHeader, RejectReason> {
         seq,
         start_op,
         time,
+        root_message,
     })
 }
 
@@ -193,6 +209,28 @@ mod tests {
             change.deps().iter().map(|d| d.0).collect::<Vec<_>>()
         );
         assert_eq!(h.time, change.timestamp());
+        assert_eq!(h.root_message, None, "a change with dependencies");
+    }
+
+    #[test]
+    fn the_message_of_a_change_without_dependencies_is_read() {
+        for message in [None, Some("app/x"), Some("région/é")] {
+            let mut doc = Automerge::new().with_actor(ActorId::from([5u8; 32]));
+            let mut tx = doc.transaction();
+            tx.put(ROOT, "a", 1).unwrap();
+            let mut options = automerge::transaction::CommitOptions::default();
+            if let Some(m) = message {
+                options = options.with_message(m.to_string());
+            }
+            tx.commit_with(options);
+            let change = doc.get_last_local_change().unwrap();
+            let h = parse(change.raw_bytes()).unwrap();
+            assert_eq!(
+                h.root_message.as_deref(),
+                Some(message.unwrap_or("").as_bytes())
+            );
+            assert_eq!(change.message(), message);
+        }
     }
 
     #[test]

@@ -113,13 +113,31 @@ impl SignedChange {
         Ok(Self::sign_hashed(key, cluster, doc, &h.hash, bytes))
     }
 
-    /// Authenticate a change without Automerge: frame and hash, signature, actor = signer.
-    /// On success returns the header read from the bytes.
+    /// Authenticate a change without Automerge: frame and hash, document named by a change
+    /// without dependencies, signature, actor = signer. On success returns the header read
+    /// from the bytes.
+    ///
+    /// A change without dependencies must carry its document's name as its Automerge message
+    /// (the cluster's genesis change in the membership document excepted: its hash is the
+    /// cluster id). Automerge hashes a
+    /// change's content only, and changes are stored by hash, so without this a member could
+    /// sign one change for two documents and nodes would keep it in whichever arrived first.
+    /// With it, such a change is valid in one document at most, and by induction so is every
+    /// change, since a change may only depend on changes of its own document (checked at
+    /// ingest).
     pub fn authenticate(&self, cluster: &ClusterId) -> Result<ChangeHeader, RejectReason> {
         if !valid_doc_name(&self.doc) {
             return Err(RejectReason::BadDocument);
         }
         let h = header::parse(&self.bytes)?;
+        if let Some(name) = &h.root_message {
+            let genesis = self.doc == MEMBERSHIP_DOC && h.hash == *cluster;
+            if !genesis && name.as_slice() != self.doc.as_bytes() {
+                return Err(RejectReason::Malformed(
+                    "a change without dependencies must name its document",
+                ));
+            }
+        }
         if !identity::verify(
             &self.author,
             &signing_message(cluster, &self.doc, &h.hash),

@@ -31,19 +31,25 @@ fn admin_changes_of_x(c: &Cluster) -> Vec<SignedChange> {
     of_x
 }
 
-/// An Automerge change authored by `actor` (the next seq after `prev`), for crafting attacks.
-fn raw_change(actor: &SecretKey, prev: &[SignedChange], k: &str, v: i64) -> Vec<u8> {
-    let mut doc = Automerge::new();
+/// An Automerge change authored by `actor` (the next seq after `prev`) putting `k = v`, for
+/// crafting attacks; for `doc` (a change without dependencies names its document, as the
+/// store requires).
+fn raw_change(actor: &SecretKey, doc: &str, prev: &[SignedChange], k: &str, v: i64) -> Vec<u8> {
+    let mut am = Automerge::new();
     let changes: Vec<automerge::Change> = prev
         .iter()
         .map(|c| automerge::Change::try_from(c.bytes.as_slice()).unwrap())
         .collect();
-    doc.apply_changes(changes).unwrap();
-    doc.set_actor(ActorId::from(actor.node_id().0.as_slice()));
-    let mut tx = doc.transaction();
+    am.apply_changes(changes).unwrap();
+    am.set_actor(ActorId::from(actor.node_id().0.as_slice()));
+    let mut tx = am.transaction();
     tx.put(ROOT, k, v).unwrap();
-    tx.commit();
-    doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    let mut options = automerge::transaction::CommitOptions::default();
+    if prev.is_empty() {
+        options = options.with_message(doc.to_string());
+    }
+    tx.commit_with(options);
+    am.get_last_local_change().unwrap().raw_bytes().to_vec()
 }
 
 fn assert_refused(c: &mut Cluster, change: SignedChange, want: impl Fn(&Outcome) -> bool) {
@@ -62,7 +68,11 @@ fn assert_refused(c: &mut Cluster, change: SignedChange, want: impl Fn(&Outcome)
 }
 
 fn rejected(r: RejectReason) -> impl Fn(&Outcome) -> bool {
-    move |o| *o == Outcome::Rejected(r.clone())
+    rejected_as(Outcome::Rejected(r))
+}
+
+fn rejected_as(want: Outcome) -> impl Fn(&Outcome) -> bool {
+    move |o| *o == want
 }
 
 fn writer_change(c: &mut Cluster, w: &SecretKey) -> SignedChange {
@@ -71,7 +81,7 @@ fn writer_change(c: &mut Cluster, w: &SecretKey) -> SignedChange {
         .filter(|x| x.doc == "app/x")
         .collect::<Vec<_>>();
     let cluster = c.stores[1].cluster_id();
-    SignedChange::sign(w, &cluster, "app/x", raw_change(w, &prev, "c", 3)).unwrap()
+    SignedChange::sign(w, &cluster, "app/x", raw_change(w, "app/x", &prev, "c", 3)).unwrap()
 }
 
 #[test]
@@ -122,7 +132,13 @@ fn a_change_replayed_into_another_document_is_rejected() {
 fn a_change_signed_for_another_cluster_is_rejected() {
     let (mut c, w) = setup();
     let prev: Vec<SignedChange> = Vec::new();
-    let ch = SignedChange::sign(&w, &[7; 32], "app/x", raw_change(&w, &prev, "z", 1)).unwrap();
+    let ch = SignedChange::sign(
+        &w,
+        &[7; 32],
+        "app/x",
+        raw_change(&w, "app/x", &prev, "z", 1),
+    )
+    .unwrap();
     assert_refused(&mut c, ch, rejected(RejectReason::BadSignature));
 }
 
@@ -136,7 +152,13 @@ fn a_change_whose_actor_is_not_its_signer_is_rejected() {
         .collect();
     let cluster = c.stores[1].cluster_id();
     // The writer signs a change whose Automerge actor is the admin.
-    let ch = SignedChange::sign(&w, &cluster, "app/x", raw_change(&admin, &prev, "z", 1)).unwrap();
+    let ch = SignedChange::sign(
+        &w,
+        &cluster,
+        "app/x",
+        raw_change(&admin, "app/x", &prev, "z", 1),
+    )
+    .unwrap();
     assert_refused(&mut c, ch, rejected(RejectReason::ActorNotSigner));
 }
 
@@ -150,7 +172,7 @@ fn a_non_member_author_is_not_stored() {
         &stranger,
         &cluster,
         "app/z",
-        raw_change(&stranger, &prev, "k", 1),
+        raw_change(&stranger, "app/z", &prev, "k", 1),
     )
     .unwrap();
     assert_refused(&mut c, ch, |o| {
@@ -168,8 +190,13 @@ fn a_member_writing_outside_its_scope_is_rejected() {
     let (mut c, w) = setup();
     let prev: Vec<SignedChange> = Vec::new();
     let cluster = c.stores[1].cluster_id();
-    let ch =
-        SignedChange::sign(&w, &cluster, "region/us/x", raw_change(&w, &prev, "k", 1)).unwrap();
+    let ch = SignedChange::sign(
+        &w,
+        &cluster,
+        "region/us/x",
+        raw_change(&w, "region/us/x", &prev, "k", 1),
+    )
+    .unwrap();
     assert_refused(&mut c, ch, rejected(RejectReason::OutOfScope));
     // The writer's own store refuses to make such a change in the first place.
     let err = c.stores[1]
@@ -193,7 +220,13 @@ fn a_reader_cannot_write() {
     c.add(&r, "reader", Role::Reader, &[]);
     let prev: Vec<SignedChange> = Vec::new();
     let cluster = c.stores[1].cluster_id();
-    let ch = SignedChange::sign(&r, &cluster, "app/r", raw_change(&r, &prev, "k", 1)).unwrap();
+    let ch = SignedChange::sign(
+        &r,
+        &cluster,
+        "app/r",
+        raw_change(&r, "app/r", &prev, "k", 1),
+    )
+    .unwrap();
     assert_refused(&mut c, ch, |o| {
         matches!(o, Outcome::Rejected(RejectReason::NotAuthorized(_)))
     });
@@ -228,14 +261,16 @@ fn concurrent_equivocation_voids_both_variants_whatever_the_order() {
         &w,
         &c.stores[1].cluster_id(),
         "app/w",
-        raw_change(&w, &[], "mine", 1),
+        raw_change(&w, "app/w", &[], "mine", 1),
     )
     .unwrap();
     c.stores[0].ingest(vec![w_ok.clone()]).unwrap();
     c.sync_all();
     let cluster = c.stores[1].cluster_id();
-    let x1 = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &[], "k", 1)).unwrap();
-    let x2 = SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &[], "k", 2)).unwrap();
+    let x1 =
+        SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, "app/q", &[], "k", 1)).unwrap();
+    let x2 =
+        SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, "app/q", &[], "k", 2)).unwrap();
     // The admin's replica saw x1 first and built an honest change on it.
     assert_eq!(
         outcome(&c.stores[0].ingest(vec![x1.clone()]).unwrap()),
@@ -321,7 +356,9 @@ fn a_third_variant_or_a_later_change_by_a_flagged_key_is_refused() {
     let (mut c, w) = setup();
     let cluster = c.stores[1].cluster_id();
     let v: Vec<SignedChange> = (1..=3)
-        .map(|i| SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, &[], "k", i)).unwrap())
+        .map(|i| {
+            SignedChange::sign(&w, &cluster, "app/q", raw_change(&w, "app/q", &[], "k", i)).unwrap()
+        })
         .collect();
     c.stores[1]
         .ingest(vec![v[0].clone(), v[1].clone()])
@@ -331,7 +368,7 @@ fn a_third_variant_or_a_later_change_by_a_flagged_key_is_refused() {
         &w,
         &cluster,
         "app/q",
-        raw_change(&w, &[v[0].clone()], "k", 9),
+        raw_change(&w, "app/q", &[v[0].clone()], "k", 9),
     )
     .unwrap();
     assert_refused(&mut c, v[2].clone(), rejected(RejectReason::Equivocation));
@@ -622,37 +659,50 @@ fn the_same_first_edit_of_two_new_documents_in_one_commit_makes_two_changes() {
     }
 }
 
-/// A writer may still sign one Automerge change for two documents on purpose. Changes are
-/// stored by hash, so a node keeps the copy that reached it first and takes the other for a
-/// change it already holds; the rest of the batch is stored as usual. (Nodes that got the
-/// copies in different orders then disagree on which document holds it: a known limit,
-/// see the README's trust model.)
+/// Automerge hashes a change's content only, and changes are stored by hash, so a member
+/// that signed one change for two documents would have it kept in whichever copy reached a
+/// node first, and nodes that got the copies in different orders would disagree for good. A
+/// change without dependencies must therefore name its document (as its Automerge message;
+/// the store's own writes do), which makes it valid in one document at most, and so is every
+/// change built on it. Whatever the order, each node keeps the copy for the document it names
+/// and refuses the other; a change without dependencies that names no document is refused.
 #[test]
-fn a_change_signed_for_two_documents_is_kept_in_the_first_only() {
+fn a_change_signed_for_two_documents_is_kept_only_in_the_one_it_names() {
     let (mut c, w) = setup();
     let cluster = c.stores[1].cluster_id();
-    let bytes = raw_change(&w, &[], "k", 1);
+    let bytes = raw_change(&w, "app/a", &[], "k", 1);
     let in_a = SignedChange::sign(&w, &cluster, "app/a", bytes.clone()).unwrap();
     let in_b = SignedChange::sign(&w, &cluster, "app/b", bytes).unwrap();
-    let other = SignedChange::sign(&w, &cluster, "app/c", raw_change(&w, &[], "z", 2)).unwrap();
-    let report = c.stores[1]
-        .ingest(vec![in_a.clone(), in_b.clone(), other])
-        .unwrap();
+    let unnamed = Outcome::Rejected(RejectReason::Malformed(
+        "a change without dependencies must name its document",
+    ));
+    // Replica 0 gets app/a's copy first, replica 1 app/b's.
+    for (s, order) in c.stores.iter_mut().zip([[&in_a, &in_b], [&in_b, &in_a]]) {
+        for ch in order {
+            let want = if ch.doc == "app/a" {
+                Outcome::Applied
+            } else {
+                unnamed.clone()
+            };
+            assert_eq!(outcome(&s.ingest(vec![ch.clone()]).unwrap()), want);
+        }
+        assert_eq!(get(s, "app/a", "k"), Some(json!(1)));
+        assert_eq!(get(s, "app/b", "k"), None);
+        assert!(!s.list_docs().unwrap().iter().any(|d| d == "app/b"));
+    }
     assert_eq!(
-        report.applied_count(),
-        2,
-        "app/a's copy and the unrelated change"
+        c.stores[0].heads("app/a").unwrap(),
+        c.stores[1].heads("app/a").unwrap()
     );
-    let of_b: Vec<&Outcome> = report
-        .outcomes
-        .iter()
-        .filter(|(doc, ..)| doc == "app/b")
-        .map(|(.., o)| o)
-        .collect();
-    assert_eq!(of_b, vec![&Outcome::Duplicate]);
-    assert_eq!(get(&c.stores[1], "app/a", "k"), Some(json!(1)));
-    assert_eq!(get(&c.stores[1], "app/c", "z"), Some(json!(2)));
-    assert_eq!(get(&c.stores[1], "app/b", "k"), None);
+    // A change without dependencies and without a message.
+    let mut am = Automerge::new();
+    am.set_actor(ActorId::from(w.node_id().0.as_slice()));
+    let mut tx = am.transaction();
+    tx.put(ROOT, "k", 2).unwrap();
+    tx.commit();
+    let bytes = am.get_last_local_change().unwrap().raw_bytes().to_vec();
+    let nameless = SignedChange::sign(&w, &cluster, "app/c", bytes).unwrap();
+    assert_refused(&mut c, nameless, rejected_as(unnamed));
 }
 
 /// A change that names, as a dependency, a change of another document does not belong to
@@ -665,7 +715,7 @@ fn a_change_depending_on_another_documents_change_is_not_applied() {
     let (mut c, w) = setup();
     let cluster = c.stores[1].cluster_id();
     // w's first change, built on the admin's changes to app/x, is signed for app/b.
-    let bytes = raw_change(&w, &admin_changes_of_x(&c), "j", 2);
+    let bytes = raw_change(&w, "app/b", &admin_changes_of_x(&c), "j", 2);
     let crossed = SignedChange::sign(&w, &cluster, "app/b", bytes).unwrap();
     let report = c.stores[1].ingest(vec![crossed.clone()]).unwrap();
     assert_eq!(
@@ -680,7 +730,8 @@ fn a_change_depending_on_another_documents_change_is_not_applied() {
         .is_none());
     assert_eq!(get(&c.stores[1], "app/b", "j"), None);
     // w's honest first change to app/b is taken as usual.
-    let honest = SignedChange::sign(&w, &cluster, "app/b", raw_change(&w, &[], "j", 3)).unwrap();
+    let honest =
+        SignedChange::sign(&w, &cluster, "app/b", raw_change(&w, "app/b", &[], "j", 3)).unwrap();
     assert_eq!(
         outcome(&c.stores[1].ingest(vec![honest]).unwrap()),
         Outcome::Applied
@@ -697,7 +748,8 @@ fn a_put_that_names_another_keys_value_as_overwritten_is_applied_as_automerge_do
     let (mut c, w) = setup();
     let cluster = c.stores[1].cluster_id();
     let of_x = admin_changes_of_x(&c);
-    let honest = automerge::Change::try_from(raw_change(&w, &of_x, "k", 5).as_slice()).unwrap();
+    let honest =
+        automerge::Change::try_from(raw_change(&w, "app/x", &of_x, "k", 5).as_slice()).unwrap();
     let mut e = honest.decode();
     e.hash = None;
     // The op that put app/x's "a" (the admin's first change, first op).

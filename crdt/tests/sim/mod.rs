@@ -1098,7 +1098,11 @@ pub fn forged_change(key: &SecretKey, cluster: &ClusterId, doc: &str, value: &st
     am.set_actor(ActorId::from(key.node_id().0.as_slice()));
     let mut tx = am.transaction();
     tx.put(ROOT, "evil", value).unwrap();
-    tx.commit_with(CommitOptions::default().with_time(0));
+    tx.commit_with(
+        CommitOptions::default()
+            .with_time(0)
+            .with_message(doc.to_string()),
+    );
     let c = am.get_last_local_change().expect("a change");
     sign(key, cluster, doc, c.raw_bytes().to_vec())
 }
