@@ -69,6 +69,13 @@ pub struct SyncFile {
     pub anti_entropy_ms: Option<u64>,
     /// Gossip fanout.
     pub fanout: Option<usize>,
+    /// After start, hold this node's own writes (API, file bindings, membership edits) until
+    /// it has caught up with a peer, for at most this many milliseconds (default 5000; 0: do
+    /// not hold). A node whose data directory is older than its last run (restored from a
+    /// backup or disk image, or a power loss with `fsync = "never"`) first gets back the
+    /// changes it made since, instead of reusing their sequence numbers, which would flag
+    /// its key as equivocating. A node with no other member never holds.
+    pub hold_writes_ms: Option<u64>,
 }
 
 /// Command-line overrides for `lichen run`.
@@ -129,6 +136,7 @@ pub struct Config {
     pub max_loaded_docs: usize,
     pub anti_entropy: Duration,
     pub fanout: usize,
+    pub hold_writes: Duration,
     pub join: Option<JoinToken>,
     pub bindings: Vec<Binding>,
 }
@@ -161,6 +169,7 @@ impl Config {
             "sync.anti_entropy_ms",
         );
         check(self.fanout != new.fanout, "sync.fanout");
+        check(self.hold_writes != new.hold_writes, "sync.hold_writes_ms");
         changed
     }
 }
@@ -330,6 +339,10 @@ impl Config {
         if fanout == 0 || fanout > 64 {
             bail!("sync.fanout must be between 1 and 64");
         }
+        let hold_writes = Duration::from_millis(f.sync.hold_writes_ms.unwrap_or(5000));
+        if hold_writes > Duration::from_secs(3600) {
+            bail!("sync.hold_writes_ms must be between 0 and 3600000");
+        }
         let join = o.join.as_deref().map(JoinToken::parse).transpose()?;
         let base = o
             .config
@@ -364,6 +377,7 @@ impl Config {
             max_loaded_docs,
             anti_entropy,
             fanout,
+            hold_writes,
             join,
             bindings,
         })
@@ -391,6 +405,7 @@ mod tests {
         assert_eq!(c.listen.port(), DEFAULT_PEER_PORT);
         assert!(c.api.ip().is_loopback());
         assert_eq!(c.fsync, Fsync::Local);
+        assert_eq!(c.hold_writes, Duration::from_secs(5));
         assert_eq!(c.wal_checkpoint_pages, DEFAULT_WAL_PAGES);
         assert_eq!(c.max_loaded_docs, lichen_crdt::DEFAULT_MAX_LOADED_DOCS);
         assert!(c.advertise.is_empty());
@@ -419,6 +434,9 @@ mod tests {
         let f: FileConfig = toml::from_str("wal_checkpoint_pages = 10").unwrap();
         let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
         assert!(format!("{e:#}").contains("wal_checkpoint_pages"), "{e:#}");
+        let f: FileConfig = toml::from_str("[sync]\nhold_writes_ms = 99999999").unwrap();
+        let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
+        assert!(format!("{e:#}").contains("sync.hold_writes_ms"), "{e:#}");
         assert!(toml::from_str::<FileConfig>("unknown_key = 1").is_err());
     }
 

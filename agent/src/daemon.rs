@@ -223,6 +223,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             sync,
             metrics: metrics.clone(),
             join_token: Some(token.clone()),
+            hold_writes: cfg.hold_writes,
         },
         shutdown_rx.clone(),
     );

@@ -11,6 +11,10 @@
 //! committed in one SQLite transaction (one fsync); each caller is answered only after that
 //! commit, and the changes are pushed to connected peers right after (durable before
 //! announced).
+//!
+//! After a start, writes and membership edits are held (queued, answered later) until the
+//! node's first catch-up with a peer, or `sync.hold_writes_ms`: a data directory older than
+//! the node's last run must get the node's own later changes back before it signs new ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -129,6 +133,35 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether this command makes a change signed by this node.
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Command::Write { .. }
+                | Command::MemberAdd { .. }
+                | Command::MemberRemove { .. }
+                | Command::MemberRole { .. }
+        )
+    }
+}
+
+/// Answer a write or membership edit that was not made (503, `why`).
+fn refuse(c: Command, why: &str) {
+    let e = ApiError::new(503, why);
+    match c {
+        Command::Write { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::MemberAdd { reply, .. }
+        | Command::MemberRemove { reply, .. }
+        | Command::MemberRole { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        _ => {}
+    }
+}
+
 /// The value at a watched path and the document heads it was read at (`""` and null when
 /// the path holds nothing).
 #[derive(Debug, Default)]
@@ -207,6 +240,9 @@ pub struct NodeParts {
     pub sync: SyncConfig,
     pub metrics: Arc<Metrics>,
     pub join_token: Option<String>,
+    /// How long this node's own writes may wait after start for a first catch-up with a
+    /// peer (`sync.hold_writes_ms`; zero: they do not wait).
+    pub hold_writes: Duration,
 }
 
 /// Start the node task. It runs until `shutdown` flips to true, then returns the store.
@@ -228,6 +264,16 @@ pub fn spawn(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
     let engine = SyncEngine::new(id, parts.sync.clone(), seed);
+    let start = Instant::now();
+    // Hold writes only where they could clash with this node's own past: a member with
+    // other members to catch up from (a node still waiting to be admitted may not write).
+    let m = parts.store.membership();
+    let others = m
+        .members
+        .iter()
+        .any(|(other, mm)| *other != id && mm.role != Role::Removed);
+    let hold_until = (m.is_active(&id) && others && !parts.hold_writes.is_zero())
+        .then(|| start + parts.hold_writes);
     let task = Node {
         store: parts.store,
         key: parts.key,
@@ -239,7 +285,9 @@ pub fn spawn(
         engine,
         metrics: parts.metrics,
         notices,
-        start: Instant::now(),
+        start,
+        hold_until,
+        held: Vec::new(),
         last_caught_up: HashMap::new(),
         known_peers: BTreeSet::new(),
         membership: None,
@@ -264,6 +312,14 @@ struct Node {
     metrics: Arc<Metrics>,
     notices: broadcast::Sender<Notice>,
     start: Instant,
+    /// Until when this node's own writes are held, from start until its first catch-up
+    /// with a peer. A data directory older than the node's last run (a restored backup or
+    /// disk image; a power loss with `fsync = "never"`) lacks changes this node made and
+    /// peers hold: writing before getting them back would reuse their sequence numbers, and
+    /// every node would flag this key as equivocating.
+    hold_until: Option<Instant>,
+    /// Writes and membership edits received while held, answered once released.
+    held: Vec<Command>,
     last_caught_up: HashMap<NodeId, u64>,
     known_peers: BTreeSet<NodeId>,
     membership: Option<lichen_crdt::Membership>,
@@ -275,6 +331,9 @@ struct Node {
     /// Something was committed since the last look (for the idle checkpoint).
     committed: bool,
 }
+
+/// At most this many writes wait while writes are held; more are refused (503).
+const MAX_HELD: usize = 1024;
 
 /// After this long without commits the write-ahead log is checkpointed (restarted).
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
@@ -328,6 +387,14 @@ impl Node {
         let checkpoint = tokio::time::sleep_until(idle.into());
         tokio::pin!(checkpoint);
         let mut wal_dirty = false;
+        let hold = tokio::time::sleep_until(self.hold_until.unwrap_or(idle).into());
+        tokio::pin!(hold);
+        if let Some(until) = self.hold_until {
+            tracing::info!(
+                at_most_ms = until.duration_since(self.start).as_millis() as u64,
+                "holding this node's writes until it has caught up with a peer (sync.hold_writes_ms)"
+            );
+        }
         loop {
             let deadline = self
                 .engine
@@ -356,6 +423,13 @@ impl Node {
                 ev = net.recv() => {
                     let Some(ev) = ev else { break };
                     self.handle_net(ev);
+                }
+                _ = &mut hold, if self.hold_until.is_some() => {
+                    self.hold_until = None;
+                    tracing::warn!(
+                        held = self.held.len(),
+                        "no peer caught up with since start (sync.hold_writes_ms): writing without it"
+                    );
                 }
                 _ = &mut timer => {
                     let now = self.now();
@@ -392,6 +466,11 @@ impl Node {
                 }
             }
             self.drain();
+            if self.hold_until.is_none() && !self.held.is_empty() {
+                let held = std::mem::take(&mut self.held);
+                self.handle_commands(held);
+                self.drain();
+            }
             // Between batches nothing holds a document: keep memory to the cap.
             self.store.trim_cache();
             if std::mem::take(&mut self.committed) {
@@ -408,6 +487,12 @@ impl Node {
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
             self.handle_commands(vec![cmd]);
+        }
+        for c in std::mem::take(&mut self.held) {
+            refuse(
+                c,
+                "the agent stopped before it caught up with a peer; the write was not made",
+            );
         }
         self.drain();
         self.store
@@ -487,6 +572,9 @@ impl Node {
                         .inc_labelled("lichen_changes_rejected_total", label, count as u64);
                 }
                 SyncEvent::CaughtUp { peer } => {
+                    if self.hold_until.take().is_some() {
+                        tracing::info!(peer = %peer, held = self.held.len(), "caught up with a peer: writes resume");
+                    }
                     let now = self.now();
                     self.last_caught_up.insert(peer, now);
                 }
@@ -594,6 +682,13 @@ impl Node {
         let mut others = Vec::new();
         for c in batch {
             match c {
+                c if self.hold_until.is_some() && c.writes() => {
+                    if self.held.len() < MAX_HELD {
+                        self.held.push(c);
+                    } else {
+                        refuse(c, "this node is catching up with its peers after a restart before it writes; retry in a few seconds");
+                    }
+                }
                 Command::Write { doc, op, reply } => writes.push((doc, op, reply)),
                 other => others.push(other),
             }
@@ -913,6 +1008,7 @@ impl Node {
             "peers": peers,
             "docs": docs,
             "pending_changes": self.store.pending_len(),
+            "writes_held": self.hold_until.map(|_| self.held.len()),
             "sync_lag_ms": self.metrics.sync_lag_ms.load(std::sync::atomic::Ordering::Relaxed),
             "rejected": self.metrics.labelled("lichen_changes_rejected_total"),
             "store_errors": self.metrics.labelled("lichen_store_errors_total"),

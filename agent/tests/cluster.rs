@@ -208,3 +208,83 @@ fn joining_node_syncs_within_seconds_of_admission() {
         b.status()["node"]["role"] == "writer"
     });
 }
+
+/// A node restored from an old copy of its data directory (a backup, a disk image) lacks the
+/// changes it made since, and its peers hold them. Had it written before getting them back,
+/// its write would reuse one of their sequence numbers, and every node would flag its key as
+/// equivocating (void from there on). So after a start a node holds its own writes until it
+/// has caught up with a peer: here b comes back from a copy while a is down; b's write waits
+/// for a, then lands after b's later changes, and no key is flagged.
+#[test]
+fn a_node_restored_from_an_old_copy_of_its_data_catches_up_before_it_writes() {
+    let mut c = Cluster::start(2, 51, Net::Direct);
+    // Long enough that only a catch-up can release b's writes in this story.
+    let mut cfg = std::fs::read_to_string(&c.agents[1].config).unwrap();
+    cfg.push_str("hold_writes_ms = 600000\n");
+    std::fs::write(&c.agents[1].config, cfg).unwrap();
+    assert!(c.agents[1].put("app", "k", "1"));
+    wait_until("a reads k = 1", PATIENCE, || {
+        c.agents[0].get("app", "k") == Some(json!(1))
+    });
+
+    // A copy of b's data directory, then two more writes of b that a receives.
+    c.agents[1].terminate();
+    let backup = c.dir.path().join("b-backup");
+    copy_dir(&c.agents[1].dir, &backup);
+    c.agents[1].start();
+    wait_until("b caught up and writes", PATIENCE, || {
+        c.agents[1].status()["writes_held"].is_null()
+    });
+    assert!(c.agents[1].put("app", "k", "2"));
+    assert!(c.agents[1].put("app", "k", "3"));
+    wait_until("a reads k = 3", PATIENCE, || {
+        c.agents[0].get("app", "k") == Some(json!(3))
+    });
+
+    // a goes down; b comes back from the copy and is asked to write.
+    c.agents[0].terminate();
+    c.agents[1].terminate();
+    std::fs::remove_dir_all(&c.agents[1].dir).unwrap();
+    copy_dir(&backup, &c.agents[1].dir);
+    c.agents[1].start();
+    assert_eq!(c.agents[1].get("app", "k"), Some(json!(1)), "the old copy");
+    let put = std::process::Command::new(BIN)
+        .args(["--api", &c.agents[1].api, "put", "app", "later", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("b holds the write", PATIENCE, || {
+        c.agents[1].status()["writes_held"] == json!(1)
+    });
+    let mut put = common::Guard(put);
+    assert!(
+        put.0.try_wait().unwrap().is_none(),
+        "the write returned while held"
+    );
+
+    // a is back: b gets its own k = 2 and 3 back first, then writes.
+    c.agents[0].start();
+    assert!(put.wait_exit(PATIENCE).success(), "the held write fails");
+    for a in &c.agents {
+        wait_until(&format!("{} converges", a.name), PATIENCE, || {
+            a.get("app", "k") == Some(json!(3)) && a.get("app", "later") == Some(json!(4))
+        });
+        assert_eq!(
+            a.status()["equivocators"],
+            json!([]),
+            "{} flags a key",
+            a.name
+        );
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
