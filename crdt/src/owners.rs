@@ -82,7 +82,19 @@ impl Owners {
         &mut self,
         changes: impl IntoIterator<Item = &'a Change>,
     ) -> Option<BTreeSet<String>> {
+        let t = self.touched_partly(changes);
+        t.complete.then_some(t.keys)
+    }
+
+    /// What [`Owners::touched`] knows even when it cannot answer for everything: the keys it
+    /// found, the `pred` ops it did not know (their keys are for the caller to find, in the
+    /// view's `kv.ops`), and whether it found every key.
+    pub(crate) fn touched_partly<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = &'a Change>,
+    ) -> TouchedKeys {
         let mut keys = BTreeSet::new();
+        let mut unknown_preds = Vec::new();
         let mut known = true;
         for change in changes {
             let Some(expanded) = crate::store::panic_safe(|| change.decode()) else {
@@ -111,7 +123,10 @@ impl Owners {
                         Some(k) => {
                             keys.insert(k);
                         }
-                        None => known = false,
+                        None => {
+                            known = false;
+                            unknown_preds.push((p.0, p.1.to_bytes().to_vec()));
+                        }
                     }
                 }
                 self.owner
@@ -119,8 +134,19 @@ impl Owners {
                 keys.insert(top);
             }
         }
-        known.then_some(keys)
+        TouchedKeys {
+            keys,
+            unknown_preds,
+            complete: known,
+        }
     }
+}
+
+/// See [`Owners::touched_partly`].
+pub(crate) struct TouchedKeys {
+    pub(crate) keys: BTreeSet<String>,
+    pub(crate) unknown_preds: Vec<(u64, Vec<u8>)>,
+    pub(crate) complete: bool,
 }
 
 #[cfg(test)]

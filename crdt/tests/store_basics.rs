@@ -221,6 +221,76 @@ fn concurrent_writes_to_one_key_are_visible_as_a_conflict() {
     assert!(all.contains(&json!(80)) && all.contains(&json!(8080)));
 }
 
+/// The view remembers which ops are behind each key (`kv.ops`): the writer's fast path names
+/// them as what a put overwrites. A concurrent change can replace the *losing* value of a
+/// conflict while the winner stays; nothing visible changes, so Automerge's diff does not
+/// name that key, and the row kept the old op (found by the fast-path story). Here the admin,
+/// not having seen w's edits, overwrites its own losing value at `a` and a value at `b` that
+/// w already overwrote (so the replica takes the diff path): the row of `a` must list the
+/// admin's new op.
+#[test]
+fn replacing_the_losing_value_of_a_conflict_updates_the_ops_behind_the_row() {
+    let mut c = Cluster::new(2);
+    let admin = c.admin.clone();
+    let w = key(2);
+    c.add(&w, "w", Role::Writer, &[]);
+    put(&mut c.stores[0], &admin, "app/x", "b", json!(1));
+    c.sync_all();
+    // Concurrently: the admin puts a; w, whose op counters run ahead, puts a and b.
+    let from_admin = put(&mut c.stores[0], &admin, "app/x", "a", json!(1));
+    for i in 0..5 {
+        put(&mut c.stores[1], &w, "app/x", "z", json!(i));
+    }
+    put(&mut c.stores[1], &w, "app/x", "a", json!(2));
+    put(&mut c.stores[1], &w, "app/x", "b", json!(2));
+    c.stores[1].ingest(vec![from_admin]).unwrap();
+    assert_eq!(
+        get(&c.stores[1], "app/x", "a"),
+        Some(json!(2)),
+        "w's op wins"
+    );
+    assert_eq!(c.stores[1].check_view("app/x").unwrap(), None);
+    // The admin, still without w's edits, overwrites its own a and the b w overwrote.
+    let both = c.stores[0]
+        .write_batch(
+            &admin,
+            &[
+                (
+                    "app/x".into(),
+                    Op::Put {
+                        path: parse_path("a").unwrap(),
+                        value: json!(3),
+                    },
+                ),
+                (
+                    "app/x".into(),
+                    Op::Put {
+                        path: parse_path("b").unwrap(),
+                        value: json!(3),
+                    },
+                ),
+            ],
+            T0,
+        )
+        .pop()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    c.stores[1].ingest(vec![both]).unwrap();
+    assert_eq!(
+        get(&c.stores[1], "app/x", "a"),
+        Some(json!(2)),
+        "w's op still wins"
+    );
+    assert_eq!(c.stores[1].check_view("app/x").unwrap(), None);
+    // And w's next put at a overwrites both values, as Automerge's own put would.
+    put(&mut c.stores[1], &w, "app/x", "a", json!(4));
+    let all = c.stores[1]
+        .conflicts("app/x", &parse_path("a").unwrap())
+        .unwrap();
+    assert_eq!(all, vec![json!(4)]);
+}
+
 #[test]
 fn history_names_who_changed_what_in_causal_order() {
     let mut c = Cluster::new(2);
@@ -443,6 +513,8 @@ fn snapshots_include_deferred_changes_and_survive_reopen() {
     c.add(&writer, "w", Role::Writer, &[]);
     let first = put(&mut c.stores[1], &writer, "app/x", "mine", json!(0));
     c.stores[0].ingest(vec![first]).unwrap();
+    // Load the document on the replica (a scalar put does not: the writer's fast path).
+    assert_eq!(c.stores[1].check_view("app/x").unwrap(), None);
     for i in 0..1500 {
         let ch = put(
             &mut c.stores[0],
@@ -471,19 +543,41 @@ fn snapshots_include_deferred_changes_and_survive_reopen() {
     assert_eq!(get(&c.stores[0], "app/x", ""), get(&reopened, "app/x", ""));
 }
 
+/// A document only ever written through the fast paths (a writer's scalar puts, a replica's
+/// fast forwards) is never loaded, yet it still gets its snapshot, so that a later load (for
+/// history, conflicts or a nested edit) replays a bounded tail; it is not kept in memory.
+#[test]
+fn a_document_that_is_never_loaded_still_gets_snapshots() {
+    let mut c = Cluster::new(2);
+    let admin = c.admin.clone();
+    for i in 0..1200 {
+        let ch = put(&mut c.stores[0], &admin, "app/hot", "k", json!(i));
+        c.stores[1].ingest(vec![ch]).unwrap();
+    }
+    for s in &mut c.stores {
+        assert_eq!(s.loaded_docs(), 0);
+        assert_eq!(s.maintenance().unwrap(), 1, "one snapshot saved");
+        assert_eq!(s.loaded_docs(), 0, "and the document dropped again");
+        assert_eq!(s.maintenance().unwrap(), 0, "nothing new since");
+        assert_eq!(s.check_view("app/hot").unwrap(), None);
+    }
+}
+
 #[test]
 fn documents_beyond_the_memory_cap_are_dropped_and_come_back_from_disk_intact() {
     let mut c = Cluster::new(2);
     let admin = c.admin.clone();
     c.stores[0].set_max_loaded_docs(4);
-    // Twenty documents written: only the four used last stay in memory.
+    // Twenty documents written (objects: Automerge's path, which loads the document; a
+    // scalar put takes the fast path and loads nothing, see the end): only the four used
+    // last stay in memory.
     for i in 0..20 {
         put(
             &mut c.stores[0],
             &admin,
             &format!("app/d{i}"),
             "v",
-            json!(i),
+            json!({ "n": i }),
         );
         c.stores[0].trim_cache();
     }
@@ -496,7 +590,7 @@ fn documents_beyond_the_memory_cap_are_dropped_and_come_back_from_disk_intact() 
             &admin,
             &format!("app/d{i}"),
             "w",
-            json!(i * 10),
+            json!([i * 10]),
         );
         let cluster = c.stores[0].cluster_id();
         assert_eq!(ch.authenticate(&cluster).unwrap().seq, 2, "app/d{i}");
@@ -506,11 +600,17 @@ fn documents_beyond_the_memory_cap_are_dropped_and_come_back_from_disk_intact() 
     c.sync_all();
     for i in 0..20 {
         let doc = format!("app/d{i}");
-        let want = Some(json!({"v": i, "w": i * 10}));
+        let want = Some(json!({"v": {"n": i}, "w": [i * 10]}));
         assert_eq!(get(&c.stores[0], &doc, ""), want, "{doc}");
         assert_eq!(get(&c.stores[1], &doc, ""), want, "{doc} on the replica");
     }
     assert!(c.stores[0].equivocators().unwrap().is_empty());
+    // A scalar put to a document not in memory leaves it on disk.
+    let loaded = c.stores[0].loaded_docs();
+    put(&mut c.stores[0], &admin, "app/d0", "x", json!(1));
+    assert_eq!(c.stores[0].loaded_docs(), loaded);
+    assert_eq!(get(&c.stores[0], "app/d0", "x"), Some(json!(1)));
+    assert_eq!(c.stores[0].check_view("app/d0").unwrap(), None);
 }
 
 /// Two writers edit one document concurrently, so its heads keep going from one hash to two

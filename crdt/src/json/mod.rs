@@ -55,7 +55,7 @@ use automerge::{AutomergeError, ObjId, ObjType, Prop, ScalarValue};
 
 pub use path::{format_path, parse_path};
 pub(crate) use read::{conflicts_at, get_path, scalar_to_json, to_json};
-pub(crate) use write::{delete_path, put_path, reconcile_root};
+pub(crate) use write::{delete_path, json_to_scalar, put_path, reconcile_root};
 
 /// Maximum number of nested containers (the root map counts as one), both
 /// when reading a document and when writing a JSON value.

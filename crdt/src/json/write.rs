@@ -15,7 +15,7 @@ use super::{
 };
 
 /// The scalar a JSON scalar is stored as; `None` for arrays and objects.
-fn json_to_scalar(v: &Json) -> Option<ScalarValue> {
+pub(crate) fn json_to_scalar(v: &Json) -> Option<ScalarValue> {
     Some(match v {
         Json::Null => ScalarValue::Null,
         Json::Bool(b) => ScalarValue::Boolean(*b),

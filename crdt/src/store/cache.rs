@@ -10,6 +10,7 @@ use rusqlite::{params, OptionalExtension};
 use super::{corrupt, panic_safe, Store};
 use crate::error::StoreError;
 use crate::owners::Owners;
+use crate::signed::MEMBERSHIP_DOC;
 
 pub(super) struct Loaded {
     pub(super) am: Automerge,
@@ -158,11 +159,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Save Automerge snapshots of loaded documents that have many changes since their last
-    /// snapshot, so later lazy loads are fast. Call when idle.
+    /// Save Automerge snapshots of documents that have many changes since their last
+    /// snapshot, so later lazy loads are fast. Call when idle. A document that is not in
+    /// memory (one only ever written through the fast paths: a replica's fast forward, the
+    /// writer's scalar puts) is loaded for it and dropped again.
     pub fn maintenance(&mut self) -> Result<usize, StoreError> {
         let mut saved = 0;
-        let docs: Vec<String> = self.loaded.keys().cloned().collect();
+        let docs: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT doc FROM docs WHERE doc != ?1")?
+            .query_map(params![MEMBERSHIP_DOC], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         for doc in docs {
             // Changes (valid or void) stored since the document's last snapshot.
             let n: i64 = self
@@ -175,6 +182,7 @@ impl Store {
             if n < 1000 {
                 continue;
             }
+            let was_loaded = self.loaded.contains_key(&doc);
             let max_id: i64 = self.conn.query_row(
                 "SELECT COALESCE(MAX(id), 0) FROM changes WHERE doc = ?1",
                 params![doc],
@@ -189,6 +197,9 @@ impl Store {
                         snapshot = excluded.snapshot",
                 )?
                 .execute(params![doc, max_id, bytes])?;
+            if !was_loaded {
+                self.loaded.remove(&doc);
+            }
             saved += 1;
         }
         Ok(saved)

@@ -117,4 +117,12 @@ impl Store {
         }
         Ok(())
     }
+
+    /// Turn off (or back on; on by default) the writer's fast path, which builds a change
+    /// made only of scalar puts at top-level keys without Automerge (see the `store` module
+    /// docs). Changes and views are the same either way; for tests and benchmarks that
+    /// compare the two paths.
+    pub fn set_local_fast_path(&mut self, on: bool) {
+        self.local_fast_path = on;
+    }
 }

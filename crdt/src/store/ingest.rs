@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use automerge::Change;
 use rusqlite::{params, OptionalExtension};
 
-use super::persist::{insert_changes, op_ids_blob, Accepted, Row, Touched};
+use super::persist::{insert_changes, op_ids_blob, op_ids_from_blob, Accepted, Row, Touched};
 use super::{
     panic_safe, IngestReport, Outcome, Store, MAX_DEFERRED, MAX_PENDING, MAX_PENDING_BYTES,
 };
@@ -149,7 +149,7 @@ impl Store {
     /// Status and max_op of a stored change: `Some((valid, max_op))`.
     /// A stored dependency of a change of `doc`: (valid, its max_op, whether it is a change
     /// of `doc` too).
-    fn dep_info(
+    pub(super) fn dep_info(
         &self,
         doc: &str,
         hash: &[u8; 32],
@@ -411,20 +411,25 @@ impl Store {
             }
         }
         // The keys these changes touched, from their ops (Automerge's diff is the slow path).
-        let keys = {
+        let found = {
             let l = self.loaded_doc_or_new(doc)?;
             let am = &l.am;
             let owners = l.owners.get_or_insert_with(|| Owners::of_doc(am));
-            owners.touched(accepted.iter().map(|a| &a.change))
+            owners.touched_partly(accepted.iter().map(|a| &a.change))
+        };
+        let touched_doc = if found.complete {
+            Touched::Keys(found.keys)
+        } else {
+            // The diff shows where visible values changed, but not a key whose winner stayed
+            // while a losing (conflicting) value was overwritten: add the keys the ops name
+            // and the rows that list an overwritten op the map did not know, so that every
+            // row's `kv.ops` stays exact (the writer's fast path builds its `pred` from it).
+            let mut keys = found.keys;
+            keys.extend(self.keys_listing_ops(doc, &found.unknown_preds)?);
+            Touched::Since(before, keys)
         };
         let mut touched = BTreeMap::new();
-        touched.insert(
-            doc.to_string(),
-            match keys {
-                Some(k) => Touched::Keys(k),
-                None => Touched::Since(before),
-            },
-        );
+        touched.insert(doc.to_string(), touched_doc);
         let refs: Vec<&Accepted> = accepted.iter().collect();
         if let Err(e) = self.persist(&refs, &touched) {
             self.loaded.remove(doc);
@@ -598,6 +603,31 @@ impl Store {
             prev = [a.header.hash].into();
         }
         Ok(Some(rows))
+    }
+
+    /// The keys whose `kv.ops` list any of `ops` (a scan of the document's rows; only for
+    /// overwritten ops the owners map did not know).
+    fn keys_listing_ops(
+        &self,
+        doc: &str,
+        ops: &[(u64, Vec<u8>)],
+    ) -> Result<BTreeSet<String>, StoreError> {
+        let mut keys = BTreeSet::new();
+        if ops.is_empty() {
+            return Ok(keys);
+        }
+        let rows: Vec<(String, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT key, ops FROM kv WHERE doc = ?1 AND ops IS NOT NULL")?
+            .query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (key, blob) in rows {
+            let listed = op_ids_from_blob(&blob).unwrap_or_default();
+            if ops.iter().any(|o| listed.contains(o)) {
+                keys.insert(key);
+            }
+        }
+        Ok(keys)
     }
 
     /// The `kv.ops` of a key: empty without a row, `None` where not known.

@@ -6,7 +6,9 @@
 //!   membership → make the Automerge change on the in-memory document (loaded lazily) → sign →
 //!   one SQLite transaction inserts the change and updates the materialized `kv` rows → commit
 //!   (fsync) → only then is the signed change returned, for the caller to announce. A batch of
-//!   writes shares one transaction and so one fsync (group commit).
+//!   writes shares one transaction and so one fsync (group commit). Scalar puts at top-level
+//!   keys skip Automerge (`local_fast`): the change is built from the heads and the view's
+//!   `kv.ops`, byte for byte what Automerge would make, and a loaded document catches up later.
 //! * **Remote changes** ([`Store::ingest`]): authenticate every change without Automerge
 //!   (frame, hash, signature, actor = signer; see [`crate::signed`]) → membership changes first,
 //!   evaluated by the deterministic rule in [`crate::membership`] → per document: authorize,
@@ -21,8 +23,8 @@
 //!   seq gap) wait in a bounded pending set and are retried whenever something is applied.
 //! * **Reads** ([`Store::get`], [`Store::keys`], [`Store::list_docs`]) are served from the `kv`
 //!   table, so opening the store and reading a document costs the same for 10 or 100k changes.
-//!   Automerge is loaded lazily (from a snapshot plus the changes after it) only for writes,
-//!   conflicts and history, and at most [`Store::set_max_loaded_docs`] documents stay loaded
+//!   Automerge is loaded lazily (from a snapshot plus the changes after it) only for writes
+//!   other than scalar puts, conflicts and history, and at most [`Store::set_max_loaded_docs`] documents stay loaded
 //!   ([`Store::trim_cache`] drops the least recently used; everything in them is on disk).
 //!
 //! # Durability and fsync policy
@@ -42,7 +44,8 @@
 //!
 //! # Layout
 //! One file per concept: `read` (reads from SQLite), `durability` (WAL, fsync, locking),
-//! `cache` (documents in memory), `write` (local writes), `persist` (committing accepted
+//! `cache` (documents in memory), `write` (local writes), `local_fast` (the writer's fast
+//! path), `persist` (committing accepted
 //! changes and the view), `members` (local membership edits), `ingest` (received changes),
 //! `ingest_membership` (received membership changes) and `rebuild` (re-judging a document).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
@@ -51,6 +54,7 @@ mod cache;
 mod durability;
 mod ingest;
 mod ingest_membership;
+mod local_fast;
 mod members;
 mod persist;
 mod read;
@@ -218,6 +222,9 @@ pub struct Store {
     fsync_remote: bool,
     /// The `synchronous` setting the connection has now (true: FULL, false: NORMAL).
     sync_full: bool,
+    /// Whether local scalar puts at top-level keys skip Automerge (see `local_fast`); off
+    /// only in tests that compare both paths.
+    local_fast_path: bool,
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -328,6 +335,7 @@ impl Store {
             fsync_local: true,
             fsync_remote: true,
             sync_full: true,
+            local_fast_path: true,
             pending: PendingSet {
                 queue: VecDeque::new(),
                 hashes: HashSet::new(),

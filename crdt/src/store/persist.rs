@@ -18,8 +18,9 @@ use crate::signed::SignedChange;
 
 /// Which top-level keys of a document's materialized view need refreshing.
 pub(super) enum Touched {
-    /// Whatever changed since these heads (remote batches; found with an Automerge diff).
-    Since(Vec<ChangeHash>),
+    /// Whatever changed since these heads (remote batches; found with an Automerge diff),
+    /// and these keys.
+    Since(Vec<ChangeHash>, BTreeSet<String>),
     /// These keys (local edits know what they touched).
     Keys(BTreeSet<String>),
     /// Every key.
@@ -47,8 +48,20 @@ pub(super) fn op_ids_blob(mut ids: Vec<(u64, Vec<u8>)>) -> Vec<u8> {
     out
 }
 
+/// The op ids of a `kv.ops` blob ([`op_ids_blob`]); `None` if it does not parse.
+pub(super) fn op_ids_from_blob(mut b: &[u8]) -> Option<Vec<(u64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let counter = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+        let len = usize::from(*b.get(8)?);
+        out.push((counter, b.get(9..9 + len)?.to_vec()));
+        b = b.get(9 + len..)?;
+    }
+    Some(out)
+}
+
 /// The ids of the ops whose values are visible at root key `key` of `am`.
-fn visible_op_ids(am: &Automerge, key: &str) -> Result<Vec<u8>, StoreError> {
+pub(super) fn visible_op_ids(am: &Automerge, key: &str) -> Result<Vec<u8>, StoreError> {
     use automerge::{ObjId, ReadDoc};
     let all = panic_safe(|| am.get_all(ROOT, key))
         .ok_or_else(|| StoreError::Automerge(format!("reading key {key} panicked")))?
@@ -130,7 +143,11 @@ impl Store {
             };
             let after = l.am.get_heads();
             let keys = match t {
-                Touched::Since(before) => touched_keys(&l.am, before, &after),
+                Touched::Since(before, also) => {
+                    let mut k = touched_keys(&l.am, before, &after);
+                    k.extend(also.iter().cloned());
+                    k
+                }
                 Touched::Keys(k) => k.clone(),
                 Touched::FastForward { .. } => BTreeSet::new(),
                 Touched::All => {

@@ -96,8 +96,9 @@ impl Store {
         }))
     }
 
-    /// Check that the materialized view of `doc` equals its Automerge document: `Ok(None)` if
-    /// it does, otherwise both values (view, document). A consistency check for tests and
+    /// Check that the materialized view of `doc` equals its Automerge document, and that the
+    /// ops each row names (where it knows them) are the ones visible there: `Ok(None)` if so,
+    /// otherwise both sides (view, document; for ops, `{"ops": {key: hex}}`). A consistency check for tests and
     /// operators; it loads the document.
     pub fn check_view(&mut self, doc: &str) -> Result<Option<(Value, Value)>, StoreError> {
         let view = self
@@ -108,7 +109,23 @@ impl Store {
         } else {
             Value::Object(Default::default())
         };
-        Ok((view != truth).then_some((view, truth)))
+        if view != truth {
+            return Ok(Some((view, truth)));
+        }
+        // And the ops behind each row, where the row knows them (`kv.ops`).
+        let rows: Vec<(String, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT key, ops FROM kv WHERE doc = ?1 AND ops IS NOT NULL")?
+            .query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (key, ops) in rows {
+            let held = super::persist::visible_op_ids(&self.loaded_doc(doc)?.am, &key)?;
+            if held != ops {
+                let ops_of = |b: &[u8]| serde_json::json!({ "ops": { key.clone(): crate::identity::hex(b) } });
+                return Ok(Some((ops_of(&ops), ops_of(&held))));
+            }
+        }
+        Ok(None)
     }
 
     /// All concurrent values at `path` (winner first): more than one means a conflict.

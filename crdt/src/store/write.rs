@@ -53,16 +53,17 @@ impl Store {
         }
         for (doc, idx) in groups {
             let group: Vec<&Op> = idx.iter().map(|&i| &ops[i].1).collect();
-            let attempt = self.make_local_change(key, &me, doc, &group, now_ms);
-            type Made = Result<Option<(Accepted, Vec<bool>)>, StoreError>;
+            let attempt = self.make_local_change(key, &me, doc, &group, now_ms, true);
+            type Made = Result<Option<LocalChange>, StoreError>;
             let outcomes: Vec<(Vec<usize>, Made)> = match attempt {
                 Ok(acc) => vec![(idx, Ok(acc))],
                 // One of them failed: redo them one by one so that each caller gets
-                // its own answer.
+                // its own answer (through Automerge: the fast path reads the heads on
+                // disk, which do not have this batch's earlier changes).
                 Err(_) if idx.len() > 1 => idx
                     .iter()
                     .map(|&i| {
-                        let r = self.make_local_change(key, &me, doc, &[&ops[i].1], now_ms);
+                        let r = self.make_local_change(key, &me, doc, &[&ops[i].1], now_ms, false);
                         (vec![i], r)
                     })
                     .collect(),
@@ -70,7 +71,15 @@ impl Store {
             };
             for (idx, r) in outcomes {
                 match r {
-                    Ok(Some((acc, changed))) => {
+                    Ok(Some((acc, _, Some(fast)))) => {
+                        // The only change to this document in this batch.
+                        for &i in &idx {
+                            results[i] = Ok(Some(acc.signed.clone()));
+                        }
+                        touched.insert(doc.to_string(), fast);
+                        made.push((idx, acc));
+                    }
+                    Ok(Some((acc, changed, None))) => {
                         for (&i, &c) in idx.iter().zip(&changed) {
                             if c {
                                 results[i] = Ok(Some(acc.signed.clone()));
@@ -120,6 +129,8 @@ impl Store {
         results
     }
 
+    /// One signed change for `ops` on `doc`: through the fast path if `fast` allows and the
+    /// edit qualifies (see `local_fast`; then with its view rows), else through Automerge.
     fn make_local_change(
         &mut self,
         key: &SecretKey,
@@ -127,7 +138,8 @@ impl Store {
         doc: &str,
         ops: &[&Op],
         now_ms: i64,
-    ) -> Result<Option<(Accepted, Vec<bool>)>, StoreError> {
+        fast: bool,
+    ) -> Result<Option<LocalChange>, StoreError> {
         if !valid_doc_name(doc) || doc == MEMBERSHIP_DOC {
             return Err(StoreError::Invalid(format!(
                 "`{doc}` is not a valid document name (lowercase a-z 0-9 . _ - separated by /)"
@@ -144,6 +156,11 @@ impl Store {
         self.membership
             .authorize_write(me, doc, next_seq)
             .map_err(|r| StoreError::Denied(format!("this node may not write `{doc}`: {r}")))?;
+        if fast {
+            if let Some((acc, changed, t)) = self.local_fast_change(key, me, doc, ops, now_ms)? {
+                return Ok(Some((acc, changed, Some(t))));
+            }
+        }
         let cluster = self.cluster;
         let loaded = self.loaded_doc_or_new(doc)?;
         loaded.am.set_actor(ActorId::from(me.0.as_slice()));
@@ -202,6 +219,11 @@ impl Store {
                 max_op,
             },
             changed,
+            None,
         )))
     }
 }
+
+/// A local change, which of its edits changed something, and its view rows if it took the
+/// fast path (else the keys its edits name are refreshed from Automerge).
+type LocalChange = (Accepted, Vec<bool>, Option<Touched>);
