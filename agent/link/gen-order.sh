@@ -28,7 +28,10 @@ ID=$("$B" --api $A2 --json status | tr -d '\n ' | sed -n 's/.*"node":{"id":"\([0
 "$B" --api $A1 members add "$ID" --role writer --name b >/dev/null
 sleep 5
 for k in 1 2 3 4 5 6 7 8 9 10; do "$B" --api $A1 put app "k$k" "{\"v\": $k}" >/dev/null; done
+# Scalar puts take the writer's fast path, and the followers' fast forward.
+for k in 1 2 3 4 5 6 7 8 9 10; do "$B" --api $A1 put hot n "$k" >/dev/null; done
 "$B" --api $A2 put app b '"from b"' >/dev/null
+"$B" --api $A2 put hot n '"from b"' >/dev/null
 sleep 3
 "$B" --api $A1 get app >/dev/null; "$B" --api $A1 ls >/dev/null; "$B" --api $A1 status >/dev/null
 "$B" --api $A1 members ls >/dev/null; "$B" --api $A1 history app >/dev/null
