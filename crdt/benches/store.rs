@@ -1,7 +1,8 @@
 //! Store benchmarks (criterion). Run: `cargo bench -p lichen-crdt --bench store`.
 //!
 //! * `local_commit`: make + sign + store one change, with no sync at all (`synchronous=OFF`:
-//!   the CPU cost) and fsynced (`FULL`).
+//!   the CPU cost) and fsynced (`FULL`): a scalar put at a top-level key (the writer's fast
+//!   path), and `automerge_path_fsync_off`, the same put with the fast path turned off.
 //! * `group_commit_8`: eight writes to one document sharing one transaction, one fsync and one
 //!   signed change.
 //! * `ingest_10k`: verify + apply a batch of 10,000 remote changes on a fresh replica.
@@ -44,6 +45,17 @@ fn local_commit(c: &mut Criterion) {
             })
         });
     }
+    let path = dir.path().join("automerge-path.db");
+    let mut s = Store::create(&path, &key, "bench", T0).unwrap();
+    s.set_no_sync().unwrap();
+    s.set_local_fast_path(false);
+    let mut i = 0u64;
+    g.bench_function("automerge_path_fsync_off", |b| {
+        b.iter(|| {
+            i += 1;
+            s.write(&key, "app/bench", &put(i), T0).unwrap().unwrap()
+        })
+    });
     let path = dir.path().join("group.db");
     let mut s = Store::create(&path, &key, "bench", T0).unwrap();
     let mut i = 0u64;

@@ -59,17 +59,23 @@
 //! Automerge (panic-contained, batched) → SQLite commit → report for relaying.
 //!
 //! ## Performance
-//! `cargo bench -p lichen-crdt --bench store`, measured 2026-11-23 (session 2) on the 2-core
-//! dev VM with nothing else running (load average < 1.5):
+//! `cargo bench -p lichen-crdt --bench store`, measured 2026-11-24 (session 7, with the
+//! writer's fast path) on the 2-core dev VM; the session-2 figures, before it, in brackets:
 //!
 //! | benchmark | figure | target |
 //! |---|---|---|
-//! | local commit + sign + store, no sync (`synchronous=OFF`: the CPU cost) | 119 µs | ≤ 150 µs + fsync |
-//! | local commit, fsynced (`synchronous=FULL`) | 329 µs | |
-//! | group commit of 8 writes to one document: one fsync, one signed change | 656 µs (82 µs per write) | |
-//! | verify + apply a batch of 10,000 remote changes | 400 ms (25k changes/s) | ≥ 20k/s |
-//! | open a store with a 100,000-change document and read it | 0.78 ms | ≤ 200 ms |
-//! | local commit on a key already overwritten 10,000 times (no sync) | 101 µs (fresh key: 96 µs) | |
+//! | local commit + sign + store, no sync (`synchronous=OFF`: the CPU cost) | 53 µs (119 µs) | ≤ 150 µs + fsync |
+//! | the same through Automerge (fast path off), no sync | 92 µs | |
+//! | local commit, fsynced (`synchronous=FULL`) | 226 µs (329 µs) | |
+//! | group commit of 8 writes to one document: one fsync, one signed change | 242 µs, 30 µs per write (656 µs) | |
+//! | verify + apply a batch of 10,000 remote changes | 314 ms, 31.8k changes/s (400 ms) | ≥ 20k/s |
+//! | open a store with a 100,000-change document and read it | 0.79 ms (0.78 ms) | ≤ 200 ms |
+//! | local commit on a key already overwritten 10,000 times (no sync) | 51 µs, fresh key 52 µs (101 µs, 96 µs) | |
+//!
+//! The local commits above are scalar puts at a top-level key, which the writer builds without
+//! Automerge (`store::local_fast`: the change comes from the view's `kv.ops` and the heads, the
+//! very bytes Automerge would make); other edits go through the in-memory Automerge document
+//! as they did in session 2.
 //!
 //! What made the difference since session 1 (237 µs commit, 17.9k/s ingest, measured under
 //! load): the keys a change touches are read off its ops instead of an Automerge
