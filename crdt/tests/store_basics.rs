@@ -291,6 +291,42 @@ fn replacing_the_losing_value_of_a_conflict_updates_the_ops_behind_the_row() {
     assert_eq!(all, vec![json!(4)]);
 }
 
+/// Writers that take turns (each has the other's change before it writes) make changes that
+/// name, besides the heads, their own previous change: Automerge adds it whenever the heads
+/// do not name it. Such a change still extends everything a replica holds, so the replica
+/// applies it as a fast forward, without Automerge (whose apply grows with the history).
+#[test]
+fn writers_taking_turns_stay_on_the_replicas_fast_path() {
+    let mut c = Cluster::new(3);
+    let admin = c.admin.clone();
+    let w = key(2);
+    c.add(&w, "w", Role::Writer, &[]);
+    let mut most_deps = 0;
+    for i in 0..10 {
+        let (at, k) = if i % 2 == 0 { (0, &admin) } else { (1, &w) };
+        let ch = put(&mut c.stores[at], k, "app/x", "k", json!(i));
+        let cluster = c.stores[at].cluster_id();
+        most_deps = most_deps.max(ch.authenticate(&cluster).unwrap().deps.len());
+        for r in 0..3 {
+            if r != at {
+                let report = c.stores[r].ingest(vec![ch.clone()]).unwrap();
+                assert_eq!(report.applied_count(), 1);
+            }
+        }
+    }
+    assert_eq!(
+        most_deps, 2,
+        "a change names its author's previous change too"
+    );
+    assert_eq!(
+        c.stores[2].loaded_docs(),
+        0,
+        "replica 2 never needed Automerge"
+    );
+    assert_eq!(get(&c.stores[2], "app/x", "k"), Some(json!(9)));
+    assert_eq!(c.stores[2].check_view("app/x").unwrap(), None);
+}
+
 #[test]
 fn history_names_who_changed_what_in_causal_order() {
     let mut c = Cluster::new(2);

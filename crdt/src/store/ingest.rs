@@ -550,7 +550,9 @@ pub(super) fn order_by_deps(
 
 impl Store {
     /// The view rows after `accepted` if it is a fast forward: a chain (each change depends on
-    /// exactly the previous one, the first on exactly `heads`) whose ops are all puts of
+    /// the previous one, the first on every one of `heads`; any other dependency is a change
+    /// already held, as when Automerge adds the author's previous change that the heads do not
+    /// name, so the causal past is still the whole document) whose ops are all puts of
     /// scalars at keys of the root map, each overwriting exactly the values visible at its key
     /// (its `pred` is the key's `kv.ops`; none for a key without a value). Then each op has a
     /// higher counter than every op the document holds (its `start_op` was checked against its
@@ -569,8 +571,10 @@ impl Store {
         let mut prev: BTreeSet<[u8; 32]> = heads.iter().copied().collect();
         let mut rows: BTreeMap<String, Row> = BTreeMap::new();
         for a in accepted {
+            // Every dependency was found held (or earlier in this batch) before `accepted`
+            // was built, and everything held is in the past of the heads.
             let deps: BTreeSet<[u8; 32]> = a.header.deps.iter().copied().collect();
-            if deps != prev || deps.len() != a.header.deps.len() {
+            if !prev.is_subset(&deps) || deps.len() != a.header.deps.len() {
                 return Ok(None);
             }
             let Some(expanded) = panic_safe(|| a.change.decode()) else {
