@@ -371,6 +371,11 @@ fn print_status(r: &Value) {
         "sync lag {} ms, pending {}",
         r["sync_lag_ms"], r["pending_changes"]
     );
+    if let Some(n) = r["writes_held"].as_u64() {
+        println!(
+            "writes held: {n} (this node has not caught up with a peer since it started; see sync.hold_writes_ms)"
+        );
+    }
     if let Some(rej) = r["rejected"].as_object() {
         if !rej.is_empty() {
             println!("rejected");

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub send_dropped: AtomicU64,
     pub connections: AtomicU64,
     pub sync_lag_ms: AtomicU64,
+    pub writes_held: AtomicU64,
     pub config_reloads: AtomicU64,
     pub config_reload_errors: AtomicU64,
     pub render_writes: AtomicU64,
@@ -99,7 +100,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 17] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 18] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -170,6 +171,12 @@ impl Metrics {
                 "lichen_connections",
                 "Live peer connections",
                 &self.connections,
+                "gauge",
+            ),
+            (
+                "lichen_writes_held",
+                "Own writes waiting for the first catch-up with a peer since start",
+                &self.writes_held,
                 "gauge",
             ),
             (

@@ -471,6 +471,9 @@ impl Node {
                 self.handle_commands(held);
                 self.drain();
             }
+            self.metrics
+                .writes_held
+                .store(self.held.len() as u64, std::sync::atomic::Ordering::Relaxed);
             // Between batches nothing holds a document: keep memory to the cap.
             self.store.trim_cache();
             if std::mem::take(&mut self.committed) {

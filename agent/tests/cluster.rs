@@ -262,6 +262,9 @@ fn a_node_restored_from_an_old_copy_of_its_data_catches_up_before_it_writes() {
         put.0.try_wait().unwrap().is_none(),
         "the write returned while held"
     );
+    let metrics = common::http_get(&c.agents[1].api, "/metrics");
+    assert_eq!(common::metric(&metrics, "lichen_writes_held"), Some(1.0));
+    assert!(c.agents[1].ok(&["status"]).contains("writes held: 1"));
 
     // a is back: b gets its own k = 2 and 3 back first, then writes.
     c.agents[0].start();
