@@ -620,12 +620,7 @@ impl Store {
         if ops.is_empty() {
             return Ok(keys);
         }
-        let rows: Vec<(String, Vec<u8>)> = self
-            .conn
-            .prepare_cached("SELECT key, ops FROM kv WHERE doc = ?1 AND ops IS NOT NULL")?
-            .query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (key, blob) in rows {
+        for (key, blob) in self.known_view_ops(doc)? {
             let listed = op_ids_from_blob(&blob).unwrap_or_default();
             if ops.iter().any(|o| listed.contains(o)) {
                 keys.insert(key);

@@ -113,12 +113,7 @@ impl Store {
             return Ok(Some((view, truth)));
         }
         // And the ops behind each row, where the row knows them (`kv.ops`).
-        let rows: Vec<(String, Vec<u8>)> = self
-            .conn
-            .prepare_cached("SELECT key, ops FROM kv WHERE doc = ?1 AND ops IS NOT NULL")?
-            .query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (key, ops) in rows {
+        for (key, ops) in self.known_view_ops(doc)? {
             let held = super::persist::visible_op_ids(&self.loaded_doc(doc)?.am, &key)?;
             if held != ops {
                 let ops_of = |b: &[u8]| serde_json::json!({ "ops": { key.clone(): crate::identity::hex(b) } });
@@ -126,6 +121,15 @@ impl Store {
             }
         }
         Ok(None)
+    }
+
+    /// Every `kv` row of `doc` whose ops are known: (key, `kv.ops`).
+    pub(super) fn known_view_ops(&self, doc: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT key, ops FROM kv WHERE doc = ?1 AND ops IS NOT NULL")?
+            .query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?)
     }
 
     /// All concurrent values at `path` (winner first): more than one means a conflict.
