@@ -426,10 +426,12 @@ impl Node {
                 }
                 _ = &mut hold, if self.hold_until.is_some() => {
                     self.hold_until = None;
-                    tracing::warn!(
-                        held = self.held.len(),
-                        "no peer caught up with since start (sync.hold_writes_ms): writing without it"
-                    );
+                    let held = self.held.len();
+                    if held > 0 {
+                        tracing::warn!(held, "no peer caught up with since start (sync.hold_writes_ms): writing without it");
+                    } else {
+                        tracing::info!("no peer caught up with since start (sync.hold_writes_ms): writes will not wait");
+                    }
                 }
                 _ = &mut timer => {
                     let now = self.now();

@@ -1,14 +1,14 @@
 //! The writer's fast path. A local edit made only of scalar puts at top-level keys (the
 //! common "set a value" write) is built as an Automerge change straight from what the store
-//! already has on disk: the document's heads (the change's dependencies, with this key's
+//! already has on disk: the document's heads (the change's dependencies, with this node's
 //! previous change if they do not name it, as Automerge does), their largest op (one less
-//! than its first op), this key's sequence number, and each key's `kv.ops` (the ops the put
+//! than its first op), this node's sequence number, and each key's `kv.ops` (the ops the put
 //! overwrites, its `pred`). The in-memory Automerge document is neither loaded
 //! nor edited: if it is in memory, the change waits in its deferred list, as a replica's fast
 //! forward does (`ingest::fast_forward_rows`), and the view rows are the written scalars.
 //!
-//! Automerge would make the same change from the same document, byte for byte (unit test
-//! `the_fast_path_makes_the_change_automerge_makes`), so peers cannot tell the paths apart.
+//! Automerge would make the same change from the same document, byte for byte (story
+//! `crdt/tests/store_fast_path.rs`), so peers cannot tell the paths apart.
 //! Everything else takes Automerge's path: nested paths, deletes, whole-document writes,
 //! values that are objects or arrays, a key whose ops are not known, and a put of the value
 //! a key already shows (Automerge's reconciliation decides whether that changes anything).
@@ -32,8 +32,8 @@ use crate::signed::SignedChange;
 type ViewRow = (String, Option<Vec<u8>>);
 
 impl Store {
-    /// The change, its per-op "changed" flags and its view rows, if `ops` can take the fast
-    /// path on `doc`; `None` sends them down Automerge's path. The caller has authorized the
+    /// The change (every op of which changes something) and its view rows, if `ops` can take
+    /// the fast path on `doc`; `None` sends them down Automerge's path. The caller has authorized the
     /// write and made no other change to `doc` in this batch (the heads and sequence numbers
     /// read here are the ones on disk).
     pub(super) fn local_fast_change(
@@ -43,7 +43,7 @@ impl Store {
         doc: &str,
         ops: &[&Op],
         now_ms: i64,
-    ) -> Result<Option<(Accepted, Vec<bool>, Touched)>, StoreError> {
+    ) -> Result<Option<(Accepted, Touched)>, StoreError> {
         if !self.local_fast_path {
             return Ok(None);
         }
@@ -162,7 +162,6 @@ impl Store {
                 self.loaded_doc(doc)?;
             }
         }
-        let changed = vec![true; ops.len()];
         Ok(Some((
             Accepted {
                 signed,
@@ -170,7 +169,6 @@ impl Store {
                 change,
                 max_op: max_op + n,
             },
-            changed,
             touched,
         )))
     }

@@ -157,8 +157,8 @@ impl Store {
             .authorize_write(me, doc, next_seq)
             .map_err(|r| StoreError::Denied(format!("this node may not write `{doc}`: {r}")))?;
         if fast {
-            if let Some((acc, changed, t)) = self.local_fast_change(key, me, doc, ops, now_ms)? {
-                return Ok(Some((acc, changed, Some(t))));
+            if let Some((acc, t)) = self.local_fast_change(key, me, doc, ops, now_ms)? {
+                return Ok(Some((acc, vec![true; ops.len()], Some(t))));
             }
         }
         let cluster = self.cluster;
