@@ -93,8 +93,12 @@
 //! batch when next needed. With it a replica's apply stays flat at ~0.2 ms per change from the
 //! first to the 10,000th overwrite (`cargo run --release -p lichen-crdt --example hot_key`).
 //! Concurrent writes, deletes and nested edits still take the Automerge path and its cost: the
-//! same example ends with two writers crossing changes, 1.41 ms per ingest after the 10,000
-//! overwrites against 0.20 ms on a fresh document (one run, 2026-11-24, machine busy). A
+//! same example ends with two writers crossing changes, 1.39 ms per ingest after the 10,000
+//! overwrites against 0.18–0.20 ms on a fresh document (session 7, one run). Crossing puts
+//! name ops the other side already overwrote, which the owners map has forgotten; until
+//! session 7 that sent every such ingest to Automerge's diff, which walks the whole history
+//! (5.8–6.2 ms per ingest, the same example at the end of session 6): the keys now come from
+//! the ops and the view's `kv.ops` instead (`ingest::ingest_doc`). A
 //! key rewritten concurrently by many nodes for months would need history compaction, which
 //! is not built.
 //!

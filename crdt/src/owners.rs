@@ -96,9 +96,11 @@ impl Owners {
         let mut keys = BTreeSet::new();
         let mut unknown_preds = Vec::new();
         let mut known = true;
+        let mut unplaced = false;
         for change in changes {
             let Some(expanded) = crate::store::panic_safe(|| change.decode()) else {
                 known = false;
+                unplaced = true;
                 continue;
             };
             let start = change.start_op().get();
@@ -113,6 +115,7 @@ impl Owners {
                 };
                 let Some(top) = top else {
                     known = false;
+                    unplaced = true;
                     continue;
                 };
                 for p in op.pred.iter() {
@@ -138,6 +141,7 @@ impl Owners {
             keys,
             unknown_preds,
             complete: known,
+            unplaced,
         }
     }
 }
@@ -147,6 +151,9 @@ pub(crate) struct TouchedKeys {
     pub(crate) keys: BTreeSet<String>,
     pub(crate) unknown_preds: Vec<(u64, Vec<u8>)>,
     pub(crate) complete: bool,
+    /// Some op's own top-level key is not known (an op in an object the map never saw, or a
+    /// change that does not decode): only Automerge's diff can say what changed.
+    pub(crate) unplaced: bool,
 }
 
 #[cfg(test)]

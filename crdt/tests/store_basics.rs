@@ -550,7 +550,10 @@ fn snapshots_include_deferred_changes_and_survive_reopen() {
     let first = put(&mut c.stores[1], &writer, "app/x", "mine", json!(0));
     c.stores[0].ingest(vec![first]).unwrap();
     // Load the document on the replica (a scalar put does not: the writer's fast path).
-    assert_eq!(c.stores[1].check_view("app/x").unwrap(), None);
+    c.stores[1]
+        .conflicts("app/x", &parse_path("mine").unwrap())
+        .unwrap();
+    assert_eq!(c.stores[1].loaded_docs(), 1);
     for i in 0..1500 {
         let ch = put(
             &mut c.stores[0],

@@ -127,6 +127,12 @@ fn run(seed: u64) {
                 }
             }
         }
+        // The fast path is for documents not in memory: drop them now and then.
+        for d in docs {
+            if rng.below(2) == 0 {
+                c.stores[1].unload(d);
+            }
+        }
         // Every replica's view, values and the ops behind them, is what Automerge holds.
         for d in docs {
             for r in 0..3 {

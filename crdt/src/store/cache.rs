@@ -44,6 +44,11 @@ impl Store {
         self.max_loaded = max.max(1);
     }
 
+    /// Drop `doc` from memory (nothing is lost: it is rebuilt from disk when next needed).
+    pub fn unload(&mut self, doc: &str) {
+        self.loaded.remove(doc);
+    }
+
     /// How many documents are in memory now.
     pub fn loaded_docs(&self) -> usize {
         self.loaded.len()

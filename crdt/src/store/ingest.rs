@@ -419,6 +419,15 @@ impl Store {
         };
         let touched_doc = if found.complete {
             Touched::Keys(found.keys)
+        } else if !found.unplaced && !self.view_has_unknown_ops(doc)? {
+            // Every op's own key is known; the map only missed some ops they overwrite. Such
+            // an op is either visible, and then the row of its key lists it (`kv.ops` is
+            // exact, and known for every row here), or already overwritten, and overwriting
+            // it again changes nothing visible. No diff (which walks the whole history) is
+            // needed: this is the common case of crossing concurrent puts on a hot key.
+            let mut keys = found.keys;
+            keys.extend(self.keys_listing_ops(doc, &found.unknown_preds)?);
+            Touched::Keys(keys)
         } else {
             // The diff shows where visible values changed, but not a key whose winner stayed
             // while a losing (conflicting) value was overwritten: add the keys the ops name
@@ -627,6 +636,14 @@ impl Store {
             }
         }
         Ok(keys)
+    }
+
+    /// Whether some `kv` row of `doc` does not know its ops (`kv.ops` NULL).
+    fn view_has_unknown_ops(&self, doc: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM kv WHERE doc = ?1 AND ops IS NULL LIMIT 1")?
+            .exists(params![doc])?)
     }
 
     /// The `kv.ops` of a key: empty without a row, `None` where not known.

@@ -3,9 +3,9 @@
 //! already has on disk: the document's heads (the change's dependencies, with this node's
 //! previous change if they do not name it, as Automerge does), their largest op (one less
 //! than its first op), this node's sequence number, and each key's `kv.ops` (the ops the put
-//! overwrites, its `pred`). The in-memory Automerge document is neither loaded
-//! nor edited: if it is in memory, the change waits in its deferred list, as a replica's fast
-//! forward does (`ingest::fast_forward_rows`), and the view rows are the written scalars.
+//! overwrites, its `pred`). It is for documents that are not in memory: they stay on disk, and
+//! the view rows are the written scalars. A document in memory is edited through Automerge,
+//! which keeps it current for less than replaying the change into it later would cost.
 //!
 //! Automerge would make the same change from the same document, byte for byte (story
 //! `crdt/tests/store_fast_path.rs`), so peers cannot tell the paths apart.
@@ -22,7 +22,7 @@ use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
 
 use super::persist::{op_ids_blob, op_ids_from_blob, Accepted, Row, Touched};
-use super::{panic_safe, Op, Store, MAX_DEFERRED};
+use super::{panic_safe, Op, Store};
 use crate::error::StoreError;
 use crate::identity::{NodeId, SecretKey};
 use crate::json::{self, PathSeg};
@@ -44,7 +44,10 @@ impl Store {
         ops: &[&Op],
         now_ms: i64,
     ) -> Result<Option<(Accepted, Touched)>, StoreError> {
-        if !self.local_fast_path {
+        // A document in memory is edited there: an Automerge put costs less than replaying
+        // the change into it later (an apply walks the edited object's ops, a hot key's whole
+        // history; `cargo run --release -p lichen-crdt --example hot_key`).
+        if !self.local_fast_path || self.loaded.contains_key(doc) {
             return Ok(None);
         }
         let mut puts = Vec::with_capacity(ops.len());
@@ -156,12 +159,6 @@ impl Store {
                 .map(|(k, (v, ops))| (k, (v.to_string(), ops)))
                 .collect::<BTreeMap<String, Row>>(),
         };
-        if let Some(l) = self.loaded.get_mut(doc) {
-            l.deferred.push(change.clone());
-            if l.deferred.len() >= MAX_DEFERRED {
-                self.loaded_doc(doc)?;
-            }
-        }
         Ok(Some((
             Accepted {
                 signed,

@@ -104,6 +104,20 @@ impl Store {
         let view = self
             .get(doc, &[])?
             .unwrap_or(Value::Object(Default::default()));
+        // Leave the cache as it was (this check is not a use of the document).
+        let was_loaded = self.loaded.contains_key(doc);
+        let found = self.view_mismatch(doc, view);
+        if !was_loaded {
+            self.loaded.remove(doc);
+        }
+        found
+    }
+
+    fn view_mismatch(
+        &mut self,
+        doc: &str,
+        view: Value,
+    ) -> Result<Option<(Value, Value)>, StoreError> {
         let truth = if self.has_doc(doc)? {
             json::to_json(&self.loaded_doc(doc)?.am, &ROOT)?
         } else {
