@@ -419,23 +419,25 @@ impl Store {
         };
         let touched_doc = if found.complete {
             Touched::Keys(found.keys)
-        } else if !found.unplaced && !self.view_has_unknown_ops(doc)? {
-            // Every op's own key is known; the map only missed some ops they overwrite. Such
-            // an op is either visible, and then the row of its key lists it (`kv.ops` is
-            // exact, and known for every row here), or already overwritten, and overwriting
-            // it again changes nothing visible. No diff (which walks the whole history) is
-            // needed: this is the common case of crossing concurrent puts on a hot key.
-            let mut keys = found.keys;
-            keys.extend(self.keys_listing_ops(doc, &found.unknown_preds)?);
-            Touched::Keys(keys)
         } else {
-            // The diff shows where visible values changed, but not a key whose winner stayed
-            // while a losing (conflicting) value was overwritten: add the keys the ops name
-            // and the rows that list an overwritten op the map did not know, so that every
-            // row's `kv.ops` stays exact (the writer's fast path builds its `pred` from it).
+            // Add the rows that list an overwritten op the map did not know. Every op's own
+            // key is already in `keys`, so if every op's key is known (`unplaced` is false) and
+            // every row knows its ops, that is exact: such an op is either visible, and then
+            // the row of its key lists it (`kv.ops` is exact), or already overwritten, and
+            // overwriting it again changes nothing visible. Then no diff (which walks the
+            // whole history) is needed: the common case of crossing concurrent puts on a hot
+            // key. Otherwise the diff finds where visible values changed, and the keys added
+            // here cover a key whose winner stayed while a losing (conflicting) value was
+            // overwritten, which the diff does not name, so that every row's `kv.ops` stays
+            // exact (the writer's fast path builds its `pred` from it).
+            let (listing, all_known) = self.keys_listing_ops(doc, &found.unknown_preds)?;
             let mut keys = found.keys;
-            keys.extend(self.keys_listing_ops(doc, &found.unknown_preds)?);
-            Touched::Since(before, keys)
+            keys.extend(listing);
+            if !found.unplaced && all_known {
+                Touched::Keys(keys)
+            } else {
+                Touched::Since(before, keys)
+            }
         };
         let mut touched = BTreeMap::new();
         touched.insert(doc.to_string(), touched_doc);
@@ -618,32 +620,33 @@ impl Store {
         Ok(Some(rows))
     }
 
-    /// The keys whose `kv.ops` list any of `ops` (a scan of the document's rows; only for
-    /// overwritten ops the owners map did not know).
+    /// The keys whose `kv.ops` list any of `ops`, and whether every row of `doc` knows its ops
+    /// (one scan of the document's rows; only for overwritten ops the owners map did not know).
     fn keys_listing_ops(
         &self,
         doc: &str,
         ops: &[(u64, Vec<u8>)],
-    ) -> Result<BTreeSet<String>, StoreError> {
+    ) -> Result<(BTreeSet<String>, bool), StoreError> {
         let mut keys = BTreeSet::new();
         if ops.is_empty() {
-            return Ok(keys);
+            return Ok((keys, true));
         }
-        for (key, blob) in self.known_view_ops(doc)? {
-            let listed = op_ids_from_blob(&blob).unwrap_or_default();
-            if ops.iter().any(|o| listed.contains(o)) {
-                keys.insert(key);
+        let rows: Vec<(String, Option<Vec<u8>>)> = self
+            .conn
+            .prepare_cached("SELECT key, ops FROM kv WHERE doc = ?1")?
+            .query_map(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut all_known = true;
+        for (key, blob) in rows {
+            match blob.as_deref().and_then(op_ids_from_blob) {
+                Some(listed) if ops.iter().any(|o| listed.contains(o)) => {
+                    keys.insert(key);
+                }
+                Some(_) => {}
+                None => all_known = false,
             }
         }
-        Ok(keys)
-    }
-
-    /// Whether some `kv` row of `doc` does not know its ops (`kv.ops` NULL).
-    fn view_has_unknown_ops(&self, doc: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM kv WHERE doc = ?1 AND ops IS NULL LIMIT 1")?
-            .exists(params![doc])?)
+        Ok((keys, all_known))
     }
 
     /// The `kv.ops` of a key: empty without a row, `None` where not known.
