@@ -59,48 +59,21 @@
 //! Automerge (panic-contained, batched) → SQLite commit → report for relaying.
 //!
 //! ## Performance
-//! `cargo bench -p lichen-crdt --bench store`, measured 2026-11-24 (session 7, with the
-//! writer's fast path) on the 2-core dev VM; the session-2 figures, before it, in brackets:
-//!
-//! | benchmark | figure | target |
-//! |---|---|---|
-//! | local commit + sign + store, no sync (`synchronous=OFF`: the CPU cost) | 53 µs (119 µs) | ≤ 150 µs + fsync |
-//! | the same through Automerge (fast path off), no sync | 92 µs | |
-//! | local commit, fsynced (`synchronous=FULL`) | 226 µs (329 µs) | |
-//! | group commit of 8 writes to one document: one fsync, one signed change | 242 µs, 30 µs per write (656 µs) | |
-//! | verify + apply a batch of 10,000 remote changes | 314 ms, 31.8k changes/s (400 ms) | ≥ 20k/s |
-//! | open a store with a 100,000-change document and read it | 0.79 ms (0.78 ms) | ≤ 200 ms |
-//! | local commit on a key already overwritten 10,000 times (no sync) | 51 µs, fresh key 52 µs (101 µs, 96 µs) | |
-//!
-//! The local commits above are scalar puts at a top-level key, which the writer builds without
-//! Automerge (`store::local_fast`: the change comes from the view's `kv.ops` and the heads, the
-//! very bytes Automerge would make); other edits go through the in-memory Automerge document
-//! as they did in session 2.
-//!
-//! What made the difference since session 1 (237 µs commit, 17.9k/s ingest, measured under
-//! load): the keys a change touches are read off its ops instead of an Automerge
-//! diff that cost time proportional to the document (module `owners`), and the per-author last seq comes from
-//! the cached version vectors instead of a query.
-//!
-//! **Hot keys on replicas.** Automerge keeps every overwritten value, and its batch apply
-//! walks the ops of the object a change edits, so applying one overwrite costs time that grows
-//! with the overwrites already held (measured before the fast path below: 0.28 ms per change
-//! over the first 1,000 overwrites of one key, 1.49 ms between 9,000 and 10,000). The store
-//! therefore applies a *fast forward* (a chain on top of its heads made only of root-level
-//! scalar puts, each overwriting exactly the values visible at its key, the common case of a
-//! single writer updating values) without Automerge: the
-//! view rows are the written scalars, and the in-memory document, if loaded, catches up in one
-//! batch when next needed. With it a replica's apply stays flat at ~0.2 ms per change from the
-//! first to the 10,000th overwrite (`cargo run --release -p lichen-crdt --example hot_key`).
-//! Concurrent writes, deletes and nested edits still take the Automerge path and its cost: the
-//! same example ends with two writers crossing changes, 1.39 ms per ingest after the 10,000
-//! overwrites against 0.18–0.20 ms on a fresh document (session 7, one run). Crossing puts
-//! name ops the other side already overwrote, which the owners map has forgotten; until
-//! session 7 that sent every such ingest to Automerge's diff, which walks the whole history
-//! (5.8–6.2 ms per ingest, the same example at the end of session 6): the keys now come from
-//! the ops and the view's `kv.ops` instead (`ingest::ingest_doc`). A
-//! key rewritten concurrently by many nodes for months would need history compaction, which
-//! is not built.
+//! Figures for `cargo bench -p lichen-crdt --bench store` and the `hot_key` example are in
+//! `docs/benchmarks.md`. What keeps the hot paths cheap:
+//! * the keys a change touches are read off its ops (module `owners`) instead of an Automerge
+//!   diff that costs time proportional to the document, and the per-author last seq comes from
+//!   the cached version vectors;
+//! * the writer builds a local edit made only of scalar puts at top-level keys without
+//!   Automerge (`store::local_fast`: the change comes from the view's `kv.ops` and the heads,
+//!   the very bytes Automerge would make); other edits go through the in-memory document;
+//! * a replica applies a *fast forward* (a chain on top of its heads made only of root-level
+//!   scalar puts, each overwriting exactly the values visible at its key: a single writer
+//!   updating values) without Automerge; the in-memory document, if loaded, catches up in one
+//!   batch when next needed. Concurrent writes, deletes and nested edits take the Automerge
+//!   path, whose apply walks the ops of the object a change edits and so grows with the
+//!   overwrites already held; crossing puts read their touched keys from the ops and the
+//!   view's `kv.ops` instead of Automerge's diff (`ingest::ingest_doc`).
 //!
 //! Fsync policy: WAL with `synchronous=FULL` by default (survives power loss: every commit is
 //! fsynced before it is acknowledged); `Store::set_fsync(false)` (agent `fsync = "never"`,

@@ -154,7 +154,7 @@ mod tests {
             .unwrap()
     }
 
-    /// A version-1 database (session 1's schema) is migrated in place: its rows are kept, the
+    /// A version-1 database (the first schema) is migrated in place: its rows are kept, the
     /// new index exists, and the version is the latest.
     #[test]
     fn a_version_1_database_is_migrated_and_keeps_its_rows() {

@@ -88,20 +88,9 @@
 //!
 //! # Benchmark
 //!
-//! Loopback, two endpoints in one process, Tokio multi-thread runtime with 2
-//! workers, on the 2-core development VM (other builds were running, so
-//! figures varied by about ±30% between runs; three runs shown as ranges):
-//!
-//! ```text
-//! cargo run --release -p lichen-transport --example throughput 2
-//!
-//! frames of    100 B: 400000 frames  440k – 537k frames/s   44 –  54 MB/s
-//! frames of  16384 B:  40000 frames   18k –  22k frames/s  293 – 352 MB/s
-//! connection set-up (dial → Connected, mutual TLS 1.3 + ed25519): 1.8 – 2.4 ms mean over 50
-//! ```
-//!
-//! Frames are pushed with the awaiting [`Endpoint::send`] (default 1024-frame
-//! queue) and counted from B's event channel; MB/s counts payload bytes.
+//! `cargo run --release -p lichen-transport --example throughput 2`: frames/s and MB/s for
+//! small and large frames, and connection set-up time, on loopback. Figures:
+//! `docs/benchmarks.md`.
 //!
 //! # Tests
 //!

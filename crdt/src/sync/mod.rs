@@ -53,10 +53,9 @@
 //! `Clocks` (at most once per `pull_gap_ms` per peer).
 //!
 //! Changes newly applied from an anti-entropy batch are *not* relayed by default
-//! (`relay_pulled_max` = 0): measured with `sim_scale` at 1,000 nodes, relaying batches of up
-//! to 16 or 64 changes left convergence after a healed partition unchanged (100 ms: when a
-//! partition heals every node pulls from a neighbour at once) and added 536 bytes of
-//! announcements per node (1.38× → 1.51×).
+//! (`relay_pulled_max` = 0): when a partition heals every node pulls from a neighbour at once,
+//! so relaying what a pull brought adds announcements without speeding convergence (`sim_scale`
+//! at 1,000 nodes).
 //!
 //! **Anti-entropy.** Every `anti_entropy_interval_ms` (± jitter) a node picks one random
 //! connected peer (and every peer that comes up) and sends `ShortDigest`: a fresh random
@@ -137,7 +136,7 @@
 //! fixed at 20 ms so that time converts to message delays ("rounds"). Every 64th node is a
 //! writer; all nodes replicate everything. Bytes per node count every message on the wire,
 //! framing included, from the write until one second after the last node applied it, so they
-//! include idle anti-entropy digests (12 B per node per second; 34 B before `ShortDigest`).
+//! include idle anti-entropy digests (12 B per node per second).
 //!
 //! ```text
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 1000
@@ -145,80 +144,12 @@
 //! cargo run --release -p lichen-crdt --example sim_scale -- --nodes 10000 --memory 1
 //! ```
 //!
-//! Measured 2026-11-23 on the shared 2-core VM, one run each with the commands above (seed 1).
-//! *Before*: the protocol as of commit 2fa6776 (lazy push with 14-byte `Announce`, 34-byte
-//! `Digest`, relays to random peers); *after*: this version (one-change messages,
-//! `ShortDigest`, relays and rounds that use who is known to hold a change, quiet while
-//! fetching, `Prune`). The eager-gossip figures that preceded both are in the git history.
-//!
-//! | N | scenario | 99 % of nodes | all nodes | msgs/node | bytes/node | missing bytes/node | ratio |
-//! |---|---|---|---|---|---|---|---|
-//! | 1,000 | one write, 215 B change, before | 220 ms (11 delays) | 220 ms | 9.1 | 378 | 215 | 1.76× |
-//! | 1,000 | one write, 215 B change, after | 220 ms (11 delays) | 220 ms | 8.6 | 313 | 215 | 1.46× |
-//! | 1,000 | one write, 215 B change, after, seeds 2 / 3 / 4 | 220 ms | 280 / 220 / 220 ms | 8.6 | 315 / 314 / 315 | 215 | 1.47× / 1.46× / 1.47× |
-//! | 1,000 | one write, 2 KB change, before | 220 ms | 220 ms | 9.1 | 2,417 | 2,190 | 1.10× |
-//! | 1,000 | one write, 2 KB change, after | 220 ms | 220 ms | 8.6 | 2,332 | 2,190 | 1.06× |
-//! | 1,000 | one write, 8 KB change, before | 220 ms | 220 ms | 9.1 | 8,603 | 8,184 | 1.05× |
-//! | 1,000 | one write, 8 KB change, after | 220 ms | 220 ms | 8.6 | 8,458 | 8,184 | 1.03× |
-//! | 1,000 | healed partition, 16 + 16 changes, before | – | 100 ms (5 delays) | 9.2 | 5,113 | 3,716 | 1.38× |
-//! | 1,000 | healed partition, 16 + 16 changes, after | – | 100 ms (5 delays) | 9.3 | 4,992 | 3,716 | 1.34× |
-//! | 10,000 | one write, 215 B, before | 280 ms (14 delays) | 1,305 ms | 10.4 | 418 | 215 | 1.95× |
-//! | 10,000 | one write, 215 B, after | 280 ms (14 delays) | 660 ms | 9.2 | 323 | 215 | 1.50× |
-//! | 10,000 | one write, 215 B, after, seeds 2 / 3 / 4 | 280 ms | 450 / 995 / 1,020 ms | 9.0–9.6 | 320 / 329 / 330 | 215 | 1.49× / 1.53× / 1.53× |
-//! | 10,000 | healed partition, 16 + 16 changes, before | – | 600 ms | 9.7 | 5,319 | 3,786 | 1.40× |
-//! | 10,000 | healed partition, 16 + 16 changes, after | – | 1,000 ms | 10.1 | 5,185 | 3,770 | 1.38× |
-//!
-//! **Then `ShortDigest` went from 18 to 12 bytes** (nonce + 6-byte tag instead of a 16-byte
-//! prefix), measured last, same commands with `--seed N` on the final build:
-//!
-//! | N | one write, 215 B change | all nodes | bytes/node | ratio |
-//! |---|---|---|---|---|
-//! | 1,000 | seeds 1 / 2 / 3 | 220 / 220 / 550 ms | 307 / 305 / 315 | 1.43× / 1.42× / 1.47× |
-//! | 10,000 | seeds 1 / 2 / 3 / 4 | 1,025 / 930 / 400 / 800 ms | 319 / 316 / 310 / 315 | 1.48× / 1.47× / 1.44× / 1.46× |
-//!
-//! So the small-write aim of ≤ 1.5× now holds in every run at both sizes (before this last
-//! step, 10,000 nodes gave 1.49–1.53× over seeds 1–4); the worst case keeps little margin.
-//! The rows below were measured before this step.
-//!
-//! Reading it:
-//! * **One small write, before the 12-byte `ShortDigest`: 1.46–1.47× at 1,000 nodes (4 seeds),
-//!   1.49–1.53× at 10,000 (4 seeds)** (1.76× and 1.95× before this session; see above for after).
-//!   Seeds 2–4 were run the same day with `--seed N` on the final build.
-//!   Where a node's 313 bytes go at 1,000 nodes (before → after): the change once in full,
-//!   221 → 217 B (`PushOne`: 2 bytes of framing instead of 6); announcements, 5.86 × 14 = 82 →
-//!   5.43 × 10 = 54 B (`AnnounceOne`, and relays skip peers known to hold the change, picking
-//!   the others as often as before); `Fetch`, 12 → 9 B; digests of anti-entropy during the
-//!   1.2 s window, 1.23 × 34 = 42 → 1.19 × 18 = 21 B (`ShortDigest`); repairs (a round racing
-//!   the gossip: `Clocks` + `Changes`), 21 → 12 B (quiet while fetching). At 10,000 nodes the
-//!   same (323 / 215 = 1.502×), except the window: a few nodes none of whose neighbours
-//!   relayed to them wait for anti-entropy, and every node pays idle digests until the last
-//!   is reached (1.62 digests,
-//!   29 B, in 1.66 s; before: 2.33 digests, 79 B, in 2.3 s). Rounds now go first to peers not
-//!   known to hold the latest changes, so those nodes are found by the next round of a
-//!   neighbour: 660 ms for all nodes instead of 1,305 ms. That tail decides the 10,000-node
-//!   ratio and varies between runs with the one or two nodes in it: a variant that held
-//!   rounds back for 400 ms after a change (not kept) reached all nodes at 1,110 ms, 1.53×;
-//!   without `relay_proportional` (`--prop 0`: 5.9 announcements per node, fewer nodes
-//!   missed) all nodes had it at 340 ms, 322 B, 1.50× (but 1.48–1.51× at 1,000 nodes, seeds
-//!   1–2, against 1.46–1.47× with it). For changes of 2 KB and more the overhead is ≤ 1.06×.
-//! * **What was tried and not kept**: bringing a node's next periodic round forward to
-//!   300 ± 150 ms after it applies a change from gossip (no round added): at 10,000 nodes,
-//!   seeds 3 and 4, all nodes reached at 455 / 530 ms instead of 995 / 1,020 ms, but 1.51× /
-//!   1.52× instead of 1.53× / 1.53×, and 1.46× / 1.48× at 1,000 nodes (seeds 1, 2): the
-//!   rounds, bunched after the gossip, cost repairs. A lower fanout (5 or 4, even with relays that skip
-//!   known holders) saves 10–20 B of announcements but leaves more nodes to anti-entropy:
-//!   all nodes at 280–865 ms at 1,000 nodes and more idle digests in the window, 1.48–1.52×.
-//! * **Latency.** Beyond the second hop each hop costs three message delays (announce, fetch,
-//!   push), so 99 % of nodes take 11 delays at 1,000 nodes, 14 at 10,000; unchanged.
-//! * **Rounds ~ log N**: 11 and 14 delays at 1k and 10k nodes (≈ 3 × log₆ N) for 99 % of
-//!   nodes.
-//! * **Healed partition.** A node receives what it lacks about once (1.34–1.38× including
-//!   clocks and digests), because it pulls from one peer at a time. At 10,000 nodes the last
-//!   node took 1,000 ms in this run (600 ms before; 600 ms in the variant run above): the
-//!   last of 10,000 nodes waits for one anti-entropy round or not, by chance.
-//! * **Idle cost**: 12 bytes per node per second (one `ShortDigest`; 34 before).
-//! * **Size.** The 10,000-node run uses SQLite `:memory:` stores (`--memory 1`; file stores
-//!   hold 3 descriptors each): 5.4 GiB peak RSS, 5–6 min wall on the loaded 2-core machine.
+//! Figures for these runs (latency in message delays, bytes per node against the bytes each
+//! node was missing, at 1,000 and 10,000 nodes) are in `docs/benchmarks.md`. In short: each
+//! node receives a change in full about once plus a few 10-byte announcements (≤ 1.5× the
+//! change's bytes for a 215-byte change, ≤ 1.06× from 2 KB), 99 % of nodes have it after
+//! ≈ 3 × log₆ N message delays, a node receives what it lacks after a healed partition about
+//! once (it pulls from one peer at a time), and an idle node costs 12 bytes per second.
 
 mod engine;
 pub mod rng;
