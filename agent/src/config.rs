@@ -145,32 +145,48 @@ impl Config {
     /// Settings that a reload cannot apply to a running agent (they shape the socket, the
     /// API listener, the open database or the sync engine), by their config-file names,
     /// that differ between `self` and `new`. A reload applies the log filter and the file
-    /// bindings; these wait for the next start.
+    /// bindings; these wait for the next start. Every field is named below, so a new setting
+    /// cannot be left out of this report without a compile error.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        let mut check = |differs: bool, name| {
-            if differs {
-                changed.push(name);
-            }
-        };
-        check(self.data_dir != new.data_dir, "data_dir");
-        check(self.name != new.name, "name");
-        check(self.listen != new.listen, "listen");
-        check(self.advertise != new.advertise, "advertise");
-        check(self.api != new.api, "api");
-        check(self.log_format != new.log_format, "log_format");
-        check(self.fsync != new.fsync, "fsync");
-        check(
-            self.wal_checkpoint_pages != new.wal_checkpoint_pages,
-            "wal_checkpoint_pages",
-        );
-        check(
-            self.anti_entropy != new.anti_entropy,
-            "sync.anti_entropy_ms",
-        );
-        check(self.fanout != new.fanout, "sync.fanout");
-        check(self.hold_writes != new.hold_writes, "sync.hold_writes_ms");
-        changed
+        let Config {
+            data_dir,
+            name,
+            listen,
+            advertise,
+            api,
+            log_format,
+            log: _,
+            fsync,
+            wal_checkpoint_pages,
+            max_loaded_docs,
+            anti_entropy,
+            fanout,
+            hold_writes,
+            join,
+            bindings: _,
+        } = self;
+        let changes = [
+            (*data_dir != new.data_dir, "data_dir"),
+            (*name != new.name, "name"),
+            (*listen != new.listen, "listen"),
+            (*advertise != new.advertise, "advertise"),
+            (*api != new.api, "api"),
+            (*log_format != new.log_format, "log_format"),
+            (*fsync != new.fsync, "fsync"),
+            (
+                *wal_checkpoint_pages != new.wal_checkpoint_pages,
+                "wal_checkpoint_pages",
+            ),
+            (*max_loaded_docs != new.max_loaded_docs, "max_loaded_docs"),
+            (*anti_entropy != new.anti_entropy, "sync.anti_entropy_ms"),
+            (*fanout != new.fanout, "sync.fanout"),
+            (*hold_writes != new.hold_writes, "sync.hold_writes_ms"),
+            (*join != new.join, "join"),
+        ];
+        changes
+            .into_iter()
+            .filter_map(|(differs, name)| differs.then_some(name))
+            .collect()
     }
 }
 
@@ -419,13 +435,14 @@ mod tests {
         let f: FileConfig = toml::from_str("fsync = \"sometimes\"").unwrap();
         assert!(Config::resolve_with(&Overrides::default(), f).is_err());
         let base = Config::resolve_with(&Overrides::default(), FileConfig::default()).unwrap();
-        let f: FileConfig =
-            toml::from_str("wal_checkpoint_pages = 5000\nlog = \"debug\"\n[sync]\nfanout = 3")
-                .unwrap();
+        let f: FileConfig = toml::from_str(
+            "wal_checkpoint_pages = 5000\nmax_loaded_docs = 7\nlog = \"debug\"\n[sync]\nfanout = 3",
+        )
+        .unwrap();
         let new = Config::resolve_with(&Overrides::default(), f).unwrap();
         assert_eq!(
             base.restart_only_changes(&new),
-            ["wal_checkpoint_pages", "sync.fanout"]
+            ["wal_checkpoint_pages", "max_loaded_docs", "sync.fanout"]
         );
         assert!(base.restart_only_changes(&base).is_empty());
         let f: FileConfig = toml::from_str("max_loaded_docs = 0").unwrap();

@@ -166,9 +166,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         tracing::info!(node = %me, path = %key_path(&cfg.data_dir).display(), "generated a new node key");
     }
     let gate = Arc::new(Gate::default());
-    let mut tcfg = lichen_transport::Config::new(cfg.listen, key.seed(), store.cluster_id());
-    tcfg.keep_alive = std::time::Duration::from_secs(5);
-    tcfg.idle_timeout = std::time::Duration::from_secs(20);
+    let tcfg = transport_config(cfg.listen, key.seed(), store.cluster_id());
     let (endpoint, net_events) = lichen_transport::Endpoint::bind(tcfg, gate.clone())
         .await
         .with_context(|| {
@@ -343,4 +341,27 @@ pub fn init(cfg: &Config) -> Result<()> {
         cfg.name
     );
     Ok(())
+}
+
+/// The transport's settings: a frame carries one sync message, so the frame limit is the sync
+/// wire's message limit (a larger frame could only carry a message every peer refuses).
+fn transport_config(
+    listen: std::net::SocketAddr,
+    seed: [u8; 32],
+    cluster: [u8; 32],
+) -> lichen_transport::Config {
+    let mut tcfg = lichen_transport::Config::new(listen, seed, cluster);
+    tcfg.keep_alive = std::time::Duration::from_secs(5);
+    tcfg.idle_timeout = std::time::Duration::from_secs(20);
+    tcfg.max_frame_len = lichen_crdt::sync::wire::MAX_MESSAGE_BYTES;
+    tcfg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_transports_frame_limit_is_the_sync_wires_message_limit() {
+        let t = super::transport_config("127.0.0.1:0".parse().unwrap(), [1; 32], [2; 32]);
+        assert_eq!(t.max_frame_len, lichen_crdt::sync::wire::MAX_MESSAGE_BYTES);
+    }
 }
