@@ -10,6 +10,7 @@ mod client;
 mod config;
 mod daemon;
 mod demo;
+mod exec;
 mod metrics;
 mod node;
 mod render;
@@ -70,6 +71,26 @@ fn main() {
             println!("{}", key.node_id());
             Ok(())
         })()),
+        Some(Command::Exec {
+            doc,
+            path,
+            prefix,
+            on_change,
+            kill_timeout,
+            debounce,
+            command,
+        }) => exec::run(
+            Client::new(&cli.api),
+            exec::Options {
+                doc,
+                path,
+                prefix,
+                on_change,
+                kill_timeout,
+                debounce,
+                command,
+            },
+        ),
         Some(cmd) => match client_command(&Client::new(&cli.api), cmd, cli.json) {
             Ok(()) => exit::OK,
             Err(e) => {
@@ -315,7 +336,11 @@ fn client_command(c: &Client, cmd: Command, as_json: bool) -> Result<(), ClientE
                 print_status(&r);
             }
         }
-        Command::Run(_) | Command::Init(_) | Command::Keygen { .. } | Command::Demo { .. } => {}
+        Command::Run(_)
+        | Command::Init(_)
+        | Command::Keygen { .. }
+        | Command::Demo { .. }
+        | Command::Exec { .. } => {}
     }
     Ok(())
 }
