@@ -239,6 +239,15 @@ fn cloned_data_directory_cannot_split_the_membership() {
     let o_id = c.agents[o].id.clone();
     assert!(c.agents[0].put("cfg", "base", "1"));
     c.wait_converged("cfg", PATIENCE);
+    wait_until(
+        "the membership document is the same everywhere",
+        PATIENCE,
+        || {
+            let h = c.agents[0].heads("_members");
+            c.agents.iter().all(|a| a.heads("_members") == h)
+        },
+    );
+    let before = membership_changes(&c.agents[0]);
     let snap = c.dir.path().join("clone-data");
     snapshot(&c.agents[o], &snap);
 
@@ -274,6 +283,15 @@ fn cloned_data_directory_cannot_split_the_membership() {
             n = now;
             stable_since = Instant::now();
         }
+    }
+    assert_eq!(n, before + 1, "one membership change: the clone's address");
+    for a in &c.agents {
+        assert!(
+            equivocators(a).is_empty(),
+            "{} flagged {:?} while nobody wrote",
+            a.name,
+            equivocators(a)
+        );
     }
     for a in [&c.agents[o], &c.agents[cl]] {
         let published = a
