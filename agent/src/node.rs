@@ -390,6 +390,8 @@ impl Node {
         mut shutdown: watch::Receiver<bool>,
     ) -> Store {
         self.refresh_membership();
+        // Keys flagged before this start stay refused (later flags: after each ingest).
+        self.refuse_flagged();
         // One timer, moved only when the engine's deadline moves (not a new one per event).
         let idle = self.start + Duration::from_secs(3600 * 24 * 365);
         let timer = tokio::time::sleep_until(idle.into());

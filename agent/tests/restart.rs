@@ -350,6 +350,19 @@ fn cloned_data_directory_cannot_split_the_membership() {
                 && (doc == "_members" || honest[0].get(doc, "") == honest[1].get(doc, ""))
         });
     }
+    // An honest node that restarts refuses the key from its start (it knew the flag).
+    let flagged_line = "key flagged for equivocation";
+    assert_eq!(c.agents[0].log_text().matches(flagged_line).count(), 1);
+    c.agents[0].kill9();
+    c.agents[0].start();
+    wait_until("a refuses the flagged key from its start", PATIENCE, || {
+        c.agents[0].log_text().matches(flagged_line).count() == 2
+    });
+    wait_until("a reconnects to c", PATIENCE, || {
+        connected_peers(&c.agents[0]) == 1 && connected_peers(&c.agents[2]) == 1
+    });
+    let honest = [&c.agents[0], &c.agents[2]];
+
     // Both variants are void: neither machine's write stands.
     assert_eq!(
         honest[0].get("cfg", ""),
