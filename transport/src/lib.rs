@@ -116,7 +116,10 @@
 //! handshakes (members, non-member, other cluster), streams (garbage,
 //! oversized and truncated frames; stalled peer), connections
 //! (simultaneous dial, restart on the same port, network loss through a UDP
-//! relay, removal from membership, the redial cap while a peer refuses us) and
+//! relay, removal from membership, the redial cap while a peer refuses us),
+//! restarts (`tests/restart.rs`: a peer's new run replaces the stale connection
+//! of its previous run at once, for both key orders and both dialling sides;
+//! a refused key loses its connection and gets no new one) and
 //! a crash (`tests/crash.rs`: a peer process killed with SIGKILL, which sends
 //! no CONNECTION_CLOSE, is reported down by the idle timeout and redialled
 //! when it comes back).
