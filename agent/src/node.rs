@@ -15,6 +15,19 @@
 //! After a start, writes and membership edits are held (queued, answered later) until the
 //! node's first catch-up with a peer, or `sync.hold_writes_ms`: a data directory older than
 //! the node's last run must get the node's own later changes back before it signs new ones.
+//! The hold only works if the restarted node reaches its peers within it; the transport
+//! makes sure of that by letting a restarted node's new connection replace the stale one a
+//! peer still holds from its previous run (without that, a peer kept the stale connection
+//! until its idle timeout, longer than the hold, and a node restored from a snapshot wrote
+//! over sequence numbers it had already used).
+//!
+//! This node's advertised addresses are written into the membership document at most once
+//! per run, after the hold, and only if the document differs from the configured ones then.
+//! It never writes them again because the document changed: a copy of this data directory
+//! running elsewhere with its own address (a cloned key) would otherwise rewrite it in turn
+//! forever. Keys flagged for equivocation (a cloned key that wrote) are refused by the
+//! transport (`Endpoint::set_refused`), so a clone cannot keep the peers' connections
+//! flipping between two machines.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -295,6 +308,8 @@ pub fn spawn(
         watchers: HashMap::new(),
         storage_log: std::cell::Cell::new((None, 0)),
         committed: false,
+        addrs_checked: false,
+        refused: Vec::new(),
     };
     let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
     (handle, jh)
@@ -330,6 +345,11 @@ struct Node {
     storage_log: std::cell::Cell<(Option<Instant>, u64)>,
     /// Something was committed since the last look (for the idle checkpoint).
     committed: bool,
+    /// This run has compared its configured addresses with the membership document (and
+    /// written them if they differed); it never does again (see the module doc).
+    addrs_checked: bool,
+    /// Keys flagged for equivocation, refused by the transport.
+    refused: Vec<NodeId>,
 }
 
 /// At most this many writes wait while writes are held; more are refused (503).
@@ -370,6 +390,8 @@ impl Node {
         mut shutdown: watch::Receiver<bool>,
     ) -> Store {
         self.refresh_membership();
+        // Keys flagged before this start stay refused (later flags: after each ingest).
+        self.refuse_flagged();
         // One timer, moved only when the engine's deadline moves (not a new one per event).
         let idle = self.start + Duration::from_secs(3600 * 24 * 365);
         let timer = tokio::time::sleep_until(idle.into());
@@ -541,24 +563,13 @@ impl Node {
     /// Send every queued message; turn engine events into metrics and notices.
     fn drain(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        while let Some((peer, msg)) = self.engine.poll_transmit() {
-            let bytes = msg.encode();
-            let len = bytes.len() as u64;
-            match self.endpoint.try_send(&peer.0, bytes.into()) {
-                Ok(()) => {
-                    self.metrics.messages_sent.fetch_add(1, Relaxed);
-                    self.metrics.bytes_sent.fetch_add(len, Relaxed);
-                }
-                Err(e) => {
-                    self.metrics.send_dropped.fetch_add(1, Relaxed);
-                    tracing::debug!(peer = %peer, error = %e, "message dropped; anti-entropy will repair");
-                }
-            }
-        }
+        self.flush();
+        let mut store_touched = false;
         let mut membership_touched = false;
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 SyncEvent::Applied { from, docs, count } => {
+                    store_touched = true;
                     self.committed = true;
                     self.metrics
                         .changes_received
@@ -572,6 +583,7 @@ impl Node {
                     }
                 }
                 SyncEvent::Rejected { from, label, count } => {
+                    store_touched = true;
                     tracing::warn!(from = %from, reason = label, count, "rejected changes from peer");
                     self.metrics
                         .inc_labelled("lichen_changes_rejected_total", label, count as u64);
@@ -596,6 +608,92 @@ impl Node {
         self.metrics.connections.store(up.len() as u64, Relaxed);
         if membership_touched {
             self.refresh_membership();
+        }
+        if store_touched {
+            self.refuse_flagged();
+        }
+        if self.publish_own_addrs() {
+            self.flush();
+        }
+    }
+
+    /// Hand every message the engine has queued to the transport.
+    fn flush(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        while let Some((peer, msg)) = self.engine.poll_transmit() {
+            let bytes = msg.encode();
+            let len = bytes.len() as u64;
+            match self.endpoint.try_send(&peer.0, bytes.into()) {
+                Ok(()) => {
+                    self.metrics.messages_sent.fetch_add(1, Relaxed);
+                    self.metrics.bytes_sent.fetch_add(len, Relaxed);
+                }
+                Err(e) => {
+                    self.metrics.send_dropped.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %peer, error = %e, "message dropped; anti-entropy will repair");
+                }
+            }
+        }
+    }
+
+    /// Tell the transport to refuse every key flagged for equivocation (other than ours: a
+    /// node does not connect to itself). Two machines running one key make the peers'
+    /// connections flip between them; once the key is proven cloned, neither gets one.
+    fn refuse_flagged(&mut self) {
+        let me = self.key.node_id();
+        let flagged: Vec<NodeId> = match self.store.equivocators() {
+            Ok(f) => f.into_iter().filter(|k| *k != me).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the keys flagged for equivocation");
+                return;
+            }
+        };
+        if flagged == self.refused {
+            return;
+        }
+        for k in flagged.iter().filter(|k| !self.refused.contains(k)) {
+            tracing::warn!(peer = %k, "key flagged for equivocation (a cloned key?): its connections are refused; remove it and re-admit the machine with a new key");
+        }
+        self.endpoint.set_refused(flagged.iter().map(|k| k.0));
+        self.refused = flagged;
+    }
+
+    /// Write this node's configured addresses into the membership document if it shows
+    /// others, once per run, after the write hold (see the module doc). Returns whether a
+    /// change was made.
+    fn publish_own_addrs(&mut self) -> bool {
+        let me = self.key.node_id();
+        if self.addrs_checked || self.hold_until.is_some() || self.advertise.is_empty() {
+            return false;
+        }
+        let m = self.store.membership();
+        if !m.is_active(&me) {
+            return false;
+        }
+        self.addrs_checked = true;
+        if m.get(&me).is_some_and(|x| x.addrs == self.advertise) {
+            return false;
+        }
+        match self
+            .store
+            .set_own_addrs(&self.key, self.advertise.clone(), wall_ms())
+        {
+            Ok(Some(ch)) => {
+                tracing::info!(addrs = ?self.advertise, "published this node's addresses");
+                self.committed = true;
+                let now = self.now();
+                if let Err(e) = self.engine.local_commit(now, &[ch], &mut self.store) {
+                    tracing::error!(error = %e, "push failed; anti-entropy will deliver");
+                }
+                self.doc_changed(MEMBERSHIP_DOC.to_string());
+                self.refresh_membership();
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish own addresses");
+                false
+            }
         }
     }
 
@@ -656,23 +754,8 @@ impl Node {
         }
         self.known_peers = wanted.keys().copied().collect();
         self.endpoint.membership_changed();
-        // Publish our own addresses once we are a member.
-        if m.is_active(&me) {
-            let mine = m.get(&me).map(|x| x.addrs.clone()).unwrap_or_default();
-            if !self.advertise.is_empty() && mine != self.advertise {
-                match self
-                    .store
-                    .set_own_addrs(&self.key, self.advertise.clone(), wall_ms())
-                {
-                    Ok(Some(ch)) => {
-                        let now = self.now();
-                        let _ = self.engine.local_commit(now, &[ch], &mut self.store);
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "could not publish own addresses"),
-                }
-            }
-        } else if m.root.is_some() {
+        // Our own addresses are published by `publish_own_addrs`, once per run.
+        if !m.is_active(&me) && m.root.is_some() {
             tracing::warn!(
                 node = %me,
                 "this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",

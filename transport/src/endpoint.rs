@@ -11,8 +11,9 @@
 //! ```
 //!
 //! * `establish` runs once per completed handshake. Under a per-peer async
-//!   lock it re-checks membership, applies the duplicate tie-break, records the
-//!   connection in the registry (`State::conns`) and emits `Connected`.
+//!   lock it re-checks membership and the refused keys, applies the duplicate
+//!   tie-break, records the connection in the registry (`State::conns`) and
+//!   emits `Connected`.
 //! * `serve` owns the connection afterwards: it starts `send_loop`, accepts
 //!   incoming uni streams (each read by its own `read_stream` task), and when
 //!   the connection dies removes it from the registry, waits for its readers
@@ -20,6 +21,31 @@
 //!   Holding the per-peer lock across that keeps the per-peer event order
 //!   sane: a newer connection's `Connected` comes after the older one's
 //!   `Disconnected`.
+//!
+//! # One connection per peer: the tie-break
+//!
+//! When a connection to a peer completes while another one to that peer is
+//! registered, one of them is closed with [`close_code::DUPLICATE`]. The new
+//! one wins when
+//!
+//! 1. the registered one is already closing; or
+//! 2. the peer presents a different **run** than on the registered one
+//!    (`tls::RunId`: each endpoint run presents a certificate with a fresh
+//!    random serial). The peer restarted — after a crash or `kill -9` nothing
+//!    closed the old connection, and without this rule it would linger until
+//!    the idle timeout while the restarted peer's dials were refused as
+//!    duplicates. A run never comes back, so the newer connection is the live
+//!    one; the decision needs no timeout and does not depend on key order; or
+//! 3. both were dialled by the same side (that side redialled: it considers
+//!    the old one dead); or
+//! 4. both are from the same runs and were dialled by opposite sides (a
+//!    simultaneous dial): the one dialled by the lower key wins, which both
+//!    ends compute alike because each knows who dialled each connection.
+//!
+//! Two processes running one key (a cloned data directory) are two runs, so
+//! their connections replace each other at a peer; the agent stops that by
+//! refusing the key once its equivocation is known ([`Endpoint::set_refused`],
+//! [`close_code::REFUSED`]).
 //!
 //! # Why streams are used this way
 //!
@@ -42,7 +68,7 @@
 //! and nothing grows without bound; other peers have their own queues, tasks
 //! and streams and are unaffected.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -161,6 +187,8 @@ struct ConnEntry {
     tx: mpsc::Sender<Bytes>,
     /// Key of the node that dialled this connection (tie-break input).
     dialer: PeerKey,
+    /// The run of the peer on this connection (tie-break input).
+    peer_run: tls::RunId,
     dialed_by_us: bool,
     shared: Arc<ConnShared>,
 }
@@ -194,6 +222,8 @@ struct State {
     /// Per-peer caps on the redial pause, below [`Config::backoff_max`]
     /// ([`Endpoint::set_redial_cap`]).
     redial_caps: HashMap<PeerKey, Duration>,
+    /// Keys whose connections are refused ([`Endpoint::set_refused`]).
+    refused: HashSet<PeerKey>,
 }
 
 struct Inner {
@@ -454,6 +484,31 @@ impl Endpoint {
         }
     }
 
+    /// Refuses every connection from or to the keys in `keys` (replacing the
+    /// previous set): live ones are closed at once ([`close_code::REFUSED`]),
+    /// new ones are closed right after their handshake, and dialers of these
+    /// keys pause until the set changes. For keys that a membership check
+    /// cannot exclude because they are (still) members, e.g. a key that two
+    /// machines run at once (see the module doc).
+    pub fn set_refused(&self, keys: impl IntoIterator<Item = PeerKey>) {
+        let inner = self.inner();
+        let mut st = lock(&inner.state);
+        let keys: HashSet<PeerKey> = keys.into_iter().collect();
+        if keys == st.refused {
+            return;
+        }
+        for k in &keys {
+            if let Some(e) = st.conns.remove(k) {
+                info!(peer = %Hex(k), "closing connection: key refused");
+                e.close(close_code::REFUSED, "key refused");
+            }
+        }
+        st.refused = keys;
+        for d in st.dialers.values() {
+            d.notify.notify_one();
+        }
+    }
+
     /// Queues `frame` for `peer` without waiting.
     ///
     /// Errors: [`SendError::TooLarge`] above [`Config::max_frame_len`],
@@ -599,6 +654,10 @@ impl Inner {
             .clone()
     }
 
+    fn is_refused(&self, peer: &PeerKey) -> bool {
+        lock(&self.state).refused.contains(peer)
+    }
+
     fn is_connected(&self, peer: &PeerKey) -> bool {
         lock(&self.state)
             .conns
@@ -702,7 +761,7 @@ async fn dial_loop(inner: Arc<Inner>, d: Arc<Dialer>) {
         if d.cancelled.load(Ordering::SeqCst) || inner.closing() {
             return;
         }
-        if inner.is_connected(&peer) || !inner.auth.is_member(&peer) {
+        if inner.is_connected(&peer) || !inner.auth.is_member(&peer) || inner.is_refused(&peer) {
             tokio::select! {
                 _ = d.notify.notified() => {}
                 _ = until_shutdown(&mut sd) => return,
@@ -801,6 +860,13 @@ async fn dial(
             debug!(peer = %Hex(&peer), %addr, "peer kept another connection");
             None
         }
+        Ok(Err(quinn::ConnectionError::ApplicationClosed(c)))
+            if c.error_code == code(close_code::REFUSED) =>
+        {
+            add(&inner.stats.handshakes_failed, 1);
+            warn!(peer = %Hex(&peer), %addr, "peer refuses this node's key (flagged?)");
+            None
+        }
         Ok(Err(e)) => {
             add(&inner.stats.handshakes_failed, 1);
             info!(peer = %Hex(&peer), %addr, error = %e, "peer refused the connection");
@@ -827,7 +893,7 @@ async fn establish(
         None => (None, None),
     };
     let local = inner.identity.public_key();
-    let Some(peer) = tls::peer_key_of(&conn) else {
+    let Some((peer, peer_run)) = tls::peer_of(&conn) else {
         conn.close(code(close_code::PROTOCOL), b"no peer identity");
         return None;
     };
@@ -861,10 +927,22 @@ async fn establish(
             conn.close(code(close_code::NOT_MEMBER), b"not a member");
             return None;
         }
+        if st.refused.contains(&peer) {
+            debug!(peer = %Hex(&peer), dialed_by_us, "connection from a refused key closed");
+            conn.close(code(close_code::REFUSED), b"key refused");
+            return None;
+        }
         if let Some(existing) = st.conns.get(&peer) {
+            // See "One connection per peer" in the module doc.
             let lower = local.min(peer);
-            let new_wins =
-                !existing.alive() || existing.dialer == dialer_key || dialer_key == lower;
+            let restarted = existing.peer_run != peer_run;
+            let new_wins = !existing.alive()
+                || restarted
+                || existing.dialer == dialer_key
+                || dialer_key == lower;
+            if restarted {
+                info!(peer = %Hex(&peer), dialed_by_us, "peer restarted: its new connection replaces the old one");
+            }
             add(&inner.stats.duplicates_closed, 1);
             if !new_wins {
                 debug!(peer = %Hex(&peer), dialed_by_us, "duplicate connection lost the tie-break");
@@ -881,6 +959,7 @@ async fn establish(
                 conn: conn.clone(),
                 tx,
                 dialer: dialer_key,
+                peer_run,
                 dialed_by_us,
                 shared: shared.clone(),
             },

@@ -60,9 +60,14 @@
 //!   live connection to the same peer completes, the one *dialled by the
 //!   lower key* (bytewise comparison of the ed25519 public keys) wins; the
 //!   other is closed with [`close_code::DUPLICATE`]. Both ends compute the same
-//!   answer because each knows who dialled each connection. If both
-//!   connections were dialled by the same side (a redial after a restart), or
-//!   the current one is already closing, the newer one wins.
+//!   answer because each knows who dialled each connection. The newer one wins
+//!   instead if the peer presents a different *run* on it (each endpoint run
+//!   has a certificate with a fresh random serial: the peer restarted, so the
+//!   old connection is stale, whatever the key order), if both connections
+//!   were dialled by the same side (a redial), or if the current one is
+//!   already closing. Keys given to [`Endpoint::set_refused`] (the agent
+//!   refuses keys flagged for equivocation) get no connection at all
+//!   ([`close_code::REFUSED`]).
 //! * **Reconnects**. Each peer added with [`Endpoint::add_peer`] has a dialer
 //!   task that keeps one connection up: exponential backoff with equal
 //!   jitter, `base = min(backoff_max, backoff_min·2ⁿ)`, pause uniform in
@@ -100,7 +105,10 @@
 //! handshakes (members, non-member, other cluster), streams (garbage,
 //! oversized and truncated frames; stalled peer), connections
 //! (simultaneous dial, restart on the same port, network loss through a UDP
-//! relay, removal from membership, the redial cap while a peer refuses us) and
+//! relay, removal from membership, the redial cap while a peer refuses us),
+//! restarts (`tests/restart.rs`: a peer's new run replaces the stale connection
+//! of its previous run at once, for both key orders and both dialling sides;
+//! a refused key loses its connection and gets no new one) and
 //! a crash (`tests/crash.rs`: a peer process killed with SIGKILL, which sends
 //! no CONNECTION_CLOSE, is reported down by the idle timeout and redialled
 //! when it comes back).
@@ -148,6 +156,8 @@ pub mod close_code {
     pub const REMOVED: u32 = 0x03;
     /// The peer presented no usable identity, or our own key.
     pub const PROTOCOL: u32 = 0x04;
+    /// The peer's key is refused ([`crate::Endpoint::set_refused`]).
+    pub const REFUSED: u32 = 0x05;
     /// Stream error: a frame exceeded the maximum length.
     pub const FRAME_TOO_LARGE: u32 = 0x10;
     /// Stream error: bad preamble or stream ended inside a frame.

@@ -21,13 +21,21 @@
 //!   `lichen/1/<hex cluster id>`: a node of another cluster offers a different
 //!   protocol and rustls aborts the handshake (`no_application_protocol`);
 //! * session resumption and tickets are disabled so every connection runs the
-//!   full verification (a removed member cannot come back on a ticket).
+//!   full verification (a removed member cannot come back on a ticket);
+//! * the certificate's serial number is random per [`Identity::new`], i.e. per
+//!   run of the endpoint, so the certificate also names the *run* (its
+//!   [`RunId`] is a hash of the certificate). Two connections from the same
+//!   run of a peer present the same certificate; a peer that restarted
+//!   presents a new one. The endpoint's duplicate tie-break uses this to
+//!   replace, at once, a connection left over from a peer's previous run (see
+//!   `endpoint`). The run id is as authentic as the key: the certificate is
+//!   the one the peer proved it holds the key for in the handshake.
 //!
 //! Data flow: `Endpoint::bind` calls [`Identity::new`] once, then
 //! [`Identity::server_config`] for the listening side and
 //! [`Identity::client_config`] per dialled peer (the expected key is baked
-//! into that peer's verifier). After a handshake, [`peer_key_of`] reads the
-//! verified key back from the connection.
+//! into that peer's verifier). After a handshake, [`peer_of`] reads the
+//! verified key and the peer's run id back from the connection.
 
 use std::fmt;
 use std::sync::Arc;
@@ -95,11 +103,23 @@ pub(crate) fn public_key_from_secret(secret_key: &[u8; 32]) -> Result<PeerKey, E
         .map_err(|_| Error::Config("seed did not yield an ed25519 key".into()))
 }
 
-/// The verified key of the peer of an established connection.
-pub(crate) fn peer_key_of(conn: &quinn::Connection) -> Option<PeerKey> {
+/// Identifies one run of a node: the SHA-256 of the certificate it presents, which carries
+/// a serial number drawn at random when the endpoint is bound.
+pub(crate) type RunId = [u8; 32];
+
+fn run_id_of(cert: &CertificateDer<'_>) -> RunId {
+    let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let mut id = [0u8; 32];
+    id.copy_from_slice(d.as_ref());
+    id
+}
+
+/// The verified key of the peer of an established connection, and the id of the peer's run.
+pub(crate) fn peer_of(conn: &quinn::Connection) -> Option<(PeerKey, RunId)> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    peer_key_from_cert(certs.first()?).ok()
+    let cert = certs.first()?;
+    Some((peer_key_from_cert(cert).ok()?, run_id_of(cert)))
 }
 
 /// This node's key material and the TLS settings shared by both directions.
@@ -123,6 +143,11 @@ impl Identity {
         let public_key = PeerKey::try_from(key_pair.public_key_raw())
             .map_err(|_| Error::Config("seed did not yield an ed25519 key".into()))?;
         let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+        // A fresh serial per run makes the certificate (and so the run id peers derive from
+        // it) different from the previous run's: see the module doc.
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] = (serial[0] & 0x7f) | 0x40; // positive, 16 bytes, no leading zero
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(
             rcgen::DnType::CommonName,
@@ -374,6 +399,16 @@ mod tests {
         assert_eq!(peer_key_from_cert(&id.cert).unwrap(), public);
         assert!(id.server_config().is_ok());
         assert!(id.client_config(public).is_ok());
+    }
+
+    #[test]
+    fn each_identity_is_a_new_run_of_the_same_key() {
+        let a = Identity::new(&[3; 32], &[7; 32], Arc::new(All)).unwrap();
+        let b = Identity::new(&[3; 32], &[7; 32], Arc::new(All)).unwrap();
+        assert_eq!(peer_key_from_cert(&a.cert).unwrap(), a.public_key());
+        assert_eq!(peer_key_from_cert(&b.cert).unwrap(), a.public_key());
+        assert_ne!(run_id_of(&a.cert), run_id_of(&b.cert));
+        assert_eq!(run_id_of(&a.cert), run_id_of(&a.cert.clone()));
     }
 
     #[test]
