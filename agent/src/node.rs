@@ -224,11 +224,7 @@ impl lichen_transport::Authorizer for Gate {
             .read()
             .map(|m| m.contains(key))
             .unwrap_or(false);
-        let former = self
-            .former
-            .read()
-            .map(|m| m.contains(key))
-            .unwrap_or(false);
+        let former = self.former.read().map(|m| m.contains(key)).unwrap_or(false);
         members
             || former
             || (self.members.read().map(|m| m.is_empty()).unwrap_or(false)
@@ -646,7 +642,14 @@ impl Node {
         // Removed for good (the proof came from a peer, or this node's own store holds it):
         // nothing left to sync, so no one to dial. Its writes are refused as revoked.
         let removed = m.get(&me).is_some_and(|x| x.role == Role::Removed);
-        if removed && self.membership.as_ref().and_then(|o| o.get(&me)).map(|x| x.role) != Some(Role::Removed) {
+        if removed
+            && self
+                .membership
+                .as_ref()
+                .and_then(|o| o.get(&me))
+                .map(|x| x.role)
+                != Some(Role::Removed)
+        {
             tracing::error!(
                 node = %me,
                 "this node was removed from the cluster by an admin: its key is revoked, its writes are refused and it no longer syncs; to take part again, start it with a new data directory (a new key) and ask an admin to add it"

@@ -20,11 +20,9 @@ const INVALID: i32 = 6;
 
 /// Wait until `a` reports `role` for itself.
 fn wait_role(a: &Agent, role: &str) {
-    wait_until(
-        &format!("{} says it is {role}", a.name),
-        PATIENCE,
-        || a.status()["node"]["role"] == role,
-    );
+    wait_until(&format!("{} says it is {role}", a.name), PATIENCE, || {
+        a.status()["node"]["role"] == role
+    });
 }
 
 /// `lichen put` on `a` is refused with the revoked-key error (exit 5).
@@ -32,7 +30,10 @@ fn assert_put_revoked(a: &Agent) {
     let out = a.cli(&["put", "app", "after", "1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(DENIED), "put: {err}");
-    assert!(err.contains("revoked"), "the error names the revocation: {err}");
+    assert!(
+        err.contains("revoked"),
+        "the error names the revocation: {err}"
+    );
 }
 
 fn assert_removed(c: &Cluster, i: usize) {
@@ -73,7 +74,11 @@ fn a_writer_removed_while_connected_learns_it() {
     wait_until("b has a's later write", PATIENCE, || {
         c.agents[1].get("app", "later") == Some(json!(2))
     });
-    assert_eq!(c.agents[2].get("app", "later"), None, "a removed node is served nothing else");
+    assert_eq!(
+        c.agents[2].get("app", "later"),
+        None,
+        "a removed node is served nothing else"
+    );
     assert_eq!(c.agents[0].get("app", "after"), None);
 }
 
@@ -139,7 +144,10 @@ fn invalid_member_edits_are_refused_by_the_api() {
     let cases: [(&str, Vec<&str>); 5] = [
         ("empty name", vec!["--name", ""]),
         ("100,000-character name", vec!["--name", &long]),
-        ("address that does not parse", vec!["--name", "x", "--addr", "not an address"]),
+        (
+            "address that does not parse",
+            vec!["--name", "x", "--addr", "not an address"],
+        ),
         ("scope ../../", vec!["--name", "x", "--scope", "../../"]),
         ("scope /etc/", vec!["--name", "x", "--scope", "/etc/"]),
     ];
@@ -150,12 +158,23 @@ fn invalid_member_edits_are_refused_by_the_api() {
         let out = a.cli(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(INVALID), "{what}: {err}");
-        assert!(err.contains("pass"), "{what}: the error names a next step: {err}");
+        assert!(
+            err.contains("pass"),
+            "{what}: the error names a next step: {err}"
+        );
     }
-    let raw = http_post(&a.api, "/v1/members", r#"{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","name":"x","scopes":["../../"]}"#);
+    let raw = http_post(
+        &a.api,
+        "/v1/members",
+        r#"{"id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","name":"x","scopes":["../../"]}"#,
+    );
     assert!(raw.starts_with("HTTP/1.1 422"), "{raw}");
     assert!(raw.contains("\"error\""), "{raw}");
-    assert_eq!(a.ok(&["--json", "members", "ls"]), before, "nothing was signed");
+    assert_eq!(
+        a.ok(&["--json", "members", "ls"]),
+        before,
+        "nothing was signed"
+    );
 }
 
 /// POST a JSON body over plain HTTP/1.1; the raw answer (status line, headers, body).

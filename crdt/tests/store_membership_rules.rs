@@ -5,12 +5,14 @@
 
 mod common;
 
-use automerge::{transaction::CommitOptions, transaction::Transactable, ActorId, Automerge, Change, ObjType, ReadDoc, ROOT};
+use automerge::{
+    transaction::CommitOptions, transaction::Transactable, ActorId, Automerge, Change, ObjType,
+    ReadDoc, ROOT,
+};
 use common::*;
 use lichen_crdt::sync::{Config, Event, SyncEngine};
 use lichen_crdt::{
-    NodeId, Outcome, RejectReason, Role, SecretKey, SignedChange, Store, StoreError,
-    MEMBERSHIP_DOC,
+    NodeId, Outcome, RejectReason, Role, SecretKey, SignedChange, Store, StoreError, MEMBERSHIP_DOC,
 };
 use serde_json::json;
 
@@ -90,11 +92,17 @@ fn a_member_removed_while_connected_learns_it_and_is_served_nothing_else() {
     assert_eq!(get(nodes[0].1, "app/x", "k"), Some(json!("before")));
 
     let removal = nodes[0].1.remove_member(&admin, iw, T0).unwrap();
-    nodes[0].0.local_commit(2, &[removal], &mut *nodes[0].1).unwrap();
+    nodes[0]
+        .0
+        .local_commit(2, &[removal], &mut *nodes[0].1)
+        .unwrap();
     pump(&mut nodes, 2);
     assert_learned_removal(nodes[1].1, &w);
     assert_eq!(nodes[0].0.stats().former_served, 1);
-    assert!(nodes[0].0.peers_up().is_empty(), "a former member is not a peer");
+    assert!(
+        nodes[0].0.peers_up().is_empty(),
+        "a former member is not a peer"
+    );
 
     // Nothing else reaches it, and what it sends is refused and counted.
     let ch = put(nodes[0].1, &admin, "app/y", "k", json!("secret"));
@@ -105,7 +113,10 @@ fn a_member_removed_while_connected_learns_it_and_is_served_nothing_else() {
     assert!(nodes[0].0.stats().refused_former >= 1);
     assert!(events(&mut nodes[0].0).iter().any(|e| matches!(
         e,
-        Event::Rejected { label: "former_member", .. }
+        Event::Rejected {
+            label: "former_member",
+            ..
+        }
     )));
 }
 
@@ -133,12 +144,21 @@ fn a_member_removed_while_cut_off_learns_it_when_the_link_heals() {
     pump(&mut nodes, 0);
     assert_learned_removal(nodes[1].1, &w);
     assert_eq!(get(nodes[1].1, "app/y", "k"), None);
-    assert_eq!(get(nodes[0].1, "app/x", "k"), None, "its void write stays out");
+    assert_eq!(
+        get(nodes[0].1, "app/x", "k"),
+        None,
+        "its void write stays out"
+    );
 }
 
 /// A membership change signed by the root admin, made directly with Automerge (as a
 /// modified agent could), that sets `members/<id>` to `entry`.
-fn crafted(store: &Store, admin: &SecretKey, id: &NodeId, entry: serde_json::Value) -> SignedChange {
+fn crafted(
+    store: &Store,
+    admin: &SecretKey,
+    id: &NodeId,
+    entry: serde_json::Value,
+) -> SignedChange {
     let mut am = Automerge::new();
     let mut changes = Vec::new();
     for a in store.all_clocks().unwrap()[MEMBERSHIP_DOC].keys() {
@@ -171,8 +191,13 @@ fn crafted(store: &Store, admin: &SecretKey, id: &NodeId, entry: serde_json::Val
     tx.put_object(&m, "cutoff", ObjType::Map).unwrap();
     tx.commit_with(CommitOptions::default().with_time(T0));
     let change = am.get_last_local_change().expect("a change");
-    SignedChange::sign(admin, &store.cluster_id(), MEMBERSHIP_DOC, change.raw_bytes().to_vec())
-        .unwrap()
+    SignedChange::sign(
+        admin,
+        &store.cluster_id(),
+        MEMBERSHIP_DOC,
+        change.raw_bytes().to_vec(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -184,16 +209,46 @@ fn membership_changes_with_invalid_entries_are_refused_on_every_replica() {
     let before: Vec<Fingerprint> = c.stores.iter().map(fingerprint).collect();
     let long = "n".repeat(100_000);
     let cases = [
-        ("empty name", json!({"name": "", "role": "writer", "addrs": [], "scopes": []})),
-        ("100,000-byte name", json!({"name": long, "role": "writer", "addrs": [], "scopes": []})),
-        ("control char", json!({"name": "a\u{7}b", "role": "writer", "addrs": [], "scopes": []})),
-        ("bad address", json!({"name": "x", "role": "writer", "addrs": ["not an address"], "scopes": []})),
-        ("no port", json!({"name": "x", "role": "writer", "addrs": ["10.0.0.1"], "scopes": []})),
-        ("port 0", json!({"name": "x", "role": "writer", "addrs": ["10.0.0.1:0"], "scopes": []})),
-        ("scope ../../", json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["../../"]})),
-        ("scope /etc", json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["/etc"]})),
-        ("scope a//b", json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["a//b"]})),
-        ("scope _members", json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["_members"]})),
+        (
+            "empty name",
+            json!({"name": "", "role": "writer", "addrs": [], "scopes": []}),
+        ),
+        (
+            "100,000-byte name",
+            json!({"name": long, "role": "writer", "addrs": [], "scopes": []}),
+        ),
+        (
+            "control char",
+            json!({"name": "a\u{7}b", "role": "writer", "addrs": [], "scopes": []}),
+        ),
+        (
+            "bad address",
+            json!({"name": "x", "role": "writer", "addrs": ["not an address"], "scopes": []}),
+        ),
+        (
+            "no port",
+            json!({"name": "x", "role": "writer", "addrs": ["10.0.0.1"], "scopes": []}),
+        ),
+        (
+            "port 0",
+            json!({"name": "x", "role": "writer", "addrs": ["10.0.0.1:0"], "scopes": []}),
+        ),
+        (
+            "scope ../../",
+            json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["../../"]}),
+        ),
+        (
+            "scope /etc",
+            json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["/etc"]}),
+        ),
+        (
+            "scope a//b",
+            json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["a//b"]}),
+        ),
+        (
+            "scope _members",
+            json!({"name": "x", "role": "writer", "addrs": [], "scopes": ["_members"]}),
+        ),
     ];
     for (what, entry) in cases {
         // A new member, and the existing writer `w` rewritten.
@@ -202,7 +257,10 @@ fn membership_changes_with_invalid_entries_are_refused_on_every_replica() {
             for (i, s) in c.stores.iter_mut().enumerate() {
                 let r = s.ingest(vec![bad.clone()]).unwrap();
                 assert!(
-                    matches!(outcome(&r), Outcome::Rejected(RejectReason::InvalidMember(_))),
+                    matches!(
+                        outcome(&r),
+                        Outcome::Rejected(RejectReason::InvalidMember(_))
+                    ),
                     "{what} on replica {i}: {:?}",
                     r.outcomes
                 );
@@ -219,7 +277,10 @@ fn membership_changes_with_invalid_entries_are_refused_on_every_replica() {
         json!({"name": "ok-1", "role": "writer", "addrs": ["node-1.example:7946", "[::1]:7946", "10.0.0.1:7946"], "scopes": ["region/eu/", "app"]}),
     );
     for s in &mut c.stores {
-        assert_eq!(outcome(&s.ingest(vec![good.clone()]).unwrap()), Outcome::Applied);
+        assert_eq!(
+            outcome(&s.ingest(vec![good.clone()]).unwrap()),
+            Outcome::Applied
+        );
     }
 }
 
