@@ -65,7 +65,7 @@
 //! same rules first ([`validate_member`]). Only the fields a change modifies are checked, so an
 //! entry written before a rule existed stays usable.
 //! * **name**: 1 to 64 bytes, no control characters, no leading or trailing white space;
-//! * **addrs**: at most 16, each `host:port` (port 1-65535; host a DNS name, an IPv4 address
+//! * **addrs**: at most 16, each `host:port` (port 0-65535; host a DNS name, an IPv4 address
 //!   or a bracketed IPv6 literal; at most 259 bytes), see [`validate_addr`];
 //! * **scopes**: at most 64, each a document-name prefix: a valid document name with an
 //!   optional trailing `/` (no `..` or `.` segment, no leading `/`, no empty segment, at most
@@ -196,7 +196,8 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Check an advertised address: `host:port` where port is a decimal number 1..=65535 and
+/// Check an advertised address: `host:port` where port is a decimal number 0..=65535 (0:
+/// what a node listening on an OS-chosen port advertises) and
 /// host is a bracketed IPv6 literal (`[` hex digits, `:` and `.` `]`, up to 45 characters
 /// inside) or a dotted name or IPv4 address: labels of 1 to 63 ASCII letters, digits, `-`
 /// or `_`, at most 253 bytes in all.
@@ -214,9 +215,9 @@ pub fn validate_addr(addr: &str) -> Result<(), String> {
     if port.is_empty()
         || port.len() > 5
         || !port.bytes().all(|b| b.is_ascii_digit())
-        || !port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p))
+        || !port.parse::<u32>().is_ok_and(|p| p <= 65535)
     {
-        return bad("the port must be a number from 1 to 65535");
+        return bad("the port must be a number from 0 to 65535");
     }
     if let Some(inner) = host.strip_prefix('[') {
         let Some(inner) = inner.strip_suffix(']') else {

@@ -230,8 +230,8 @@ fn membership_changes_with_invalid_entries_are_refused_on_every_replica() {
             json!({"name": "x", "role": "writer", "addrs": ["10.0.0.1"], "scopes": []}),
         ),
         (
-            "port 0",
-            json!({"name": "x", "role": "writer", "addrs": ["10.0.0.1:0"], "scopes": []}),
+            "port 70000",
+            json!({"name": "x", "role": "writer", "addrs": ["10.0.0.1:70000"], "scopes": []}),
         ),
         (
             "scope ../../",
