@@ -275,10 +275,45 @@ fn parse_role(s: &str) -> Result<Role, ApiError> {
     s.parse().map_err(|e: String| ApiError::new(400, e))
 }
 
+/// The membership rules every node applies on ingest (`lichen_crdt::membership`), checked
+/// before anything is signed: 422 with the rule broken and what to pass instead.
+fn check_member_fields(name: &str, addrs: &[String], scopes: &[String]) -> Result<(), ApiError> {
+    use lichen_crdt::membership::{MAX_MEMBER_ADDRS, MAX_MEMBER_SCOPES};
+    let invalid = |e: String, next: &str| ApiError::new(422, format!("{e}; {next}"));
+    lichen_crdt::validate_name(name).map_err(|e| {
+        invalid(
+            e,
+            "pass --name with 1 to 64 bytes of printable text, e.g. `--name eu-1`",
+        )
+    })?;
+    let addr_next = "pass each --addr as host:port, e.g. `10.0.0.1:7946`, `node1.example:7946` or `[fd00::1]:7946`";
+    if addrs.len() > MAX_MEMBER_ADDRS {
+        return Err(invalid(
+            format!("{} addresses (at most {MAX_MEMBER_ADDRS})", addrs.len()),
+            addr_next,
+        ));
+    }
+    for a in addrs {
+        lichen_crdt::validate_addr(a).map_err(|e| invalid(e, addr_next))?;
+    }
+    let scope_next = "pass each --scope as a document-name prefix such as `region/eu/` or `app`";
+    if scopes.len() > MAX_MEMBER_SCOPES {
+        return Err(invalid(
+            format!("{} scopes (at most {MAX_MEMBER_SCOPES})", scopes.len()),
+            scope_next,
+        ));
+    }
+    for sc in scopes {
+        lichen_crdt::validate_scope(sc).map_err(|e| invalid(e, scope_next))?;
+    }
+    Ok(())
+}
+
 async fn member_add(State(n): State<NodeHandle>, Json(b): Json<AddMember>) -> ApiResult {
     let id = parse_id(&b.id)?;
     let role = parse_role(b.role.as_deref().unwrap_or("writer"))?;
     let name = b.name.unwrap_or_else(|| id.short());
+    check_member_fields(&name, &b.addrs, &b.scopes)?;
     let hash = n
         .ask(|reply| Command::MemberAdd {
             id,

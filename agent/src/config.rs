@@ -287,8 +287,8 @@ impl Config {
             .clone()
             .or(f.name.clone())
             .unwrap_or_else(default_name);
-        if name.is_empty() || name.len() > 64 {
-            bail!("name must be 1 to 64 characters");
+        if let Err(e) = lichen_crdt::validate_name(&name) {
+            bail!("invalid `name`: {e} (set it with --name or `name` in the config file)");
         }
         let listen_s = o
             .listen
@@ -314,7 +314,18 @@ impl Config {
             advertise.push(listen.to_string());
         }
         for a in &advertise {
-            resolve_addr(a).with_context(|| format!("invalid advertise address `{a}`"))?;
+            // The membership rule (every node checks it) comes first: an address it refuses
+            // could not be published.
+            lichen_crdt::validate_addr(a)
+                .map_err(anyhow::Error::msg)
+                .and_then(|()| resolve_addr(a))
+                .with_context(|| format!("invalid advertise address `{a}`"))?;
+        }
+        if advertise.len() > lichen_crdt::membership::MAX_MEMBER_ADDRS {
+            bail!(
+                "at most {} advertise addresses",
+                lichen_crdt::membership::MAX_MEMBER_ADDRS
+            );
         }
         let log_format = match o
             .log_format

@@ -353,6 +353,11 @@ fn print_status(r: &Value) {
         s(&r["node"]["name"]),
         s(&r["node"]["role"])
     );
+    if r["node"]["revoked"] == json!(true) {
+        println!(
+            "REMOVED  an admin removed this node from the cluster: its key is revoked, its writes are refused and it no longer syncs (to take part again: a new data directory, then `lichen members add` on an admin)"
+        );
+    }
     println!("cluster  {}", s(&r["cluster"]));
     println!("listen   {}", s(&r["node"]["listen"]));
     println!("join     lichen run --join {}", s(&r["join_token"]));

@@ -216,10 +216,17 @@ impl NodeHandle {
     }
 }
 
-/// Who may connect: active members, plus the join seed while membership is unknown.
+/// Who may connect: active members, former members (keys the membership document lists as
+/// removed), plus the join seed while membership is unknown.
+///
+/// A former member is let in so that it learns of its removal: the sync engine sends it the
+/// signed membership changes that prove it, refuses everything it sends, and serves it
+/// nothing else (see "Former members" in `lichen_crdt::sync`). Refused at the handshake, it
+/// would never learn, and would keep acknowledging writes every other node treats as void.
 #[derive(Default)]
 pub struct Gate {
     members: RwLock<HashSet<PeerKey>>,
+    former: RwLock<HashSet<PeerKey>>,
     bootstrap: RwLock<HashSet<PeerKey>>,
 }
 
@@ -230,7 +237,9 @@ impl lichen_transport::Authorizer for Gate {
             .read()
             .map(|m| m.contains(key))
             .unwrap_or(false);
+        let former = self.former.read().map(|m| m.contains(key)).unwrap_or(false);
         members
+            || former
             || (self.members.read().map(|m| m.is_empty()).unwrap_or(false)
                 && self
                     .bootstrap
@@ -584,7 +593,13 @@ impl Node {
                 }
                 SyncEvent::Rejected { from, label, count } => {
                     store_touched = true;
-                    tracing::warn!(from = %from, reason = label, count, "rejected changes from peer");
+                    if label == "former_member" {
+                        // Until it has the proof of its removal (sent as soon as it
+                        // connects), a removed member's messages are refused, one by one.
+                        tracing::debug!(from = %from, "refused a message from a removed member");
+                    } else {
+                        tracing::warn!(from = %from, reason = label, count, "rejected changes from peer");
+                    }
                     self.metrics
                         .inc_labelled("lichen_changes_rejected_total", label, count as u64);
                 }
@@ -710,15 +725,40 @@ impl Node {
             .filter(|(_, mm)| mm.role != Role::Removed)
             .map(|(id, _)| id.0)
             .collect();
+        let former: HashSet<PeerKey> = m
+            .members
+            .iter()
+            .filter(|(_, mm)| mm.role == Role::Removed)
+            .map(|(id, _)| id.0)
+            .collect();
         if let Ok(mut g) = self.gate.members.write() {
             *g = active.clone();
+        }
+        if let Ok(mut g) = self.gate.former.write() {
+            *g = former;
+        }
+        // Removed for good (the proof came from a peer, or this node's own store holds it):
+        // nothing left to sync, so no one to dial. Its writes are refused as revoked.
+        let removed = m.get(&me).is_some_and(|x| x.role == Role::Removed);
+        if removed
+            && self
+                .membership
+                .as_ref()
+                .and_then(|o| o.get(&me))
+                .map(|x| x.role)
+                != Some(Role::Removed)
+        {
+            tracing::error!(
+                node = %me,
+                "this node was removed from the cluster by an admin: its key is revoked, its writes are refused and it no longer syncs; to take part again, start it with a new data directory (a new key) and ask an admin to add it"
+            );
         }
         if let Ok(mut b) = self.gate.bootstrap.write() {
             *b = self.seeds.iter().map(|(id, _)| id.0).collect();
         }
         let mut wanted: BTreeMap<NodeId, Vec<SocketAddr>> = BTreeMap::new();
         for (id, mm) in &m.members {
-            if *id == me || mm.role == Role::Removed {
+            if *id == me || mm.role == Role::Removed || removed {
                 continue;
             }
             let addrs: Vec<SocketAddr> = mm
@@ -728,7 +768,7 @@ impl Node {
                 .collect();
             wanted.insert(*id, addrs);
         }
-        for (id, addr) in &self.seeds {
+        for (id, addr) in self.seeds.iter().filter(|_| !removed) {
             if let Ok(a) = crate::config::resolve_addr(addr) {
                 let entry = wanted.entry(*id).or_default();
                 if !entry.contains(&a) {
@@ -755,7 +795,7 @@ impl Node {
         self.known_peers = wanted.keys().copied().collect();
         self.endpoint.membership_changed();
         // Our own addresses are published by `publish_own_addrs`, once per run.
-        if !m.is_active(&me) && m.root.is_some() {
+        if !m.is_active(&me) && m.root.is_some() && !removed {
             tracing::warn!(
                 node = %me,
                 "this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",
@@ -910,6 +950,19 @@ impl Node {
     /// A refused write; on a node that is not a member yet, say what to run.
     fn write_error(&self, e: StoreError) -> ApiError {
         let me = self.key.node_id();
+        let removed = self
+            .store
+            .membership()
+            .get(&me)
+            .is_some_and(|x| x.role == Role::Removed);
+        if matches!(e, StoreError::Denied(_)) && removed {
+            return ApiError::new(
+                403,
+                format!(
+                    "this node's key was revoked: an admin removed it from the cluster, so it can no longer write ({e}); to write again, start this machine with a new data directory (a new key) and ask an admin to add it"
+                ),
+            );
+        }
         if matches!(e, StoreError::Denied(_)) && !self.store.membership().is_active(&me) {
             return ApiError::new(
                 403,
@@ -1089,6 +1142,7 @@ impl Node {
                 "id": me.to_string(),
                 "name": self.name,
                 "role": m.get(&me).map(|x| x.role.as_str()).unwrap_or("not a member"),
+                "revoked": m.get(&me).is_some_and(|x| x.role == Role::Removed),
                 "listen": self.endpoint.local_addr().to_string(),
             },
             "cluster": NodeId(self.store.cluster_id()).to_string(),

@@ -76,6 +76,10 @@ pub enum RejectReason {
     /// The document name is invalid.
     #[error("invalid document name")]
     BadDocument,
+    /// A membership change leaves a member entry that breaks the rules of
+    /// [`crate::membership::validate_member`] (name, addresses, scopes).
+    #[error("invalid member entry: {0}")]
+    InvalidMember(String),
 }
 
 impl RejectReason {
@@ -101,6 +105,7 @@ impl RejectReason {
             RejectReason::AutomergePanic => "automerge_panic",
             RejectReason::WrongCluster => "wrong_cluster",
             RejectReason::BadDocument => "bad_document",
+            RejectReason::InvalidMember(_) => "invalid_member",
         }
     }
 

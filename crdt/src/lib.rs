@@ -101,6 +101,8 @@ pub mod sync;
 pub use error::{KeyError, RejectReason, StoreError};
 pub use identity::{NodeId, SecretKey};
 pub use json::{format_path, parse_path, JsonError, PathSeg};
-pub use membership::{Member, Membership, Role};
+pub use membership::{
+    validate_addr, validate_member, validate_name, validate_scope, Member, Membership, Role,
+};
 pub use signed::{valid_doc_name, ClusterId, DecodeError, SignedChange, MEMBERSHIP_DOC};
 pub use store::{Edit, HistoryEntry, IngestReport, Op, Outcome, Store, DEFAULT_MAX_LOADED_DOCS};

@@ -59,6 +59,18 @@
 //! (`a_cloned_admin_key_editing_membership_concurrently_is_void_whatever_the_order`) and the
 //! simulation `cloned_admin_key_editing_membership_in_two_partitions_is_void_everywhere`.
 //!
+//! # Member entries
+//! A change whose resulting member entry breaks these rules is void (reason
+//! `invalid_member`), judged by every node on ingest like the rules above; the API checks the
+//! same rules first ([`validate_member`]). Only the fields a change modifies are checked, so an
+//! entry written before a rule existed stays usable.
+//! * **name**: 1 to 64 bytes, no control characters, no leading or trailing white space;
+//! * **addrs**: at most 16, each `host:port` (port 0-65535; host a DNS name, an IPv4 address
+//!   or a bracketed IPv6 literal; at most 259 bytes), see [`validate_addr`];
+//! * **scopes**: at most 64, each a document-name prefix: a valid document name with an
+//!   optional trailing `/` (no `..` or `.` segment, no leading `/`, no empty segment, at most
+//!   128 bytes), see [`validate_scope`].
+//!
 //! # Evaluating the membership document deterministically
 //! Membership changes are replayed in a deterministic topological order: Kahn's algorithm,
 //! breaking ties by (start_op, actor, hash). Each change is applied to a fork of the running
@@ -148,6 +160,137 @@ impl Member {
                 doc.starts_with(s.as_str()) || s.strip_suffix('/').is_some_and(|p| p == doc)
             })
     }
+}
+
+/// Longest member name, in bytes.
+pub const MAX_MEMBER_NAME: usize = 64;
+/// Most advertised addresses per member.
+pub const MAX_MEMBER_ADDRS: usize = 16;
+/// Longest advertised address, in bytes (a 253-byte host name, `:` and a port).
+pub const MAX_MEMBER_ADDR: usize = 259;
+/// Most scopes per member.
+pub const MAX_MEMBER_SCOPES: usize = 64;
+
+/// Check a member name: 1 to [`MAX_MEMBER_NAME`] bytes, no control characters, no leading
+/// or trailing white space.
+///
+/// These `validate_*` rules are part of the membership rule (see "Member entries" in the
+/// module docs): every node applies them on ingest, so they are pure functions of the text,
+/// independent of the platform, the resolver or the standard library's address parser.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the name is empty".into());
+    }
+    if name.len() > MAX_MEMBER_NAME {
+        return Err(format!(
+            "the name is {} bytes long (at most {MAX_MEMBER_NAME})",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("the name contains a control character".into());
+    }
+    if name.trim() != name {
+        return Err("the name starts or ends with white space".into());
+    }
+    Ok(())
+}
+
+/// Check an advertised address: `host:port` where port is a decimal number 0..=65535 (0:
+/// what a node listening on an OS-chosen port advertises) and
+/// host is a bracketed IPv6 literal (`[` hex digits, `:` and `.` `]`, up to 45 characters
+/// inside) or a dotted name or IPv4 address: labels of 1 to 63 ASCII letters, digits, `-`
+/// or `_`, at most 253 bytes in all.
+pub fn validate_addr(addr: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("address `{}`: {why}", addr.escape_debug()));
+    if addr.len() > MAX_MEMBER_ADDR {
+        return Err(format!(
+            "an address is {} bytes long (at most {MAX_MEMBER_ADDR})",
+            addr.len()
+        ));
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("expected host:port");
+    };
+    if port.is_empty()
+        || port.len() > 5
+        || !port.bytes().all(|b| b.is_ascii_digit())
+        || !port.parse::<u32>().is_ok_and(|p| p <= 65535)
+    {
+        return bad("the port must be a number from 0 to 65535");
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(inner) = inner.strip_suffix(']') else {
+            return bad("an IPv6 address must be written [addr]:port");
+        };
+        let ok = (2..=45).contains(&inner.len())
+            && inner.contains(':')
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        return if ok {
+            Ok(())
+        } else {
+            bad("not an IPv6 address")
+        };
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return bad("the host must be a name or an IP address (IPv6 in brackets)");
+    }
+    Ok(())
+}
+
+/// Check a scope: a document-name prefix. With one optional trailing `/` removed, it must
+/// be a valid document name ([`crate::valid_doc_name`]: 1 to 128 bytes of lowercase a-z,
+/// 0-9, `.`, `_`, `-` in `/`-separated segments, no empty, `.` or `..` segment, no leading
+/// `/` or `_`), and not the membership document.
+pub fn validate_scope(scope: &str) -> Result<(), String> {
+    let body = scope.strip_suffix('/').unwrap_or(scope);
+    if body == MEMBERSHIP_DOC || !crate::signed::valid_doc_name(body) {
+        return Err(format!(
+            "scope `{}` is not a document-name prefix (lowercase a-z 0-9 . _ - in segments \
+             separated by /, no empty, `.` or `..` segment, at most 128 bytes; e.g. `region/eu/`)",
+            scope.chars().take(80).collect::<String>().escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// Check every field of a member entry (see the `validate_*` functions).
+pub fn validate_member(m: &Member) -> Result<(), String> {
+    validate_changed(None, m)
+}
+
+/// Check the fields of `now` that differ from `before` (all of them for a new entry): an
+/// entry written before these rules existed may keep an old field while another one changes.
+fn validate_changed(before: Option<&Member>, now: &Member) -> Result<(), String> {
+    if before.is_none_or(|b| b.name != now.name) {
+        validate_name(&now.name)?;
+    }
+    if before.is_none_or(|b| b.addrs != now.addrs) {
+        if now.addrs.len() > MAX_MEMBER_ADDRS {
+            return Err(format!(
+                "{} addresses (at most {MAX_MEMBER_ADDRS})",
+                now.addrs.len()
+            ));
+        }
+        now.addrs.iter().try_for_each(|a| validate_addr(a))?;
+    }
+    if before.is_none_or(|b| b.scopes != now.scopes) {
+        if now.scopes.len() > MAX_MEMBER_SCOPES {
+            return Err(format!(
+                "{} scopes (at most {MAX_MEMBER_SCOPES})",
+                now.scopes.len()
+            ));
+        }
+        now.scopes.iter().try_for_each(|s| validate_scope(s))?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -752,6 +895,12 @@ fn judge(
     } else {
         transition_check(state, &c.author, &root, &after)?
     };
+    for (id, now) in &after {
+        if let Some(now) = now {
+            validate_changed(state.members.get(id), now)
+                .map_err(|e| RejectReason::InvalidMember(format!("{}: {e}", id.short())))?;
+        }
+    }
     Ok((needed_admin, root, after))
 }
 

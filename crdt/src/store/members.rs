@@ -49,6 +49,7 @@ impl Store {
             scopes,
             cutoff: BTreeMap::new(),
         };
+        membership::validate_member(&m).map_err(StoreError::Invalid)?;
         self.member_edit(key, &id, Some(m), now_ms)
     }
 
@@ -84,6 +85,16 @@ impl Store {
         scopes: Vec<String>,
         now_ms: i64,
     ) -> Result<SignedChange, StoreError> {
+        if scopes.len() > membership::MAX_MEMBER_SCOPES {
+            return Err(StoreError::Invalid(format!(
+                "{} scopes (at most {})",
+                scopes.len(),
+                membership::MAX_MEMBER_SCOPES
+            )));
+        }
+        for s in &scopes {
+            membership::validate_scope(s).map_err(StoreError::Invalid)?;
+        }
         let mut m = self.member_record(&id)?;
         m.cutoff = self.cutoff_for(&id)?;
         m.scopes = scopes;
@@ -119,6 +130,16 @@ impl Store {
             .ok_or_else(|| StoreError::Denied("this node is not a member yet".into()))?;
         if m.addrs == addrs {
             return Ok(None);
+        }
+        if addrs.len() > membership::MAX_MEMBER_ADDRS {
+            return Err(StoreError::Invalid(format!(
+                "{} addresses (at most {})",
+                addrs.len(),
+                membership::MAX_MEMBER_ADDRS
+            )));
+        }
+        for a in &addrs {
+            membership::validate_addr(a).map_err(StoreError::Invalid)?;
         }
         m.addrs = addrs;
         self.member_edit(key, &me, Some(m), now_ms).map(Some)

@@ -361,6 +361,7 @@ impl Store {
             scopes: Vec::new(),
             cutoff: BTreeMap::new(),
         };
+        crate::membership::validate_member(&member).map_err(StoreError::Invalid)?;
         let mut tx = am.transaction();
         let ops = json::put_path(
             &mut tx,

@@ -112,6 +112,17 @@
 //! `pull_timeout_ms` is abandoned. So when a partition heals, a node receives what it lacks
 //! once, not once per neighbour across the cut.
 //!
+//! **Former members.** A key the membership document lists as `removed` may still connect
+//! (the agent's transport admits it), so that it learns of its removal: a node refusing it
+//! outright would leave it signing writes every other node voids, unaware. The engine serves
+//! such a peer only the proof: when it comes up, or when a membership change makes a connected
+//! peer a former member, its queue is cleared and it is sent every valid membership change (in
+//! causal order, as `Push`, from genesis: it verifies the removal itself). It is left out of
+//! rounds, pulls, pushes and relays, and every message it sends is refused, counted in
+//! [`Stats::refused_former`] and reported as [`Event::Rejected`] with label `former_member`.
+//! If a later membership change makes it a member again (its removal turned out void), it is
+//! served normally again.
+//!
 //! **Membership first.** Membership changes lead every batch, and the store ingests them before
 //! config changes. A config change whose author is not yet known waits in the store's bounded
 //! pending set and is applied as soon as the membership change arrives.
@@ -164,7 +175,8 @@ pub use wire::{
 
 use crate::error::StoreError;
 use crate::identity::NodeId;
-use crate::signed::SignedChange;
+use crate::membership::Role;
+use crate::signed::{SignedChange, MEMBERSHIP_DOC};
 use crate::store::{IngestReport, Store};
 
 /// What the engine needs from a replica's storage. [`Store`] implements it; tests may wrap it
@@ -224,6 +236,30 @@ pub trait Replica {
     fn change_by_id(&self, id: &ChangeId) -> Result<Option<SignedChange>, StoreError> {
         let _ = id;
         Ok(None)
+    }
+    /// Whether `peer` is a *former member*: its key is in the membership document with role
+    /// `removed`. The engine serves such a peer only the proof of its removal (see "Former
+    /// members" in the module docs).
+    fn is_former_member(&self, peer: &NodeId) -> bool {
+        let _ = peer;
+        false
+    }
+    /// Every valid change of the membership document, in causal order (by `start_op`): what
+    /// a former member is sent, so that it can verify its removal itself.
+    fn membership_changes(&self) -> Result<Vec<SignedChange>, StoreError> {
+        let clocks = self.clocks()?;
+        let mut out = Vec::new();
+        if let Some(vv) = clocks.get(MEMBERSHIP_DOC) {
+            for (author, seq) in vv {
+                out.extend(self.changes_after(MEMBERSHIP_DOC, author, 0, *seq as usize)?);
+            }
+        }
+        out.sort_by_cached_key(|c| {
+            crate::header::parse(&c.bytes)
+                .map(|h| (h.start_op, h.hash))
+                .unwrap_or((u64::MAX, [0xff; 32]))
+        });
+        Ok(out)
     }
 }
 
@@ -295,6 +331,12 @@ impl Replica for Store {
             Some(h) => self.get_change(&h),
             None => Ok(None),
         }
+    }
+
+    fn is_former_member(&self, peer: &NodeId) -> bool {
+        self.membership()
+            .get(peer)
+            .is_some_and(|m| m.role == Role::Removed)
     }
 }
 

@@ -84,6 +84,9 @@ impl SyncEngine {
         if out.progress || !report.changed_docs.is_empty() {
             self.cache = None;
         }
+        if report.membership_changed {
+            self.check_former(store)?;
+        }
         if !out.applied.is_empty() {
             // Membership first, then in the order applied: relaying keeps dependencies ahead.
             out.applied.sort_by_key(|c| c.doc != MEMBERSHIP_DOC);

@@ -43,7 +43,7 @@ use super::rng::SplitMix64;
 use super::wire::{change_id, ChangeId, Clocks, DocRange, SyncMessage};
 use super::{Replica, SyncError};
 use crate::identity::NodeId;
-use crate::signed::SignedChange;
+use crate::signed::{SignedChange, MEMBERSHIP_DOC};
 
 use pull::{lacks, seq_of, short_tag, Pos, Pull, Summary, Theirs};
 use relay::push;
@@ -194,11 +194,18 @@ pub struct Stats {
     pub rejected: u64,
     /// Anti-entropy rounds started by this node.
     pub rounds: u64,
+    /// Times a former member was sent the proof of its removal (see "Former members" in
+    /// [`crate::sync`]).
+    pub former_served: u64,
+    /// Messages from former members, refused.
+    pub refused_former: u64,
 }
 
 #[derive(Debug, Default)]
 struct Peer {
     up: bool,
+    /// A former member: sent only the proof of its removal, its messages refused.
+    restricted: bool,
     ready: bool,
     queue: VecDeque<SyncMessage>,
     queued_bytes: usize,
@@ -291,11 +298,12 @@ impl SyncEngine {
         &self.stats
     }
 
-    /// Peers currently up.
+    /// Peers currently up (former members, which are only sent the proof of their
+    /// removal, are not counted).
     pub fn peers_up(&self) -> Vec<NodeId> {
         self.peers
             .iter()
-            .filter(|(_, p)| p.up)
+            .filter(|(_, p)| p.up && !p.restricted)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -328,8 +336,12 @@ impl SyncEngine {
         }
         let p = self.peers.entry(peer).or_default();
         p.up = true;
+        p.restricted = false;
         p.ready = true;
         p.last_pull = None;
+        if store.is_former_member(&peer) {
+            return self.restrict(peer, store);
+        }
         if self.next_round.is_none() {
             self.schedule_round(now);
         }
@@ -368,10 +380,12 @@ impl SyncEngine {
         changes: &[SignedChange],
         store: &mut impl Replica,
     ) -> Result<(), SyncError> {
-        let _ = &*store;
         self.cache = None;
         if changes.is_empty() {
             return Ok(());
+        }
+        if changes.iter().any(|c| c.doc == MEMBERSHIP_DOC) {
+            self.check_former(store)?;
         }
         let targets = self.peers_up();
         for chunk in self.chunks(changes.to_vec()) {
@@ -430,6 +444,15 @@ impl SyncEngine {
         self.stats.received_messages += 1;
         self.stats.received_bytes += msg.encoded_len() as u64;
         if from == self.me {
+            return Ok(());
+        }
+        if self.peers.get(&from).is_some_and(|p| p.restricted) {
+            self.stats.refused_former += 1;
+            self.event(Event::Rejected {
+                from,
+                label: "former_member",
+                count: 1,
+            });
             return Ok(());
         }
         match msg {
@@ -675,11 +698,68 @@ impl SyncEngine {
         self.events.push_back(e);
     }
 
-    /// Queue `msg` for `peer`; `false` if it was dropped (peer down, or its queue full).
+    /// Re-judge which connected peers are former members (the membership changed): a peer
+    /// that just became one is restricted and sent the proof; one that is a member again
+    /// (its removal turned out void) is served normally again.
+    pub(super) fn check_former(&mut self, store: &mut impl Replica) -> Result<(), SyncError> {
+        let up: Vec<(NodeId, bool)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.up)
+            .map(|(id, p)| (*id, p.restricted))
+            .collect();
+        for (id, was) in up {
+            let former = store.is_former_member(&id);
+            if former && !was {
+                self.restrict(id, store)?;
+            } else if was && !former {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.restricted = false;
+                }
+                let msg = self.short_digest(store)?;
+                self.enqueue(id, msg);
+            }
+        }
+        Ok(())
+    }
+
+    /// `peer` is a former member: drop what was queued for it, stop pulling from it, and
+    /// send it every valid membership change (the proof of its removal).
+    fn restrict(&mut self, peer: NodeId, store: &mut impl Replica) -> Result<(), SyncError> {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        p.restricted = true;
+        p.queue.clear();
+        p.queued_bytes = 0;
+        if self.pulling.as_ref().is_some_and(|p| p.peer == peer) {
+            self.pulling = None;
+        }
+        self.pruned.retain(|(p, _)| *p != peer);
+        self.held.remove(&peer);
+        let proof = store.membership_changes()?;
+        for chunk in self.chunks(proof) {
+            self.enqueue_any(peer, push(chunk), true);
+        }
+        self.stats.former_served += 1;
+        Ok(())
+    }
+
+    /// Queue `msg` for `peer`; `false` if it was dropped (peer down or a former member, or
+    /// its queue full).
     fn enqueue(&mut self, peer: NodeId, msg: SyncMessage) -> bool {
+        self.enqueue_any(peer, msg, false)
+    }
+
+    /// [`SyncEngine::enqueue`]; with `proof`, also to a former member (its removal's proof).
+    fn enqueue_any(&mut self, peer: NodeId, msg: SyncMessage, proof: bool) -> bool {
         let len = msg.encoded_len();
         let (qm, qb) = (self.cfg.queue_messages, self.cfg.queue_bytes);
-        let Some(p) = self.peers.get_mut(&peer).filter(|p| p.up) else {
+        let Some(p) = self
+            .peers
+            .get_mut(&peer)
+            .filter(|p| p.up && (proof || !p.restricted))
+        else {
             return false;
         };
         if !p.queue.is_empty() && (p.queue.len() >= qm || p.queued_bytes + len > qb) {

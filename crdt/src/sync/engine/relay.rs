@@ -193,13 +193,15 @@ impl SyncEngine {
         let all = self
             .peers
             .iter()
-            .filter(|(id, p)| p.up && **id != from)
+            .filter(|(id, p)| p.up && !p.restricted && **id != from)
             .count();
         let others: Vec<NodeId> = self
             .peers
             .iter()
             .filter(|(id, p)| {
-                p.up && **id != from && !(self.cfg.relay_skip_holders && holds_all(id))
+                p.up && !p.restricted
+                    && **id != from
+                    && !(self.cfg.relay_skip_holders && holds_all(id))
             })
             .map(|(id, _)| *id)
             .collect();
