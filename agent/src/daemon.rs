@@ -147,6 +147,20 @@ pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::Soc
 
 /// Run the daemon until a shutdown signal.
 pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()> {
+    // API connections, SQLite, the QUIC socket, file watches and rendered files all take
+    // descriptors; the usual soft limit of 1,024 is too tight to share (see `server`).
+    match crate::server::raise_fd_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::debug!(before, after, "raised the soft file descriptor limit")
+        }
+        Ok((before, _)) => {
+            tracing::debug!(
+                limit = before,
+                "file descriptor limit unchanged (hard limit)"
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
     let me = key.node_id();
     let (mut store, founded) = open_store(&cfg, &key)?;
@@ -189,12 +203,6 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             )
         })?;
     let api_addr = api.local_addr()?;
-    // Small responses and SSE events go out at once, not after the previous segment's ACK.
-    let api = axum::serve::ListenerExt::tap_io(api, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
-        }
-    });
 
     let member = store.membership().is_active(&me);
     let mut seeds = load_seeds(&cfg.data_dir);
@@ -253,22 +261,18 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         &cfg.data_dir.join("bindings"),
     );
 
-    let server_shutdown = {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            while !*rx.borrow() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        }
+    let router = crate::api::router(handle.clone(), cfg.api_idle_timeout);
+    let limits = crate::server::Limits {
+        max_connections: cfg.api_max_connections,
+        idle_timeout: cfg.api_idle_timeout,
     };
-    let router = crate::api::router(handle.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(api, router)
-            .with_graceful_shutdown(server_shutdown)
-            .await
-    });
+    let server = tokio::spawn(crate::server::serve(
+        api,
+        router,
+        limits,
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -13,6 +13,7 @@ mod demo;
 mod metrics;
 mod node;
 mod render;
+mod server;
 
 use anyhow::Context;
 use clap::Parser;

@@ -71,6 +71,9 @@ pub struct Metrics {
     pub render_writes: AtomicU64,
     pub render_reloads: AtomicU64,
     pub ingests: AtomicU64,
+    pub api_connections: AtomicU64,
+    pub api_refused: AtomicU64,
+    pub api_accept_errors: AtomicU64,
     pub write_latency: Histogram,
     pub apply_latency: Histogram,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -100,7 +103,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 18] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 21] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -207,6 +210,24 @@ impl Metrics {
                 "lichen_ingests_total",
                 "Local file edits applied to their document",
                 &self.ingests,
+                "counter",
+            ),
+            (
+                "lichen_api_connections",
+                "Open connections to the local API",
+                &self.api_connections,
+                "gauge",
+            ),
+            (
+                "lichen_api_connections_refused_total",
+                "API connections refused because api_max_connections were open",
+                &self.api_refused,
+                "counter",
+            ),
+            (
+                "lichen_api_accept_errors_total",
+                "API connections that could not be accepted (e.g. out of file descriptors)",
+                &self.api_accept_errors,
                 "counter",
             ),
         ];
