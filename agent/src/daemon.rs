@@ -34,8 +34,13 @@ pub fn init_logging(format: LogFormat, filter: &str) -> LogHandle {
                     .with_writer(std::io::stderr),
             )
             .init(),
+        // Colour only on a terminal: a log file or a journal must not get escape codes.
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .init(),
     }
     handle
@@ -236,23 +241,17 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         shutdown_rx.clone(),
     );
 
-    // The banner: what happened and what to do next.
-    eprintln!("lichen {} — node {me}", env!("CARGO_PKG_VERSION"));
-    eprintln!("  data dir : {}", cfg.data_dir.display());
-    eprintln!("  peers    : QUIC on {listen}");
-    eprintln!("  API      : http://{api_addr} (try `lichen --api {api_addr} status`)");
-    if founded {
-        eprintln!("  founded a new cluster; this node is its root admin");
-    }
-    if member {
-        eprintln!("  to add a node: on it run   lichen run --join {token}");
-        eprintln!("                 then here   lichen members add <its node id> --role writer --name <name>");
-    } else {
-        eprintln!(
-            "  this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",
-            cfg.name
-        );
-    }
+    banner(&BannerFacts {
+        json: cfg.log_format == LogFormat::Json,
+        me,
+        name: &cfg.name,
+        data_dir: &cfg.data_dir,
+        listen,
+        api: api_addr,
+        founded,
+        member,
+        token: &token,
+    });
 
     let bindings = crate::render::Manager::start(
         cfg.bindings.clone(),
@@ -314,6 +313,61 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     endpoint.close().await;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// What the start-up banner says.
+struct BannerFacts<'a> {
+    json: bool,
+    me: NodeId,
+    name: &'a str,
+    data_dir: &'a Path,
+    listen: std::net::SocketAddr,
+    api: std::net::SocketAddr,
+    founded: bool,
+    member: bool,
+    token: &'a str,
+}
+
+/// The banner: what happened and what to do next. With `log_format = "json"` it is one
+/// log event (every line the agent prints is then JSON); otherwise lines for a person.
+fn banner(f: &BannerFacts) {
+    let (me, api, token) = (f.me, f.api, f.token);
+    let next = if f.member {
+        format!("to add a node: on it run `lichen run --join {token}`, then here `lichen members add <its node id> --role writer --name <name>`")
+    } else {
+        format!(
+            "this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",
+            f.name
+        )
+    };
+    if f.json {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            node = %me,
+            data_dir = %f.data_dir.display(),
+            peers = %f.listen,
+            api = %format!("http://{api}"),
+            founded = f.founded,
+            member = f.member,
+            join_token = token,
+            next = %next,
+            "lichen started"
+        );
+        return;
+    }
+    eprintln!("lichen {} — node {me}", env!("CARGO_PKG_VERSION"));
+    eprintln!("  data dir : {}", f.data_dir.display());
+    eprintln!("  peers    : QUIC on {}", f.listen);
+    eprintln!("  API      : http://{api} (try `lichen --api {api} status`)");
+    if f.founded {
+        eprintln!("  founded a new cluster; this node is its root admin");
+    }
+    if f.member {
+        eprintln!("  to add a node: on it run   lichen run --join {token}");
+        eprintln!("                 then here   lichen members add <its node id> --role writer --name <name>");
+    } else {
+        eprintln!("  {next}");
+    }
 }
 
 /// `lichen init`: prepare a data directory (key, and for a joining node its store), print the
