@@ -721,7 +721,7 @@ fn an_edit_made_while_the_agent_was_stopped_is_ingested_at_start() {
 fn a_slow_save_is_one_change_and_peers_never_render_the_half() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
-    let (a, b, fa, fb) = two_nodes_with(dir, "app/slow", "toml", "mode = \"sync\"", |_| {});
+    let (a, _b, fa, fb) = two_nodes_with(dir, "app/slow", "toml", "mode = \"sync\"", |_| {});
     let full = json!({"k1": 1, "k2": 2, "k3": 3, "k4": 4});
     assert!(a.put("app/slow", "", full));
     for f in [&fa, &fb] {
