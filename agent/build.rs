@@ -5,6 +5,13 @@
 //! `.text` into every agent's resident set. Only done where the linker is known to be LLD
 //! (`--symbol-ordering-file` is an LLD option): the x86_64-unknown-linux-gnu target with
 //! rustc ≥ 1.90 and no linker configured. Names that are not in the binary are ignored.
+//!
+//! It also links the release `lichen` without debug info (`--strip-debug`, on Linux): the
+//! profile keeps `debug = 1` (changing the profile would change every symbol's hash, and so
+//! the names in the order file), but the shipped binary drops the ~65 MB of DWARF and keeps
+//! its symbol table, so `perf`, callgrind and panic backtraces still name functions. For
+//! line-level profiling build it with `LICHEN_KEEP_DEBUGINFO=1`: the same code and layout,
+//! with the DWARF.
 
 use std::env;
 use std::path::Path;
@@ -13,7 +20,14 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=link/lichen.order");
     println!("cargo:rerun-if-env-changed=LICHEN_NO_LINK_ORDER");
+    println!("cargo:rerun-if-env-changed=LICHEN_KEEP_DEBUGINFO");
     let var = |k: &str| env::var(k).unwrap_or_default();
+    if var("PROFILE") == "release"
+        && var("CARGO_CFG_TARGET_OS") == "linux"
+        && env::var_os("LICHEN_KEEP_DEBUGINFO").is_none()
+    {
+        println!("cargo:rustc-link-arg-bin=lichen=-Wl,--strip-debug");
+    }
     if var("PROFILE") != "release"
         || var("TARGET") != "x86_64-unknown-linux-gnu"
         || !var("RUSTC_LINKER").is_empty()

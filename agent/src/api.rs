@@ -14,15 +14,24 @@
 //! | `GET /v1/status` | peers, heads, lag, rejections |
 //! | `GET /metrics` | Prometheus text format |
 //!
-//! Request bodies are limited to 1 MiB. Errors are JSON: `{"error": "..."}` with a message
-//! that names the next step.
+//! Request bodies are limited to 1 MiB ([`MAX_BODY`], checked against `Content-Length`
+//! before anything is read) and must arrive within the API's idle timeout. A write holds at
+//! most [`MAX_WRITE_NODES`] map keys and list items (split a bigger value into several
+//! writes): that bounds the work, the memory and the wait of every other request behind one
+//! write.
+//!
+//! Every error is JSON, `{"error": "..."}`, with a message that names the next step: the
+//! handlers' own ([`ApiError`]), and those that the framework makes (an unknown route, a
+//! wrong method, a query or body that does not parse, a body too large or of the wrong
+//! content type), which [`bodies_and_errors`] rewrites into the same shape.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,6 +46,36 @@ use crate::node::{ApiError, Command, NodeHandle, Watched};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1 << 20;
+
+/// Most map keys and list items (counted through the whole value) one write may hold.
+/// A 1 MiB body can hold ~100,000 of them; the node task builds and commits one change for
+/// a write while every other request waits, at roughly 0.1 ms and 2.5 KiB of heap (which
+/// the allocator keeps) per key in a release build, so 100,000 keys stalled the API for
+/// seconds and left the agent ~240 MiB larger. At 5,000 the wait is ~0.2 s at most.
+pub const MAX_WRITE_NODES: usize = 5_000;
+
+/// Map keys and list items in `v`, counting stops once past `limit`.
+pub fn count_nodes(v: &Value, limit: usize) -> usize {
+    let mut n = 0usize;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                n += m.len();
+                stack.extend(m.values());
+            }
+            Value::Array(a) => {
+                n += a.len();
+                stack.extend(a.iter());
+            }
+            _ => {}
+        }
+        if n > limit {
+            break;
+        }
+    }
+    n
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -69,9 +108,9 @@ impl DocQuery {
     }
 }
 
-/// Build the router.
-pub fn router(node: NodeHandle) -> Router {
-    Router::new()
+/// Build the router. Request bodies must arrive within `body_timeout`.
+pub fn router(node: NodeHandle, body_timeout: Duration) -> Router {
+    let routes = Router::new()
         .route(
             "/v1/health",
             get(|| async { Json(json!({"status": "ok"})) }),
@@ -88,8 +127,166 @@ pub fn router(node: NodeHandle) -> Router {
         .route("/v1/members/role", post(member_role))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(node)
+        .with_state(node);
+    // Around the whole router (not each route), so that it sees responses as the router
+    // finishes them (a 405's `Allow` header is added after the route's own layers).
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn_with_state(
+            body_timeout,
+            bodies_and_errors,
+        ))
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        404,
+        format!(
+            "no API route {method} {}; the routes are /v1/health, /v1/get, /v1/put, /v1/del, /v1/ls, /v1/history, /v1/conflicts, /v1/watch, /v1/members, /v1/members/remove, /v1/members/role, /v1/status and /metrics (see the API table in agent/src/api.rs or use the `lichen` CLI)",
+            uri.path()
+        ),
+    )
+}
+
+/// Read the request body first (refusing it by its `Content-Length` before reading, and
+/// giving up on a body that does not arrive within `timeout`), then run the handler, then
+/// turn any error response that is not JSON yet into `{"error": ...}` with a next step.
+async fn bodies_and_errors(
+    State(timeout): State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large().with_close();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_big {
+                too_large().with_close()
+            } else {
+                ApiError::new(
+                    400,
+                    format!("cannot read the request body: {e}; send it again"),
+                )
+                .into_response()
+                .with_close()
+            };
+        }
+        Err(_) => {
+            return ApiError::new(
+                408,
+                format!(
+                    "the request body did not arrive within {} ms; send the whole request at once",
+                    timeout.as_millis()
+                ),
+            )
+            .into_response()
+            .with_close()
+        }
+    };
+    let resp = next
+        .run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    as_json_error(resp, &method, &path).await
+}
+
+fn too_large() -> Response {
+    ApiError::new(
+        413,
+        format!(
+            "the request body is larger than {} MiB; split the value into several writes",
+            MAX_BODY >> 20
+        ),
+    )
+    .into_response()
+}
+
+trait WithClose {
+    fn with_close(self) -> Response;
+}
+
+impl WithClose for Response {
+    /// The request's body may be left unread: do not reuse the connection.
+    fn with_close(mut self) -> Response {
+        self.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        self
+    }
+}
+
+/// An error response the framework made (plain text or empty) as `{"error": ...}` with the
+/// next step for its status; JSON responses and successes pass unchanged.
+async fn as_json_error(resp: Response, method: &Method, path: &str) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let allow = parts
+        .headers
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let why = |default: &str| {
+        if text.is_empty() {
+            default.to_string()
+        } else {
+            text.clone()
+        }
+    };
+    let msg = match status.as_u16() {
+        400 => format!(
+            "{}; check the query parameters (doc, path, limit, since) and the value's JSON",
+            why("the request is invalid")
+        ),
+        404 => format!("no API route {method} {path}; see the API table in agent/src/api.rs"),
+        405 => format!("{path} does not accept {method}; use {allow}"),
+        413 => format!(
+            "the request body is larger than {} MiB; split the value into several writes",
+            MAX_BODY >> 20
+        ),
+        415 => format!(
+            "{}; send the body as JSON with the header `Content-Type: application/json`",
+            why("unsupported content type")
+        ),
+        422 => format!(
+            "{}; see the API table in agent/src/api.rs for the fields this route takes",
+            why("the JSON body does not have the expected fields")
+        ),
+        _ => format!(
+            "{}; see the agent's log",
+            why(status.canonical_reason().unwrap_or("error"))
+        ),
+    };
+    let mut out = ApiError::new(status.as_u16(), msg).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 async fn get_value(State(n): State<NodeHandle>, Query(q): Query<DocQuery>) -> ApiResult {
@@ -130,6 +327,15 @@ async fn put_value(
             format!("the value must be JSON (quote strings: '\"text\"'): {e}"),
         )
     })?;
+    let nodes = count_nodes(&value, MAX_WRITE_NODES);
+    if nodes > MAX_WRITE_NODES {
+        return Err(ApiError::new(
+            413,
+            format!(
+                "the value holds more than {MAX_WRITE_NODES} map keys and list items; write it in parts (one put per sub-path)"
+            ),
+        ));
+    }
     let op = if path.is_empty() {
         if !value.is_object() {
             return Err(ApiError::new(400, "a whole document must be a JSON object"));

@@ -23,6 +23,9 @@ pub const DEFAULT_WAL_PAGES: u32 = 4000;
 /// Default local API address.
 pub const DEFAULT_API: &str = "127.0.0.1:7421";
 
+/// Default cap on concurrent API connections.
+pub const DEFAULT_API_MAX_CONNECTIONS: usize = 256;
+
 /// The TOML file, as written by an operator. Every field is optional.
 #[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +40,14 @@ pub struct FileConfig {
     pub advertise: Option<Vec<String>>,
     /// Local HTTP API address (must be loopback).
     pub api: Option<String>,
+    /// Most API connections open at once (default 256); one more is answered `503` and
+    /// closed at once. Each holds a file descriptor, so this bounds what the API can take
+    /// from peers, the store and file bindings.
+    pub api_max_connections: Option<usize>,
+    /// An API connection that is idle, or sends a request head or body slower than this, is
+    /// closed (milliseconds, default 10000). Streams (`/v1/watch`) are not affected once
+    /// their request is in.
+    pub api_idle_timeout_ms: Option<u64>,
     /// `text` or `json`.
     pub log_format: Option<String>,
     /// `RUST_LOG`-style filter.
@@ -129,6 +140,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub advertise: Vec<String>,
     pub api: SocketAddr,
+    pub api_max_connections: usize,
+    pub api_idle_timeout: Duration,
     pub log_format: LogFormat,
     pub log: String,
     pub fsync: Fsync,
@@ -154,6 +167,8 @@ impl Config {
             listen,
             advertise,
             api,
+            api_max_connections,
+            api_idle_timeout,
             log_format,
             log: _,
             fsync,
@@ -171,6 +186,14 @@ impl Config {
             (*listen != new.listen, "listen"),
             (*advertise != new.advertise, "advertise"),
             (*api != new.api, "api"),
+            (
+                *api_max_connections != new.api_max_connections,
+                "api_max_connections",
+            ),
+            (
+                *api_idle_timeout != new.api_idle_timeout,
+                "api_idle_timeout_ms",
+            ),
             (*log_format != new.log_format, "log_format"),
             (*fsync != new.fsync, "fsync"),
             (
@@ -305,6 +328,16 @@ impl Config {
         if !api.ip().is_loopback() {
             bail!("`api` must be a loopback address (the API has no authentication): got {api}");
         }
+        let api_max_connections = f.api_max_connections.unwrap_or(DEFAULT_API_MAX_CONNECTIONS);
+        if !(4..=65_536).contains(&api_max_connections) {
+            bail!("api_max_connections must be between 4 and 65536, not {api_max_connections}");
+        }
+        let api_idle_timeout = Duration::from_millis(f.api_idle_timeout_ms.unwrap_or(10_000));
+        if api_idle_timeout < Duration::from_millis(100)
+            || api_idle_timeout > Duration::from_secs(3600)
+        {
+            bail!("api_idle_timeout_ms must be between 100 and 3600000");
+        }
         let mut advertise = if o.advertise.is_empty() {
             f.advertise.clone().unwrap_or_default()
         } else {
@@ -397,6 +430,8 @@ impl Config {
             listen,
             advertise,
             api,
+            api_max_connections,
+            api_idle_timeout,
             log_format,
             log,
             fsync,

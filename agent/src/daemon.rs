@@ -34,8 +34,13 @@ pub fn init_logging(format: LogFormat, filter: &str) -> LogHandle {
                     .with_writer(std::io::stderr),
             )
             .init(),
+        // Colour only on a terminal: a log file or a journal must not get escape codes.
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .init(),
     }
     handle
@@ -147,6 +152,20 @@ pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::Soc
 
 /// Run the daemon until a shutdown signal.
 pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()> {
+    // API connections, SQLite, the QUIC socket, file watches and rendered files all take
+    // descriptors; the usual soft limit of 1,024 is too tight to share (see `server`).
+    match crate::server::raise_fd_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::debug!(before, after, "raised the soft file descriptor limit")
+        }
+        Ok((before, _)) => {
+            tracing::debug!(
+                limit = before,
+                "file descriptor limit unchanged (hard limit)"
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
     let me = key.node_id();
     let (mut store, founded) = open_store(&cfg, &key)?;
@@ -187,12 +206,6 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             )
         })?;
     let api_addr = api.local_addr()?;
-    // Small responses and SSE events go out at once, not after the previous segment's ACK.
-    let api = axum::serve::ListenerExt::tap_io(api, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
-        }
-    });
 
     let member = store.membership().is_active(&me);
     let mut seeds = load_seeds(&cfg.data_dir);
@@ -226,23 +239,17 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         shutdown_rx.clone(),
     );
 
-    // The banner: what happened and what to do next.
-    eprintln!("lichen {} — node {me}", env!("CARGO_PKG_VERSION"));
-    eprintln!("  data dir : {}", cfg.data_dir.display());
-    eprintln!("  peers    : QUIC on {listen}");
-    eprintln!("  API      : http://{api_addr} (try `lichen --api {api_addr} status`)");
-    if founded {
-        eprintln!("  founded a new cluster; this node is its root admin");
-    }
-    if member {
-        eprintln!("  to add a node: on it run   lichen run --join {token}");
-        eprintln!("                 then here   lichen members add <its node id> --role writer --name <name>");
-    } else {
-        eprintln!(
-            "  this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",
-            cfg.name
-        );
-    }
+    banner(&BannerFacts {
+        json: cfg.log_format == LogFormat::Json,
+        me,
+        name: &cfg.name,
+        data_dir: &cfg.data_dir,
+        listen,
+        api: api_addr,
+        founded,
+        member,
+        token: &token,
+    });
 
     let bindings = crate::render::Manager::start(
         cfg.bindings.clone(),
@@ -251,22 +258,18 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         &cfg.data_dir.join("bindings"),
     );
 
-    let server_shutdown = {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            while !*rx.borrow() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        }
+    let router = crate::api::router(handle.clone(), cfg.api_idle_timeout);
+    let limits = crate::server::Limits {
+        max_connections: cfg.api_max_connections,
+        idle_timeout: cfg.api_idle_timeout,
     };
-    let router = crate::api::router(handle.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(api, router)
-            .with_graceful_shutdown(server_shutdown)
-            .await
-    });
+    let server = tokio::spawn(crate::server::serve(
+        api,
+        router,
+        limits,
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -308,6 +311,61 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     endpoint.close().await;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// What the start-up banner says.
+struct BannerFacts<'a> {
+    json: bool,
+    me: NodeId,
+    name: &'a str,
+    data_dir: &'a Path,
+    listen: std::net::SocketAddr,
+    api: std::net::SocketAddr,
+    founded: bool,
+    member: bool,
+    token: &'a str,
+}
+
+/// The banner: what happened and what to do next. With `log_format = "json"` it is one
+/// log event (every line the agent prints is then JSON); otherwise lines for a person.
+fn banner(f: &BannerFacts) {
+    let (me, api, token) = (f.me, f.api, f.token);
+    let next = if f.member {
+        format!("to add a node: on it run `lichen run --join {token}`, then here `lichen members add <its node id> --role writer --name <name>`")
+    } else {
+        format!(
+            "this node is not a member yet: on an admin run `lichen members add {me} --role writer --name {}`",
+            f.name
+        )
+    };
+    if f.json {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            node = %me,
+            data_dir = %f.data_dir.display(),
+            peers = %f.listen,
+            api = %format!("http://{api}"),
+            founded = f.founded,
+            member = f.member,
+            join_token = token,
+            next = %next,
+            "lichen started"
+        );
+        return;
+    }
+    eprintln!("lichen {} — node {me}", env!("CARGO_PKG_VERSION"));
+    eprintln!("  data dir : {}", f.data_dir.display());
+    eprintln!("  peers    : QUIC on {}", f.listen);
+    eprintln!("  API      : http://{api} (try `lichen --api {api} status`)");
+    if f.founded {
+        eprintln!("  founded a new cluster; this node is its root admin");
+    }
+    if f.member {
+        eprintln!("  to add a node: on it run   lichen run --join {token}");
+        eprintln!("                 then here   lichen members add <its node id> --role writer --name <name>");
+    } else {
+        eprintln!("  {next}");
+    }
 }
 
 /// `lichen init`: prepare a data directory (key, and for a joining node its store), print the

@@ -14,6 +14,7 @@ mod exec;
 mod metrics;
 mod node;
 mod render;
+mod server;
 
 use anyhow::Context;
 use clap::Parser;
@@ -112,15 +113,28 @@ fn report(r: anyhow::Result<()>) -> i32 {
     }
 }
 
+/// An error of `lichen run` before logging is set up: a JSON line if JSON logs were asked
+/// for (so that every line the daemon prints parses), else plain text.
+fn early_error(json: bool, e: &anyhow::Error) {
+    if json {
+        let line =
+            json!({"level": "ERROR", "target": "lichen", "fields": {"message": format!("{e:#}")}});
+        eprintln!("{line}");
+    } else {
+        eprintln!("error: {e:#}");
+    }
+}
+
 fn run_daemon(a: RunArgs, api: &str, api_given: bool) -> i32 {
     let o = overrides(&a, api, api_given);
     let cfg = match Config::resolve(&o) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            early_error(o.log_format.as_deref() == Some("json"), &e);
             return exit::USAGE;
         }
     };
+    let json_logs = cfg.log_format == config::LogFormat::Json;
     let log = daemon::init_logging(cfg.log_format, &cfg.log);
     // One thread runs every task of the agent. The node task owns the store and serialises
     // all work on it anyway; the other tasks (HTTP, QUIC drivers, stream readers) mostly hand
@@ -136,11 +150,21 @@ fn run_daemon(a: RunArgs, api: &str, api_given: bool) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            early_error(json_logs, &e);
             return exit::FAILURE;
         }
     };
-    report(rt.block_on(daemon::run(o, cfg, log)))
+    match rt.block_on(daemon::run(o, cfg, log)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            // Through the log, so that it is JSON with `log_format = "json"`.
+            tracing::error!(error = format!("{e:#}"), "the agent stopped on an error");
+            if !json_logs {
+                eprintln!("error: {e:#}");
+            }
+            exit::FAILURE
+        }
+    }
 }
 
 fn usage(msg: impl Into<String>) -> ClientError {
@@ -278,11 +302,21 @@ fn client_command(c: &Client, cmd: Command, as_json: bool) -> Result<(), ClientE
                     print(&r, true);
                 } else {
                     for m in r.as_array().into_iter().flatten() {
+                        let scopes = m["scopes"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>())
+                            .unwrap_or_default();
+                        let scopes = if scopes.is_empty() {
+                            "all".to_string()
+                        } else {
+                            scopes.join(",")
+                        };
                         println!(
-                            "{}  {:8} {:16} {}{}",
+                            "{}  {:8} {:16} scopes {:16} {}{}",
                             m["id"].as_str().unwrap_or(""),
                             m["role"].as_str().unwrap_or(""),
                             m["name"].as_str().unwrap_or(""),
+                            scopes,
                             m["addrs"]
                                 .as_array()
                                 .map(|a| a

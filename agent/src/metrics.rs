@@ -13,6 +13,83 @@ const BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
 
+/// The labelled counter families, with their help text and every reason known up front:
+/// those are exported at 0 from the start, so a dashboard or an alert sees the series
+/// before the first event (`rate()` and `increase()` need a sample before it).
+const FAMILIES: [(&str, &str, &[&str]); 4] = [
+    (
+        "lichen_changes_rejected_total",
+        "Changes received from peers and refused, by reason",
+        &[
+            "actor_not_signer",
+            "automerge_error",
+            "automerge_panic",
+            "bad_document",
+            "bad_signature",
+            "bad_start_op",
+            "depends_on_void",
+            "equivocation",
+            "hash_mismatch",
+            "malformed",
+            "missing_deps",
+            "not_a_member",
+            "not_authorized",
+            "out_of_scope",
+            "revoked",
+            "seq_gap",
+            "too_large",
+            "truncated",
+            "wrong_cluster",
+        ],
+    ),
+    (
+        "lichen_store_errors_total",
+        "Changes not stored because the disk was full or the database failed, by reason",
+        &["database", "disk_full"],
+    ),
+    (
+        "lichen_ingest_errors_total",
+        "Edits of bound files that were not applied, by reason",
+        &[
+            "check",
+            "denied",
+            "empty",
+            "encoding",
+            "root",
+            "syntax",
+            "too_large",
+            "write",
+        ],
+    ),
+    (
+        "lichen_render_errors_total",
+        "Failed writes, checks and reloads of bound files, by reason",
+        &["check", "reload", "write"],
+    ),
+];
+
+/// One labelled counter family: HELP, TYPE, then one `reason` series per value.
+fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&str, u64>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (label, v) in values {
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", escape_label(label));
+    }
+}
+
+/// A label value as the text format wants it: backslash, double quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
 /// A histogram of durations.
 #[derive(Default)]
 pub struct Histogram {
@@ -71,6 +148,9 @@ pub struct Metrics {
     pub render_writes: AtomicU64,
     pub render_reloads: AtomicU64,
     pub ingests: AtomicU64,
+    pub api_connections: AtomicU64,
+    pub api_refused: AtomicU64,
+    pub api_accept_errors: AtomicU64,
     pub write_latency: Histogram,
     pub apply_latency: Histogram,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -84,7 +164,7 @@ impl Metrics {
         }
     }
 
-    /// Current values of a labelled counter family.
+    /// Current values of a labelled counter family (reasons counted at least once).
     pub fn labelled(&self, name: &str) -> BTreeMap<String, u64> {
         self.labelled
             .lock()
@@ -100,7 +180,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 18] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 21] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -209,6 +289,24 @@ impl Metrics {
                 &self.ingests,
                 "counter",
             ),
+            (
+                "lichen_api_connections",
+                "Open connections to the local API",
+                &self.api_connections,
+                "gauge",
+            ),
+            (
+                "lichen_api_connections_refused_total",
+                "API connections refused because api_max_connections were open",
+                &self.api_refused,
+                "counter",
+            ),
+            (
+                "lichen_api_accept_errors_total",
+                "API connections that could not be accepted (e.g. out of file descriptors)",
+                &self.api_accept_errors,
+                "counter",
+            ),
         ];
         for (name, help, v, kind) in counters {
             let _ = writeln!(
@@ -233,15 +331,52 @@ impl Metrics {
             &mut out,
         );
         if let Ok(m) = self.labelled.lock() {
-            let mut last = "";
-            for ((name, label), v) in m.iter() {
-                if *name != last {
-                    let _ = writeln!(out, "# TYPE {name} counter");
-                    last = name;
+            for (name, help, known) in FAMILIES {
+                let counted = m.iter().filter(|((n, _), _)| *n == name);
+                let mut values: BTreeMap<&str, u64> = known.iter().map(|r| (*r, 0)).collect();
+                for ((_, label), v) in counted {
+                    values.insert(label, *v);
                 }
-                let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", label.replace('"', "'"));
+                render_family(&mut out, name, help, &values);
+            }
+            // Families counted somewhere but not listed in FAMILIES (still valid output).
+            let mut others: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+            for ((name, label), v) in m.iter() {
+                if !FAMILIES.iter().any(|(n, _, _)| n == name) {
+                    others.entry(name).or_default().insert(label, *v);
+                }
+            }
+            for (name, values) in others {
+                render_family(&mut out, name, "Events by reason", &values);
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_reasons_are_exported_at_zero_and_labels_are_escaped() {
+        let m = Metrics::default();
+        let text = m.render();
+        assert!(
+            text.contains("# HELP lichen_ingest_errors_total "),
+            "{text}"
+        );
+        assert!(text.contains("lichen_ingest_errors_total{reason=\"syntax\"} 0"));
+        assert!(text.contains("lichen_changes_rejected_total{reason=\"bad_signature\"} 0"));
+        m.inc_labelled("lichen_ingest_errors_total", "syntax", 2);
+        m.inc_labelled("lichen_other_total", "a\"b\\c\nd", 1);
+        let text = m.render();
+        assert!(text.contains("lichen_ingest_errors_total{reason=\"syntax\"} 2"));
+        assert!(
+            text.contains("lichen_other_total{reason=\"a\\\"b\\\\c\\nd\"} 1"),
+            "{text}"
+        );
+        // The status view lists only what was counted.
+        assert_eq!(m.labelled("lichen_ingest_errors_total").len(), 1);
     }
 }

@@ -259,7 +259,18 @@ fn two_nodes(
     extra: &str,
     before_b: impl FnOnce(&Path),
 ) -> (Agent, Agent, PathBuf, PathBuf) {
-    let (fa, fb) = (dir.join("a.json"), dir.join("b.json"));
+    two_nodes_with(dir, doc, "json", extra, before_b)
+}
+
+/// [`two_nodes`] with files `a.<ext>` and `b.<ext>`.
+fn two_nodes_with(
+    dir: &Path,
+    doc: &str,
+    ext: &str,
+    extra: &str,
+    before_b: impl FnOnce(&Path),
+) -> (Agent, Agent, PathBuf, PathBuf) {
+    let (fa, fb) = (dir.join(format!("a.{ext}")), dir.join(format!("b.{ext}")));
     let ca = config(dir, "a", doc, &fa, extra);
     let cb = config(dir, "b", doc, &fb, extra);
     let (pa, pb) = (free_udp_port(), free_udp_port());
@@ -701,4 +712,73 @@ fn an_edit_made_while_the_agent_was_stopped_is_ingested_at_start() {
     wait_for("re-rendered", 10, || {
         read_json(&file).is_some_and(|v| v["limit"] == json!(3) && v["added"] == json!(true))
     });
+}
+
+/// Sync mode: an editor that writes half a file, pauses (0.6 s, with the file still open),
+/// then writes the rest makes one change: the file is read once its writer closed it, never
+/// half-written, so peers never render a file missing keys.
+#[test]
+fn a_slow_save_is_one_change_and_peers_never_render_the_half() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (a, _b, fa, fb) = two_nodes_with(dir, "app/slow", "toml", "mode = \"sync\"", |_| {});
+    let full = json!({"k1": 1, "k2": 2, "k3": 3, "k4": 4});
+    assert!(a.put("app/slow", "", full));
+    for f in [&fa, &fb] {
+        wait_for("both files rendered", 20, || {
+            String::from_utf8_lossy(&read(f)).contains("k4 = 4")
+        });
+    }
+    let history = || -> usize {
+        serde_json::from_str::<Value>(&a.cli(&["--json", "history", "app/slow"]))
+            .expect("history json")
+            .as_array()
+            .expect("history array")
+            .len()
+    };
+    let before = history();
+    // Watch B's file all along: it must always hold every key.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, fb) = (stop.clone(), fb.clone());
+        std::thread::spawn(move || {
+            let mut bad = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = String::from_utf8_lossy(&read(&fb)).into_owned();
+                if !(text.contains("k3") && text.contains("k4")) {
+                    bad.push(text);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            bad
+        })
+    };
+    // The slow save, in place: truncate, half, pause (the stimulus, not a wait), rest, close.
+    let mut f = std::fs::File::create(&fa).expect("open for writing");
+    f.write_all(b"k1 = 10\nk2 = 20\n").expect("first half");
+    f.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(600));
+    f.write_all(b"k3 = 30\nk4 = 40\n").expect("second half");
+    drop(f);
+    wait_for("B renders the whole edit", 20, || {
+        String::from_utf8_lossy(&read(&fb)).contains("k4 = 40")
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let bad = sampler.join().expect("sampler");
+    assert!(
+        bad.is_empty(),
+        "B rendered a file missing keys ({} samples), e.g. {:?}",
+        bad.len(),
+        bad.first()
+    );
+    assert_eq!(history(), before + 1, "the slow save is one change");
+    assert_eq!(
+        a.get("app/slow", ""),
+        Some(json!({"k1": 10, "k2": 20, "k3": 30, "k4": 40}))
+    );
+    assert_eq!(
+        a.metric("lichen_ingest_errors_total{reason=\"syntax\"}"),
+        0,
+        "nothing half-written was even parsed"
+    );
 }

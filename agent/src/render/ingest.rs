@@ -27,18 +27,34 @@ use serde_json::{Map, Value};
 use super::binding::Binding;
 use super::format::{self, ParseError};
 
-/// Largest file ingested (config files are small; anything bigger is a mistake).
-pub const MAX_FILE: usize = 8 << 20;
+/// Largest file ingested, as for a value written through the API (config files are small;
+/// anything bigger is a mistake). The size is checked before the file is read.
+pub const MAX_FILE: usize = crate::api::MAX_BODY;
+
+/// Why a file over [`MAX_FILE`] is refused.
+pub fn too_large(len: u64) -> ParseError {
+    ParseError::new(
+        "too_large",
+        format!(
+            "the file is {len} bytes, larger than {} MiB",
+            MAX_FILE >> 20
+        ),
+    )
+}
 
 /// Parse an edited file for `b`, refusing what must not reach the document.
 pub fn decode(b: &Binding, bytes: &[u8]) -> Result<Value, ParseError> {
     if bytes.len() > MAX_FILE {
-        return Err(ParseError::new(
-            "too_large",
-            format!("the file is larger than {} MiB", MAX_FILE >> 20),
-        ));
+        return Err(too_large(bytes.len() as u64));
     }
     let v = format::parse(b.format, bytes)?;
+    let max = crate::api::MAX_WRITE_NODES;
+    if crate::api::count_nodes(&v, max) > max {
+        return Err(ParseError::new(
+            "too_large",
+            format!("the file holds more than {max} map keys and list items; bind parts of the document to separate files"),
+        ));
+    }
     if b.path.is_empty() && !v.is_object() {
         return Err(ParseError::new(
             "root",

@@ -13,7 +13,12 @@
 //!
 //! Inputs only mark the task dirty and start the debounce window (fixed from the first
 //! event, so a steady stream of changes cannot postpone a render forever). When the window
-//! closes the task *processes*: in `sync` mode it first ingests the file if its bytes differ
+//! closes the task looks at the file only if it is *quiescent*: no writer holds it open (a
+//! write event without its close, see [`super::watch::Activity`], for at most
+//! [`OPEN_WRITER_GRACE`]) and its size, mtime and inode are the same as when the window
+//! opened; otherwise the window opens again. So an editor that writes half a file, pauses,
+//! then writes the rest is read once, complete (one change, and peers never render the half).
+//! Then the task *processes*: in `sync` mode it first ingests the file if its bytes differ
 //! from what the task last wrote or read (see [`super::ingest`]); in `render` mode a file
 //! changed by someone else is restored from the document. Then it renders: it reads the
 //! document (or path) and, if that differs from what the file represents, writes it with
@@ -51,7 +56,8 @@
 //! in `lichen_ingest_errors_total{reason}`. Nothing here stops the agent.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -59,13 +65,16 @@ use tokio::time::Instant;
 
 use super::binding::{Binding, Mode};
 use super::last::LastSeen;
-use super::watch::{FileWatch, Wake};
-use super::write::{read_current, write_file, Written};
+use super::watch::{Activity, FileWatch, SharedActivity, Wake};
+use super::write::{read_bounded, write_file, FileRead, Written};
 use super::{command, format, ingest};
 use crate::node::{Command, NodeHandle};
 
 const RENDER_ERRORS: &str = "lichen_render_errors_total";
 const INGEST_ERRORS: &str = "lichen_ingest_errors_total";
+/// A writer that holds the file open without writing for this long is taken as done (it
+/// may keep it open for other reasons); until then the file is not read.
+pub const OPEN_WRITER_GRACE: Duration = Duration::from_secs(5);
 /// How long to wait before watching a directory again after it went away (or was missing).
 const REWATCH: Duration = Duration::from_secs(2);
 
@@ -117,6 +126,32 @@ struct Task {
     render_retry: Backoff,
     reload_retry: Backoff,
     reload_due: Option<Instant>,
+    /// What the watcher has seen writers do to the file.
+    activity: SharedActivity,
+    /// The file's stamp when the debounce window opened (quiescence check).
+    window_stamp: Option<Stamp>,
+    /// A file over the size bound that was refused already (not counted twice).
+    too_large: Option<Stamp>,
+}
+
+/// Size, mtime and inode of a file: equal stamps across a window mean nobody wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: Option<SystemTime>,
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(path: &std::path::Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            len: m.len(),
+            mtime: m.modified().ok(),
+            ino: m.ino(),
+        })
+    }
 }
 
 /// Run one binding until `stop` or `shutdown` flips to true.
@@ -135,6 +170,7 @@ pub async fn run(
     let mut t = Task::new(b, node, last);
     let mut doc_dirty = true;
     let mut debounce_due = Some(Instant::now());
+    t.window_stamp = Stamp::of(&t.b.file);
     tracing::info!(
         doc = %t.b.target(),
         file = %t.b.file.display(),
@@ -173,7 +209,9 @@ pub async fn run(
                 }
                 t.armed = true;
                 doc_dirty = true;
-                debounce_due.get_or_insert_with(|| Instant::now() + t.b.debounce);
+                if debounce_due.is_none() {
+                    debounce_due = Some(t.open_window());
+                }
             }
             w = wake_rx.recv() => {
                 if w == Some(Wake::Lost) {
@@ -181,12 +219,14 @@ pub async fn run(
                     watch = None;
                     rewatch_due = Some(Instant::now() + REWATCH);
                 }
-                debounce_due.get_or_insert_with(|| Instant::now() + t.b.debounce);
+                if debounce_due.is_none() {
+                    debounce_due = Some(t.open_window());
+                }
             }
             _ = sleep => {
                 let now = Instant::now();
                 if watch.is_none() && rewatch_due.is_some_and(|d| d <= now) {
-                    match super::watch::watch(&t.b.file, wake_tx.clone()) {
+                    match super::watch::watch(&t.b.file, wake_tx.clone(), t.activity.clone()) {
                         Ok(w) => {
                             watch = Some(w);
                             rewatch_due = None;
@@ -200,7 +240,11 @@ pub async fn run(
                     }
                 }
                 if debounce_due.is_some_and(|d| d <= now) {
-                    debounce_due = None;
+                    // A file still being written is looked at once it has settled.
+                    debounce_due = t.unsettled(now);
+                    if debounce_due.is_some() {
+                        continue;
+                    }
                     let dirty = std::mem::take(&mut doc_dirty);
                     if dirty {
                         // A document change resets the retry budget.
@@ -210,9 +254,16 @@ pub async fn run(
                 }
                 if t.render_retry.due.is_some_and(|d| d <= now) {
                     t.render_retry.due = None;
-                    t.process(true).await;
+                    match t.unsettled(now) {
+                        Some(again) => t.render_retry.due = Some(again),
+                        None => t.process(true).await,
+                    }
                 }
                 if t.reload_due.is_some_and(|d| d <= now) {
+                    if let Some(again) = t.unsettled(now) {
+                        t.reload_due = Some(again);
+                        continue;
+                    }
                     // Look at the file first: an edit made since must be applied (or refused)
                     // before the service loads it.
                     t.process(false).await;
@@ -232,8 +283,13 @@ pub async fn run(
 
 impl Task {
     fn new(b: Binding, node: NodeHandle, last: LastSeen) -> Task {
-        let mut seen = match read_current(&b.file) {
-            Ok(s) => s,
+        let mut seen = match read_bounded(&b.file, ingest::MAX_FILE) {
+            Ok(FileRead::Bytes(s)) => Some(s),
+            Ok(FileRead::Missing) => None,
+            Ok(FileRead::TooLarge(len)) => {
+                tracing::warn!(file = %b.file.display(), error = %ingest::too_large(len), "not reading the file");
+                None
+            }
             Err(e) => {
                 tracing::warn!(file = %b.file.display(), error = %e, "cannot read the file");
                 None
@@ -274,7 +330,31 @@ impl Task {
             render_retry: Backoff::default(),
             reload_retry: Backoff::default(),
             reload_due: None,
+            activity: Arc::new(Mutex::new(Activity::default())),
+            window_stamp: None,
+            too_large: None,
         }
+    }
+
+    /// A debounce window opens now: remember the file's stamp; returns when it closes.
+    fn open_window(&mut self) -> Instant {
+        self.window_stamp = Stamp::of(&self.b.file);
+        Instant::now() + self.b.debounce
+    }
+
+    /// `None` if the file is quiescent (see the module docs); otherwise when to look again
+    /// (the window opens again from now).
+    fn unsettled(&mut self, now: Instant) -> Option<Instant> {
+        let stamp = Stamp::of(&self.b.file);
+        let a = self.activity.lock().map(|a| *a).unwrap_or_default();
+        let held = a.writing
+            && a.last_write
+                .is_some_and(|t| t.elapsed() < OPEN_WRITER_GRACE);
+        if stamp == self.window_stamp && !held {
+            return None;
+        }
+        self.window_stamp = stamp;
+        Some(now + self.b.debounce)
     }
 
     fn env(&self) -> [(&'static str, String); 2] {
@@ -322,8 +402,15 @@ impl Task {
 
     /// Render mode: someone else changed or removed the file; it will be rewritten.
     fn restore_if_changed(&mut self) -> bool {
-        let current = match read_current(&self.b.file) {
-            Ok(c) => c,
+        let current = match read_bounded(&self.b.file, ingest::MAX_FILE) {
+            Ok(FileRead::Bytes(c)) => Some(c),
+            Ok(FileRead::Missing) => None,
+            // Never one of ours: rewritten from the document.
+            Ok(FileRead::TooLarge(_)) => {
+                self.seen = None;
+                self.file_value = None;
+                return true;
+            }
             Err(e) => {
                 tracing::warn!(file = %self.b.file.display(), error = %e, "cannot read the file");
                 return false;
@@ -348,9 +435,22 @@ impl Task {
     /// follow (the merged document differs from the file).
     async fn ingest(&mut self) -> bool {
         let file = self.b.file.display().to_string();
-        let bytes = match read_current(&self.b.file) {
-            Ok(Some(b)) => b,
-            Ok(None) => {
+        let bytes = match read_bounded(&self.b.file, ingest::MAX_FILE) {
+            Ok(FileRead::Bytes(b)) => b,
+            Ok(FileRead::TooLarge(len)) => {
+                // Refused by its size, unread; once per version of the file.
+                let stamp = Stamp::of(&self.b.file);
+                if self.too_large != stamp || stamp.is_none() {
+                    self.too_large = stamp;
+                    let e = ingest::too_large(len);
+                    tracing::warn!(%file, doc = %self.b.target(), reason = e.reason, "ignoring an invalid edit ({e}): the document keeps its last good value and the file is left as it is; fix the file to apply it");
+                    self.node.metrics.inc_labelled(INGEST_ERRORS, e.reason, 1);
+                }
+                self.seen = None;
+                self.rejected = true;
+                return false;
+            }
+            Ok(FileRead::Missing) => {
                 if self.seen.take().is_some() {
                     tracing::info!(%file, "the file was removed; the document is kept, and the file will be read again when it reappears");
                 }

@@ -11,11 +11,20 @@
 //! full channel means a wake-up is already pending), which then reads the file, compares it
 //! with what it last wrote or read, and debounces. If the directory itself goes away the
 //! watch reports [`Wake::Lost`] and the task sets it up again later.
+//!
+//! Writers: the watch also records in [`Activity`] whether a writer may still have the file
+//! open: a write (or a creation) of the file sets it, the writer's close (`IN_CLOSE_WRITE`),
+//! a rename onto the name, a removal or lost events clear it. The task does not read a file
+//! that a writer still holds (see `task.rs`): an editor that writes half a file, pauses, then
+//! writes the rest is read once, after its close. (Backends without close events, as on
+//! macOS, leave `writing` set; the task then waits for a quiet period instead.)
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -28,13 +37,29 @@ pub enum Wake {
     Lost,
 }
 
+/// What the watch has seen writers do to the file (shared with the binding task).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Activity {
+    /// A writer may have the file open: written or created, and not closed since.
+    pub writing: bool,
+    /// When the last write event arrived.
+    pub last_write: Option<Instant>,
+}
+
+/// [`Activity`], updated by the watcher's thread.
+pub type SharedActivity = Arc<Mutex<Activity>>;
+
 /// A live watch; dropping it stops watching.
 pub struct FileWatch {
     _watcher: RecommendedWatcher,
 }
 
 /// Watch the directory of `file` and send a [`Wake`] for events about `file`.
-pub fn watch(file: &Path, tx: mpsc::Sender<Wake>) -> Result<FileWatch, String> {
+pub fn watch(
+    file: &Path,
+    tx: mpsc::Sender<Wake>,
+    activity: SharedActivity,
+) -> Result<FileWatch, String> {
     let dir: PathBuf = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -45,10 +70,16 @@ pub fn watch(file: &Path, tx: mpsc::Sender<Wake>) -> Result<FileWatch, String> {
         .ok_or_else(|| format!("{} has no file name", file.display()))?;
     let dir2 = dir.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        let wake = match ev {
-            Err(_) => Some(Wake::Changed),
+        let (wake, writing) = match ev {
+            Err(_) => (Some(Wake::Changed), Some(false)),
             Ok(ev) => classify(&ev, &dir2, &name),
         };
+        if let (Some(writing), Ok(mut a)) = (writing, activity.lock()) {
+            a.writing = writing;
+            if writing {
+                a.last_write = Some(Instant::now());
+            }
+        }
         if let Some(w) = wake {
             let _ = tx.try_send(w);
         }
@@ -60,20 +91,65 @@ pub fn watch(file: &Path, tx: mpsc::Sender<Wake>) -> Result<FileWatch, String> {
     Ok(FileWatch { _watcher: watcher })
 }
 
-fn classify(ev: &notify::Event, dir: &Path, name: &OsString) -> Option<Wake> {
+/// The wake-up an event calls for, and what it says about a writer holding the file open
+/// (`Some(true)`: written or created; `Some(false)`: closed, replaced or gone; `None`: no
+/// news).
+fn classify(ev: &notify::Event, dir: &Path, name: &OsString) -> (Option<Wake>, Option<bool>) {
+    let ours = ev
+        .paths
+        .iter()
+        .any(|p| p.file_name() == Some(name.as_os_str()));
     match ev.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
-        EventKind::Access(_) => return None,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+            return (ours.then_some(Wake::Changed), ours.then_some(false))
+        }
+        EventKind::Access(_) => return (None, None),
         _ => {}
     }
     if ev.need_rescan() {
-        return Some(Wake::Changed);
+        return (Some(Wake::Changed), Some(false));
     }
     if matches!(ev.kind, EventKind::Remove(_)) && ev.paths.iter().any(|p| p == dir) {
-        return Some(Wake::Lost);
+        return (Some(Wake::Lost), Some(false));
     }
-    ev.paths
-        .iter()
-        .any(|p| p.file_name() == Some(name.as_os_str()))
-        .then_some(Wake::Changed)
+    if !ours {
+        return (None, None);
+    }
+    let writing = match ev.kind {
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_)) => Some(true),
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => Some(false),
+        _ => None,
+    };
+    (Some(Wake::Changed), writing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, RenameMode};
+
+    fn ev(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn writes_open_the_file_and_closes_or_renames_settle_it() {
+        let (dir, name) = (Path::new("/d"), OsString::from("c.toml"));
+        let c = |k, p| classify(&ev(k, p), dir, &name);
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert_eq!(c(write, "/d/c.toml"), (Some(Wake::Changed), Some(true)));
+        assert_eq!(
+            c(EventKind::Create(CreateKind::File), "/d/c.toml"),
+            (Some(Wake::Changed), Some(true))
+        );
+        let close = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert_eq!(c(close, "/d/c.toml"), (Some(Wake::Changed), Some(false)));
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert_eq!(c(renamed, "/d/c.toml"), (Some(Wake::Changed), Some(false)));
+        // Other files in the directory (an editor's swap file) and reads say nothing.
+        assert_eq!(c(write, "/d/.c.toml.swp"), (None, None));
+        assert_eq!(c(close, "/d/other"), (None, None));
+        let read = EventKind::Access(AccessKind::Close(AccessMode::Read));
+        assert_eq!(c(read, "/d/c.toml"), (None, None));
+    }
 }

@@ -52,6 +52,36 @@ impl RenderError {
     }
 }
 
+/// A bound file as [`read_bounded`] found it.
+#[derive(Debug)]
+pub enum FileRead {
+    Missing,
+    /// Larger than the bound: not read at all.
+    TooLarge(u64),
+    Bytes(Vec<u8>),
+}
+
+/// Read a file of at most `max` bytes. The size is checked before reading (and the read
+/// stops past `max` if the file grows meanwhile), so an oversized file costs no memory.
+pub fn read_bounded(path: &Path, max: usize) -> std::io::Result<FileRead> {
+    use std::io::Read;
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileRead::Missing),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    if len > max as u64 {
+        return Ok(FileRead::TooLarge(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        return Ok(FileRead::TooLarge(bytes.len() as u64));
+    }
+    Ok(FileRead::Bytes(bytes))
+}
+
 /// Read a file; `None` if it does not exist.
 pub fn read_current(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     match std::fs::read(path) {
