@@ -121,6 +121,9 @@ pub(super) fn check_row(hash: &[u8], author: &[u8], bytes: &[u8]) -> Result<Chan
     Ok(h)
 }
 
+/// A quarantined dependent offered to ingest again: hash, author, signature, bytes.
+type Dependent = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// One stored row, as the scrub reads it.
 struct FullRow {
     id: i64,
@@ -143,10 +146,11 @@ impl Store {
             tracing::error!(doc, hash = %hex(hash), reason, "a stored change row has a malformed hash");
             return;
         };
-        let mut s = self.scrub.suspects.borrow_mut();
-        if !s.contains_key(&h) {
+        if let std::collections::btree_map::Entry::Vacant(e) =
+            self.scrub.suspects.borrow_mut().entry(h)
+        {
             tracing::error!(doc, hash = %hex(&h), reason, "a stored change is damaged; it is not used and will be quarantined");
-            s.insert(h, (doc.to_string(), reason.to_string()));
+            e.insert((doc.to_string(), reason.to_string()));
         }
     }
 
@@ -413,11 +417,7 @@ impl Store {
     /// Offer quarantined dependents (good bytes) to ingest: they wait in the pending set for
     /// the damaged change they depend on, which the pending set's wanted dependencies then
     /// name to peers.
-    fn reoffer(
-        &mut self,
-        doc: &str,
-        rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)>,
-    ) -> Result<(), StoreError> {
+    fn reoffer(&mut self, doc: &str, rows: Vec<Dependent>) -> Result<(), StoreError> {
         let batch: Vec<SignedChange> = rows
             .into_iter()
             .filter_map(|(_, author, sig, bytes)| {
@@ -453,8 +453,7 @@ impl Store {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })?
             .collect::<Result<_, _>>()?;
-        let mut by_doc: BTreeMap<String, Vec<(Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)>> =
-            BTreeMap::new();
+        let mut by_doc: BTreeMap<String, Vec<Dependent>> = BTreeMap::new();
         for (doc, hash, author, sig, bytes) in rows {
             by_doc
                 .entry(doc)
