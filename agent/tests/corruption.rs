@@ -75,12 +75,13 @@ fn a_change_damaged_on_disk_is_quarantined_fetched_again_and_counted() {
         let s = b.status();
         s["storage"]["quarantined"] == 0 && s["storage"]["healed"].as_u64().unwrap_or(0) >= 1
     });
-    let metrics = http_get(&b.api, "/metrics");
-    assert!(
-        metric(&metrics, "lichen_corrupt_changes_total").unwrap_or(0.0) >= 1.0,
-        "{metrics}"
-    );
-    assert_eq!(metric(&metrics, "lichen_quarantined_changes"), Some(0.0));
+    // The metrics follow at the next scrub tick.
+    wait_until("the metrics count it, and nothing waits", PATIENCE, || {
+        let metrics = http_get(&b.api, "/metrics");
+        metric(&metrics, "lichen_corrupt_changes_total").unwrap_or(0.0) >= 1.0
+            && metric(&metrics, "lichen_quarantined_changes") == Some(0.0)
+            && metric(&metrics, "lichen_healed_changes").unwrap_or(0.0) >= 1.0
+    });
     let text = b.ok(&["status"]);
     assert!(text.contains("found damaged on disk"), "{text}");
     let json: Value = b.status();

@@ -237,4 +237,26 @@ mod tests {
             "`docs` has exactly heads and n_changes left"
         );
     }
+
+    /// A version-4 database gains an empty `quarantine` table and keeps its changes.
+    #[test]
+    fn a_version_4_database_gains_a_quarantine_table() {
+        let mut conn = database_at(4);
+        conn.execute(
+            "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes)
+             VALUES (x'01', 'app/x', x'02', 1, 1, 1, 0, x'', x'', x'')",
+            [],
+        )
+        .unwrap();
+        prepare(&mut conn, false).ok().unwrap();
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
+        let (changes, quarantined): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM changes), (SELECT COUNT(*) FROM quarantine)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((changes, quarantined), (1, 0));
+    }
 }

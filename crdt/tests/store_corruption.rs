@@ -264,3 +264,54 @@ fn a_node_does_not_reuse_the_seq_of_its_own_quarantined_change() {
         );
     }
 }
+
+/// A damaged document snapshot is dropped and the document loaded from its changes; the
+/// next maintenance saves a new one.
+#[test]
+fn a_damaged_snapshot_is_dropped_and_saved_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let admin = lichen_crdt::SecretKey::from_seed([1; 32]);
+    let mut s = Store::create(&path, &admin, "root", 0).unwrap();
+    s.set_fsync(false).unwrap();
+    for i in 0..1100 {
+        s.write(
+            &admin,
+            DOC,
+            &lichen_crdt::Op::Put {
+                path: vec![PathSeg::Key(format!("k{}", i % 40))],
+                value: serde_json::json!(i),
+            },
+            0,
+        )
+        .unwrap();
+    }
+    assert_eq!(s.maintenance().unwrap(), 1);
+    let before = s.get(DOC, &[]).unwrap();
+    drop(s);
+    {
+        let conn = Connection::open(&path).unwrap();
+        let mut snap: Vec<u8> = conn
+            .query_row(
+                "SELECT snapshot FROM snapshots WHERE doc = ?1",
+                [DOC],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let at = snap.len() / 2;
+        snap[at] ^= 0x5a;
+        conn.execute(
+            "UPDATE snapshots SET snapshot = ?2 WHERE doc = ?1",
+            params![DOC, snap],
+        )
+        .unwrap();
+    }
+    let mut s = Store::open(&path, None).unwrap();
+    get_and_conflicts_agree(&mut s, DOC);
+    assert_eq!(s.get(DOC, &[]).unwrap(), before);
+    assert_eq!(s.scrub_status().unwrap().snapshots_dropped, 1);
+    assert_eq!(s.maintenance().unwrap(), 1, "a new snapshot is saved");
+    s.unload(DOC);
+    get_and_conflicts_agree(&mut s, DOC);
+    assert_eq!(s.scrub_status().unwrap().snapshots_dropped, 1);
+}
