@@ -113,7 +113,18 @@ fn story(seed: u64, how: Damage) {
 
     // Whatever reads it first, the damaged change is never used: a load refuses it and
     // serving leaves it out.
+    let cluster = s.cluster;
+    let author = s.nodes[0].id;
     let st = s.nodes[2].store.as_mut().unwrap();
+    let served = st.changes_after(DOC, &author, 0, 100).unwrap();
+    assert_eq!(served.len(), chain.len() - 1, "all but the damaged change");
+    for c in &served {
+        assert!(
+            c.authenticate(&cluster).is_ok(),
+            "seed {seed}: a damaged change was served"
+        );
+        assert_ne!(c.hash(), Some(victim));
+    }
     if let Some(c) = st.get_change(&victim).unwrap() {
         assert_eq!(
             c.bytes, good.bytes,
