@@ -64,6 +64,10 @@ pub struct FileConfig {
     /// Documents kept in memory, least recently used dropped first (default 128; each holds
     /// its whole Automerge history, ~20 KiB for a small configuration document).
     pub max_loaded_docs: Option<usize>,
+    /// Stored changes the background scrub checks per second (hash, signature and the
+    /// stored fields; default 200; 0 turns it off). A change found damaged is quarantined
+    /// and fetched again from a peer.
+    pub scrub_rows_per_second: Option<u32>,
     /// Sync tuning.
     #[serde(default)]
     pub sync: SyncFile,
@@ -147,6 +151,7 @@ pub struct Config {
     pub fsync: Fsync,
     pub wal_checkpoint_pages: u32,
     pub max_loaded_docs: usize,
+    pub scrub_rows_per_second: u32,
     pub anti_entropy: Duration,
     pub fanout: usize,
     pub hold_writes: Duration,
@@ -174,6 +179,7 @@ impl Config {
             fsync,
             wal_checkpoint_pages,
             max_loaded_docs,
+            scrub_rows_per_second,
             anti_entropy,
             fanout,
             hold_writes,
@@ -201,6 +207,10 @@ impl Config {
                 "wal_checkpoint_pages",
             ),
             (*max_loaded_docs != new.max_loaded_docs, "max_loaded_docs"),
+            (
+                *scrub_rows_per_second != new.scrub_rows_per_second,
+                "scrub_rows_per_second",
+            ),
             (*anti_entropy != new.anti_entropy, "sync.anti_entropy_ms"),
             (*fanout != new.fanout, "sync.fanout"),
             (*hold_writes != new.hold_writes, "sync.hold_writes_ms"),
@@ -391,6 +401,12 @@ impl Config {
         if !(1..=1_000_000).contains(&max_loaded_docs) {
             bail!("max_loaded_docs must be between 1 and 1000000, not {max_loaded_docs}");
         }
+        let scrub_rows_per_second = f.scrub_rows_per_second.unwrap_or(200);
+        if scrub_rows_per_second > 1_000_000 {
+            bail!(
+                "scrub_rows_per_second must be between 0 and 1000000, not {scrub_rows_per_second}"
+            );
+        }
         let anti_entropy = Duration::from_millis(f.sync.anti_entropy_ms.unwrap_or(1000));
         if anti_entropy < Duration::from_millis(50) || anti_entropy > Duration::from_secs(3600) {
             bail!("sync.anti_entropy_ms must be between 50 and 3600000");
@@ -437,6 +453,7 @@ impl Config {
             fsync,
             wal_checkpoint_pages,
             max_loaded_docs,
+            scrub_rows_per_second,
             anti_entropy,
             fanout,
             hold_writes,

@@ -235,6 +235,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             metrics: metrics.clone(),
             join_token: Some(token.clone()),
             hold_writes: cfg.hold_writes,
+            scrub_rows_per_second: cfg.scrub_rows_per_second,
         },
         shutdown_rx.clone(),
     );

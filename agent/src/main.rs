@@ -456,6 +456,30 @@ fn print_status(r: &Value) {
             }
         }
     }
+    let st = &r["storage"];
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    if n("corrupt_ever") > 0 || n("quarantined") > 0 || n("snapshots_dropped") > 0 {
+        println!(
+            "storage  {} changes found damaged on disk since start ({} ever), {} quarantined waiting for a peer's good copy, {} healed, {} snapshots dropped",
+            n("corrupt_found"),
+            n("corrupt_ever"),
+            n("quarantined"),
+            n("healed"),
+            n("snapshots_dropped")
+        );
+        if let Some(q) = st["quarantined_changes"].as_object() {
+            for (doc, hashes) in q {
+                for h in hashes.as_array().into_iter().flatten() {
+                    println!("  quarantined {doc} {}", h.as_str().unwrap_or(""));
+                }
+            }
+        }
+    } else {
+        println!(
+            "storage  no damaged changes found ({} checked since start)",
+            n("scrubbed")
+        );
+    }
     let flagged: Vec<String> = r["equivocators"]
         .as_array()
         .into_iter()

@@ -151,6 +151,11 @@ pub struct Metrics {
     pub api_connections: AtomicU64,
     pub api_refused: AtomicU64,
     pub api_accept_errors: AtomicU64,
+    pub corrupt_changes: AtomicU64,
+    pub quarantined_changes: AtomicU64,
+    pub healed_changes: AtomicU64,
+    pub snapshots_dropped: AtomicU64,
+    pub scrubbed_changes: AtomicU64,
     pub write_latency: Histogram,
     pub apply_latency: Histogram,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -180,7 +185,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 21] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 26] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -305,6 +310,36 @@ impl Metrics {
                 "lichen_api_accept_errors_total",
                 "API connections that could not be accepted (e.g. out of file descriptors)",
                 &self.api_accept_errors,
+                "counter",
+            ),
+            (
+                "lichen_corrupt_changes_total",
+                "Stored changes found damaged on disk (and quarantined) since start",
+                &self.corrupt_changes,
+                "counter",
+            ),
+            (
+                "lichen_quarantined_changes",
+                "Quarantined changes (damaged, or depending on one) waiting for a peer's good copy",
+                &self.quarantined_changes,
+                "gauge",
+            ),
+            (
+                "lichen_healed_changes",
+                "Quarantined changes held again from a peer's good copy (ever)",
+                &self.healed_changes,
+                "gauge",
+            ),
+            (
+                "lichen_snapshots_dropped_total",
+                "Document snapshots dropped as damaged since start",
+                &self.snapshots_dropped,
+                "counter",
+            ),
+            (
+                "lichen_scrubbed_changes_total",
+                "Stored changes checked by the background scrub since start",
+                &self.scrubbed_changes,
                 "counter",
             ),
         ];

@@ -265,6 +265,8 @@ pub struct NodeParts {
     /// How long this node's own writes may wait after start for a first catch-up with a
     /// peer (`sync.hold_writes_ms`; zero: they do not wait).
     pub hold_writes: Duration,
+    /// Stored changes the background scrub checks per second (0: off).
+    pub scrub_rows_per_second: u32,
 }
 
 /// Start the node task. It runs until `shutdown` flips to true, then returns the store.
@@ -319,6 +321,7 @@ pub fn spawn(
         committed: false,
         addrs_checked: false,
         refused: Vec::new(),
+        scrub_rows: parts.scrub_rows_per_second as usize,
     };
     let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
     (handle, jh)
@@ -359,6 +362,8 @@ struct Node {
     addrs_checked: bool,
     /// Keys flagged for equivocation, refused by the transport.
     refused: Vec<NodeId>,
+    /// Stored changes the background scrub checks per second (0: off).
+    scrub_rows: usize,
 }
 
 /// At most this many writes wait while writes are held; more are refused (503).
@@ -366,6 +371,9 @@ const MAX_HELD: usize = 1024;
 
 /// After this long without commits the write-ahead log is checkpointed (restarted).
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
+
+/// How often the background scrub checks a few stored changes.
+const SCRUB_EVERY: Duration = Duration::from_millis(250);
 
 /// How often documents with many changes since their last snapshot get a new one.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(300);
@@ -412,6 +420,12 @@ impl Node {
             MAINTENANCE_EVERY,
         );
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The background scrub: a few stored changes checked per tick, so that damage on
+        // disk is found (and fetched again from a peer) without loading the disk.
+        let mut scrub =
+            tokio::time::interval_at((Instant::now() + SCRUB_EVERY).into(), SCRUB_EVERY);
+        scrub.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.update_scrub_metrics();
         // Once writes pause, copy the write-ahead log into the database, so that the next
         // writes start it again from its beginning: the checkpoint is then not paid inside a
         // write (SQLite does it in the commit that crosses `wal_checkpoint_pages`).
@@ -485,6 +499,25 @@ impl Node {
                             }
                         }
                     }
+                }
+                _ = scrub.tick(), if self.scrub_rows > 0 => {
+                    let budget = (self.scrub_rows * SCRUB_EVERY.as_millis() as usize / 1000).max(1);
+                    match self.store.scrub_step(budget) {
+                        Ok(step) => {
+                            if step.healed > 0 || !step.corrupt.is_empty() {
+                                // The store no longer claims (or claims again) some changes:
+                                // the engine's cached version vectors are stale.
+                                self.engine.invalidate();
+                                self.refresh_membership();
+                            }
+                        }
+                        Err(e) => {
+                            if !self.storage_failure(&e, "background scrub") {
+                                tracing::warn!(error = %e, "background scrub failed");
+                            }
+                        }
+                    }
+                    self.update_scrub_metrics();
                 }
                 _ = maintenance.tick() => {
                     match self.store.maintenance() {
@@ -1104,6 +1137,25 @@ impl Node {
         }
     }
 
+    /// Copy the store's corruption counters into the metrics.
+    fn update_scrub_metrics(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.store.scrub_status() {
+            Ok(s) => {
+                self.metrics.corrupt_changes.store(s.corrupt_found, Relaxed);
+                self.metrics
+                    .quarantined_changes
+                    .store(s.quarantined, Relaxed);
+                self.metrics.healed_changes.store(s.healed, Relaxed);
+                self.metrics
+                    .snapshots_dropped
+                    .store(s.snapshots_dropped, Relaxed);
+                self.metrics.scrubbed_changes.store(s.checked, Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the scrub counters failed"),
+        }
+    }
+
     fn status(&self) -> Result<Value, ApiError> {
         let me = self.key.node_id();
         let m = self.store.membership();
@@ -1137,6 +1189,13 @@ impl Node {
             })
             .collect::<Result<_, StoreError>>()?;
         let stats = self.engine.stats();
+        let scrub = self.store.scrub_status()?;
+        let quarantined: BTreeMap<String, Vec<String>> = self
+            .store
+            .quarantined()?
+            .into_iter()
+            .map(|(d, hs)| (d, hs.iter().map(|h| NodeId(*h).to_string()).collect()))
+            .collect();
         Ok(json!({
             "node": {
                 "id": me.to_string(),
@@ -1162,6 +1221,16 @@ impl Node {
                 "applied": stats.applied,
                 "rejected": stats.rejected,
                 "dropped_pushes": stats.dropped_pushes,
+            },
+            "storage": {
+                "corrupt_found": scrub.corrupt_found,
+                "corrupt_ever": scrub.corrupt_ever,
+                "quarantined": scrub.quarantined,
+                "healed": scrub.healed,
+                "snapshots_dropped": scrub.snapshots_dropped,
+                "scrubbed": scrub.checked,
+                "scrub_passes": scrub.passes,
+                "quarantined_changes": quarantined,
             },
             "equivocators": self.store.equivocators()?.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
         }))

@@ -105,4 +105,7 @@ pub use membership::{
     validate_addr, validate_member, validate_name, validate_scope, Member, Membership, Role,
 };
 pub use signed::{valid_doc_name, ClusterId, DecodeError, SignedChange, MEMBERSHIP_DOC};
-pub use store::{Edit, HistoryEntry, IngestReport, Op, Outcome, Store, DEFAULT_MAX_LOADED_DOCS};
+pub use store::{
+    Edit, HistoryEntry, IngestReport, Op, Outcome, ScrubStatus, ScrubStep, Store,
+    DEFAULT_MAX_LOADED_DOCS,
+};

@@ -30,13 +30,19 @@
 //!   of the Automerge ops whose values are visible at that key (sorted; each an 8-byte
 //!   big-endian counter, a 1-byte actor length and the actor), or NULL where not known: a
 //!   fast forward may only overwrite exactly these (see `store::ingest`).
+//! * `quarantine` (schema 5): changes moved out of `changes` because their stored row failed
+//!   verification (`corrupt` = 1, with the `reason`), or because they depend on such a change
+//!   (`corrupt` = 0; their own bytes are good and are offered to ingest again). `rebuilt` is
+//!   set once the document's view, heads and snapshot were rebuilt without them (a crash in
+//!   between is finished at the next open), `healed` once the change is held again (a peer's
+//!   good copy); the bytes of a healed row are dropped. See `store::scrub`.
 
 use rusqlite::Connection;
 
 /// `PRAGMA application_id` of a Lichen database ("LCHN").
 pub const APPLICATION_ID: i64 = 0x4c43_484e;
 /// The newest schema this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -94,6 +100,20 @@ const MIGRATIONS: &[&str] = &[
     // 3 -> 4: the Automerge ops behind each view row, so that a fast forward can check what
     // a put overwrites (NULL: not known; the next change to the key takes the Automerge path).
     "ALTER TABLE kv ADD COLUMN ops BLOB;",
+    // 4 -> 5: changes found damaged on disk, and the changes moved out with them because
+    // they depend on one, until a peer's good copy replaces them (see `store::scrub`).
+    "CREATE TABLE quarantine (
+        hash BLOB PRIMARY KEY,
+        doc TEXT NOT NULL,
+        author BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        sig BLOB NOT NULL,
+        bytes BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        corrupt INTEGER NOT NULL,
+        rebuilt INTEGER NOT NULL DEFAULT 0,
+        healed INTEGER NOT NULL DEFAULT 0
+     ) WITHOUT ROWID;",
 ];
 
 /// Why a database could not be prepared.
@@ -216,5 +236,27 @@ mod tests {
             ],
             "`docs` has exactly heads and n_changes left"
         );
+    }
+
+    /// A version-4 database gains an empty `quarantine` table and keeps its changes.
+    #[test]
+    fn a_version_4_database_gains_a_quarantine_table() {
+        let mut conn = database_at(4);
+        conn.execute(
+            "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes)
+             VALUES (x'01', 'app/x', x'02', 1, 1, 1, 0, x'', x'', x'')",
+            [],
+        )
+        .unwrap();
+        prepare(&mut conn, false).ok().unwrap();
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
+        let (changes, quarantined): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM changes), (SELECT COUNT(*) FROM quarantine)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((changes, quarantined), (1, 0));
     }
 }

@@ -120,6 +120,16 @@ impl Store {
         self.loaded_doc_or_new(doc)
     }
 
+    /// [`Store::loaded_doc`] for a caller between operations (a read, not the middle of an
+    /// ingest or a write): a load that found a damaged change quarantines it (see `scrub`),
+    /// which rebuilds the document, and the load is tried again.
+    pub(super) fn loaded_doc_repaired(&mut self, doc: &str) -> Result<&mut Loaded, StoreError> {
+        if self.loaded_doc(doc).is_err() && self.has_suspects() {
+            self.repair()?;
+        }
+        self.loaded_doc(doc)
+    }
+
     /// Load a document from its snapshot plus the valid changes after it.
     fn load_from_disk(&self, doc: &str) -> Result<Automerge, StoreError> {
         let (snapshot, upto): (Option<Vec<u8>>, i64) = self
@@ -128,13 +138,44 @@ impl Store {
             .query_row(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?
             .unwrap_or((None, 0));
-        let (mut am, upto) = match snapshot
+        let had_snapshot = snapshot.is_some();
+        let (am, upto) = match snapshot
             .and_then(|s| panic_safe(|| Automerge::load(&s)))
             .and_then(|r| r.ok())
         {
             Some(am) => (am, upto),
             None => (Automerge::new(), 0),
         };
+        let am = self.apply_stored(doc, am, upto)?;
+        let usable = upto > 0 && self.heads_match(doc, &am)?;
+        if !had_snapshot || usable {
+            return Ok(am);
+        }
+        // A snapshot that does not load, or does not end at the stored heads with the
+        // changes after it, is damaged: drop it and load from the changes alone
+        // (`maintenance` saves a new one).
+        tracing::error!(
+            doc,
+            "the stored snapshot of this document is damaged; dropped, loading from its changes"
+        );
+        self.note_snapshot_dropped();
+        self.conn
+            .prepare_cached("DELETE FROM snapshots WHERE doc = ?1")?
+            .execute(params![doc])?;
+        if upto == 0 {
+            // It did not load: `am` was loaded from the changes alone already.
+            return Ok(am);
+        }
+        self.apply_stored(doc, Automerge::new(), 0)
+    }
+
+    /// `am` with the valid stored changes of `doc` after row `upto` applied.
+    fn apply_stored(
+        &self,
+        doc: &str,
+        mut am: Automerge,
+        upto: i64,
+    ) -> Result<Automerge, StoreError> {
         let changes = self.valid_changes_after(doc, upto)?;
         let path = self.path.clone();
         panic_safe(|| am.apply_changes(changes))
@@ -145,12 +186,25 @@ impl Store {
 
     fn valid_changes_after(&self, doc: &str, after_id: i64) -> Result<Vec<Change>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT bytes FROM changes WHERE doc = ?1 AND id > ?2 AND status = 0 ORDER BY id",
+            "SELECT bytes, hash, author FROM changes WHERE doc = ?1 AND id > ?2 AND status = 0 ORDER BY id",
         )?;
-        let rows = stmt.query_map(params![doc, after_id], |r| r.get::<_, Vec<u8>>(0))?;
+        let rows = stmt.query_map(params![doc, after_id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
         let mut out = Vec::new();
+        let mut damaged = false;
         for r in rows {
-            let bytes = r?;
+            let (bytes, hash, author) = r?;
+            if let Err(reason) = super::scrub::check_row(&hash, &author, &bytes) {
+                // Never applied: the load fails and the row is quarantined (`scrub`).
+                self.note_suspect(doc, &hash, &reason);
+                damaged = true;
+                continue;
+            }
             let c = panic_safe(|| Change::try_from(bytes.as_slice()))
                 .and_then(|r| r.ok())
                 .ok_or_else(|| {
@@ -160,6 +214,12 @@ impl Store {
                     )
                 })?;
             out.push(c);
+        }
+        if damaged {
+            return Err(corrupt(
+                &self.path,
+                format!("a stored change of {doc} is damaged (quarantined at the next repair)"),
+            ));
         }
         Ok(out)
     }

@@ -56,7 +56,14 @@ impl Store {
     /// report; `Err` only for local failures (disk), in which case nothing was stored.
     pub fn ingest(&mut self, batch: Vec<SignedChange>) -> Result<IngestReport, StoreError> {
         self.sync_for(false)?;
-        self.ingest_inner(batch)
+        // Quarantine what reads found damaged first (see `scrub`): the documents it touched
+        // changed (the caller's cached version vectors are stale).
+        let repaired = self.repair()?;
+        let mut report = self.ingest_inner(batch)?;
+        report
+            .changed_docs
+            .extend(repaired.into_iter().map(|(doc, _)| doc));
+        Ok(report)
     }
 
     pub(super) fn ingest_inner(

@@ -180,6 +180,8 @@ impl Store {
                  must remove it, then join this machine again with a new key"
             )));
         }
+        self.repair()?;
+        self.refuse_if_repairing(MEMBERSHIP_DOC, &me)?;
         let mut am = self.membership_doc()?;
         am.set_actor(ActorId::from(me.0.as_slice()));
         let mut tx = am.transaction();

@@ -101,11 +101,16 @@ impl Store {
     /// otherwise both sides (view, document; for ops, `{"ops": {key: hex}}`). A consistency check for tests and
     /// operators; it loads the document.
     pub fn check_view(&mut self, doc: &str) -> Result<Option<(Value, Value)>, StoreError> {
+        self.repair()?;
+        let was_loaded = self.loaded.contains_key(doc);
+        if self.has_doc(doc)? {
+            // Quarantine what loading finds damaged before the view is read.
+            self.loaded_doc_repaired(doc)?;
+        }
         let view = self
             .get(doc, &[])?
             .unwrap_or(Value::Object(Default::default()));
         // Leave the cache as it was (this check is not a use of the document).
-        let was_loaded = self.loaded.contains_key(doc);
         let found = self.view_mismatch(doc, view);
         if !was_loaded {
             self.loaded.remove(doc);
@@ -119,7 +124,7 @@ impl Store {
         view: Value,
     ) -> Result<Option<(Value, Value)>, StoreError> {
         let truth = if self.has_doc(doc)? {
-            json::to_json(&self.loaded_doc(doc)?.am, &ROOT)?
+            json::to_json(&self.loaded_doc_repaired(doc)?.am, &ROOT)?
         } else {
             Value::Object(Default::default())
         };
@@ -148,10 +153,11 @@ impl Store {
 
     /// All concurrent values at `path` (winner first): more than one means a conflict.
     pub fn conflicts(&mut self, doc: &str, path: &[PathSeg]) -> Result<Vec<Value>, StoreError> {
+        self.repair()?;
         if !self.has_doc(doc)? {
             return Err(StoreError::NoSuchDocument(doc.to_string()));
         }
-        let am = &self.loaded_doc(doc)?.am;
+        let am = &self.loaded_doc_repaired(doc)?.am;
         Ok(json::conflicts_at(am, path)?)
     }
 
@@ -216,7 +222,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<SignedChange>, StoreError> {
         self.signed_rows(
-            "SELECT sig, bytes FROM changes WHERE doc = ?1 AND author = ?2 AND seq > ?3 AND status = 0
+            "SELECT sig, bytes, hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq > ?3 AND status = 0
              ORDER BY seq LIMIT ?4",
             doc,
             author,
@@ -224,7 +230,9 @@ impl Store {
         )
     }
 
-    /// Changes of one (doc, author) from a `SELECT sig, bytes …` query.
+    /// Changes of one (doc, author) from a `SELECT sig, bytes, hash …` query. A row whose
+    /// bytes do not hash to its hash (damaged on disk) is left out and recorded for
+    /// quarantine (see `scrub`): it is never served.
     fn signed_rows(
         &self,
         sql: &str,
@@ -234,11 +242,19 @@ impl Store {
     ) -> Result<Vec<SignedChange>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map(params, |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (sig, bytes) = row?;
+            let (sig, bytes, hash) = row?;
+            if let Err(reason) = super::scrub::check_row(&hash, &author.0, &bytes) {
+                self.note_suspect(doc, &hash, &reason);
+                continue;
+            }
             out.push(SignedChange {
                 doc: doc.to_string(),
                 author: *author,
@@ -282,6 +298,11 @@ impl Store {
         let Some((doc, author, sig, bytes)) = row else {
             return Ok(None);
         };
+        if let Err(reason) = super::scrub::check_row(hash, &author, &bytes) {
+            // Damaged on disk: never served; quarantined by the next `repair`.
+            self.note_suspect(&doc, hash, &reason);
+            return Ok(None);
+        }
         Ok(Some(SignedChange {
             doc,
             author: NodeId::from_slice(&author).ok_or_else(|| corrupt(&self.path, "bad author"))?,
@@ -323,7 +344,7 @@ impl Store {
             return Ok(Vec::new());
         };
         self.signed_rows(
-            "SELECT sig, bytes FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3 AND status = 3
+            "SELECT sig, bytes, hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq = ?3 AND status = 3
              ORDER BY hash LIMIT 2",
             doc,
             author,
@@ -398,6 +419,11 @@ impl Store {
         path: &[PathSeg],
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.repair()?;
+        if self.has_doc(doc)? {
+            // Quarantine what loading finds damaged before the rows are read.
+            self.loaded_doc_repaired(doc)?;
+        }
         if !self.has_doc(doc)? {
             return Err(StoreError::NoSuchDocument(doc.to_string()));
         }
@@ -413,7 +439,7 @@ impl Store {
         };
         let prefix = json::format_path(path);
         let names = self.membership.clone();
-        let am = &self.loaded_doc(doc)?.am;
+        let am = &self.loaded_doc_repaired(doc)?.am;
         let mut out = Vec::new();
         for (hash, author, seq, time, deps) in rows {
             let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {

@@ -70,7 +70,7 @@ impl Store {
         let mut updates: Vec<([u8; 32], i64)> = Vec::new();
         let mut valid_count = 0usize;
         let mut changes = Vec::new();
-        for (i, (_, _, _, _, _, bytes)) in rows.iter().enumerate() {
+        for (i, (raw_hash, author, _, _, _, bytes)) in rows.iter().enumerate() {
             let st = verdict.status[i];
             let (hash, was) = (judged[i].hash, old_status[i]);
             if st.code() != was {
@@ -83,6 +83,14 @@ impl Store {
             }
             if st != equivocation::Status::Valid {
                 continue;
+            }
+            if let Err(reason) = super::scrub::check_row(raw_hash, author, bytes) {
+                // Never applied: quarantined by the next repair (see `scrub`).
+                self.note_suspect(doc, raw_hash, &reason);
+                return Err(corrupt(
+                    &self.path,
+                    format!("a stored change of {doc} is damaged"),
+                ));
             }
             let Some(Ok(c)) = panic_safe(|| Change::try_from(bytes.as_slice())) else {
                 return Err(corrupt(

@@ -38,6 +38,11 @@ impl Store {
         now_ms: i64,
     ) -> Vec<Result<Option<SignedChange>, StoreError>> {
         let me = key.node_id();
+        // Quarantine what reads found damaged first (see `scrub`); a failure here shows
+        // again as the failure of the write that needs the document.
+        if let Err(e) = self.repair() {
+            tracing::error!(error = %e, "quarantining damaged changes failed");
+        }
         let mut results: Vec<Result<Option<SignedChange>, StoreError>> =
             (0..ops.len()).map(|_| Ok(None)).collect();
         let mut made: Vec<(Vec<usize>, Accepted)> = Vec::new();
@@ -152,6 +157,7 @@ impl Store {
                  join again with a new key"
             )));
         }
+        self.refuse_if_repairing(doc, me)?;
         let next_seq = self.last_seq(doc, me)? + 1;
         self.membership
             .authorize_write(me, doc, next_seq)
