@@ -8,10 +8,27 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use lichen_crdt::RejectReason;
+
 /// Latency buckets in seconds.
 const BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
+
+/// Reasons a peer's change or message is refused: the store's ([`RejectReason::LABELS`]) and
+/// the sync engine's (`former_member`: a message from a removed member, refused until it
+/// has the proof of its removal).
+const REJECTED_REASONS: &[&str] = &{
+    const N: usize = RejectReason::LABELS.len();
+    let mut all = [""; N + 1];
+    let mut i = 0;
+    while i < N {
+        all[i] = RejectReason::LABELS[i];
+        i += 1;
+    }
+    all[N] = "former_member";
+    all
+};
 
 /// The labelled counter families, with their help text and every reason known up front:
 /// those are exported at 0 from the start, so a dashboard or an alert sees the series
@@ -20,27 +37,7 @@ const FAMILIES: [(&str, &str, &[&str]); 4] = [
     (
         "lichen_changes_rejected_total",
         "Changes received from peers and refused, by reason",
-        &[
-            "actor_not_signer",
-            "automerge_error",
-            "automerge_panic",
-            "bad_document",
-            "bad_signature",
-            "bad_start_op",
-            "depends_on_void",
-            "equivocation",
-            "hash_mismatch",
-            "malformed",
-            "missing_deps",
-            "not_a_member",
-            "not_authorized",
-            "out_of_scope",
-            "revoked",
-            "seq_gap",
-            "too_large",
-            "truncated",
-            "wrong_cluster",
-        ],
+        REJECTED_REASONS,
     ),
     (
         "lichen_store_errors_total",

@@ -83,6 +83,30 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every label [`RejectReason::label`] can return, sorted (for exporting each at zero).
+    pub const LABELS: &'static [&'static str] = &[
+        "actor_not_signer",
+        "automerge_error",
+        "automerge_panic",
+        "bad_document",
+        "bad_signature",
+        "bad_start_op",
+        "depends_on_void",
+        "equivocation",
+        "hash_mismatch",
+        "invalid_member",
+        "malformed",
+        "missing_deps",
+        "not_a_member",
+        "not_authorized",
+        "out_of_scope",
+        "revoked",
+        "seq_gap",
+        "too_large",
+        "truncated",
+        "wrong_cluster",
+    ];
+
     /// A stable, low-cardinality label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -217,5 +241,75 @@ impl From<rusqlite::Error> for StoreError {
         } else {
             StoreError::Sqlite(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::RejectReason::{self, *};
+
+    /// One reason of each kind. The match below has no wildcard, so a new kind cannot be
+    /// added without being listed here too.
+    fn one_of_each() -> Vec<RejectReason> {
+        let all = vec![
+            TooLarge,
+            Truncated,
+            Malformed(""),
+            HashMismatch,
+            BadSignature,
+            ActorNotSigner,
+            NotAMember,
+            NotAuthorized(String::new()),
+            OutOfScope,
+            Revoked,
+            DependsOnVoid,
+            SeqGap { seq: 2, last: 0 },
+            Equivocation,
+            InflatedStartOp,
+            BadStartOp {
+                got: 1,
+                expected: 2,
+            },
+            MissingDeps(1),
+            Automerge(String::new()),
+            AutomergePanic,
+            WrongCluster,
+            BadDocument,
+            InvalidMember(String::new()),
+        ];
+        for r in &all {
+            match r {
+                TooLarge
+                | Truncated
+                | Malformed(_)
+                | HashMismatch
+                | BadSignature
+                | ActorNotSigner
+                | NotAMember
+                | NotAuthorized(_)
+                | OutOfScope
+                | Revoked
+                | DependsOnVoid
+                | SeqGap { .. }
+                | Equivocation
+                | InflatedStartOp
+                | BadStartOp { .. }
+                | MissingDeps(_)
+                | Automerge(_)
+                | AutomergePanic
+                | WrongCluster
+                | BadDocument
+                | InvalidMember(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn labels_lists_every_label_once_sorted() {
+        let mut seen: Vec<&str> = one_of_each().iter().map(RejectReason::label).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, RejectReason::LABELS);
     }
 }
