@@ -71,6 +71,7 @@ pub struct Metrics {
     pub render_writes: AtomicU64,
     pub render_reloads: AtomicU64,
     pub ingests: AtomicU64,
+    pub carried_forward: AtomicU64,
     pub write_latency: Histogram,
     pub apply_latency: Histogram,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -100,7 +101,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 18] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 19] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -207,6 +208,12 @@ impl Metrics {
                 "lichen_ingests_total",
                 "Local file edits applied to their document",
                 &self.ingests,
+                "counter",
+            ),
+            (
+                "lichen_writes_carried_forward_total",
+                "Own writes that became void because they were built on a void change, written again as new changes",
+                &self.carried_forward,
                 "counter",
             ),
         ];

@@ -130,4 +130,7 @@ pub use identity::{NodeId, SecretKey};
 pub use json::{format_path, parse_path, JsonError, PathSeg};
 pub use membership::{Member, Membership, Role};
 pub use signed::{valid_doc_name, ClusterId, DecodeError, SignedChange, MEMBERSHIP_DOC};
-pub use store::{Edit, HistoryEntry, IngestReport, Op, Outcome, Store, DEFAULT_MAX_LOADED_DOCS};
+pub use store::{
+    CarriedForward, Edit, HistoryEntry, IngestReport, Op, Outcome, Store, Voided,
+    DEFAULT_MAX_LOADED_DOCS,
+};

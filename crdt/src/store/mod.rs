@@ -51,6 +51,7 @@
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
 mod cache;
+mod carry;
 mod durability;
 mod ingest;
 mod ingest_membership;
@@ -77,6 +78,7 @@ use crate::schema::{self, SchemaProblem};
 use crate::signed::{ClusterId, SignedChange, MEMBERSHIP_DOC};
 
 use cache::Loaded;
+pub use carry::{CarriedForward, Voided};
 use ingest::PendingSet;
 
 type Clocks = BTreeMap<String, BTreeMap<NodeId, u64>>;
@@ -225,6 +227,12 @@ pub struct Store {
     /// Whether local scalar puts at top-level keys skip Automerge (see `local_fast`); off
     /// only in tests that compare both paths.
     local_fast_path: bool,
+    /// Changes that became void here, until the caller drains them (see `carry`).
+    voided_notes: VecDeque<Voided>,
+    /// Changes that became void here since opening, by reason.
+    voided_counts: BTreeMap<&'static str, u64>,
+    /// This node's void writes carried forward since opening.
+    carried_total: u64,
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -336,6 +344,9 @@ impl Store {
             fsync_remote: true,
             sync_full: true,
             local_fast_path: true,
+            voided_notes: VecDeque::new(),
+            voided_counts: BTreeMap::new(),
+            carried_total: 0,
             pending: PendingSet {
                 queue: VecDeque::new(),
                 hashes: HashSet::new(),
