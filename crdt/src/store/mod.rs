@@ -47,6 +47,7 @@
 //! `cache` (documents in memory), `write` (local writes), `local_fast` (the writer's fast
 //! path), `persist` (committing accepted
 //! changes and the view), `members` (local membership edits), `ingest` (received changes),
+//! `carry` (voided changes noted, own void writes carried forward),
 //! `ingest_membership` (received membership changes) and `rebuild` (re-judging a document).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 

@@ -1112,7 +1112,7 @@ impl Sim {
 }
 
 /// Run `f` for every seed in `seeds` (or only `LICHEN_SIM_SEED`), printing the seed that fails.
-pub fn sweep(name: &str, seeds: std::ops::Range<u64>, f: impl Fn(u64)) {
+pub fn sweep(name: &str, seeds: impl IntoIterator<Item = u64>, f: impl Fn(u64)) {
     let only = std::env::var("LICHEN_SIM_SEED")
         .ok()
         .and_then(|s| s.parse::<u64>().ok());
@@ -1124,7 +1124,7 @@ pub fn sweep(name: &str, seeds: std::ops::Range<u64>, f: impl Fn(u64)) {
     let seeds: Vec<u64> = match (only, range) {
         (Some(s), _) => vec![s],
         (None, Some(r)) => r.collect(),
-        (None, None) => seeds.collect(),
+        (None, None) => seeds.into_iter().collect(),
     };
     for seed in seeds {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(seed)));
