@@ -67,6 +67,9 @@ pub struct Voided {
     pub reason: &'static str,
 }
 
+/// A void change to carry forward: its hash and its dependencies.
+type ToCarry = ([u8; 32], Vec<[u8; 32]>);
+
 /// This node's own writes carried forward in one document.
 #[derive(Debug, Clone)]
 pub struct CarriedForward {
@@ -179,11 +182,7 @@ impl Store {
     /// `me`'s changes of `doc` to carry: void (status 1 or 2), stored after `me`'s last valid
     /// change there, and at a seq the current membership lets `me` write (else the change is
     /// void because `me` itself was revoked, and stays so). (hash, deps) in storage order.
-    fn to_carry(
-        &self,
-        doc: &str,
-        me: &NodeId,
-    ) -> Result<Vec<([u8; 32], Vec<[u8; 32]>)>, StoreError> {
+    fn to_carry(&self, doc: &str, me: &NodeId) -> Result<Vec<ToCarry>, StoreError> {
         type Row = (i64, Vec<u8>, i64, i64, Vec<u8>);
         let rows: Vec<Row> = self
             .conn
@@ -223,11 +222,7 @@ impl Store {
     /// The operations that carry `todo` forward: for each change in turn, the JSON difference
     /// it made to the state it was built on (its causal past, void changes included), as puts
     /// and deletes at the paths it wrote.
-    fn intended_ops(
-        &self,
-        doc: &str,
-        todo: &[([u8; 32], Vec<[u8; 32]>)],
-    ) -> Result<Vec<Op>, StoreError> {
+    fn intended_ops(&self, doc: &str, todo: &[ToCarry]) -> Result<Vec<Op>, StoreError> {
         let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = self
             .conn
             .prepare_cached("SELECT hash, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id")?
