@@ -480,6 +480,19 @@ fn print_status(r: &Value) {
             n("scrubbed")
         );
     }
+    if let Some(void) = r["voided"].as_object() {
+        if !void.is_empty() {
+            println!("changes voided on this node since start (see the log)");
+            for (k, v) in void {
+                println!("  {k}: {v}");
+            }
+        }
+    }
+    if let Some(n) = r["carried_forward"].as_u64().filter(|n| *n > 0) {
+        println!(
+            "own writes carried forward: {n} (they were built on a void change; their values were written again as new changes)"
+        );
+    }
     let flagged: Vec<String> = r["equivocators"]
         .as_array()
         .into_iter()

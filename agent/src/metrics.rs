@@ -33,7 +33,7 @@ const REJECTED_REASONS: &[&str] = &{
 /// The labelled counter families, with their help text and every reason known up front:
 /// those are exported at 0 from the start, so a dashboard or an alert sees the series
 /// before the first event (`rate()` and `increase()` need a sample before it).
-const FAMILIES: [(&str, &str, &[&str]); 4] = [
+const FAMILIES: [(&str, &str, &[&str]); 5] = [
     (
         "lichen_changes_rejected_total",
         "Changes received from peers and refused, by reason",
@@ -62,6 +62,11 @@ const FAMILIES: [(&str, &str, &[&str]); 4] = [
         "lichen_render_errors_total",
         "Failed writes, checks and reloads of bound files, by reason",
         &["check", "reload", "write"],
+    ),
+    (
+        "lichen_changes_voided_total",
+        "Stored changes that became void on this node, by reason (a revoked author, a void dependency, an equivocation)",
+        &["depends_on_void", "equivocation", "revoked"],
     ),
 ];
 
@@ -153,6 +158,7 @@ pub struct Metrics {
     pub healed_changes: AtomicU64,
     pub snapshots_dropped: AtomicU64,
     pub scrubbed_changes: AtomicU64,
+    pub carried_forward: AtomicU64,
     pub write_latency: Histogram,
     pub apply_latency: Histogram,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -182,7 +188,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 26] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 27] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -337,6 +343,12 @@ impl Metrics {
                 "lichen_scrubbed_changes_total",
                 "Stored changes checked by the background scrub since start",
                 &self.scrubbed_changes,
+                "counter",
+            ),
+            (
+                "lichen_writes_carried_forward_total",
+                "Own writes that became void because they were built on a void change, written again as new changes",
+                &self.carried_forward,
                 "counter",
             ),
         ];

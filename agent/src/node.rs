@@ -381,6 +381,7 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(300);
 /// At most one log line per this long for repeated storage failures (a full disk).
 const STORAGE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Why a change that was valid became void (the labels of `lichen_changes_voided_total`).
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -409,6 +410,8 @@ impl Node {
         self.refresh_membership();
         // Keys flagged before this start stay refused (later flags: after each ingest).
         self.refuse_flagged();
+        // Own writes voided before a crash or restart are carried forward now.
+        self.handle_voided(true);
         // One timer, moved only when the engine's deadline moves (not a new one per event).
         let idle = self.start + Duration::from_secs(3600 * 24 * 365);
         let timer = tokio::time::sleep_until(idle.into());
@@ -602,9 +605,81 @@ impl Node {
         }
     }
 
+    /// Changes the store voided since the last call: log and count them, and when one of them
+    /// is this node's own (or `always`, at start), carry this node's void writes forward as
+    /// new changes (see `lichen_crdt::store` `carry`): durable, then pushed like local writes.
+    fn handle_voided(&mut self, always: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let notes = self.store.take_voided();
+        let me = self.key.node_id();
+        let own = notes.iter().any(|v| v.author == me);
+        let mut groups: BTreeMap<(&str, &'static str), Vec<String>> = BTreeMap::new();
+        for v in &notes {
+            self.metrics
+                .inc_labelled("lichen_changes_voided_total", v.reason, 1);
+            groups
+                .entry((v.doc.as_str(), v.reason))
+                .or_default()
+                .push(NodeId(v.hash).to_string());
+        }
+        for ((doc, reason), hashes) in groups {
+            let count = hashes.len();
+            let shown = &hashes[..count.min(8)];
+            tracing::warn!(doc, reason, count, hashes = ?shown, "changes that were valid here became void");
+        }
+        if !own && !always {
+            return;
+        }
+        let carried = match self.store.carry_forward(&self.key, wall_ms()) {
+            Ok(c) => c,
+            Err(e) => {
+                if !self.storage_failure(
+                    &e,
+                    "own writes to carry forward (retried at the next start)",
+                ) {
+                    tracing::error!(error = %e, "carrying this node's void writes forward failed");
+                }
+                return;
+            }
+        };
+        let mut committed = Vec::new();
+        for c in carried {
+            self.metrics
+                .carried_forward
+                .fetch_add(c.voided.len() as u64, Relaxed);
+            let voided: Vec<String> = c.voided.iter().map(|h| NodeId(*h).to_string()).collect();
+            let new = c
+                .change
+                .as_ref()
+                .and_then(|ch| ch.hash())
+                .map(|h| NodeId(h).to_string());
+            tracing::warn!(
+                doc = %c.doc,
+                voided = ?voided,
+                new_change = new.as_deref().unwrap_or("none (the values already stand)"),
+                "this node's acknowledged writes were void (built on a void change): their values were written again as a new change"
+            );
+            if let Some(ch) = c.change {
+                committed.push(ch);
+                self.doc_changed(c.doc);
+            }
+        }
+        if !committed.is_empty() {
+            self.committed = true;
+            self.metrics
+                .changes_sent
+                .fetch_add(committed.len() as u64, Relaxed);
+            let now = self.now();
+            if let Err(e) = self.engine.local_commit(now, &committed, &mut self.store) {
+                tracing::error!(error = %e, "push failed; anti-entropy will deliver");
+            }
+        }
+    }
+
     /// Send every queued message; turn engine events into metrics and notices.
     fn drain(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
+        self.handle_voided(false);
         self.flush();
         let mut store_touched = false;
         let mut membership_touched = false;
@@ -1232,6 +1307,8 @@ impl Node {
                 "scrub_passes": scrub.passes,
                 "quarantined_changes": quarantined,
             },
+            "voided": self.metrics.labelled("lichen_changes_voided_total").into_iter().filter(|(_, v)| *v > 0).collect::<BTreeMap<_, _>>(),
+            "carried_forward": self.metrics.carried_forward.load(std::sync::atomic::Ordering::Relaxed),
             "equivocators": self.store.equivocators()?.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
         }))
     }

@@ -20,9 +20,10 @@
 //!   [`crate::membership`]): Automerge cannot apply a change without its dependencies, and
 //!   applying them would resurrect the variant's effects. This hits only honest changes made
 //!   *concurrently* with the fork by nodes that had received one variant; they are reported
-//!   (`IngestReport::voided`) so the intended values can be written again. Their authors then
-//!   reuse the seq of the voided change, which is *not* a fork: a change void because of its
-//!   dependencies is not "otherwise valid".
+//!   (`IngestReport::voided`, `Store::take_voided`) and their authors carry them forward (the
+//!   carry-forward rule of [`crate::membership`]): the intended values are written again as a
+//!   new change, which reuses the seq of the voided change. That is *not* a fork: a change void
+//!   because of its dependencies is not "otherwise valid".
 //!
 //! # Evaluation (deterministic)
 //! `evaluate` runs over every stored change of one document, in storage order (a change is

@@ -106,6 +106,6 @@ pub use membership::{
 };
 pub use signed::{valid_doc_name, ClusterId, DecodeError, SignedChange, MEMBERSHIP_DOC};
 pub use store::{
-    Edit, HistoryEntry, IngestReport, Op, Outcome, ScrubStatus, ScrubStep, Store,
-    DEFAULT_MAX_LOADED_DOCS,
+    CarriedForward, Edit, HistoryEntry, IngestReport, Op, Outcome, ScrubStatus, ScrubStep, Store,
+    Voided, DEFAULT_MAX_LOADED_DOCS,
 };

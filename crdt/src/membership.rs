@@ -41,9 +41,22 @@
 //! without its dependencies, and applying them would resurrect the void change's effects. So a
 //! void change voids its causal descendants in the same document. Only changes made *concurrently*
 //! with a removal, by nodes that had already received the removed key's post-cut-off writes,
-//! are affected; the admin's cut-off covers everything the admin had seen. Nodes report the
-//! voided changes (with reason `depends_on_void`) so an operator or the agent can re-apply the
-//! intended values as new changes.
+//! are affected; the admin's cut-off covers everything the admin had seen.
+//!
+//! **Carry-forward: an honest write outlives the void change it was built on.** Such a write
+//! was acknowledged to its writer, so it must not vanish. Every node notes each change that
+//! turns void, with its reason (`revoked`, `depends_on_void`, `equivocation`; see
+//! `Store::take_voided`); the agent logs and counts them. The **author** of a change that is
+//! void only because of a void dependency (its own role and scopes still allow it) re-applies
+//! its own operations (the puts and deletes its change made to the state it was built on) as a
+//! new change on the valid state, signed by itself (`Store::carry_forward`). Nobody else
+//! re-signs another key's operations; other nodes wait for the author's new change, which
+//! reuses the seq of the void one (no fork: a change void because of its dependencies is not
+//! "otherwise valid"). The outcome is deterministic: which changes are carried is a function of
+//! the stored changes and the final membership, and the new change merges with concurrent
+//! writes like any new change. The same holds for dependencies voided by equivocation (below).
+//! Tests: the simulations `an_honest_write_on_a_revoked_write_is_carried_forward` and
+//! `an_honest_write_on_an_equivocation_variant_is_carried_forward`.
 //!
 //! **Equivocation** (one key, two different changes at one seq) is judged by its own rule,
 //! in `crate::equivocation`: both variants and the key's later changes in that document are

@@ -4,7 +4,8 @@
 //! member, a cloned key, a forger, a stalled peer), and the end state every honest node must
 //! reach. Invariants are checked at every step (every ingest report), and convergence (same
 //! heads and state everywhere) at quiescence. A failure prints its seed; replay one with
-//! `LICHEN_SIM_SEED=<n> cargo test -p lichen-crdt --test simulation <name>`.
+//! `LICHEN_SIM_SEED=<n> cargo test -p lichen-crdt --test simulation <name>`; sweep a wider range
+//! with `LICHEN_SIM_SEEDS=0..400` (in release: `cargo test --release ...`).
 
 mod sim;
 
@@ -406,6 +407,195 @@ fn removed_member_writes_on_a_fork_are_void_everywhere() {
     });
 }
 
+/// The value at top-level `key` of `doc` on node `i`.
+fn value_at(s: &Sim, i: usize, doc: &str, key: &str) -> Option<serde_json::Value> {
+    s.nodes[i]
+        .store()
+        .get(doc, &[lichen_crdt::PathSeg::Key(key.to_string())])
+        .unwrap()
+}
+
+/// Each void write carried forward exactly once, by its author; none carried twice.
+fn assert_carried_once_by_author(s: &Sim, seed: u64, expected: &[(usize, [u8; 32])]) {
+    for (author, h) in expected {
+        let by: Vec<usize> = s
+            .carried
+            .iter()
+            .filter(|(_, _, v)| v.contains(h))
+            .map(|(n, _, _)| *n)
+            .collect();
+        assert_eq!(
+            by,
+            vec![*author],
+            "seed {seed}: a void write must be carried forward once, by its author"
+        );
+    }
+}
+
+/// A member that received a removed key's post-removal write and wrote on top of it had its
+/// write acknowledged; once the removal is known that write is void everywhere (it depends on
+/// a void change), and its author carries it forward: its intended values stand on every
+/// node, in a new change signed by itself, and nobody else re-signs them.
+#[test]
+fn an_honest_write_on_a_revoked_write_is_carried_forward() {
+    sweep("carry_forward_revoked", 0..6, |seed| {
+        let n = 6;
+        let (victim, x, y) = (5, 4, 3);
+        let mut s = Sim::new(seed, SimConfig::new(n).lossy(0.03, 0.03));
+        s.at(50, move |s| {
+            s.write(victim, "app/m", "base");
+        });
+        s.run_until(1_000);
+        s.split(|i| i < 3);
+        s.remove_member(0, victim);
+        s.run_until(1_300);
+        // The removed member, not knowing, writes; its side accepts it.
+        let w = s.write(victim, "app/m", "r").unwrap().hash().unwrap();
+        s.run_until(s.now + 300);
+        assert!(
+            s.nodes[x].store().get_change(&w).unwrap().is_some()
+                && s.nodes[y].store().get_change(&w).unwrap().is_some(),
+            "seed {seed}: the victim's side should hold its write"
+        );
+        // Two honest writers build on it: a nested value, a delete, a scalar.
+        let xv = serde_json::json!({"port": 8080, "hosts": ["a", "b"]});
+        let wx = s.write_value(x, "app/m", "cfg", xv.clone()).unwrap();
+        assert!(
+            lichen_crdt::header::parse(&wx.bytes)
+                .unwrap()
+                .deps
+                .contains(&w),
+            "seed {seed}: X's write must be built on the void one"
+        );
+        let wx = wx.hash().unwrap();
+        let wy = s
+            .write_value(y, "app/m", "y", serde_json::json!("yes"))
+            .unwrap();
+        let wy = wy.hash().unwrap();
+        // Meanwhile the admin's side writes another key of the same document.
+        s.write_value(1, "app/m", "other", serde_json::json!(1));
+        s.run_until(s.now + 300);
+        s.heal();
+        s.settle(30_000);
+        s.assert_converged();
+        for h in [w, wx, wy] {
+            assert!(s.nowhere(&h), "seed {seed}: a void change stands");
+        }
+        for i in 0..n - 1 {
+            assert_eq!(
+                value_at(&s, i, "app/m", "cfg"),
+                Some(xv.clone()),
+                "seed {seed}: n{i}"
+            );
+            assert_eq!(
+                value_at(&s, i, "app/m", "y"),
+                Some(serde_json::json!("yes")),
+                "seed {seed}: n{i}"
+            );
+            assert_eq!(
+                value_at(&s, i, "app/m", "other"),
+                Some(serde_json::json!(1))
+            );
+            assert_eq!(value_at(&s, i, "app/m", "r"), None, "seed {seed}: n{i}");
+        }
+        assert_carried_once_by_author(&s, seed, &[(x, wx), (y, wy)]);
+        // Every other honest write (the carried ones included) stands everywhere.
+        for h in s.written.clone() {
+            assert!(
+                [w, wx, wy].contains(&h) || s.everywhere(&h),
+                "seed {seed}: an honest write was lost"
+            );
+        }
+        // What was voided was noted, with its reason.
+        for (h, reason) in [
+            (wx, "depends_on_void"),
+            (wy, "depends_on_void"),
+            (w, "revoked"),
+        ] {
+            assert!(
+                s.voided.iter().any(|v| v.hash == h && v.reason == reason),
+                "seed {seed}: a voided change was not noted as {reason}"
+            );
+        }
+    });
+}
+
+/// The same for a dependency voided by equivocation: X received the clone's variant of a
+/// forked seq and wrote on top of it; once both variants meet, X's write is void (it depends
+/// on a fork) and X carries it forward.
+#[test]
+fn an_honest_write_on_an_equivocation_variant_is_carried_forward() {
+    sweep("carry_forward_fork", 0..6, |seed| {
+        let n = 6;
+        let (original, clone, x) = (1, 5, 4);
+        let mut s = Sim::with_kinds(
+            seed,
+            SimConfig::new(n).lossy(0.03, 0.03),
+            &[(clone, Kind::Clone)],
+        );
+        s.clone_writes_forbidden = false;
+        s.isolate(clone);
+        s.write(original, "app/e", "k");
+        s.run_until(500);
+        s.clone_node(clone, original);
+        s.excluded.insert(clone);
+        s.heal();
+        s.split(|i| i == 4 || i == 5);
+        s.run_until(s.now + 100);
+        // Both holders of the key write the same seq, apart; X builds on the clone's.
+        let vc = s.write(clone, "app/e", "c").unwrap().hash().unwrap();
+        s.write(original, "app/e", "o").unwrap();
+        // (A lost push reaches X with the next anti-entropy round.)
+        for _ in 0..100 {
+            s.run_until(s.now + 100);
+            if s.nodes[x].store().get_change(&vc).unwrap().is_some() {
+                break;
+            }
+        }
+        assert!(
+            s.nodes[x].store().get_change(&vc).unwrap().is_some(),
+            "seed {seed}: X never received the clone's write"
+        );
+        let wx = s
+            .write_value(x, "app/e", "x", serde_json::json!({"v": 1}))
+            .unwrap()
+            .hash()
+            .unwrap();
+        s.run_until(s.now + 100);
+        s.heal();
+        s.settle(30_000);
+        s.run_until(s.now + 2_000);
+        s.settle(30_000);
+        s.assert_converged();
+        let key = s.nodes[original].id;
+        for (i, nd) in s.nodes.iter().enumerate().filter(|(_, nd)| nd.honest()) {
+            assert_eq!(
+                nd.store().equivocators().unwrap(),
+                vec![key],
+                "seed {seed}: n{i}"
+            );
+        }
+        assert!(
+            s.nowhere(&vc) && s.nowhere(&wx),
+            "seed {seed}: a void change stands"
+        );
+        for i in 0..n - 1 {
+            assert_eq!(
+                value_at(&s, i, "app/e", "x"),
+                Some(serde_json::json!({"v": 1})),
+                "seed {seed}: n{i} lost X's write"
+            );
+        }
+        assert_carried_once_by_author(&s, seed, &[(x, wx)]);
+        assert!(
+            s.voided
+                .iter()
+                .any(|v| v.hash == wx && v.reason == "depends_on_void"),
+            "seed {seed}: X's voided write was not noted"
+        );
+    });
+}
+
 /// Hashes of the changes by `key` in `doc` with seq ≥ `from` among `hashes`.
 fn at_or_after(s: &Sim, changes: &[lichen_crdt::SignedChange], from: u64) -> Vec<[u8; 32]> {
     let _ = s;
@@ -558,9 +748,27 @@ fn concurrent_equivocation_in_two_partitions_converges_with_both_variants_void()
         let kept = vec![first.hash().unwrap()];
         assert_flagged_everywhere(&s, seed, s.nodes[original].id, &void, &kept);
         // Honest writes to app/c made on top of a variant are void everywhere (they are
-        // reported as voided); every other honest write stands everywhere.
+        // reported as voided, and carried forward by their authors); every other honest write
+        // stands everywhere. A carried-forward write can itself be built on a change that
+        // turns void later (a node that had not seen the fork yet): it is carried again.
+        let carried: std::collections::BTreeSet<[u8; 32]> = s
+            .carried
+            .iter()
+            .flat_map(|(_, _, v)| v.iter().copied())
+            .collect();
         for h in s.written.clone() {
-            if void.contains(&h) || honest_c.contains(&h) {
+            if void.contains(&h) || honest_c.contains(&h) || carried.contains(&h) {
+                continue;
+            }
+            // The original may carry its own write forward before it learns of the fork: by
+            // the flagged key past the fork seq, that change is void like the rest of its line.
+            let by_flagged = s.nodes.iter().filter(|nd| nd.alive()).any(|nd| {
+                nd.store().get_stored(&h).unwrap().is_some_and(|c| {
+                    c.author == s.nodes[original].id
+                        && lichen_crdt::header::parse(&c.bytes).unwrap().seq >= 2
+                })
+            });
+            if by_flagged {
                 continue;
             }
             assert!(s.everywhere(&h), "seed {seed}: an honest write was lost");
@@ -925,7 +1133,9 @@ fn unflagged(s: &Sim, i: usize) -> bool {
 #[test]
 fn equivocation_under_chaos_converges() {
     use lichen_crdt::sync::rng::SplitMix64;
-    sweep("equivocation_chaos", 0..8, |seed| {
+    // 0..64 covers seed 50, which once lost a pull to the final split and missed the
+    // catch-up after the heal (about 20 s in a debug build).
+    sweep("equivocation_chaos", 0..64, |seed| {
         let n = 6 + (seed as usize % 3);
         let (original, clone) = (1, n - 1);
         let mut s = Sim::with_kinds(
@@ -1025,7 +1235,9 @@ fn equivocation_under_chaos_converges() {
 #[test]
 fn cloned_admin_under_chaos_converges() {
     use lichen_crdt::sync::rng::SplitMix64;
-    sweep("cloned_admin_chaos", 0..6, |seed| {
+    // 0..128 covers seeds 91 and 127, which once lost a pull to the final split and missed
+    // the catch-up after the heal (about 30 s in a debug build).
+    sweep("cloned_admin_chaos", 0..128, |seed| {
         let n = 6 + (seed as usize % 3);
         let (admin2, clone) = (1, n - 1);
         let mut s = Sim::with_kinds(

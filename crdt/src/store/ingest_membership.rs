@@ -191,7 +191,13 @@ impl Store {
         for (h, status, was_valid) in &flips {
             match (*was_valid, *status == 0) {
                 (false, true) => report.revived.push(*h),
-                (true, false) => report.voided.push(*h),
+                (true, false) => {
+                    report.voided.push(*h);
+                    let reason = eval.void.get(h).map(|r| r.label()).unwrap_or("revoked");
+                    if let Some(m) = all.iter().find(|m| m.hash == *h) {
+                        self.note_voided(MEMBERSHIP_DOC, m.author, *h, reason);
+                    }
+                }
                 _ => {}
             }
         }
@@ -221,6 +227,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         // (doc, hash, valid now as far as membership goes, was valid)
         let mut flips: Vec<(String, [u8; 32], bool, bool)> = Vec::new();
+        let mut flip_author: HashMap<[u8; 32], NodeId> = HashMap::new();
         {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT doc, hash, seq, status FROM changes WHERE author = ?1 AND doc != ?2 ORDER BY id",
@@ -247,6 +254,7 @@ impl Store {
                     // Statuses 2 and 3 (equivocation) are not about membership: `rebuild`
                     // decides them again; here they count as "not revoked".
                     if ok != (status != 1) {
+                        flip_author.insert(hash, *a);
                         flips.push((doc, hash, ok, status == 0));
                     }
                 }
@@ -271,6 +279,13 @@ impl Store {
                 revived.push(*h);
             } else if *was_valid {
                 report.voided.push(*h);
+            }
+        }
+        for (doc, h, ok, was_valid) in &flips {
+            if !*ok && *was_valid {
+                if let Some(a) = flip_author.get(h) {
+                    self.note_voided(doc, *a, *h, "revoked");
+                }
             }
         }
         for doc in docs {

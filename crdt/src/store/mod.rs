@@ -47,11 +47,13 @@
 //! `cache` (documents in memory), `write` (local writes), `local_fast` (the writer's fast
 //! path), `persist` (committing accepted
 //! changes and the view), `members` (local membership edits), `ingest` (received changes),
+//! `carry` (voided changes noted, own void writes carried forward),
 //! `ingest_membership` (received membership changes), `rebuild` (re-judging a document) and
 //! `scrub` (checking what is read back from disk, the background scrub, quarantine).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
 mod cache;
+mod carry;
 mod durability;
 mod ingest;
 mod ingest_membership;
@@ -79,6 +81,7 @@ use crate::schema::{self, SchemaProblem};
 use crate::signed::{ClusterId, SignedChange, MEMBERSHIP_DOC};
 
 use cache::Loaded;
+pub use carry::{CarriedForward, Voided};
 use ingest::PendingSet;
 pub use scrub::{ScrubStatus, ScrubStep};
 
@@ -230,6 +233,12 @@ pub struct Store {
     local_fast_path: bool,
     /// Damaged rows found by reads and the background scrub's position (see `scrub`).
     scrub: scrub::Scrub,
+    /// Changes that became void here, until the caller drains them (see `carry`).
+    voided_notes: VecDeque<Voided>,
+    /// Changes that became void here since opening, by reason.
+    voided_counts: BTreeMap<&'static str, u64>,
+    /// This node's void writes carried forward since opening.
+    carried_total: u64,
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
@@ -342,6 +351,9 @@ impl Store {
             sync_full: true,
             local_fast_path: true,
             scrub: scrub::Scrub::default(),
+            voided_notes: VecDeque::new(),
+            voided_counts: BTreeMap::new(),
+            carried_total: 0,
             pending: PendingSet {
                 queue: VecDeque::new(),
                 hashes: HashSet::new(),

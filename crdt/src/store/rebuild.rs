@@ -76,7 +76,17 @@ impl Store {
             if st.code() != was {
                 updates.push((hash, st.code()));
                 match (was == 0, st == equivocation::Status::Valid) {
-                    (true, false) => voided.push(hash),
+                    (true, false) => {
+                        let reason = if st == equivocation::Status::Fork {
+                            "equivocation"
+                        } else {
+                            // Revoked changes were flipped before the rebuild: a change that
+                            // turns void here is built on a void one.
+                            "depends_on_void"
+                        };
+                        self.note_voided(doc, judged[i].author, hash, reason);
+                        voided.push(hash);
+                    }
                     (false, true) => revived.push(hash),
                     _ => {}
                 }

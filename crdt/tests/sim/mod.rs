@@ -248,6 +248,10 @@ pub struct Sim {
     pub delivered: u64,
     /// Nodes left out of convergence checks for now (e.g. stalled on purpose).
     pub excluded: BTreeSet<usize>,
+    /// Changes honest nodes noted as voided (see `Store::take_voided`).
+    pub voided: Vec<lichen_crdt::Voided>,
+    /// Void writes carried forward: (node, document, its void changes).
+    pub carried: Vec<(usize, String, Vec<[u8; 32]>)>,
     counter: u64,
 }
 
@@ -445,6 +449,8 @@ impl Sim {
             max_clock_entries: 0,
             delivered: 0,
             excluded: BTreeSet::new(),
+            voided: Vec::new(),
+            carried: Vec::new(),
             counter: 0,
         };
         sim.index = sim
@@ -581,6 +587,8 @@ impl Sim {
         self.nodes[x].store = Some(s);
         self.nodes[x].restarts += 1;
         self.start_engine(x);
+        // As the agent does at start: a write voided before a crash is carried now.
+        self.carry(x, true);
         self.refresh_links(x);
         for b in self.neighbours(x) {
             self.refresh_links(b);
@@ -683,6 +691,34 @@ impl Sim {
         self.flush(n);
     }
 
+    /// What the agent does after its store voided changes: if one of them is this node's own
+    /// (or `always`, at start), carry its void writes forward as a new change and push it.
+    fn carry(&mut self, n: usize, always: bool) {
+        if !self.nodes[n].alive() || !self.nodes[n].honest() {
+            return;
+        }
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        let me = node.sign_key.node_id();
+        let store = node.store.as_mut().unwrap();
+        let notes = store.take_voided();
+        self.voided.extend(notes.iter().cloned());
+        if !always && !notes.iter().any(|v| v.author == me) {
+            return;
+        }
+        let carried = store
+            .carry_forward(&node.sign_key, now as i64)
+            .unwrap_or_else(|e| panic!("seed {}: n{n} carry-forward failed: {e}", self.seed));
+        let mut changes = Vec::new();
+        for c in carried {
+            self.carried.push((n, c.doc.clone(), c.voided.clone()));
+            changes.extend(c.change);
+        }
+        if !changes.is_empty() {
+            self.committed(n, changes);
+        }
+    }
+
     /// Admin `admin` removes node `target` from the cluster.
     pub fn remove_member(&mut self, admin: usize, target: usize) -> SignedChange {
         let now = self.now;
@@ -778,6 +814,7 @@ impl Sim {
                             .handle_timeout(now, &mut rep)
                             .unwrap();
                         self.check(node, log);
+                        self.carry(node, false);
                         self.flush(node);
                     }
                 }
@@ -812,6 +849,7 @@ impl Sim {
             .handle_bytes(now, peer, &bytes, &mut rep)
             .unwrap_or_else(|e| panic!("seed {}: n{to} failed: {e}", self.seed));
         self.check(to, log);
+        self.carry(to, false);
         self.flush(to);
     }
 
@@ -1074,13 +1112,19 @@ impl Sim {
 }
 
 /// Run `f` for every seed in `seeds` (or only `LICHEN_SIM_SEED`), printing the seed that fails.
-pub fn sweep(name: &str, seeds: std::ops::Range<u64>, f: impl Fn(u64)) {
+pub fn sweep(name: &str, seeds: impl IntoIterator<Item = u64>, f: impl Fn(u64)) {
     let only = std::env::var("LICHEN_SIM_SEED")
         .ok()
         .and_then(|s| s.parse::<u64>().ok());
-    let seeds: Vec<u64> = match only {
-        Some(s) => vec![s],
-        None => seeds.collect(),
+    // A wider sweep than the test's own: `LICHEN_SIM_SEEDS=0..400`.
+    let range = std::env::var("LICHEN_SIM_SEEDS").ok().and_then(|s| {
+        let (a, b) = s.split_once("..")?;
+        Some(a.parse::<u64>().ok()?..b.parse::<u64>().ok()?)
+    });
+    let seeds: Vec<u64> = match (only, range) {
+        (Some(s), _) => vec![s],
+        (None, Some(r)) => r.collect(),
+        (None, None) => seeds.into_iter().collect(),
     };
     for seed in seeds {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(seed)));

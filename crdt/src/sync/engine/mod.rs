@@ -88,7 +88,9 @@ pub struct Config {
     /// Least time between two pulls (`Clocks` requests) triggered by pushes from one peer.
     pub pull_gap_ms: u64,
     /// A node pulls changes from one peer at a time; a pull with no answer for this long is
-    /// abandoned (the peer may be gone) and another peer may be asked.
+    /// abandoned (the peer may be gone) and another peer may be asked. One with no answer for
+    /// `pull_gap_ms` already gives way to the next peer that offers an exchange (the request
+    /// or its answer was most likely lost).
     pub pull_timeout_ms: u64,
     /// Most events kept until [`SyncEngine::poll_event`] drains them.
     pub max_events: usize,

@@ -114,9 +114,16 @@ impl SyncEngine {
     /// Start pulling from `peer` unless a pull is still in progress: at most one peer sends
     /// us a bulk transfer at a time, so after a partition heals a node receives what it lacks
     /// once, not once per neighbour.
+    ///
+    /// A pull whose last request got no answer for `pull_gap_ms` does not hold back a new
+    /// one: its request or the answer was most likely lost (to a link cut or a dropped
+    /// message), and waiting for `pull_timeout_ms` while ignoring every peer that offers an
+    /// exchange would leave the node behind for that long after a partition heals. The new
+    /// pull replaces it (from the same peer too: a peer that offers an exchange is up and is
+    /// not answering ours). An answer to the old pull that still arrives is ingested as usual.
     pub(super) fn start_pull(&mut self, now: u64, peer: NodeId) -> bool {
         match &self.pulling {
-            Some(p) if now < p.until => false,
+            Some(p) if now < p.until && !self.stale(now, p) => false,
             _ => {
                 self.pulling = Some(Pull {
                     peer,
@@ -126,6 +133,13 @@ impl SyncEngine {
                 true
             }
         }
+    }
+
+    /// Whether pull `p` has waited `pull_gap_ms` for an answer to its last request (each
+    /// answered page moves `until` to `pull_timeout_ms` after it).
+    fn stale(&self, now: u64, p: &Pull) -> bool {
+        let asked = p.until.saturating_sub(self.cfg.pull_timeout_ms);
+        now >= asked + self.cfg.pull_gap_ms
     }
 
     /// Whether a change announced to us was fetched less than `pull_gap_ms` ago and has not

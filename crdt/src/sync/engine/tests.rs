@@ -402,3 +402,70 @@ fn a_peer_whose_push_was_dropped_gets_the_next_round() {
         );
     }
 }
+
+/// The pull requests `e` sent, by peer.
+fn pulls(out: &[(NodeId, SyncMessage)]) -> Vec<NodeId> {
+    out.iter()
+        .filter(|(_, m)| matches!(m, SyncMessage::Clocks { pull: true, .. }))
+        .map(|(p, _)| *p)
+        .collect()
+}
+
+#[test]
+fn a_pull_lost_on_the_way_gives_way_to_the_next_peer_that_offers_an_exchange() {
+    let (me, a, b) = (NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32]));
+    let cfg = Config::default();
+    let (gap, timeout) = (cfg.pull_gap_ms, cfg.pull_timeout_ms);
+    let mut e = SyncEngine::new(me, cfg, 5);
+    let mut r = Fake::default();
+    r.clocks.entry("app/x".into()).or_default().insert(me, 1);
+    e.peer_up(0, a, &mut r).unwrap();
+    e.peer_up(0, b, &mut r).unwrap();
+    drain(&mut e);
+    let differs = || SyncMessage::Digest { digest: [7; 32] };
+    // A's digest differs: pull from A. That request (or its answer) is lost.
+    e.handle(10, a, differs(), &mut r).unwrap();
+    assert_eq!(pulls(&drain(&mut e)), vec![a]);
+    // While the pull may still be answered, other offers wait (one bulk transfer at a time).
+    e.handle(10 + gap - 1, b, differs(), &mut r).unwrap();
+    assert!(pulls(&drain(&mut e)).is_empty());
+    // No answer for `pull_gap_ms`: the next offer (long before `pull_timeout_ms`) is taken.
+    let t = 10 + gap;
+    assert!(t < 10 + timeout);
+    e.handle(t, b, differs(), &mut r).unwrap();
+    assert_eq!(pulls(&drain(&mut e)), vec![b]);
+    // The same for an offer from the peer of the lost pull itself (it is up, and not
+    // answering ours), here one that asks us to pull back (`reply`).
+    let t = t + gap;
+    let mut theirs = Clocks::new();
+    theirs.entry("app/x".into()).or_default().insert(a, 3);
+    e.handle(
+        t,
+        b,
+        SyncMessage::Clocks {
+            reply: true,
+            pull: true,
+            range: DocRange::all(),
+            clocks: theirs,
+            frontiers: Frontiers::new(),
+            wants: Vec::new(),
+        },
+        &mut r,
+    )
+    .unwrap();
+    assert_eq!(pulls(&drain(&mut e)), vec![b]);
+    // An answered pull is not stale: the next page's answer is awaited again.
+    e.handle(
+        t + 1,
+        b,
+        SyncMessage::Changes {
+            more: true,
+            changes: Vec::new(),
+        },
+        &mut r,
+    )
+    .unwrap();
+    assert_eq!(pulls(&drain(&mut e)), vec![b]);
+    e.handle(t + 2, a, differs(), &mut r).unwrap();
+    assert!(pulls(&drain(&mut e)).is_empty());
+}
