@@ -149,6 +149,24 @@ class Cluster:
         stop.set()
         return out
 
+    DIAG = ["lichen_writes_total", "lichen_changes_sent_total", "lichen_changes_received_total",
+            "lichen_sync_messages_received_total", "lichen_send_dropped_total",
+            "lichen_apply_latency_seconds_sum", "lichen_apply_latency_seconds_count",
+            "lichen_write_latency_seconds_sum", "lichen_write_latency_seconds_count"]
+
+    def diag(self):
+        """Some of each agent's counters (`GET /metrics`), for the per-round notes."""
+        out = []
+        for api in self.apis:
+            _, text = Http(api, timeout=5).call("GET", "/metrics")
+            m = {}
+            for line in text.decode().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] in self.DIAG:
+                    m[parts[0].removeprefix("lichen_")] = float(parts[1])
+            out.append(m)
+        return out
+
     def stop(self):
         common.stop_all(self.procs)
 

@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -63,6 +64,15 @@ def measure(name, args, root):
         r["visible_p50_ms"] = common.pct(vis, 0.5) * 1e3
         r["visible_p99_ms"] = common.pct(vis, 0.99) * 1e3
 
+        perfs = []
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            for i, pid in enumerate(c.pids):
+                out = os.path.join(args.profile, f"{name}-n{i + 1}.perf.data")
+                perfs.append(common.spawn(
+                    ["perf", "record", "-F", "250", "--call-graph", "dwarf,16384",
+                     "-p", str(pid), "-o", out], out + ".log"))
+            time.sleep(3)  # perf needs a moment to attach on a loaded machine
         ctx = mp.get_context("spawn")
         barrier = ctx.Barrier(args.clients + 1)
         results = ctx.Queue()
@@ -77,6 +87,22 @@ def measure(name, args, root):
         barrier.wait(timeout=60)
         t0 = time.time()
         cpu0 = [common.cpu_seconds(p) for p in c.pids]
+        diag0 = c.diag() if hasattr(c, "diag") else None
+        trace, tracing_done = [], None
+        if args.trace and diag0 is not None:
+            import threading
+
+            tracing_done = threading.Event()
+
+            def sample():
+                while not tracing_done.wait(args.trace):
+                    try:
+                        trace.append((time.time() - t0, [common.cpu_seconds(p) for p in c.pids],
+                                      c.diag()))
+                    except Exception:
+                        pass
+
+            threading.Thread(target=sample, daemon=True).start()
         got = [results.get(timeout=args.seconds + 60) for _ in procs]
         failed = [g[4] for g in got if g[4]]
         if failed:
@@ -85,6 +111,16 @@ def measure(name, args, root):
         common.wait_until(f"{name}: all nodes to agree", 120, c.agree, interval=0.01)
         r["agree_s"] = time.time() - stopped
         cpu1 = [common.cpu_seconds(p) for p in c.pids]
+        if tracing_done is not None:
+            tracing_done.set()
+            r["trace"] = trace
+        for p in perfs:
+            p.send_signal(signal.SIGINT)
+        for p in perfs:
+            p.wait(timeout=120)
+        if diag0 is not None:
+            r["diag"] = [{k: round(b[k] - a.get(k, 0), 3) for k in b}
+                         for a, b in zip(diag0, c.diag())]
         for p in procs:
             p.join(timeout=10)
         wall = stopped - t0
@@ -133,6 +169,11 @@ def row_range(vals):
     return rng_fmt(vals, fmt_num(max(vals)))
 
 
+def spread(r):
+    per_client = [t / k for t, k in zip(r["per_node"], r["clients_per_node"]) if k]
+    return max(per_client) / max(1e-9, min(per_client))
+
+
 def table(rounds, systems):
     """One markdown table: a column per system (ranges over rounds) and per ratio."""
     names = [s for s in ["lichen", "nats", "etcd"] if s in systems]
@@ -154,6 +195,7 @@ def table(rounds, systems):
         ("per-node throughput, slowest / fastest node, puts/s per client", [
             lambda r: min(t / k for t, k in zip(r["per_node"], r["clients_per_node"])),
             lambda r: max(t / k for t, k in zip(r["per_node"], r["clients_per_node"]))]),
+        ("fastest ÷ slowest node, puts/s per client", [lambda r: spread(r)]),
         ("all nodes agree after the load stops, s", [lambda r: r["agree_s"]]),
     ]
     sep = {0: " / ", 4: " → "}
@@ -187,6 +229,10 @@ def main():
     ap.add_argument("--ip-base", type=int, default=140, help="nodes on 127.0.0.<base>..+2")
     ap.add_argument("--lichen-bin", default=os.environ.get("LICHEN_BIN", ""))
     ap.add_argument("--json", help="also write every round's figures to this file")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="record each server with `perf` during the load, into DIR")
+    ap.add_argument("--trace", type=float, metavar="SECONDS",
+                    help="Lichen: print each agent's counters every SECONDS during the load")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
     args = ap.parse_args()
     systems = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -213,6 +259,22 @@ def main():
                       f"rss idle {[round(x, 1) for x in r['rss_idle']]} after {[round(x, 1) for x in r['rss_after']]}, "
                       f"disk {[round(x, 1) for x in r['disk']]} ({time.time() - t:.0f} s)",
                       file=sys.stderr, flush=True)
+                for i, d in enumerate(r.get("diag", [])):
+                    print(f"  node {i + 1} during the load: {json.dumps(d)}", file=sys.stderr)
+                prev = None
+                for t, cpu, d in r.get("trace", []):
+                    if prev:
+                        pt, pcpu, pd = prev
+                        cells = []
+                        for i in range(3):
+                            dd = {k: d[i].get(k, 0) - pd[i].get(k, 0) for k in d[i]}
+                            cells.append(
+                                f"n{i + 1} cpu {100 * (cpu[i] - pcpu[i]) / (t - pt):3.0f}% "
+                                f"w {dd['writes_total']:5.0f} sent {dd['changes_sent_total']:4.0f} "
+                                f"recv {dd['changes_received_total']:4.0f} "
+                                f"apply {dd['apply_latency_seconds_sum']:.2f}s")
+                        print(f"  {t:5.1f}s " + " | ".join(cells), file=sys.stderr)
+                    prev = (t, cpu, d)
                 if not args.keep:
                     shutil.rmtree(d, ignore_errors=True)
             rounds.append(res)
