@@ -28,6 +28,12 @@ use crate::json;
 /// An op id as `kv.ops` lists it: (counter, actor bytes); ordered as Automerge orders them.
 type OpKey = (u64, Vec<u8>);
 
+/// A key's shown value (JSON text; `None`: no value) and its visible ops.
+type Shown = (Option<String>, Vec<OpKey>);
+
+/// The heads and the view rows after a batch.
+type Crossed = (Vec<[u8; 32]>, BTreeMap<String, Row>);
+
 impl Store {
     /// The heads and the view rows after `accepted` (in dependency order; every dependency is
     /// held or earlier in the batch) on top of `heads`, if every change is made only of scalar
@@ -38,11 +44,10 @@ impl Store {
         doc: &str,
         heads: &[[u8; 32]],
         accepted: &[Accepted],
-    ) -> Result<Option<(Vec<[u8; 32]>, BTreeMap<String, Row>)>, StoreError> {
+    ) -> Result<Option<Crossed>, StoreError> {
         use automerge::legacy::{Key, ObjectId, OpType};
         let mut heads: BTreeSet<[u8; 32]> = heads.iter().copied().collect();
-        // Per key touched: the value shown (JSON text; `None`: no value) and the visible ops.
-        let mut rows: BTreeMap<String, (Option<String>, Vec<OpKey>)> = BTreeMap::new();
+        let mut rows: BTreeMap<String, Shown> = BTreeMap::new();
         for a in accepted {
             let Some(expanded) = panic_safe(|| a.change.decode()) else {
                 return Ok(None);
@@ -100,11 +105,7 @@ impl Store {
 
     /// A key's shown value and visible ops: no row is no value and no ops; `None` if the row
     /// does not know its ops.
-    fn row_with_ops(
-        &self,
-        doc: &str,
-        key: &str,
-    ) -> Result<Option<(Option<String>, Vec<OpKey>)>, StoreError> {
+    fn row_with_ops(&self, doc: &str, key: &str) -> Result<Option<Shown>, StoreError> {
         let row: Option<(String, Option<Vec<u8>>)> = self
             .conn
             .prepare_cached("SELECT value, ops FROM kv WHERE doc = ?1 AND key = ?2")?
