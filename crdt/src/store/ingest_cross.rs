@@ -12,9 +12,11 @@
 //! that of the greatest op id (counter, then actor), as Automerge picks it. The heads lose
 //! the change's dependencies and gain the change. The changes are then stored as a fast
 //! forward is (`Touched::FastForward`, and `Loaded::deferred` if the document is in memory,
-//! applied in one batch when it is next needed). A key whose value would become that of an
-//! op whose value the row does not hold (a conflict's losing value, uncovered when the winner
-//! is overwritten) sends the batch down Automerge's path.
+//! applied in one batch when it is next needed). Automerge's path takes the batch instead when
+//! a key's value would become that of an op whose value the row does not hold (a conflict's
+//! losing value, uncovered when the winner is overwritten), or when a `pred` op that is no
+//! longer visible at the key is not an op at that key (a crafted change can name another
+//! key's op, and Automerge then drops that value too).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -71,6 +73,14 @@ impl Store {
                     .iter()
                     .map(|p| (p.0, p.1.to_bytes().to_vec()))
                     .collect();
+                // An overwritten op no longer visible here (a concurrent change overwrote it
+                // first) must still be an op at this key: a crafted `pred` naming another
+                // key's op makes Automerge drop that value too, so that takes its path.
+                for p in &pred {
+                    if !visible.contains(p) && !self.op_is_at_key(doc, p, k)? {
+                        return Ok(None);
+                    }
+                }
                 let own: OpKey = (a.header.start_op + i as u64, actor.clone());
                 let old_winner = visible.iter().max().cloned();
                 let mut after: Vec<OpKey> =
@@ -101,6 +111,40 @@ impl Store {
             out.insert(k, (value, op_ids_blob(ops)));
         }
         Ok(Some((heads.into_iter().collect(), out)))
+    }
+
+    /// Whether op `id` is a put or delete at top-level key `key` of a valid stored change of
+    /// `doc` (an op's actor is its change's author).
+    fn op_is_at_key(&self, doc: &str, id: &OpKey, key: &str) -> Result<bool, StoreError> {
+        use automerge::legacy::{Key, ObjectId};
+        let bytes: Option<(Vec<u8>, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT bytes, start_op FROM changes WHERE doc = ?1 AND author = ?2
+                   AND start_op <= ?3 AND max_op >= ?3 AND status = 0",
+            )?
+            .query_row(params![doc, id.1, id.0 as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((bytes, start)) = bytes else {
+            return Ok(false);
+        };
+        let Some(Ok(change)) = panic_safe(|| automerge::Change::try_from(bytes.as_slice())) else {
+            return Ok(false);
+        };
+        let Some(expanded) = panic_safe(|| change.decode()) else {
+            return Ok(false);
+        };
+        let at =
+            id.0.checked_sub(start as u64)
+                .and_then(|i| usize::try_from(i).ok());
+        Ok(at
+            .and_then(|i| expanded.operations.get(i))
+            .is_some_and(|op| {
+                matches!((&op.obj, &op.key), (ObjectId::Root, Key::Map(k)) if k.as_str() == key)
+                    && !op.insert
+            }))
     }
 
     /// A key's shown value and visible ops: no row is no value and no ops; `None` if the row
