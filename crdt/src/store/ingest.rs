@@ -337,8 +337,14 @@ impl Store {
         // Fast forward: a chain on top of our heads made only of root-level scalar puts needs
         // no Automerge to know the new view; it is applied to the in-memory document later,
         // in one batch, if and when that is needed (hot keys make single applies costly).
-        if let Some(rows) = self.fast_forward_rows(doc, &self.heads(doc)?, &accepted)? {
-            let heads = vec![accepted[accepted.len() - 1].header.hash];
+        // Changes concurrent with ours, made the same way, need no Automerge either
+        // (`ingest_cross`).
+        let now_heads = self.heads(doc)?;
+        let fast = match self.fast_forward_rows(doc, &now_heads, &accepted)? {
+            Some(rows) => Some((vec![accepted[accepted.len() - 1].header.hash], rows)),
+            None => self.crossing_rows(doc, &now_heads, &accepted)?,
+        };
+        if let Some((heads, rows)) = fast {
             let mut flush = false;
             if let Some(l) = self.loaded.get_mut(doc) {
                 l.deferred.extend(accepted.iter().map(|a| a.change.clone()));

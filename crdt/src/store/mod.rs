@@ -19,7 +19,8 @@
 //!   transaction. A *fast forward* (a chain on our heads of root-level scalar puts, each
 //!   overwriting exactly the values visible at its key: `kv.ops`) skips
 //!   Automerge: the view rows are the written scalars and a loaded document catches up later in
-//!   one batch (see `fast_forward_rows`). Changes that may become valid later (unknown author, missing dependencies,
+//!   one batch (see `fast_forward_rows`); so do changes of such puts that cross ours
+//!   (concurrent writers: `ingest_cross`). Changes that may become valid later (unknown author, missing dependencies,
 //!   seq gap) wait in a bounded pending set and are retried whenever something is applied.
 //! * **Reads** ([`Store::get`], [`Store::keys`], [`Store::list_docs`]) are served from the `kv`
 //!   table, so opening the store and reading a document costs the same for 10 or 100k changes.
@@ -47,15 +48,17 @@
 //! `cache` (documents in memory), `write` (local writes), `local_fast` (the writer's fast
 //! path), `persist` (committing accepted
 //! changes and the view), `members` (local membership edits), `ingest` (received changes),
-//! `carry` (voided changes noted, own void writes carried forward),
-//! `ingest_membership` (received membership changes), `rebuild` (re-judging a document) and
-//! `scrub` (checking what is read back from disk, the background scrub, quarantine).
+//! `ingest_cross` (received crossing puts without Automerge), `carry` (voided changes noted,
+//! own void writes carried forward), `ingest_membership` (received membership changes),
+//! `rebuild` (re-judging a document) and `scrub` (checking what is read back from disk, the
+//! background scrub, quarantine).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
 mod cache;
 mod carry;
 mod durability;
 mod ingest;
+mod ingest_cross;
 mod ingest_membership;
 mod local_fast;
 mod members;
