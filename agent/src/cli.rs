@@ -80,29 +80,7 @@ under --prefix (`limits.rate` -> APP_LIMITS_RATE); strings as they are, numbers 
 JSON text, arrays as JSON. CMD also gets LICHEN_DOC and LICHEN_HEADS. SIGTERM, SIGINT and SIGHUP \
 are forwarded; the exit code is CMD's."
     )]
-    Exec {
-        /// Document to read.
-        #[arg(long)]
-        doc: String,
-        /// Path of the object to read (default: the whole document).
-        #[arg(long, default_value = "")]
-        path: String,
-        /// Prefix of every variable name.
-        #[arg(long, default_value = "")]
-        prefix: String,
-        /// `restart`, or `signal:NAME` (HUP, USR1, USR2, INT, TERM, QUIT, WINCH).
-        #[arg(long, default_value = "restart", value_parser = clap::value_parser!(crate::exec::OnChange))]
-        on_change: crate::exec::OnChange,
-        /// How long CMD may take to stop before it is killed (10s, 500ms, 2m).
-        #[arg(long, default_value = "10s", value_parser = crate::exec::parse_duration)]
-        kill_timeout: std::time::Duration,
-        /// Changes within this window are applied once (10s, 500ms, 2m).
-        #[arg(long, default_value = "500ms", value_parser = crate::exec::parse_duration)]
-        debounce: std::time::Duration,
-        /// The program and its arguments.
-        #[arg(last = true, required = true, num_args = 1..)]
-        command: Vec<String>,
-    },
+    Exec(crate::exec::Options),
     /// Start three agents on loopback and show writes, a partition, and convergence.
     Demo {
         /// Keep the agents' directories (printed) instead of deleting them.

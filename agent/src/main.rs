@@ -72,26 +72,7 @@ fn main() {
             println!("{}", key.node_id());
             Ok(())
         })()),
-        Some(Command::Exec {
-            doc,
-            path,
-            prefix,
-            on_change,
-            kill_timeout,
-            debounce,
-            command,
-        }) => exec::run(
-            Client::new(&cli.api),
-            exec::Options {
-                doc,
-                path,
-                prefix,
-                on_change,
-                kill_timeout,
-                debounce,
-                command,
-            },
-        ),
+        Some(Command::Exec(opts)) => exec::run(Client::new(&cli.api), opts),
         Some(cmd) => match client_command(&Client::new(&cli.api), cmd, cli.json) {
             Ok(()) => exit::OK,
             Err(e) => {
@@ -374,7 +355,7 @@ fn client_command(c: &Client, cmd: Command, as_json: bool) -> Result<(), ClientE
         | Command::Init(_)
         | Command::Keygen { .. }
         | Command::Demo { .. }
-        | Command::Exec { .. } => {}
+        | Command::Exec(_) => {}
     }
     Ok(())
 }

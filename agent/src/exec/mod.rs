@@ -91,15 +91,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Everything `lichen exec` was asked to do.
-#[derive(Debug, Clone)]
+/// Everything `lichen exec` was asked to do (its command line).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// Document to read.
+    #[arg(long)]
     pub doc: String,
+    /// Path of the object to read (default: the whole document).
+    #[arg(long, default_value = "")]
     pub path: String,
+    /// Prefix of every variable name.
+    #[arg(long, default_value = "")]
     pub prefix: String,
+    /// `restart`, or `signal:NAME` (HUP, USR1, USR2, INT, TERM, QUIT, WINCH).
+    #[arg(long, default_value = "restart", value_parser = clap::value_parser!(OnChange))]
     pub on_change: OnChange,
+    /// How long CMD may take to stop before it is killed (10s, 500ms, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub kill_timeout: Duration,
+    /// Changes within this window are applied once (10s, 500ms, 2m).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub debounce: Duration,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
 }
 
