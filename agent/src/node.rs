@@ -114,6 +114,13 @@ pub enum Command {
         path: Vec<PathSeg>,
         reply: Reply<Vec<Value>>,
     },
+    /// How many changes of `doc` this node has signed (its entry in the document's version
+    /// vector): a file binding compares it across a restart to tell whether an edit it sent
+    /// was committed (see `render::last`).
+    OwnSeq {
+        doc: String,
+        reply: Reply<u64>,
+    },
     Members {
         reply: Reply<Value>,
     },
@@ -1077,6 +1084,14 @@ impl Node {
             }
             Command::Conflicts { doc, path, reply } => {
                 let _ = reply.send(self.store.conflicts(&doc, &path).map_err(Into::into));
+            }
+            Command::OwnSeq { doc, reply } => {
+                let me = self.key.node_id();
+                let r = self
+                    .store
+                    .clock(&doc)
+                    .map(|c| c.get(&me).copied().unwrap_or(0));
+                let _ = reply.send(r.map_err(Into::into));
             }
             Command::Members { reply } => {
                 let m = self.store.membership();

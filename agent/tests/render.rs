@@ -782,3 +782,78 @@ fn a_slow_save_is_one_change_and_peers_never_render_the_half() {
         "nothing half-written was even parsed"
     );
 }
+
+/// Sync mode: an edit that was committed but whose record (agent/src/render/last.rs) was not
+/// written when the agent died is not applied a second time at the next start. Applying it
+/// again would write its keys over what peers wrote meanwhile: here a later change by B,
+/// made after B had seen A's edit, would be reverted by A's restart. The crash window between
+/// the commit and the record is opened deterministically by making the record unwritable (a
+/// directory where its temporary file goes), then A is killed.
+#[test]
+fn an_edit_committed_just_before_a_crash_is_not_applied_again_at_restart() {
+    let patience = 30;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (mut a, b, fa, fb) = two_nodes(dir, "app/crash", "mode = \"sync\"", |_| {});
+    assert!(a.put("app/crash", "", json!({"k": "base"})));
+    wait_for("B rendered the base", patience, || {
+        read_json(&fb) == Some(json!({"k": "base"}))
+    });
+    wait_for("A rendered the base", patience, || {
+        read_json(&fa) == Some(json!({"k": "base"}))
+    });
+    let rendered = read(&fa);
+    let records = dir.join("a-data").join("bindings");
+    let mut record = None;
+    wait_for("A's render is recorded", patience, || {
+        record = std::fs::read_dir(&records).ok().and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_none()) // not a temporary file
+                .find(|p| std::fs::read(p).is_ok_and(|b| b.ends_with(&rendered)))
+        });
+        record.is_some()
+    });
+    let blocker = record.expect("record").with_extension("tmp");
+    std::fs::create_dir(&blocker)
+        .unwrap_or_else(|e| panic!("block the record at {}: {e}", blocker.display()));
+
+    // A's edit is committed (and reaches B), its record cannot be written; A dies.
+    std::fs::write(&fa, "{\"k\": \"from-a\"}").expect("w");
+    wait_for("A committed its edit", patience, || {
+        a.get("app/crash", "k") == Some(json!("from-a"))
+    });
+    wait_for("A tried to record the edit", patience, || {
+        a.log_count("cannot record the file's content") >= 1
+    });
+    a.kill();
+    std::fs::remove_dir(&blocker).expect("unblock");
+    wait_for("B rendered A's edit", patience, || {
+        read_json(&fb) == Some(json!({"k": "from-a"}))
+    });
+
+    // B changes the key again, knowing A's edit: a later value, not a concurrent one.
+    std::fs::write(&fb, "{\"k\": \"from-b\"}").expect("w");
+    wait_for("B ingested its edit", patience, || {
+        b.get("app/crash", "k") == Some(json!("from-b"))
+    });
+
+    // A restarts: its edit is not applied again, B's later value stands everywhere.
+    a.restart("a");
+    wait_for("A's file has B's later value", patience, || {
+        read_json(&fa) == Some(json!({"k": "from-b"}))
+    });
+    assert_eq!(a.get("app/crash", "k"), Some(json!("from-b")));
+    assert_eq!(b.get("app/crash", "k"), Some(json!("from-b")));
+    assert_eq!(read_json(&fb), Some(json!({"k": "from-b"})));
+    assert_eq!(a.log_count("applied a local edit of the file"), 1);
+    assert_eq!(a.log_count("edited while the agent was stopped"), 0);
+    assert_eq!(
+        a.log_count("the last edit of the file was applied before the agent stopped"),
+        1
+    );
+    let c: Value = serde_json::from_str(&a.cli(&["--json", "conflicts", "app/crash", "k"]))
+        .expect("conflicts json");
+    assert_eq!(c, json!(["from-b"]), "a later value is no conflict");
+}
