@@ -24,6 +24,9 @@
 //! outcome is recorded. At start-up a pending record left behind is settled first: if this
 //! node's count has grown since, the edit was committed and its bytes become the record;
 //! otherwise it was not, and the older record stays the base (the edit is ingested, once).
+//! (A write of this node to the same document through the API, landing between the pending
+//! record and the edit's commit, followed by a crash before that commit, would make the start
+//! take the uncommitted edit as committed; the window is the time of one commit.)
 //! Records of bindings that were removed from the config are left behind (a few bytes each).
 
 use std::io::Write as _;
