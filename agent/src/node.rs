@@ -116,7 +116,8 @@ pub enum Command {
     },
     /// How many changes of `doc` this node has signed (its entry in the document's version
     /// vector): a file binding compares it across a restart to tell whether an edit it sent
-    /// was committed (see `render::last`).
+    /// was committed (see `render::last`). Held, like writes, until this node has caught up
+    /// after a start.
     OwnSeq {
         doc: String,
         reply: Reply<u64>,
@@ -154,11 +155,14 @@ pub enum Command {
 }
 
 impl Command {
-    /// Whether this command makes a change signed by this node.
+    /// Whether this command waits while writes are held: it makes a change signed by this
+    /// node, or it is [`Command::OwnSeq`], which a file binding asks just before it reads the
+    /// document to merge an edit into (so that the merge sees what the catch-up brought).
     fn writes(&self) -> bool {
         matches!(
             self,
             Command::Write { .. }
+                | Command::OwnSeq { .. }
                 | Command::MemberAdd { .. }
                 | Command::MemberRemove { .. }
                 | Command::MemberRole { .. }
@@ -171,6 +175,9 @@ fn refuse(c: Command, why: &str) {
     let e = ApiError::new(503, why);
     match c {
         Command::Write { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::OwnSeq { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Command::MemberAdd { reply, .. }

@@ -857,3 +857,46 @@ fn an_edit_committed_just_before_a_crash_is_not_applied_again_at_restart() {
         .expect("conflicts json");
     assert_eq!(c, json!(["from-b"]), "a later value is no conflict");
 }
+
+/// Sync mode: an edit made while the agent was stopped is merged, at the next start, into the
+/// document as it is *after* the node has caught up with its peers (sync.hold_writes_ms), not
+/// as it was on disk: a key a peer changed meanwhile keeps the peer's value.
+#[test]
+fn an_edit_made_while_stopped_keeps_what_peers_wrote_meanwhile() {
+    let patience = 30;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (mut a, b, fa, fb) = two_nodes(dir, "app/hold", "mode = \"sync\"", |_| {});
+    assert!(a.put("app/hold", "", json!({"x": 1, "y": 1})));
+    for f in [&fa, &fb] {
+        wait_for("both files rendered", patience, || {
+            read_json(f) == Some(json!({"x": 1, "y": 1}))
+        });
+    }
+    let rendered = read(&fa);
+    let records = dir.join("a-data").join("bindings");
+    wait_for("A's render is recorded", patience, || {
+        std::fs::read_dir(&records).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| std::fs::read(e.path()).is_ok_and(|b| b.ends_with(&rendered)))
+        })
+    });
+
+    // A is stopped; its file is edited (x) while B changes y.
+    a.kill();
+    std::fs::write(&fa, "{\"x\": 2, \"y\": 1}").expect("w");
+    assert!(b.put("app/hold", "y", json!(9)));
+
+    a.restart("a");
+    let want = json!({"x": 2, "y": 9});
+    wait_for("A's file has both changes", patience, || {
+        read_json(&fa) == Some(want.clone())
+    });
+    wait_for("B's file has both changes", patience, || {
+        read_json(&fb) == Some(want.clone())
+    });
+    assert_eq!(a.get("app/hold", ""), Some(want.clone()));
+    assert_eq!(b.get("app/hold", ""), Some(want));
+    assert_eq!(a.log_count("edited while the agent was stopped"), 1);
+}

@@ -546,23 +546,27 @@ impl Task {
                 return false;
             }
         }
+        // If the agent dies after the commit but before `remember`, the next start must not
+        // ingest this edit again against the older record (see `super::last`). This waits
+        // while the node holds its writes after a start, so the document read next already
+        // holds what the peers wrote while this node was down (an edit made meanwhile is
+        // merged into that, not into the stale local copy).
+        if !self.mark_pending(&bytes).await {
+            self.seen = None;
+            return false;
+        }
         let theirs = match self.get().await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(%file, error = %e.error, "cannot read the document; the edit will be applied at the next change of the file");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, "write", 1);
                 self.seen = None;
+                self.clear_pending().await;
                 return false;
             }
         };
         let merged = ingest::merge(self.file_value.as_ref(), &ours, theirs.as_ref());
         let op = ingest::op_for(&self.b, merged.clone());
-        // If the agent dies after the commit but before `remember`, the next start must not
-        // ingest this edit again against the older record (see `super::last`).
-        if !self.mark_pending(&bytes).await {
-            self.seen = None;
-            return false;
-        }
         let doc = self.b.doc.clone();
         let outcome = self
             .node
