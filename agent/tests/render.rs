@@ -31,6 +31,10 @@ fn free_udp_port() -> u16 {
         .expect("free udp port")
 }
 
+/// Patience for a condition that involves restarts and the write hold after a start
+/// (sync.hold_writes_ms = 5 s) on a loaded machine, as `common::PATIENCE`.
+const PATIENCE: u64 = 30;
+
 /// Poll `cond` until it holds or `secs` pass.
 fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -526,36 +530,36 @@ fn concurrent_edits_during_a_partition_merge_and_files_converge() {
     let dir = dir.path();
     let (mut a, mut b, fa, fb) = two_nodes(dir, "app/site", "mode = \"sync\"", |_| {});
     assert!(a.put("app/site", "", json!({"shared": "base", "n": 1})));
-    wait_for("B rendered the base", 15, || {
+    wait_for("B rendered the base", PATIENCE, || {
         read_json(&fb) == Some(json!({"shared": "base", "n": 1}))
     });
 
     // Partition: only one side runs at a time, each edits its own file.
     b.kill();
     std::fs::write(&fa, "{\"shared\": \"from-a\", \"n\": 1, \"a_only\": 1}").expect("w");
-    wait_for("A ingested its edit", 10, || {
+    wait_for("A ingested its edit", PATIENCE, || {
         a.get("app/site", "a_only") == Some(json!(1))
     });
     a.kill();
     b.restart("b");
-    wait_for("B's binding is up", 10, || {
+    wait_for("B's binding is up", PATIENCE, || {
         b.log_count("is up to date") >= 1
     });
     std::fs::write(&fb, "{\"shared\": \"from-b\", \"n\": 1, \"b_only\": 2}").expect("w");
-    wait_for("B ingested its edit", 10, || {
+    wait_for("B ingested its edit", PATIENCE, || {
         b.get("app/site", "b_only") == Some(json!(2))
     });
 
     // Heal.
     a.restart("a");
     let merged = |v: &Value| v["a_only"] == json!(1) && v["b_only"] == json!(2);
-    wait_for("A's file has both edits", 20, || {
+    wait_for("A's file has both edits", PATIENCE, || {
         read_json(&fa).is_some_and(|v| merged(&v))
     });
-    wait_for("B's file has both edits", 20, || {
+    wait_for("B's file has both edits", PATIENCE, || {
         read_json(&fb).is_some_and(|v| merged(&v))
     });
-    wait_for("both files identical", 10, || read(&fa) == read(&fb));
+    wait_for("both files identical", PATIENCE, || read(&fa) == read(&fb));
     let v = read_json(&fa).expect("json");
     assert!(v["shared"] == json!("from-a") || v["shared"] == json!("from-b"));
     // The losing value is visible as a conflict, on both nodes, in the same order.
@@ -791,7 +795,7 @@ fn a_slow_save_is_one_change_and_peers_never_render_the_half() {
 /// directory where its temporary file goes), then A is killed.
 #[test]
 fn an_edit_committed_just_before_a_crash_is_not_applied_again_at_restart() {
-    let patience = 30;
+    let patience = PATIENCE;
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
     let (mut a, b, fa, fb) = two_nodes(dir, "app/crash", "mode = \"sync\"", |_| {});
@@ -863,7 +867,7 @@ fn an_edit_committed_just_before_a_crash_is_not_applied_again_at_restart() {
 /// as it was on disk: a key a peer changed meanwhile keeps the peer's value.
 #[test]
 fn an_edit_made_while_stopped_keeps_what_peers_wrote_meanwhile() {
-    let patience = 30;
+    let patience = PATIENCE;
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
     let (mut a, b, fa, fb) = two_nodes(dir, "app/hold", "mode = \"sync\"", |_| {});
