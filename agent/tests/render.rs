@@ -533,6 +533,10 @@ fn concurrent_edits_during_a_partition_merge_and_files_converge() {
     wait_for("B rendered the base", PATIENCE, || {
         read_json(&fb) == Some(json!({"shared": "base", "n": 1}))
     });
+    // Each side edits its rendered file (an edit racing A's first render is another test).
+    wait_for("A rendered the base", PATIENCE, || {
+        read_json(&fa) == Some(json!({"shared": "base", "n": 1}))
+    });
 
     // Partition: only one side runs at a time, each edits its own file.
     b.kill();
@@ -903,4 +907,45 @@ fn an_edit_made_while_stopped_keeps_what_peers_wrote_meanwhile() {
     assert_eq!(a.get("app/hold", ""), Some(want.clone()));
     assert_eq!(b.get("app/hold", ""), Some(want));
     assert_eq!(a.log_count("edited while the agent was stopped"), 1);
+}
+
+/// Sync mode: an edit saved while a render is being staged (fsync, check command) is not
+/// overwritten by that render; it is read and merged into the document. The check command
+/// holds the render at the right moment: it signals `ready` and waits for `go`.
+#[test]
+fn an_edit_saved_during_a_render_is_merged_not_overwritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (file, ready, go) = (dir.join("c.json"), dir.join("ready"), dir.join("go"));
+    let extra = format!(
+        "mode = \"sync\"\ncheck = [\"sh\", \"-c\", \"touch '{}'; while [ ! -e '{}' ]; do sleep 0.01; done\"]",
+        ready.display(),
+        go.display()
+    );
+    let cfg = config(dir, "n", "app/race", &file, &extra);
+    std::fs::write(&go, "").expect("go");
+    let a = Agent::start(dir, "n", &cfg, "127.0.0.1:0", None);
+    assert!(a.put("app/race", "", json!({"v": 1})));
+    wait_for("first render", PATIENCE, || {
+        read_json(&file) == Some(json!({"v": 1}))
+    });
+
+    // The next render is held in its check; meanwhile the user saves an edit.
+    std::fs::remove_file(&go).expect("rm go");
+    let _ = std::fs::remove_file(&ready);
+    assert!(a.put("app/race", "v", json!(2)));
+    wait_for("the render is staged and checked", PATIENCE, || {
+        ready.exists()
+    });
+    std::fs::write(&file, "{\"v\": 1, \"mine\": true}").expect("edit");
+    std::fs::write(&go, "").expect("go");
+
+    let want = json!({"v": 2, "mine": true});
+    wait_for("the edit is merged into the document", PATIENCE, || {
+        a.get("app/race", "") == Some(want.clone())
+    });
+    wait_for("the file shows both", PATIENCE, || {
+        read_json(&file) == Some(want.clone())
+    });
+    assert_eq!(a.log_count("edited while it was being rendered"), 1);
 }

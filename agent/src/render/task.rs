@@ -690,7 +690,15 @@ impl Task {
                 return;
             }
         };
-        match write_file(&self.b, &bytes).await {
+        // Sync mode: an edit saved while the new content is staged must not be overwritten
+        // (a refused edit is, by design, once the document changes).
+        let guard = (self.b.mode == Mode::Sync && !self.rejected).then(|| self.seen.clone());
+        match write_file(&self.b, &bytes, guard).await {
+            Ok(Written::Changed) => {
+                tracing::info!(%file, doc = %self.b.target(), "the file was edited while it was being rendered: reading the edit first");
+                // The watcher reports the edit; look again after a debounce in any case.
+                self.render_retry.due = Some(Instant::now() + self.b.debounce);
+            }
             Ok(w) => {
                 self.seen = Some(bytes);
                 self.file_value = Some(v);
