@@ -680,6 +680,8 @@ fn an_edit_made_while_the_agent_was_stopped_is_ingested_at_start() {
         std::fs::read_dir(&records).is_ok_and(|entries| {
             entries
                 .flatten()
+                // Not the record's temporary file (written before its fsync and rename).
+                .filter(|e| e.path().extension().is_none())
                 .any(|e| std::fs::read(e.path()).is_ok_and(|b| b.ends_with(&rendered)))
         })
     });
@@ -887,6 +889,8 @@ fn an_edit_made_while_stopped_keeps_what_peers_wrote_meanwhile() {
         std::fs::read_dir(&records).is_ok_and(|entries| {
             entries
                 .flatten()
+                // Not the record's temporary file (written before its fsync and rename).
+                .filter(|e| e.path().extension().is_none())
                 .any(|e| std::fs::read(e.path()).is_ok_and(|b| b.ends_with(&rendered)))
         })
     });
