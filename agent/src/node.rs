@@ -114,6 +114,14 @@ pub enum Command {
         path: Vec<PathSeg>,
         reply: Reply<Vec<Value>>,
     },
+    /// How many changes of `doc` this node has signed (its entry in the document's version
+    /// vector): a file binding compares it across a restart to tell whether an edit it sent
+    /// was committed (see `render::last`). Held, like writes, until this node has caught up
+    /// after a start.
+    OwnSeq {
+        doc: String,
+        reply: Reply<u64>,
+    },
     Members {
         reply: Reply<Value>,
     },
@@ -147,11 +155,14 @@ pub enum Command {
 }
 
 impl Command {
-    /// Whether this command makes a change signed by this node.
+    /// Whether this command waits while writes are held: it makes a change signed by this
+    /// node, or it is [`Command::OwnSeq`], which a file binding asks just before it reads the
+    /// document to merge an edit into (so that the merge sees what the catch-up brought).
     fn writes(&self) -> bool {
         matches!(
             self,
             Command::Write { .. }
+                | Command::OwnSeq { .. }
                 | Command::MemberAdd { .. }
                 | Command::MemberRemove { .. }
                 | Command::MemberRole { .. }
@@ -164,6 +175,9 @@ fn refuse(c: Command, why: &str) {
     let e = ApiError::new(503, why);
     match c {
         Command::Write { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::OwnSeq { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Command::MemberAdd { reply, .. }
@@ -1152,6 +1166,14 @@ impl Node {
             }
             Command::Conflicts { doc, path, reply } => {
                 let _ = reply.send(self.store.conflicts(&doc, &path).map_err(Into::into));
+            }
+            Command::OwnSeq { doc, reply } => {
+                let me = self.key.node_id();
+                let r = self
+                    .store
+                    .clock(&doc)
+                    .map(|c| c.get(&me).copied().unwrap_or(0));
+                let _ = reply.send(r.map_err(Into::into));
             }
             Command::Members { reply } => {
                 let m = self.store.membership();

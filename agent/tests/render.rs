@@ -31,6 +31,10 @@ fn free_udp_port() -> u16 {
         .expect("free udp port")
 }
 
+/// Patience for a condition that involves restarts and the write hold after a start
+/// (sync.hold_writes_ms = 5 s) on a loaded machine, as `common::PATIENCE`.
+const PATIENCE: u64 = 30;
+
 /// Poll `cond` until it holds or `secs` pass.
 fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -526,36 +530,40 @@ fn concurrent_edits_during_a_partition_merge_and_files_converge() {
     let dir = dir.path();
     let (mut a, mut b, fa, fb) = two_nodes(dir, "app/site", "mode = \"sync\"", |_| {});
     assert!(a.put("app/site", "", json!({"shared": "base", "n": 1})));
-    wait_for("B rendered the base", 15, || {
+    wait_for("B rendered the base", PATIENCE, || {
         read_json(&fb) == Some(json!({"shared": "base", "n": 1}))
+    });
+    // Each side edits its rendered file (an edit racing A's first render is another test).
+    wait_for("A rendered the base", PATIENCE, || {
+        read_json(&fa) == Some(json!({"shared": "base", "n": 1}))
     });
 
     // Partition: only one side runs at a time, each edits its own file.
     b.kill();
     std::fs::write(&fa, "{\"shared\": \"from-a\", \"n\": 1, \"a_only\": 1}").expect("w");
-    wait_for("A ingested its edit", 10, || {
+    wait_for("A ingested its edit", PATIENCE, || {
         a.get("app/site", "a_only") == Some(json!(1))
     });
     a.kill();
     b.restart("b");
-    wait_for("B's binding is up", 10, || {
+    wait_for("B's binding is up", PATIENCE, || {
         b.log_count("is up to date") >= 1
     });
     std::fs::write(&fb, "{\"shared\": \"from-b\", \"n\": 1, \"b_only\": 2}").expect("w");
-    wait_for("B ingested its edit", 10, || {
+    wait_for("B ingested its edit", PATIENCE, || {
         b.get("app/site", "b_only") == Some(json!(2))
     });
 
     // Heal.
     a.restart("a");
     let merged = |v: &Value| v["a_only"] == json!(1) && v["b_only"] == json!(2);
-    wait_for("A's file has both edits", 20, || {
+    wait_for("A's file has both edits", PATIENCE, || {
         read_json(&fa).is_some_and(|v| merged(&v))
     });
-    wait_for("B's file has both edits", 20, || {
+    wait_for("B's file has both edits", PATIENCE, || {
         read_json(&fb).is_some_and(|v| merged(&v))
     });
-    wait_for("both files identical", 10, || read(&fa) == read(&fb));
+    wait_for("both files identical", PATIENCE, || read(&fa) == read(&fb));
     let v = read_json(&fa).expect("json");
     assert!(v["shared"] == json!("from-a") || v["shared"] == json!("from-b"));
     // The losing value is visible as a conflict, on both nodes, in the same order.
@@ -632,8 +640,11 @@ fn a_failing_reload_is_counted_retried_and_does_not_stop_the_agent() {
     wait_for("reload retried after a failure", 10, || {
         lines(&attempts) >= 2
     });
-    assert!(a.metric("lichen_render_errors_total{reason=\"reload\"}") >= 2);
-    assert!(a.log_count("reload command failed") >= 2);
+    // The command has written its line before it exits; the agent counts the failure after.
+    wait_for("both failures counted and logged", PATIENCE, || {
+        a.metric("lichen_render_errors_total{reason=\"reload\"}") >= 2
+            && a.log_count("reload command failed") >= 2
+    });
     // Still rendering.
     assert!(a.put("f", "v", json!(2)));
     wait_for("still rendering", 10, || {
@@ -672,6 +683,8 @@ fn an_edit_made_while_the_agent_was_stopped_is_ingested_at_start() {
         std::fs::read_dir(&records).is_ok_and(|entries| {
             entries
                 .flatten()
+                // Not the record's temporary file (written before its fsync and rename).
+                .filter(|e| e.path().extension().is_none())
                 .any(|e| std::fs::read(e.path()).is_ok_and(|b| b.ends_with(&rendered)))
         })
     });
@@ -781,4 +794,165 @@ fn a_slow_save_is_one_change_and_peers_never_render_the_half() {
         0,
         "nothing half-written was even parsed"
     );
+}
+
+/// Sync mode: an edit that was committed but whose record (agent/src/render/last.rs) was not
+/// written when the agent died is not applied a second time at the next start. Applying it
+/// again would write its keys over what peers wrote meanwhile: here a later change by B,
+/// made after B had seen A's edit, would be reverted by A's restart. The crash window between
+/// the commit and the record is opened deterministically by making the record unwritable (a
+/// directory where its temporary file goes), then A is killed.
+#[test]
+fn an_edit_committed_just_before_a_crash_is_not_applied_again_at_restart() {
+    let patience = PATIENCE;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (mut a, b, fa, fb) = two_nodes(dir, "app/crash", "mode = \"sync\"", |_| {});
+    assert!(a.put("app/crash", "", json!({"k": "base"})));
+    wait_for("B rendered the base", patience, || {
+        read_json(&fb) == Some(json!({"k": "base"}))
+    });
+    wait_for("A rendered the base", patience, || {
+        read_json(&fa) == Some(json!({"k": "base"}))
+    });
+    let rendered = read(&fa);
+    let records = dir.join("a-data").join("bindings");
+    let mut record = None;
+    wait_for("A's render is recorded", patience, || {
+        record = std::fs::read_dir(&records).ok().and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_none()) // not a temporary file
+                .find(|p| std::fs::read(p).is_ok_and(|b| b.ends_with(&rendered)))
+        });
+        record.is_some()
+    });
+    let blocker = record.expect("record").with_extension("tmp");
+    std::fs::create_dir(&blocker)
+        .unwrap_or_else(|e| panic!("block the record at {}: {e}", blocker.display()));
+
+    // A's edit is committed (and reaches B), its record cannot be written; A dies.
+    std::fs::write(&fa, "{\"k\": \"from-a\"}").expect("w");
+    wait_for("A committed its edit", patience, || {
+        a.get("app/crash", "k") == Some(json!("from-a"))
+    });
+    wait_for("A tried to record the edit", patience, || {
+        a.log_count("cannot record the file's content") >= 1
+    });
+    a.kill();
+    std::fs::remove_dir(&blocker).expect("unblock");
+    wait_for("B rendered A's edit", patience, || {
+        read_json(&fb) == Some(json!({"k": "from-a"}))
+    });
+
+    // B changes the key again, knowing A's edit: a later value, not a concurrent one.
+    std::fs::write(&fb, "{\"k\": \"from-b\"}").expect("w");
+    wait_for("B ingested its edit", patience, || {
+        b.get("app/crash", "k") == Some(json!("from-b"))
+    });
+
+    // A restarts: its edit is not applied again, B's later value stands everywhere.
+    a.restart("a");
+    wait_for("A's file has B's later value", patience, || {
+        read_json(&fa) == Some(json!({"k": "from-b"}))
+    });
+    assert_eq!(a.get("app/crash", "k"), Some(json!("from-b")));
+    assert_eq!(b.get("app/crash", "k"), Some(json!("from-b")));
+    assert_eq!(read_json(&fb), Some(json!({"k": "from-b"})));
+    assert_eq!(a.log_count("applied a local edit of the file"), 1);
+    assert_eq!(a.log_count("edited while the agent was stopped"), 0);
+    assert_eq!(
+        a.log_count("the last edit of the file was applied before the agent stopped"),
+        1
+    );
+    let c: Value = serde_json::from_str(&a.cli(&["--json", "conflicts", "app/crash", "k"]))
+        .expect("conflicts json");
+    assert_eq!(c, json!(["from-b"]), "a later value is no conflict");
+}
+
+/// Sync mode: an edit made while the agent was stopped is merged, at the next start, into the
+/// document as it is *after* the node has caught up with its peers (sync.hold_writes_ms), not
+/// as it was on disk: a key a peer changed meanwhile keeps the peer's value.
+#[test]
+fn an_edit_made_while_stopped_keeps_what_peers_wrote_meanwhile() {
+    let patience = PATIENCE;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (mut a, b, fa, fb) = two_nodes(dir, "app/hold", "mode = \"sync\"", |_| {});
+    assert!(a.put("app/hold", "", json!({"x": 1, "y": 1})));
+    for f in [&fa, &fb] {
+        wait_for("both files rendered", patience, || {
+            read_json(f) == Some(json!({"x": 1, "y": 1}))
+        });
+    }
+    let rendered = read(&fa);
+    let records = dir.join("a-data").join("bindings");
+    wait_for("A's render is recorded", patience, || {
+        std::fs::read_dir(&records).is_ok_and(|entries| {
+            entries
+                .flatten()
+                // Not the record's temporary file (written before its fsync and rename).
+                .filter(|e| e.path().extension().is_none())
+                .any(|e| std::fs::read(e.path()).is_ok_and(|b| b.ends_with(&rendered)))
+        })
+    });
+
+    // A is stopped; its file is edited (x) while B changes y.
+    a.kill();
+    std::fs::write(&fa, "{\"x\": 2, \"y\": 1}").expect("w");
+    assert!(b.put("app/hold", "y", json!(9)));
+
+    a.restart("a");
+    let want = json!({"x": 2, "y": 9});
+    wait_for("A's file has both changes", patience, || {
+        read_json(&fa) == Some(want.clone())
+    });
+    wait_for("B's file has both changes", patience, || {
+        read_json(&fb) == Some(want.clone())
+    });
+    assert_eq!(a.get("app/hold", ""), Some(want.clone()));
+    assert_eq!(b.get("app/hold", ""), Some(want));
+    assert_eq!(a.log_count("edited while the agent was stopped"), 1);
+}
+
+/// Sync mode: an edit saved while a render is being staged (fsync, check command) is not
+/// overwritten by that render; it is read and merged into the document. The check command
+/// holds the render at the right moment: it signals `ready` and waits for `go`.
+#[test]
+fn an_edit_saved_during_a_render_is_merged_not_overwritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let (file, ready, go) = (dir.join("c.json"), dir.join("ready"), dir.join("go"));
+    let extra = format!(
+        "mode = \"sync\"\ncheck = [\"sh\", \"-c\", \"touch '{}'; while [ ! -e '{}' ]; do sleep 0.01; done\"]",
+        ready.display(),
+        go.display()
+    );
+    let cfg = config(dir, "n", "app/race", &file, &extra);
+    std::fs::write(&go, "").expect("go");
+    let a = Agent::start(dir, "n", &cfg, "127.0.0.1:0", None);
+    assert!(a.put("app/race", "", json!({"v": 1})));
+    wait_for("first render", PATIENCE, || {
+        read_json(&file) == Some(json!({"v": 1}))
+    });
+
+    // The next render is held in its check; meanwhile the user saves an edit.
+    std::fs::remove_file(&go).expect("rm go");
+    let _ = std::fs::remove_file(&ready);
+    assert!(a.put("app/race", "v", json!(2)));
+    wait_for("the render is staged and checked", PATIENCE, || {
+        ready.exists()
+    });
+    std::fs::write(&file, "{\"v\": 1, \"mine\": true}").expect("edit");
+    std::fs::write(&go, "").expect("go");
+
+    let want = json!({"v": 2, "mine": true});
+    wait_for("the edit is merged into the document", PATIENCE, || {
+        a.get("app/race", "") == Some(want.clone())
+    });
+    wait_for("the file shows both", PATIENCE, || {
+        read_json(&file) == Some(want.clone())
+    });
+    assert_eq!(a.log_count("edited while it was being rendered"), 1);
 }

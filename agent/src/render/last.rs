@@ -13,9 +13,20 @@
 //! identity (document, path, file, format), holding a header with that identity (so a hash
 //! collision or a changed binding reads as "no record") followed by the file's bytes. Writes
 //! go to a temporary file that is fsynced and renamed over the record, and the directory is
-//! fsynced. The record is written *after* the file was rendered or the edit committed: a
-//! crash in between leaves an older record, which makes the next start merge the file against
-//! an older base — the document already holds those values, so the merge changes nothing.
+//! fsynced. The record is written *after* the file was rendered or the edit committed.
+//!
+//! A crash between an edit's commit and its record would leave an older record, and the next
+//! start would ingest the already committed edit a second time against that older base: the
+//! keys it changed would be written again over whatever peers wrote meanwhile (a concurrent
+//! value that should stay a conflict, or a later change, would be reverted). So before an
+//! edit is sent, a *pending* record (`<name>.pending`) holds its bytes and this node's count
+//! of signed changes of the document (its version-vector entry); it is removed once the
+//! outcome is recorded. At start-up a pending record left behind is settled first: if this
+//! node's count has grown since, the edit was committed and its bytes become the record;
+//! otherwise it was not, and the older record stays the base (the edit is ingested, once).
+//! (A write of this node to the same document through the API, landing between the pending
+//! record and the edit's commit, followed by a crash before that commit, would make the start
+//! take the uncommitted edit as committed; the window is the time of one commit.)
 //! Records of bindings that were removed from the config are left behind (a few bytes each).
 
 use std::io::Write as _;
@@ -68,9 +79,51 @@ impl LastSeen {
 
     /// Record `bytes` durably (temporary file, fsync, rename, fsync of the directory).
     pub fn store(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        self.write(&self.path, bytes)
+    }
+
+    /// Before an edit of the file is sent to the node task: record its bytes and how many
+    /// changes of the document this node had signed when it was sent (`own_seq`), durably.
+    /// Cleared with [`LastSeen::clear_pending`] once the edit's outcome is recorded.
+    pub fn store_pending(&self, own_seq: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let mut content = format!("{own_seq}\n").into_bytes();
+        content.extend_from_slice(bytes);
+        self.write(&self.pending_path(), &content)
+    }
+
+    /// The edit recorded by [`LastSeen::store_pending`], if any: `(own_seq, bytes)`.
+    pub fn load_pending(&self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+        let data = match std::fs::read(self.pending_path()) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(parse(&data, &self.identity).and_then(|c| {
+            let nl = c.iter().position(|b| *b == b'\n')?;
+            let seq = std::str::from_utf8(&c[..nl]).ok()?.parse().ok()?;
+            Some((seq, c[nl + 1..].to_vec()))
+        }))
+    }
+
+    /// Forget the pending edit (its outcome is known and recorded).
+    pub fn clear_pending(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.pending_path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn pending_path(&self) -> PathBuf {
+        self.path.with_extension("pending")
+    }
+
+    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let tmp = self.path.with_extension("tmp");
+        let tmp = path.with_extension(match path.extension() {
+            Some(_) => "pending.tmp",
+            None => "tmp",
+        });
         {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(MAGIC)?;
@@ -79,7 +132,7 @@ impl LastSeen {
             f.write_all(bytes)?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.path)?;
+        std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()
     }
 }
@@ -116,6 +169,18 @@ mod tests {
         );
         a.store(b"").expect("store empty");
         assert_eq!(a.load().expect("load").as_deref(), Some(&b""[..]));
+
+        // A pending edit is kept apart from the record and cleared on its own.
+        assert_eq!(a.load_pending().expect("load"), None);
+        a.store_pending(7, b"{\"k\": 2}\n").expect("store pending");
+        assert_eq!(
+            a.load_pending().expect("load"),
+            Some((7, b"{\"k\": 2}\n".to_vec()))
+        );
+        assert_eq!(a.load().expect("load").as_deref(), Some(&b""[..]));
+        a.clear_pending().expect("clear");
+        a.clear_pending().expect("clearing twice is fine");
+        assert_eq!(a.load_pending().expect("load"), None);
 
         // Another binding of the same file has its own record.
         let b = LastSeen::new(dir.path(), &binding("other", "/x/a.json"));

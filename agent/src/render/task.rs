@@ -32,7 +32,10 @@
 //! the document changes or the file is fixed.
 //!
 //! `seen` (when it decodes to `file_value`) is also kept on disk ([`super::last`]) after every
-//! render and accepted edit, so that it survives a restart.
+//! render and accepted edit, so that it survives a restart. An edit is also recorded as
+//! *pending* before it is sent to the node task, so that a restart after its commit but before
+//! its record does not apply it a second time (see [`super::last`]); start-up settles such a
+//! record first.
 //!
 //! Start-up: the current file is taken as `seen`/`file_value` — except in `sync` mode when it
 //! differs from the record on disk: then the record is taken as `seen`/`file_value`, so the
@@ -167,6 +170,7 @@ pub async fn run(
     let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(16);
     let mut watch: Option<FileWatch> = None;
     let mut rewatch_due = Some(Instant::now());
+    settle_pending(&b, &node, &last).await;
     let mut t = Task::new(b, node, last);
     let mut doc_dirty = true;
     let mut debounce_due = Some(Instant::now());
@@ -279,6 +283,50 @@ pub async fn run(
         t.reload().await;
     }
     tracing::debug!(file = %t.b.file.display(), "file binding stopped");
+}
+
+/// How many changes of `doc` this node has signed.
+async fn own_seq(node: &NodeHandle, doc: &str) -> Result<u64, crate::node::ApiError> {
+    let doc = doc.to_string();
+    node.ask(|reply| Command::OwnSeq { doc, reply }).await
+}
+
+/// Start-up: settle an edit that was sent but whose outcome was not recorded (the agent died
+/// in between; see `super::last`). If this node has signed changes of the document since, the
+/// edit was committed and its bytes become the record, so it is not ingested a second time
+/// against the older one; otherwise the older record stays the base. Left in place (and
+/// settled at the next start) if the outcome cannot be established or recorded now.
+async fn settle_pending(b: &Binding, node: &NodeHandle, last: &LastSeen) {
+    let file = b.file.display();
+    let (seq, bytes) = match last.load_pending() {
+        Ok(Some(p)) => p,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(%file, error = %e, "cannot read the pending edit record");
+            return;
+        }
+    };
+    match own_seq(node, &b.doc).await {
+        Ok(now) if now > seq => {
+            let (l, b2) = (last.clone(), bytes);
+            let stored = tokio::task::spawn_blocking(move || l.store(&b2))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            if let Err(e) = stored {
+                tracing::warn!(%file, error = %e, "cannot record the file's content in the data directory");
+                return;
+            }
+            tracing::info!(%file, doc = %b.target(), "the last edit of the file was applied before the agent stopped");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(%file, error = %e.error, "cannot read the document to settle the pending edit record");
+            return;
+        }
+    }
+    if let Err(e) = last.clear_pending() {
+        tracing::warn!(%file, error = %e, "cannot remove the pending edit record");
+    }
 }
 
 impl Task {
@@ -498,23 +546,33 @@ impl Task {
                 return false;
             }
         }
+        // If the agent dies after the commit but before `remember`, the next start must not
+        // ingest this edit again against the older record (see `super::last`). This waits
+        // while the node holds its writes after a start, so the document read next already
+        // holds what the peers wrote while this node was down (an edit made meanwhile is
+        // merged into that, not into the stale local copy).
+        if !self.mark_pending(&bytes).await {
+            self.seen = None;
+            return false;
+        }
         let theirs = match self.get().await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(%file, error = %e.error, "cannot read the document; the edit will be applied at the next change of the file");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, "write", 1);
                 self.seen = None;
+                self.clear_pending().await;
                 return false;
             }
         };
         let merged = ingest::merge(self.file_value.as_ref(), &ours, theirs.as_ref());
         let op = ingest::op_for(&self.b, merged.clone());
         let doc = self.b.doc.clone();
-        match self
+        let outcome = self
             .node
             .ask(|reply| Command::Write { doc, op, reply })
-            .await
-        {
+            .await;
+        match outcome {
             Ok(hash) => {
                 tracing::info!(
                     %file,
@@ -529,6 +587,9 @@ impl Task {
                 self.file_value = Some(ours);
                 self.rejected = false;
                 self.remember().await;
+                if self.recorded == self.seen {
+                    self.clear_pending().await;
+                }
                 // The service must load the edited file too (if a render follows, it shares
                 // this reload).
                 self.schedule_reload();
@@ -539,8 +600,42 @@ impl Task {
                 tracing::warn!(%file, doc = %self.b.target(), error = %e.error, "the edit was refused; the file is left as it is");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, reason, 1);
                 self.rejected = true;
+                self.clear_pending().await;
                 false
             }
+        }
+    }
+
+    /// Record `bytes` as the edit about to be sent, with this node's count of signed changes
+    /// of the document (see `super::last`). False if that count cannot be read (the edit is
+    /// tried again at the next change of the file); a record that cannot be stored is logged
+    /// and the edit goes ahead.
+    async fn mark_pending(&mut self, bytes: &[u8]) -> bool {
+        let seq = match own_seq(&self.node, &self.b.doc).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(file = %self.b.file.display(), error = %e.error, "cannot read the document; the edit will be applied at the next change of the file");
+                self.node.metrics.inc_labelled(INGEST_ERRORS, "write", 1);
+                return false;
+            }
+        };
+        let (last, b2) = (self.last.clone(), bytes.to_vec());
+        let stored = tokio::task::spawn_blocking(move || last.store_pending(seq, &b2))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = stored {
+            tracing::warn!(file = %self.b.file.display(), error = %e, "cannot record the edit in the data directory before applying it; if the agent dies before it is recorded, the next start may apply it again");
+        }
+        true
+    }
+
+    async fn clear_pending(&self) {
+        let last = self.last.clone();
+        let r = tokio::task::spawn_blocking(move || last.clear_pending())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = r {
+            tracing::warn!(file = %self.b.file.display(), error = %e, "cannot remove the pending edit record");
         }
     }
 
@@ -595,7 +690,15 @@ impl Task {
                 return;
             }
         };
-        match write_file(&self.b, &bytes).await {
+        // Sync mode: an edit saved while the new content is staged must not be overwritten
+        // (a refused edit is, by design, once the document changes).
+        let guard = (self.b.mode == Mode::Sync && !self.rejected).then(|| self.seen.clone());
+        match write_file(&self.b, &bytes, guard).await {
+            Ok(Written::Changed) => {
+                tracing::info!(%file, doc = %self.b.target(), "the file was edited while it was being rendered: reading the edit first");
+                // The watcher reports the edit; look again after a debounce in any case.
+                self.render_retry.due = Some(Instant::now() + self.b.debounce);
+            }
             Ok(w) => {
                 self.seen = Some(bytes);
                 self.file_value = Some(v);

@@ -12,7 +12,12 @@
 //!    set a configured one is an error), then fsync it;
 //! 3. run the check command with the staged file's path as its last argument; if it fails
 //!    the staged file is removed and the old file stays exactly as it was;
-//! 4. rename the staged file over the target and fsync the directory, so after a crash the
+//! 4. if the caller gave the content it last saw (`sync` mode), check that the target still
+//!    holds it: a file edited while the new content was staged and checked (the fsync and
+//!    the check command take a while) is left alone and [`Written::Changed`] returned, so
+//!    the edit is read and merged instead of silently overwritten (what remains is the
+//!    moment between this comparison and the rename);
+//! 5. rename the staged file over the target and fsync the directory, so after a crash the
 //!    file is either the old or the new content, never a mix.
 //!
 //! The staged file is removed on every error path. Callers (the binding task) handle
@@ -34,6 +39,8 @@ pub enum Written {
     Unchanged,
     /// The file was replaced.
     Replaced,
+    /// Not written: the file no longer held what the caller last saw (edited meanwhile).
+    Changed,
 }
 
 /// Why a render failed; `reason` is the metric label (`check` or `write`).
@@ -91,8 +98,13 @@ pub fn read_current(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     }
 }
 
-/// Replace `b.file` with `bytes` (see the module docs).
-pub async fn write_file(b: &Binding, bytes: &[u8]) -> Result<Written, RenderError> {
+/// Replace `b.file` with `bytes` (see the module docs). With `last_seen`, only if the file
+/// still holds those bytes (`None`: does not exist) just before the rename.
+pub async fn write_file(
+    b: &Binding,
+    bytes: &[u8],
+    last_seen: Option<Option<Vec<u8>>>,
+) -> Result<Written, RenderError> {
     let staged = {
         let (b2, bytes) = (b.clone(), bytes.to_vec());
         tokio::task::spawn_blocking(move || stage(&b2, &bytes))
@@ -113,10 +125,20 @@ pub async fn write_file(b: &Binding, bytes: &[u8]) -> Result<Written, RenderErro
             });
         }
     }
-    tokio::task::spawn_blocking(move || staged.commit())
-        .await
-        .map_err(|e| RenderError::write(format!("rename task failed: {e}")))??;
-    Ok(Written::Replaced)
+    let target = b.file.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Some(expected) = last_seen {
+            let now = read_current(&target).map_err(|e| {
+                RenderError::write(format!("cannot read {}: {e}", target.display()))
+            })?;
+            if now != expected {
+                return Ok(Written::Changed); // the staged file is removed on drop
+            }
+        }
+        staged.commit().map(|()| Written::Replaced)
+    })
+    .await
+    .map_err(|e| RenderError::write(format!("rename task failed: {e}")))?
 }
 
 /// A staged file, removed on drop unless committed.
@@ -261,20 +283,29 @@ mod tests {
     async fn writes_atomically_keeps_mode_and_skips_identical_content() {
         let dir = tempfile::tempdir().unwrap();
         let b = binding(dir.path(), "");
-        assert_eq!(write_file(&b, b"one\n").await.unwrap(), Written::Replaced);
+        assert_eq!(
+            write_file(&b, b"one\n", None).await.unwrap(),
+            Written::Replaced
+        );
         let meta = std::fs::metadata(&b.file).unwrap();
         assert_eq!(meta.mode() & 0o7777, 0o644);
         std::fs::set_permissions(&b.file, std::fs::Permissions::from_mode(0o640)).unwrap();
         let ino = std::fs::metadata(&b.file).unwrap().ino();
-        assert_eq!(write_file(&b, b"one\n").await.unwrap(), Written::Unchanged);
+        assert_eq!(
+            write_file(&b, b"one\n", None).await.unwrap(),
+            Written::Unchanged
+        );
         assert_eq!(std::fs::metadata(&b.file).unwrap().ino(), ino);
-        assert_eq!(write_file(&b, b"two\n").await.unwrap(), Written::Replaced);
+        assert_eq!(
+            write_file(&b, b"two\n", None).await.unwrap(),
+            Written::Replaced
+        );
         let meta = std::fs::metadata(&b.file).unwrap();
         assert_eq!(meta.mode() & 0o7777, 0o640, "the existing mode is kept");
         assert_ne!(meta.ino(), ino, "replaced by rename");
         assert_eq!(std::fs::read(&b.file).unwrap(), b"two\n");
         let b = binding(dir.path(), "file_mode = \"0600\"");
-        write_file(&b, b"three\n").await.unwrap();
+        write_file(&b, b"three\n", None).await.unwrap();
         assert_eq!(std::fs::metadata(&b.file).unwrap().mode() & 0o7777, 0o600);
         assert!(leftovers(dir.path()).is_empty());
     }
@@ -286,8 +317,11 @@ mod tests {
             dir.path(),
             "check = [\"sh\", \"-c\", \"! grep -q bad \\\"$0\\\"\"]",
         );
-        assert_eq!(write_file(&b, b"good\n").await.unwrap(), Written::Replaced);
-        let e = write_file(&b, b"bad\n").await.unwrap_err();
+        assert_eq!(
+            write_file(&b, b"good\n", None).await.unwrap(),
+            Written::Replaced
+        );
+        let e = write_file(&b, b"bad\n", None).await.unwrap_err();
         assert_eq!(e.reason, "check");
         assert_eq!(std::fs::read(&b.file).unwrap(), b"good\n");
         assert!(leftovers(dir.path()).is_empty());
