@@ -49,9 +49,10 @@ pub const MAX_BODY: usize = 1 << 20;
 
 /// Most map keys and list items (counted through the whole value) one write may hold.
 /// A 1 MiB body can hold ~100,000 of them; the node task builds and commits one change for
-/// a write while every other request waits, at roughly 0.1 ms and 2.5 KiB of heap (which
-/// the allocator keeps) per key in a release build, so 100,000 keys stalled the API for
-/// seconds and left the agent ~240 MiB larger. At 5,000 the wait is ~0.2 s at most.
+/// a write while every other request waits, at roughly 0.1 ms and 2.5 KiB of heap per key
+/// in a release build (freed afterwards, and returned to the system: `alloc.rs`), so
+/// 100,000 keys stalled the API for seconds and took ~240 MiB. At 5,000 the wait is ~0.2 s
+/// at most.
 pub const MAX_WRITE_NODES: usize = 5_000;
 
 /// Map keys and list items in `v`, counting stops once past `limit`.

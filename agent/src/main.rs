@@ -4,6 +4,7 @@
 //! Flow: clap parses ([`cli`]) → [`config::Config::resolve`] validates → only then are runtime
 //! handles built ([`daemon::run`]). Exit codes are in [`client::exit`] and the README.
 
+mod alloc;
 mod api;
 mod cli;
 mod client;
@@ -117,6 +118,7 @@ fn run_daemon(a: RunArgs, api: &str, api_given: bool) -> i32 {
     };
     let json_logs = cfg.log_format == config::LogFormat::Json;
     let log = daemon::init_logging(cfg.log_format, &cfg.log);
+    alloc::start_background_purge();
     // One thread runs every task of the agent. The node task owns the store and serialises
     // all work on it anyway; the other tasks (HTTP, QUIC drivers, stream readers) mostly hand
     // data to it, and across two worker threads every hand-over was a futex wake and a
