@@ -52,12 +52,24 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-/// Raise the soft `RLIMIT_NOFILE` towards [`FD_TARGET`]; returns (before, after). Uses the
-/// `rlimit` crate: the workspace forbids `unsafe`, and `setrlimit` has no std wrapper.
+/// Raise the soft `RLIMIT_NOFILE` towards [`FD_TARGET`] (never above the hard limit);
+/// returns (before, after). `rustix` gives a safe `setrlimit` (the workspace forbids `unsafe`).
 pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
-    let (before, _hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
-    let after = rlimit::increase_nofile_limit(FD_TARGET)?;
-    Ok((before, after.max(before)))
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let before = lim.current.unwrap_or(u64::MAX);
+    let want = FD_TARGET.min(lim.maximum.unwrap_or(u64::MAX));
+    if want <= before {
+        return Ok((before, before));
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(want),
+            maximum: lim.maximum,
+        },
+    )?;
+    Ok((before, want))
 }
 
 /// Serve `router` on `listener` until `shutdown` turns true, then let open connections

@@ -317,7 +317,19 @@ fn a_huge_bound_file_is_refused_without_being_read() {
 /// Raise this test process's own descriptor limit (it opens more than 1,024 sockets); the
 /// agents started before keep the limit they inherited.
 fn raise_own_fd_limit(want: u64) -> bool {
-    let got = rlimit::increase_nofile_limit(want).unwrap_or(0);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: Some(want),
+        maximum: lim.maximum,
+    };
+    let got = if lim.maximum.is_some_and(|h| h < want) {
+        lim.current.unwrap_or(0)
+    } else if setrlimit(Resource::Nofile, raised).is_ok() {
+        want
+    } else {
+        0
+    };
     if got < want {
         eprintln!("skipped: cannot raise this process's descriptor limit to {want} (got {got})");
         return false;
@@ -342,8 +354,17 @@ fn fd_limit(pid: u32) -> String {
 fn idle_and_slow_api_connections_cannot_lock_the_agent_out() {
     // The agents start with the usual soft limit of 1,024 descriptors (as from a login
     // shell or a default systemd unit), inherited from this process.
-    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
-    rlimit::setrlimit(rlimit::Resource::NOFILE, soft.min(1024), hard).unwrap();
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let soft = lim.current.map_or(1024, |s| s.min(1024));
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(soft),
+            maximum: lim.maximum,
+        },
+    )
+    .unwrap();
     // Two agents; b renders `app` into a file.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("b.json");
