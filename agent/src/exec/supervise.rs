@@ -25,7 +25,7 @@ enum Update {
     Value { heads: String, value: Value },
     /// The agent cannot be reached (reported once per outage).
     Lost(String),
-    /// The agent refused the watch (bad document name or path): retrying cannot help.
+    /// The agent refused the watch as invalid (bad document name or path): retrying cannot help.
     Refused(ClientError),
 }
 
@@ -79,11 +79,13 @@ fn watch_thread(client: Client, doc: String, path: String, tx: mpsc::Sender<Upda
         }
         let why = match r {
             Ok(()) => "the agent ended the watch stream".to_string(),
-            Err(e) if e.code == exit::UNREACHABLE => e.message,
-            Err(e) => {
+            // Only a request the agent calls invalid (a bad document name or path) is final;
+            // anything else (unreachable, 503 at the connection cap, a failure) is retried.
+            Err(e) if e.code == exit::INVALID => {
                 let _ = tx.blocking_send(Update::Refused(e));
                 return;
             }
+            Err(e) => e.message,
         };
         if !lost {
             lost = true;
@@ -130,6 +132,7 @@ async fn supervise(client: Client, opts: Options) -> i32 {
     let mut pending: Option<(BTreeMap<String, String>, String)> = None;
     let mut due: Option<Instant> = None;
     let mut waiting_said = false;
+    let mut watch_ended = false;
     loop {
         let child_exit = async {
             match running.as_mut() {
@@ -144,10 +147,12 @@ async fn supervise(client: Client, opts: Options) -> i32 {
             }
         };
         tokio::select! {
-            update = rx.recv() => {
+            update = rx.recv(), if !watch_ended => {
                 let Some(update) = update else {
-                    eprintln!("lichen exec: the watch stopped");
-                    return exit::FAILURE;
+                    // The watch thread ended after a refusal: the program keeps running
+                    // with its last configuration until it exits or is signalled.
+                    watch_ended = true;
+                    continue;
                 };
                 match update {
                     Update::Value { heads, value } => {
