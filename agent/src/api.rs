@@ -560,7 +560,12 @@ async fn member_role(State(n): State<NodeHandle>, Json(b): Json<MemberRef>) -> A
 }
 
 async fn status(State(n): State<NodeHandle>) -> ApiResult {
-    Ok(Json(n.ask(|reply| Command::Status { reply }).await?).into_response())
+    let mut v = n.ask(|reply| Command::Status { reply }).await?;
+    // File bindings are the render manager's, not the node task's.
+    if let Some(m) = v.as_object_mut() {
+        m.insert("bindings".to_string(), n.bindings.snapshot());
+    }
+    Ok(Json(v).into_response())
 }
 
 async fn metrics(State(n): State<NodeHandle>) -> Response {

@@ -81,6 +81,9 @@ JSON text, arrays as JSON. CMD also gets LICHEN_DOC and LICHEN_HEADS. SIGTERM, S
 are forwarded; the exit code is CMD's."
     )]
     Exec(crate::exec::Options),
+    /// Show what file bindings would write (--dry-run, with a diff), or render a template once
+    /// to stdout (--template T [--doc D]); writes and reloads nothing.
+    Render(crate::render::dryrun::Options),
     /// Start three agents on loopback and show writes, a partition, and convergence.
     Demo {
         /// Keep the agents' directories (printed) instead of deleting them.

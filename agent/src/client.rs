@@ -40,6 +40,7 @@ impl std::fmt::Display for ClientError {
 impl std::error::Error for ClientError {}
 
 /// Client of one agent's API.
+#[derive(Clone)]
 pub struct Client {
     base: String,
     agent: ureq::Agent,

@@ -74,6 +74,13 @@ fn main() {
             Ok(())
         })()),
         Some(Command::Exec(opts)) => exec::run(Client::new(&cli.api), opts),
+        Some(Command::Render(opts)) => match render::dryrun::run(&Client::new(&cli.api), opts) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("error: {}", e.message);
+                e.code
+            }
+        },
         Some(cmd) => match client_command(&Client::new(&cli.api), cmd, cli.json) {
             Ok(()) => exit::OK,
             Err(e) => {
@@ -357,7 +364,8 @@ fn client_command(c: &Client, cmd: Command, as_json: bool) -> Result<(), ClientE
         | Command::Init(_)
         | Command::Keygen { .. }
         | Command::Demo { .. }
-        | Command::Exec(_) => {}
+        | Command::Exec(_)
+        | Command::Render(_) => {}
     }
     Ok(())
 }
@@ -476,6 +484,7 @@ fn print_status(r: &Value) {
             "own writes carried forward: {n} (they were built on a void change; their values were written again as new changes)"
         );
     }
+    render::print_bindings(&r["bindings"]);
     let flagged: Vec<String> = r["equivocators"]
         .as_array()
         .into_iter()

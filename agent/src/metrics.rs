@@ -33,7 +33,7 @@ const REJECTED_REASONS: &[&str] = &{
 /// The labelled counter families, with their help text and every reason known up front:
 /// those are exported at 0 from the start, so a dashboard or an alert sees the series
 /// before the first event (`rate()` and `increase()` need a sample before it).
-const FAMILIES: [(&str, &str, &[&str]); 5] = [
+const FAMILIES: [(&str, &str, &[&str]); 6] = [
     (
         "lichen_changes_rejected_total",
         "Changes received from peers and refused, by reason",
@@ -62,6 +62,11 @@ const FAMILIES: [(&str, &str, &[&str]); 5] = [
         "lichen_render_errors_total",
         "Failed writes, checks and reloads of bound files, by reason",
         &["check", "reload", "write"],
+    ),
+    (
+        "lichen_template_errors_total",
+        "Template renders that failed (the file kept its content), by reason",
+        crate::render::TEMPLATE_REASONS,
     ),
     (
         "lichen_changes_voided_total",
@@ -159,6 +164,8 @@ pub struct Metrics {
     pub snapshots_dropped: AtomicU64,
     pub scrubbed_changes: AtomicU64,
     pub carried_forward: AtomicU64,
+    /// Template evaluations of template bindings.
+    pub template_renders: AtomicU64,
     pub write_latency: Histogram,
     pub apply_latency: Histogram,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
@@ -188,7 +195,13 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 27] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 28] = [
+            (
+                "lichen_template_renders_total",
+                "Template evaluations by template bindings",
+                &self.template_renders,
+                "counter",
+            ),
             (
                 "lichen_writes_total",
                 "Local writes committed",

@@ -84,7 +84,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 /// A request to the node task.
 pub enum Command {
@@ -124,6 +124,14 @@ pub enum Command {
     },
     Members {
         reply: Reply<Value>,
+    },
+    /// A document's current heads (as `Get` prints them) and the names of the authors of the
+    /// changes at `heads` (the current heads when `None`): what a file binding's provenance
+    /// header names (see `render::provenance`).
+    Authors {
+        doc: String,
+        heads: Option<String>,
+        reply: Reply<(String, Vec<String>)>,
     },
     MemberAdd {
         id: NodeId,
@@ -215,6 +223,9 @@ pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
     pub notices: broadcast::Sender<Notice>,
     pub metrics: Arc<Metrics>,
+    /// This node's identity and every file binding's state, kept by the render manager and
+    /// shown by `status`.
+    pub bindings: crate::render::Board,
 }
 
 impl NodeHandle {
@@ -295,6 +306,7 @@ pub fn spawn(
         tx,
         notices: notices.clone(),
         metrics: parts.metrics.clone(),
+        bindings: crate::render::Board::new(id.to_string(), parts.name.clone()),
     };
     let seed = u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]))
         ^ std::time::SystemTime::now()
@@ -1184,6 +1196,9 @@ impl Node {
                     .collect();
                 let _ = reply.send(Ok(json!(list)));
             }
+            Command::Authors { doc, heads, reply } => {
+                let _ = reply.send(self.authors(&doc, heads).map_err(Into::into));
+            }
             Command::MemberAdd {
                 id,
                 name,
@@ -1232,6 +1247,27 @@ impl Node {
                 let _ = reply.send(r.map_err(ApiError::from));
             }
         }
+    }
+
+    /// See [`Command::Authors`]. Heads that are not hex hashes, or not stored, are skipped.
+    fn authors(&self, doc: &str, heads: Option<String>) -> Result<(String, Vec<String>), StoreError> {
+        let current = self.store.heads(doc)?;
+        let hashes: Vec<[u8; 32]> = match heads {
+            None => current.clone(),
+            Some(h) => h
+                .split(',')
+                .filter_map(|x| x.parse::<NodeId>().ok())
+                .map(|id| id.0)
+                .collect(),
+        };
+        let m = self.store.membership();
+        let mut names = BTreeSet::new();
+        for h in &hashes {
+            if let Some(c) = self.store.get_change(h)? {
+                names.insert(m.name_of(&c.author));
+            }
+        }
+        Ok((heads_string(&current), names.into_iter().collect()))
     }
 
     /// Copy the store's corruption counters into the metrics.

@@ -16,23 +16,34 @@ use serde::Deserialize;
 use super::owner;
 
 /// One `[[bind]]` table as written in the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingFile {
-    /// Document name.
-    pub doc: String,
+    /// Document name. A document binding renders it as json/toml/yaml; with `template`, its
+    /// top-level keys are the template's variables.
+    pub doc: Option<String>,
+    /// Template file (minijinja / Jinja2 syntax; relative to the config file's directory),
+    /// read at start and on SIGHUP: a template binding, one-way (see [`super::template`]).
+    pub template: Option<PathBuf>,
+    /// Environment variables a template may read as `env.NAME` (none by default).
+    pub env: Option<Vec<String>>,
+    /// Comment prefix such as `"# "`: the file's first line then names the signed heads it
+    /// was rendered from and the authors of the changes at those heads (see
+    /// [`super::provenance`]).
+    pub header: Option<String>,
     /// Optional path inside the document (dotted); the whole document if absent.
     pub path: Option<String>,
     /// Target file (relative paths are relative to the config file's directory).
     pub file: PathBuf,
     /// `json`, `toml` or `yaml` (default: from the file extension).
     pub format: Option<String>,
-    /// `render` (document → file, default) or `sync` (both ways).
+    /// `render` (document → file, default) or `sync` (both ways; not with `template`).
     pub mode: Option<String>,
     /// Command run on the staged file (its path is appended as the last argument); a failure
     /// keeps the old file. In `sync` mode it also vets local edits before they propagate.
     /// Run without a shell; a relative program path with a `/` (`./check.sh`) is relative to
-    /// the config file's directory. `LICHEN_DOC` and `LICHEN_FILE` (the target file) are set.
+    /// the config file's directory. `LICHEN_DOC`, `LICHEN_FILE` (the target file) and
+    /// `LICHEN_HEADS` are set (see [`super::provenance`]).
     pub check: Option<Vec<String>>,
     /// Command run after the file changed (same rules as `check`, no extra argument).
     pub reload: Option<Vec<String>>,
@@ -58,6 +69,8 @@ pub enum Format {
     Json,
     Toml,
     Yaml,
+    /// A template's output: written as rendered, never parsed back.
+    Text,
 }
 
 impl Format {
@@ -67,6 +80,7 @@ impl Format {
             Format::Json => "json",
             Format::Toml => "toml",
             Format::Yaml => "yaml",
+            Format::Text => "text",
         }
     }
 }
@@ -80,10 +94,27 @@ pub enum Mode {
     Sync,
 }
 
+/// A template binding's template: where it came from, its text as read at (re)load, and the
+/// environment variables it may read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateSpec {
+    /// The template file (absolute, or relative to the agent's working directory).
+    pub path: PathBuf,
+    /// Its text as read when the config was (re)loaded.
+    pub source: String,
+    /// Names readable as `env.NAME`.
+    pub env: Vec<String>,
+}
+
 /// A validated binding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Binding {
+    /// Document name; empty for a template binding without `doc`.
     pub doc: String,
+    /// The template of a template binding (then `format` is [`Format::Text`]).
+    pub template: Option<TemplateSpec>,
+    /// Comment prefix of the provenance header line, if one is written.
+    pub header: Option<String>,
     pub path: Vec<lichen_crdt::PathSeg>,
     pub file: PathBuf,
     pub format: Format,
@@ -104,9 +135,23 @@ pub struct Binding {
 impl Binding {
     /// Validate one `[[bind]]` entry; relative files are resolved against `base`.
     pub fn resolve(b: &BindingFile, base: &Path) -> Result<Binding> {
-        if !lichen_crdt::valid_doc_name(&b.doc) || b.doc == lichen_crdt::MEMBERSHIP_DOC {
-            bail!("`{}` is not a valid document name", b.doc);
+        if let Some(doc) = &b.doc {
+            if !lichen_crdt::valid_doc_name(doc) || doc == lichen_crdt::MEMBERSHIP_DOC {
+                bail!("`{doc}` is not a valid document name");
+            }
         }
+        let template = match (&b.doc, &b.template) {
+            (None, None) => {
+                bail!("set `doc` (a document to render) or `template` (a template file)")
+            }
+            (Some(_), None) => {
+                if b.env.is_some() {
+                    bail!("`env` is for template bindings (a document binding reads no environment)");
+                }
+                None
+            }
+            (_, Some(t)) => Some(template_spec(b, t, base)?),
+        };
         let path = match &b.path {
             Some(p) => lichen_crdt::parse_path(p).with_context(|| format!("invalid path `{p}`"))?,
             None => Vec::new(),
@@ -124,6 +169,7 @@ impl Binding {
             .as_deref()
             .or_else(|| file.extension().and_then(|e| e.to_str()))
         {
+            _ if template.is_some() => Format::Text,
             Some("json") => Format::Json,
             Some("toml") => Format::Toml,
             Some("yaml") | Some("yml") => Format::Yaml,
@@ -146,6 +192,19 @@ impl Binding {
             }
             Ok(Some(c))
         };
+        if let Some(h) = &b.header {
+            if h.is_empty() || h.contains('\n') || h.contains('\r') {
+                bail!("`header` must be a one-line comment prefix such as \"# \"");
+            }
+            match format {
+                Format::Json => bail!("`header` cannot be used with json: JSON has no comments (use yaml, toml or a template)"),
+                Format::Toml | Format::Yaml if !h.starts_with('#') => bail!(
+                    "`header` must start with `#` for {} (its comment syntax)",
+                    format.name()
+                ),
+                _ => {}
+            }
+        }
         let check = command("check", &b.check)?;
         let reload = command("reload", &b.reload)?;
         let file_mode = match &b.file_mode {
@@ -170,7 +229,9 @@ impl Binding {
             .map(|g| owner::resolve(g, owner::Kind::Group))
             .transpose()?;
         Ok(Binding {
-            doc: b.doc.clone(),
+            doc: b.doc.clone().unwrap_or_default(),
+            template,
+            header: b.header.clone(),
             path,
             file,
             format,
@@ -186,14 +247,55 @@ impl Binding {
         })
     }
 
-    /// `doc` or `doc:path`, for log lines.
+    /// `doc` or `doc:path` (`template PATH` for a template binding), for log lines.
     pub fn target(&self) -> String {
-        if self.path.is_empty() {
+        if let Some(t) = &self.template {
+            format!("template {}", t.path.display())
+        } else if self.path.is_empty() {
             self.doc.clone()
         } else {
             format!("{}:{}", self.doc, lichen_crdt::format_path(&self.path))
         }
     }
+}
+
+/// Validate the template-only options and read the template file. Template bindings are
+/// one-way: options that only make sense when the file is read back are refused.
+fn template_spec(b: &BindingFile, t: &Path, base: &Path) -> Result<TemplateSpec> {
+    if b.path.is_some() {
+        bail!("`path` is for document bindings; a template reads what it needs with doc(\"NAME\")");
+    }
+    if let Some(f) = &b.format {
+        bail!("`format = \"{f}\"` is for document bindings; a template's output is written as rendered (use the tojson/totoml/toyaml filters inside it)");
+    }
+    if b.mode.as_deref().is_some_and(|m| m != "render") {
+        bail!("template bindings are one-way (document → file): `mode` must be \"render\"; a local edit of a rendered template cannot be turned back into document values");
+    }
+    let path = if t.is_absolute() {
+        t.to_path_buf()
+    } else {
+        base.join(t)
+    };
+    let source = match super::write::read_bounded(&path, super::template::MAX_TEMPLATE) {
+        Ok(super::write::FileRead::Bytes(b)) => String::from_utf8(b)
+            .map_err(|_| anyhow::anyhow!("template {} is not UTF-8 text", path.display()))?,
+        Ok(super::write::FileRead::Missing) => {
+            bail!("template file {} does not exist", path.display())
+        }
+        Ok(super::write::FileRead::TooLarge(n)) => bail!(
+            "template {} is {n} bytes, larger than {} KiB",
+            path.display(),
+            super::template::MAX_TEMPLATE >> 10
+        ),
+        Err(e) => bail!("cannot read template {}: {e}", path.display()),
+    };
+    let env = b.env.clone().unwrap_or_default();
+    for name in &env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            bail!("`env` entry `{name}` is not an environment variable name");
+        }
+    }
+    Ok(TemplateSpec { path, source, env })
 }
 
 #[cfg(test)]

@@ -18,16 +18,48 @@ use tokio::io::AsyncReadExt;
 /// Bytes of output kept for the error message.
 const KEEP: usize = 4096;
 
+/// A command that failed: a one-line description, and its exit code if it exited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    /// The exit code, when the program ran and exited with one.
+    pub code: Option<i32>,
+    /// What happened, with the start of the program's output.
+    pub message: String,
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for CommandError {
+    fn from(message: String) -> CommandError {
+        CommandError {
+            code: None,
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+impl CommandError {
+    /// Whether the message contains `s` (for tests and log filters).
+    pub fn contains(&self, s: &str) -> bool {
+        self.message.contains(s)
+    }
+}
+
 /// Run `argv` (plus `arg`, if given) with `env` added, and wait at most `timeout`.
-/// `Err` is a one-line description of the failure.
+/// `Err` is a one-line description of the failure (with the exit code, if there is one).
 pub async fn run(
     argv: &[String],
     arg: Option<&Path>,
     env: &[(&str, &str)],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), CommandError> {
     let Some((program, args)) = argv.split_first() else {
-        return Err("empty command".to_string());
+        return Err("empty command".to_string().into());
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -43,18 +75,19 @@ pub async fn run(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start `{program}`: {e}"))?;
+        .map_err(|e| CommandError::from(format!("cannot start `{program}`: {e}")))?;
     let out = child.stdout.take().map(|s| tokio::spawn(read_some(s)));
     let err = child.stderr.take().map(|s| tokio::spawn(read_some(s)));
     let status = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("`{program}` failed: {e}")),
+        Ok(Err(e)) => return Err(format!("`{program}` failed: {e}").into()),
         Err(_) => {
             let _ = child.kill().await;
             return Err(format!(
                 "`{program}` did not finish within {} ms and was killed",
                 timeout.as_millis()
-            ));
+            )
+            .into());
         }
     };
     if status.success() {
@@ -76,11 +109,15 @@ pub async fn run(
         Some(c) => format!("exit status {c}"),
         None => "killed by a signal".to_string(),
     };
-    if text.is_empty() {
-        Err(format!("`{program}` failed ({code})"))
+    let message = if text.is_empty() {
+        format!("`{program}` failed ({code})")
     } else {
-        Err(format!("`{program}` failed ({code}): {text}"))
-    }
+        format!("`{program}` failed ({code}): {text}")
+    };
+    Err(CommandError {
+        code: status.code(),
+        message,
+    })
 }
 
 /// Read up to [`KEEP`] bytes, then drain the rest so the child never blocks on a full pipe.
@@ -119,6 +156,7 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.contains("exit status 3") && e.contains("bad line"), "{e}");
+        assert_eq!(e.code, Some(3));
         let e = run(
             &argv(&["sleep", "10"]),
             None,

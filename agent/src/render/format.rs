@@ -64,6 +64,8 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Value, ParseError> {
         return Err(ParseError::new("empty", "the file is empty"));
     }
     let value = match format {
+        // Template output is never parsed back (template bindings are one-way).
+        Format::Text => return Ok(Value::String(text.to_string())),
         Format::Json => serde_json::from_str::<Value>(text).map_err(|e| {
             ParseError::new("syntax", format!("invalid JSON: {e}")).at(e.line(), e.column())
         })?,
@@ -97,9 +99,12 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Value, ParseError> {
 /// Serialize a value for a file. The error names what the format cannot hold.
 pub fn serialize(format: Format, value: &Value) -> Result<Vec<u8>, String> {
     let value = sorted(value.clone());
-    let mut out = match format {
-        Format::Json => serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?,
-        Format::Toml => {
+    let mut out = match (format, &value) {
+        // A template's output, written exactly as rendered.
+        (Format::Text, Value::String(s)) => return Ok(s.clone().into_bytes()),
+        (Format::Text, _) => return Err("a template binding renders text".to_string()),
+        (Format::Json, _) => serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?,
+        (Format::Toml, _) => {
             let toml::Value::Table(t) = json_to_toml(&value, &mut String::new())? else {
                 return Err(
                     "TOML needs a table at the top: bind a map, or use json or yaml".to_string(),
@@ -107,7 +112,7 @@ pub fn serialize(format: Format, value: &Value) -> Result<Vec<u8>, String> {
             };
             toml::to_string(&t).map_err(|e| format!("cannot write TOML: {e}"))?
         }
-        Format::Yaml => {
+        (Format::Yaml, _) => {
             serde_norway::to_string(&value).map_err(|e| format!("cannot write YAML: {e}"))?
         }
     };

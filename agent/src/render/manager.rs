@@ -6,6 +6,10 @@
 //! (their state — what the file holds, pending reloads — survives), stops the ones that were
 //! removed or changed, and starts the new ones. A task replacing one for the same file
 //! starts only after the old one has finished, so two tasks never write one file.
+//!
+//! A template binding whose new template does not compile is not replaced: the old task
+//! (with the old template) keeps running, and the error is logged, counted and shown in
+//! status until a later reload brings a template that compiles.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,6 +72,18 @@ impl Manager {
                     kept += 1;
                     continue;
                 }
+                if let Some(Err(e)) = b.template.as_ref().map(super::template::check) {
+                    tracing::error!(file = %b.file.display(), error = %e, "the new template does not compile: the binding keeps running with its previous template");
+                    self.node
+                        .metrics
+                        .inc_labelled(super::task::TEMPLATE_ERRORS, e.reason, 1);
+                    self.node.bindings.update(&b.file, |s| {
+                        s.error = Some(format!("new template not loaded (the previous one keeps running): {e}"))
+                    });
+                    running.insert(b.file.clone(), r);
+                    kept += 1;
+                    continue;
+                }
                 // Changed: stop the old task; the new one waits for it.
                 let _ = r.stop.send(true);
                 running.insert(b.file.clone(), self.spawn(b, Some(r.handle)));
@@ -77,8 +93,9 @@ impl Manager {
             started += 1;
         }
         let stopped = old.len();
-        for (_, r) in old {
+        for (file, r) in old {
             let _ = r.stop.send(true);
+            self.node.bindings.remove(&file);
         }
         if kept + started + stopped > 0 {
             tracing::info!(kept, started, stopped, "file bindings updated");

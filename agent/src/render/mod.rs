@@ -62,14 +62,20 @@
 
 mod binding;
 mod command;
+pub(crate) mod dryrun;
 mod format;
 mod ingest;
 mod last;
 mod manager;
 mod owner;
+mod provenance;
+mod status;
 mod task;
+mod template;
 mod watch;
 mod write;
 
 pub use binding::{Binding, BindingFile};
 pub use manager::Manager;
+pub use status::{print_bindings, Board};
+pub(crate) use template::REASONS as TEMPLATE_REASONS;

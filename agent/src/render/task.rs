@@ -68,6 +68,9 @@ use tokio::time::Instant;
 
 use super::binding::{Binding, Mode};
 use super::last::LastSeen;
+use super::provenance::{self, Provenance};
+use super::status::{now_ms, CommandOutcome};
+use super::template::{self, Outcome, Reads};
 use super::watch::{Activity, FileWatch, SharedActivity, Wake};
 use super::write::{read_bounded, write_file, FileRead, Written};
 use super::{command, format, ingest};
@@ -75,6 +78,8 @@ use crate::node::{Command, NodeHandle};
 
 const RENDER_ERRORS: &str = "lichen_render_errors_total";
 const INGEST_ERRORS: &str = "lichen_ingest_errors_total";
+/// Template errors by reason (see [`template::REASONS`]).
+pub(crate) const TEMPLATE_ERRORS: &str = "lichen_template_errors_total";
 /// A writer that holds the file open without writing for this long is taken as done (it
 /// may keep it open for other reasons); until then the file is not read.
 pub const OPEN_WRITER_GRACE: Duration = Duration::from_secs(5);
@@ -135,6 +140,11 @@ struct Task {
     window_stamp: Option<Stamp>,
     /// A file over the size bound that was refused already (not counted twice).
     too_large: Option<Stamp>,
+    /// What the last render that reached the file was made from (commands' environment).
+    prov: Provenance,
+    /// Template bindings: what the last render read (`None` before the first): only a
+    /// change of one of those documents renders again.
+    reads: Option<Reads>,
 }
 
 /// Size, mtime and inode of a file: equal stamps across a window mean nobody wrote it.
@@ -172,6 +182,20 @@ pub async fn run(
     let mut rewatch_due = Some(Instant::now());
     settle_pending(&b, &node, &last).await;
     let mut t = Task::new(b, node, last);
+    if let Some(spec) = &t.b.template {
+        if let Err(e) = template::check(spec) {
+            // Nothing to render with: the file stays as it is until the template is fixed
+            // (and the config reloaded).
+            tracing::error!(file = %t.b.file.display(), error = %e, "the template does not compile; the file is left as it is until it is fixed (then send SIGHUP)");
+            t.node.metrics.inc_labelled(TEMPLATE_ERRORS, e.reason, 1);
+            t.node.bindings.update(&t.b.file, |s| s.error = Some(e.to_string()));
+            let _ = tokio::select! {
+                r = stop.wait_for(|s| *s) => r.map(|_| ()),
+                r = shutdown.wait_for(|s| *s) => r.map(|_| ()),
+            };
+            return;
+        }
+    }
     let mut doc_dirty = true;
     let mut debounce_due = Some(Instant::now());
     t.window_stamp = Stamp::of(&t.b.file);
@@ -207,7 +231,7 @@ pub async fn run(
             r = shutdown.changed() => if r.is_err() { break },
             n = notices.recv() => {
                 match n {
-                    Ok(n) if n.doc != t.b.doc => continue,
+                    Ok(n) if !t.wants(&n.doc) => continue,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => break,
                 }
@@ -364,6 +388,19 @@ impl Task {
                 file_value = Some(base);
             }
         }
+        node.bindings.update(&b.file, |s| {
+            s.file = b.file.display().to_string();
+            s.source = b.target();
+            s.kind = match (&b.template, b.mode) {
+                (Some(_), _) => "template",
+                (None, Mode::Render) => "render",
+                (None, Mode::Sync) => "sync",
+            }
+            .to_string();
+            if b.template.is_none() {
+                s.docs = vec![b.doc.clone()];
+            }
+        });
         Task {
             b,
             node,
@@ -381,6 +418,17 @@ impl Task {
             activity: Arc::new(Mutex::new(Activity::default())),
             window_stamp: None,
             too_large: None,
+            prov: Provenance::default(),
+            reads: None,
+        }
+    }
+
+    /// Whether a change of `doc` concerns this binding.
+    fn wants(&self, doc: &str) -> bool {
+        match (&self.b.template, &self.reads) {
+            (None, _) => doc == self.b.doc,
+            (Some(_), Some(r)) => r.wants(doc),
+            (Some(_), None) => true,
         }
     }
 
@@ -405,11 +453,8 @@ impl Task {
         Some(now + self.b.debounce)
     }
 
-    fn env(&self) -> [(&'static str, String); 2] {
-        [
-            ("LICHEN_DOC", self.b.doc.clone()),
-            ("LICHEN_FILE", self.b.file.to_string_lossy().into_owned()),
-        ]
+    fn env(&self) -> Vec<(&'static str, String)> {
+        self.prov.env(&self.b)
     }
 
     /// Keep `seen` on disk (it is the file content `file_value` was read from or rendered
@@ -536,10 +581,13 @@ impl Task {
         }
         if let Some(check) = &self.b.check {
             let env = self.env();
-            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            if let Err(e) =
-                command::run(check, Some(&self.b.file), &env, self.b.command_timeout).await
-            {
+            let env = provenance::borrow(&env);
+            let r = command::run(check, Some(&self.b.file), &env, self.b.command_timeout).await;
+            let outcome = CommandOutcome::of(&r);
+            self.node
+                .bindings
+                .update(&self.b.file, |s| s.check = Some(outcome));
+            if let Err(e) = r {
                 tracing::warn!(%file, doc = %self.b.target(), error = %e, "the check refused the edit; it is not applied");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, "check", 1);
                 self.rejected = true;
@@ -640,15 +688,20 @@ impl Task {
     }
 
     async fn get(&self) -> Result<Option<Value>, crate::node::ApiError> {
+        Ok(self.get_with_heads().await?.map(|(v, _heads)| v))
+    }
+
+    async fn get_with_heads(&self) -> Result<Option<(Value, String)>, crate::node::ApiError> {
         let (doc, path) = (self.b.doc.clone(), self.b.path.clone());
-        let r = self
-            .node
+        self.node
             .ask(|reply| Command::Get { doc, path, reply })
-            .await?;
-        Ok(r.map(|(v, _heads)| v))
+            .await
     }
 
     fn wait(&mut self, why: &str) {
+        self.node
+            .bindings
+            .update(&self.b.file, |s| s.waiting = Some(why.to_string()));
         if !self.waiting_logged {
             tracing::info!(
                 doc = %self.b.target(),
@@ -659,10 +712,138 @@ impl Task {
         }
     }
 
+    /// The header line for `prov`, naming the authors of the head changes of each document.
+    async fn header(&self, prefix: &str, prov: &Provenance) -> String {
+        let mut authors = Vec::with_capacity(prov.docs.len());
+        for (doc, heads) in &prov.docs {
+            let (doc, heads) = (doc.clone(), (!heads.is_empty()).then(|| heads.clone()));
+            let names = match heads {
+                None => Vec::new(),
+                Some(_) => self
+                    .node
+                    .ask(|reply| Command::Authors { doc, heads, reply })
+                    .await
+                    .map(|(_, names)| names)
+                    .unwrap_or_default(),
+            };
+            authors.push(names);
+        }
+        prov.header(prefix, &authors)
+    }
+
+    /// Template bindings: render the template (on a blocking thread, reading through the
+    /// node task) and write the output if it differs from the file.
+    async fn render_template(&mut self) {
+        let Some(spec) = self.b.template.clone() else {
+            return;
+        };
+        let file = self.b.file.display().to_string();
+        let data: Arc<dyn template::Data> = Arc::new(NodeData {
+            node: self.node.clone(),
+            rt: tokio::runtime::Handle::current(),
+        });
+        let info = template::NodeInfo {
+            id: self.node.bindings.node_id().to_string(),
+            name: self.node.bindings.node_name().to_string(),
+        };
+        let root = (!self.b.doc.is_empty()).then(|| self.b.doc.clone());
+        let rendered = tokio::task::spawn_blocking(move || {
+            template::render(&spec, root.as_deref(), data, &info)
+        })
+        .await;
+        let Ok((outcome, reads)) = rendered else {
+            tracing::error!(%file, "the template render task failed");
+            self.render_retry.fail();
+            return;
+        };
+        self.node.metrics.template_renders.fetch_add(1, Relaxed);
+        self.node.bindings.update(&self.b.file, |s| {
+            s.renders += 1;
+            s.docs = Provenance::of_reads(&reads)
+                .docs
+                .into_iter()
+                .map(|d| d.0)
+                .collect();
+        });
+        let prov = Provenance::of_reads(&reads);
+        self.reads = Some(reads);
+        match outcome {
+            Outcome::Rendered(mut text) => {
+                if let Some(prefix) = self.b.header.clone() {
+                    text = format!("{}{text}", self.header(&prefix, &prov).await);
+                }
+                if text.len() > template::MAX_OUTPUT {
+                    self.template_error(template::TemplateError {
+                        reason: "too_large",
+                        file: self.b.target(),
+                        line: None,
+                        column: None,
+                        message: format!(
+                            "the output is larger than {} MiB",
+                            template::MAX_OUTPUT >> 20
+                        ),
+                    });
+                    return;
+                }
+                self.waiting_logged = false;
+                self.node.bindings.update(&self.b.file, |s| s.waiting = None);
+                let v = Value::String(text);
+                if self.file_value.as_ref() == Some(&v) {
+                    self.prov = prov;
+                    self.render_retry.reset();
+                    self.up_to_date();
+                    self.mark_rendered();
+                    return;
+                }
+                let bytes = v.as_str().unwrap_or_default().as_bytes().to_vec();
+                self.write(v, bytes, prov).await;
+            }
+            Outcome::Waiting(missing) => {
+                let why = format!(
+                    "the template reads {} which this node does not hold yet (use `| default(...)` to render without it)",
+                    missing.join(", ")
+                );
+                self.wait(&why);
+            }
+            Outcome::Failed(e) => {
+                let retry = e.reason == "data";
+                self.template_error(e);
+                if retry {
+                    self.render_retry.fail();
+                } else {
+                    self.render_retry.reset();
+                }
+            }
+        }
+    }
+
+    /// Report a template error: logged, counted, shown in status; the file is left as it is.
+    fn template_error(&mut self, e: template::TemplateError) {
+        tracing::error!(file = %self.b.file.display(), reason = e.reason, error = %e, "template error; the file is left as it is");
+        self.node.metrics.inc_labelled(TEMPLATE_ERRORS, e.reason, 1);
+        self.node
+            .bindings
+            .update(&self.b.file, |s| s.error = Some(e.to_string()));
+    }
+
+    /// The file holds the latest render: status shows its heads and time.
+    fn mark_rendered(&self) {
+        let heads = self.prov.heads(&self.b);
+        self.node.bindings.update(&self.b.file, |s| {
+            s.heads = Some(heads);
+            s.rendered_at_ms = Some(now_ms());
+            s.error = None;
+            s.waiting = None;
+        });
+    }
+
     /// Make the file represent the document, if it does not already.
     async fn render(&mut self) {
+        if self.b.template.is_some() {
+            return self.render_template().await;
+        }
         let file = self.b.file.display().to_string();
-        let v = match self.get().await {
+        let (v, heads) = match self.get_with_heads().await {
             Ok(Some(v)) => v,
             Ok(None) => return self.wait("the document (or path) does not exist yet"),
             Err(e) => {
@@ -675,25 +856,61 @@ impl Task {
             return self.wait("the document is empty (not synced yet?)");
         }
         self.waiting_logged = false;
-        if self.file_value.as_ref() == Some(&v) {
+        self.node.bindings.update(&self.b.file, |s| {
+            s.renders += 1;
+            s.waiting = None;
+        });
+        let prov = Provenance::doc(&self.b.doc, heads);
+        // With a header the heads are part of the content: compare bytes (below) instead.
+        if self.file_value.as_ref() == Some(&v) && self.b.header.is_none() {
+            self.prov = prov;
             self.render_retry.reset();
             self.remember().await;
             self.up_to_date();
+            self.mark_rendered();
             return;
         }
-        let bytes = match format::serialize(self.b.format, &v) {
+        let mut bytes = match format::serialize(self.b.format, &v) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(%file, doc = %self.b.target(), error = %e, "cannot render the document in this format; the file is left as it is");
                 self.node.metrics.inc_labelled(RENDER_ERRORS, "write", 1);
+                self.node
+                    .bindings
+                    .update(&self.b.file, |s| s.error = Some(e.clone()));
                 self.render_retry.reset();
                 return;
             }
         };
+        if let Some(prefix) = self.b.header.clone() {
+            let mut h = self.header(&prefix, &prov).await.into_bytes();
+            h.extend_from_slice(&bytes);
+            bytes = h;
+        }
+        self.write(v, bytes, prov).await;
+    }
+
+    /// Write `bytes` (representing `v`, made from `prov`) to the file, unless it holds them.
+    async fn write(&mut self, v: Value, bytes: Vec<u8>, prov: Provenance) {
+        let file = self.b.file.display().to_string();
         // Sync mode: an edit saved while the new content is staged must not be overwritten
         // (a refused edit is, by design, once the document changes).
         let guard = (self.b.mode == Mode::Sync && !self.rejected).then(|| self.seen.clone());
-        match write_file(&self.b, &bytes, guard).await {
+        let env = prov.env(&self.b);
+        let written = write_file(&self.b, &bytes, guard, &env).await;
+        if self.b.check.is_some() {
+            let outcome = match &written {
+                Ok(Written::Replaced) => Some(CommandOutcome::of(&Ok(()))),
+                Err(e) => e.check.as_ref().map(|c| CommandOutcome::of(&Err(c.clone()))),
+                _ => None,
+            };
+            if let Some(o) = outcome {
+                self.node
+                    .bindings
+                    .update(&self.b.file, |s| s.check = Some(o));
+            }
+        }
+        match written {
             Ok(Written::Changed) => {
                 tracing::info!(%file, doc = %self.b.target(), "the file was edited while it was being rendered: reading the edit first");
                 // The watcher reports the edit; look again after a debounce in any case.
@@ -704,10 +921,13 @@ impl Task {
                 self.file_value = Some(v);
                 self.rejected = false;
                 self.render_retry.reset();
+                self.prov = prov;
+                self.mark_rendered();
                 self.remember().await;
                 if w == Written::Unchanged {
                     self.up_to_date();
                 } else {
+                    self.node.bindings.update(&self.b.file, |s| s.writes += 1);
                     self.compared = true;
                     tracing::info!(%file, doc = %self.b.target(), "rendered the file");
                     self.node.metrics.render_writes.fetch_add(1, Relaxed);
@@ -716,6 +936,9 @@ impl Task {
             }
             Err(e) => {
                 self.node.metrics.inc_labelled(RENDER_ERRORS, e.reason, 1);
+                self.node
+                    .bindings
+                    .update(&self.b.file, |s| s.error = Some(e.message.clone()));
                 match self.render_retry.fail() {
                     Some(d) => {
                         tracing::warn!(%file, doc = %self.b.target(), reason = e.reason, error = %e.message, retry_in_s = d.as_secs(), "render failed; will retry")
@@ -769,9 +992,14 @@ impl Task {
             return;
         }
         let env = self.env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let env = provenance::borrow(&env);
         let file = self.b.file.display().to_string();
-        match command::run(&cmd, None, &env, self.b.command_timeout).await {
+        let r = command::run(&cmd, None, &env, self.b.command_timeout).await;
+        let outcome = CommandOutcome::of(&r);
+        self.node
+            .bindings
+            .update(&self.b.file, |s| s.reload = Some(outcome));
+        match r {
             Ok(()) => {
                 tracing::info!(%file, "reload command succeeded");
                 self.node.metrics.render_reloads.fetch_add(1, Relaxed);
@@ -790,5 +1018,60 @@ impl Task {
                 }
             }
         }
+    }
+}
+
+/// A template's data, read from the node task. Called on a blocking thread (see
+/// [`Task::render_template`]), so it waits for the node task's answers with `block_on`.
+struct NodeData {
+    node: NodeHandle,
+    rt: tokio::runtime::Handle,
+}
+
+impl NodeData {
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(crate::node::Reply<T>) -> Command,
+    ) -> Result<T, String> {
+        self.rt
+            .block_on(self.node.ask(make))
+            .map_err(|e| e.error)
+    }
+}
+
+impl template::Data for NodeData {
+    fn doc(&self, name: &str) -> Result<Option<(Value, String)>, String> {
+        let doc = name.to_string();
+        self.ask(|reply| Command::Get {
+            doc,
+            path: Vec::new(),
+            reply,
+        })
+    }
+
+    fn list(&self) -> Result<Vec<String>, String> {
+        let v = self.ask(|reply| Command::Ls {
+            doc: None,
+            path: Vec::new(),
+            reply,
+        })?;
+        Ok(v.as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn members(&self) -> Result<(Value, String), String> {
+        let list = self.ask(|reply| Command::Members { reply })?;
+        let doc = lichen_crdt::MEMBERSHIP_DOC.to_string();
+        let (heads, _) = self.ask(|reply| Command::Authors {
+            doc,
+            heads: None,
+            reply,
+        })?;
+        Ok((list, heads))
     }
 }

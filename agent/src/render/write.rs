@@ -48,6 +48,8 @@ pub enum Written {
 pub struct RenderError {
     pub reason: &'static str,
     pub message: String,
+    /// The check command's failure, when the check refused the content.
+    pub check: Option<super::command::CommandError>,
 }
 
 impl RenderError {
@@ -55,6 +57,7 @@ impl RenderError {
         RenderError {
             reason: "write",
             message: message.into(),
+            check: None,
         }
     }
 }
@@ -99,11 +102,13 @@ pub fn read_current(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 }
 
 /// Replace `b.file` with `bytes` (see the module docs). With `last_seen`, only if the file
-/// still holds those bytes (`None`: does not exist) just before the rename.
+/// still holds those bytes (`None`: does not exist) just before the rename. `env` is the
+/// check command's provenance environment ([`super::provenance`]).
 pub async fn write_file(
     b: &Binding,
     bytes: &[u8],
     last_seen: Option<Option<Vec<u8>>>,
+    env: &[(&'static str, String)],
 ) -> Result<Written, RenderError> {
     let staged = {
         let (b2, bytes) = (b.clone(), bytes.to_vec());
@@ -115,13 +120,12 @@ pub async fn write_file(
         return Ok(Written::Unchanged);
     };
     if let Some(check) = &b.check {
-        let doc = b.doc.as_str();
-        let target = b.file.to_string_lossy();
-        let env = [("LICHEN_DOC", doc), ("LICHEN_FILE", target.as_ref())];
+        let env = super::provenance::borrow(env);
         if let Err(e) = command::run(check, Some(&staged.path), &env, b.command_timeout).await {
             return Err(RenderError {
                 reason: "check",
                 message: format!("check refused the new content, old file kept: {e}"),
+                check: Some(e),
             });
         }
     }
@@ -284,7 +288,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = binding(dir.path(), "");
         assert_eq!(
-            write_file(&b, b"one\n", None).await.unwrap(),
+            write_file(&b, b"one\n", None, &[]).await.unwrap(),
             Written::Replaced
         );
         let meta = std::fs::metadata(&b.file).unwrap();
@@ -292,12 +296,12 @@ mod tests {
         std::fs::set_permissions(&b.file, std::fs::Permissions::from_mode(0o640)).unwrap();
         let ino = std::fs::metadata(&b.file).unwrap().ino();
         assert_eq!(
-            write_file(&b, b"one\n", None).await.unwrap(),
+            write_file(&b, b"one\n", None, &[]).await.unwrap(),
             Written::Unchanged
         );
         assert_eq!(std::fs::metadata(&b.file).unwrap().ino(), ino);
         assert_eq!(
-            write_file(&b, b"two\n", None).await.unwrap(),
+            write_file(&b, b"two\n", None, &[]).await.unwrap(),
             Written::Replaced
         );
         let meta = std::fs::metadata(&b.file).unwrap();
@@ -305,7 +309,7 @@ mod tests {
         assert_ne!(meta.ino(), ino, "replaced by rename");
         assert_eq!(std::fs::read(&b.file).unwrap(), b"two\n");
         let b = binding(dir.path(), "file_mode = \"0600\"");
-        write_file(&b, b"three\n", None).await.unwrap();
+        write_file(&b, b"three\n", None, &[]).await.unwrap();
         assert_eq!(std::fs::metadata(&b.file).unwrap().mode() & 0o7777, 0o600);
         assert!(leftovers(dir.path()).is_empty());
     }
@@ -318,10 +322,10 @@ mod tests {
             "check = [\"sh\", \"-c\", \"! grep -q bad \\\"$0\\\"\"]",
         );
         assert_eq!(
-            write_file(&b, b"good\n", None).await.unwrap(),
+            write_file(&b, b"good\n", None, &[]).await.unwrap(),
             Written::Replaced
         );
-        let e = write_file(&b, b"bad\n", None).await.unwrap_err();
+        let e = write_file(&b, b"bad\n", None, &[]).await.unwrap_err();
         assert_eq!(e.reason, "check");
         assert_eq!(std::fs::read(&b.file).unwrap(), b"good\n");
         assert!(leftovers(dir.path()).is_empty());
