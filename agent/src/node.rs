@@ -1250,7 +1250,11 @@ impl Node {
     }
 
     /// See [`Command::Authors`]. Heads that are not hex hashes, or not stored, are skipped.
-    fn authors(&self, doc: &str, heads: Option<String>) -> Result<(String, Vec<String>), StoreError> {
+    fn authors(
+        &self,
+        doc: &str,
+        heads: Option<String>,
+    ) -> Result<(String, Vec<String>), StoreError> {
         let current = self.store.heads(doc)?;
         let hashes: Vec<[u8; 32]> = match heads {
             None => current.clone(),

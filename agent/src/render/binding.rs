@@ -146,7 +146,9 @@ impl Binding {
             }
             (Some(_), None) => {
                 if b.env.is_some() {
-                    bail!("`env` is for template bindings (a document binding reads no environment)");
+                    bail!(
+                        "`env` is for template bindings (a document binding reads no environment)"
+                    );
                 }
                 None
             }

@@ -74,7 +74,10 @@ pub fn run(c: &Client, o: Options) -> Result<(), ClientError> {
         };
         let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         let b = Binding::resolve(&b, &base).map_err(|e| fail(exit::USAGE, format!("{e:#}")))?;
-        let spec = b.template.clone().ok_or_else(|| fail(exit::USAGE, "no template"))?;
+        let spec = b
+            .template
+            .clone()
+            .ok_or_else(|| fail(exit::USAGE, "no template"))?;
         if let Err(e) = template::check(&spec) {
             return Err(fail(exit::INVALID, e.to_string()));
         }
@@ -167,7 +170,10 @@ fn unified_diff(file: &Path, old: &str, new: &str) -> String {
     similar::TextDiff::from_lines(old, new)
         .unified_diff()
         .context_radius(3)
-        .header(&format!("{name} (on disk)"), &format!("{name} (would be written)"))
+        .header(
+            &format!("{name} (on disk)"),
+            &format!("{name} (would be written)"),
+        )
         .to_string()
 }
 
@@ -181,8 +187,8 @@ fn would_write(api: &Arc<ApiData>, b: &Binding) -> Result<String, ClientError> {
     }
     let path = lichen_crdt::format_path(&b.path);
     let r = api.c.get("/v1/get", &[("doc", &b.doc), ("path", &path)])?;
-    let bytes = super::format::serialize(b.format, &r["value"])
-        .map_err(|e| fail(exit::INVALID, e))?;
+    let bytes =
+        super::format::serialize(b.format, &r["value"]).map_err(|e| fail(exit::INVALID, e))?;
     let mut text = String::from_utf8_lossy(&bytes).into_owned();
     if let Some(prefix) = &b.header {
         let heads = r["heads"].as_str().unwrap_or("").to_string();
@@ -229,7 +235,9 @@ fn header(api: &ApiData, prefix: &str, prov: &Provenance) -> String {
             let mut by_hash = BTreeMap::new();
             if let Ok(h) = api.c.get("/v1/history", &[("doc", doc), ("limit", "256")]) {
                 for e in h.as_array().into_iter().flatten() {
-                    if let (Some(hash), Some(name)) = (e["hash"].as_str(), e["author_name"].as_str()) {
+                    if let (Some(hash), Some(name)) =
+                        (e["hash"].as_str(), e["author_name"].as_str())
+                    {
                         by_hash.insert(hash.to_string(), name.to_string());
                     }
                 }

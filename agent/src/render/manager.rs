@@ -68,6 +68,9 @@ impl Manager {
         for b in bindings {
             if let Some(r) = old.remove(&b.file) {
                 if r.binding == b {
+                    self.node
+                        .bindings
+                        .update(&b.file, |s| s.config_error = None);
                     running.insert(b.file.clone(), r);
                     kept += 1;
                     continue;
@@ -78,7 +81,9 @@ impl Manager {
                         .metrics
                         .inc_labelled(super::task::TEMPLATE_ERRORS, e.reason, 1);
                     self.node.bindings.update(&b.file, |s| {
-                        s.error = Some(format!("new template not loaded (the previous one keeps running): {e}"))
+                        s.config_error = Some(format!(
+                            "new template not loaded (the previous one keeps running): {e}"
+                        ))
                     });
                     running.insert(b.file.clone(), r);
                     kept += 1;
@@ -103,6 +108,9 @@ impl Manager {
     }
 
     fn spawn(&self, b: Binding, previous: Option<JoinHandle<()>>) -> Running {
+        self.node
+            .bindings
+            .update(&b.file, |s| s.config_error = None);
         let (stop, stop_rx) = watch::channel(false);
         let (node, shutdown, binding) = (self.node.clone(), self.shutdown.clone(), b.clone());
         let last = LastSeen::new(&self.state_dir, &b);

@@ -144,7 +144,10 @@ mod tests {
             ["_members", "a/y", "b/x"]
         );
         assert_eq!(
-            p.header("# ", &[vec!["n1".into()], vec![], vec!["n2".into(), "n3".into()]]),
+            p.header(
+                "# ",
+                &[vec!["n1".into()], vec![], vec!["n2".into(), "n3".into()]]
+            ),
             "# lichen: _members@m1,m2 by n1; a/y@; b/x@h2 by n2,n3\n"
         );
     }

@@ -67,6 +67,9 @@ pub(crate) struct BindingState {
     pub reload: Option<CommandOutcome>,
     /// What holds the file back (a template error, a failed check or write), if anything.
     pub error: Option<String>,
+    /// A new configuration of this binding that was not loaded (its template does not
+    /// compile): the previous one keeps running.
+    pub config_error: Option<String>,
     /// What the binding waits for (a document this node does not hold yet), if anything.
     pub waiting: Option<String>,
 }
@@ -148,7 +151,12 @@ pub fn print_bindings(list: &Value) {
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
     println!("bindings");
     for b in list {
-        println!("  {} ({}, {})", s(&b["file"]), s(&b["source"]), s(&b["kind"]));
+        println!(
+            "  {} ({}, {})",
+            s(&b["file"]),
+            s(&b["source"]),
+            s(&b["kind"])
+        );
         let heads = s(&b["heads"]);
         let at = b["rendered_at_ms"]
             .as_u64()
@@ -178,8 +186,10 @@ pub fn print_bindings(list: &Value) {
         if !b["waiting"].is_null() {
             println!("    waiting: {}", s(&b["waiting"]));
         }
-        if !b["error"].is_null() {
-            println!("    ERROR: {}", s(&b["error"]));
+        for what in ["config_error", "error"] {
+            if !b[what].is_null() {
+                println!("    ERROR: {}", s(&b[what]));
+            }
         }
     }
 }

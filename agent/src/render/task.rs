@@ -188,7 +188,9 @@ pub async fn run(
             // (and the config reloaded).
             tracing::error!(file = %t.b.file.display(), error = %e, "the template does not compile; the file is left as it is until it is fixed (then send SIGHUP)");
             t.node.metrics.inc_labelled(TEMPLATE_ERRORS, e.reason, 1);
-            t.node.bindings.update(&t.b.file, |s| s.error = Some(e.to_string()));
+            t.node
+                .bindings
+                .update(&t.b.file, |s| s.error = Some(e.to_string()));
             let _ = tokio::select! {
                 r = stop.wait_for(|s| *s) => r.map(|_| ()),
                 r = shutdown.wait_for(|s| *s) => r.map(|_| ()),
@@ -786,7 +788,9 @@ impl Task {
                     return;
                 }
                 self.waiting_logged = false;
-                self.node.bindings.update(&self.b.file, |s| s.waiting = None);
+                self.node
+                    .bindings
+                    .update(&self.b.file, |s| s.waiting = None);
                 let v = Value::String(text);
                 if self.file_value.as_ref() == Some(&v) {
                     self.prov = prov;
@@ -901,7 +905,10 @@ impl Task {
         if self.b.check.is_some() {
             let outcome = match &written {
                 Ok(Written::Replaced) => Some(CommandOutcome::of(&Ok(()))),
-                Err(e) => e.check.as_ref().map(|c| CommandOutcome::of(&Err(c.clone()))),
+                Err(e) => e
+                    .check
+                    .as_ref()
+                    .map(|c| CommandOutcome::of(&Err(c.clone()))),
                 _ => None,
             };
             if let Some(o) = outcome {
@@ -1029,13 +1036,8 @@ struct NodeData {
 }
 
 impl NodeData {
-    fn ask<T>(
-        &self,
-        make: impl FnOnce(crate::node::Reply<T>) -> Command,
-    ) -> Result<T, String> {
-        self.rt
-            .block_on(self.node.ask(make))
-            .map_err(|e| e.error)
+    fn ask<T>(&self, make: impl FnOnce(crate::node::Reply<T>) -> Command) -> Result<T, String> {
+        self.rt.block_on(self.node.ask(make)).map_err(|e| e.error)
     }
 }
 

@@ -595,7 +595,10 @@ mod tests {
         assert_eq!(o, Outcome::Rendered("80".into()));
         assert!(r.wants("a"));
         assert_eq!(text("{{ \"hi\" | base64 }}"), "aGk=");
-        assert_eq!(text("{{ \"abc\" | base64 }}{{ \"a\" | base64 }}"), "YWJjYQ==");
+        assert_eq!(
+            text("{{ \"abc\" | base64 }}{{ \"a\" | base64 }}"),
+            "YWJjYQ=="
+        );
         assert_eq!(
             text("{{ doc(\"app/nginx\") | totoml }}"),
             "port = 80\nupstreams = [\"a:1\", \"b:2\"]\n"
@@ -606,7 +609,9 @@ mod tests {
             text("{{ \"B,a\" | lower | split(\",\") | sort | join(\"-\") | upper | replace(\"-\", \"+\") }}"),
             "A+B"
         );
-        let (_, reads) = go("{{ doc(\"app/nginx\").port }}{{ docs(\"region/\") | length }}{{ members() | length }}");
+        let (_, reads) = go(
+            "{{ doc(\"app/nginx\").port }}{{ docs(\"region/\") | length }}{{ members() | length }}",
+        );
         assert!(reads.wants("app/nginx"));
         assert!(reads.wants("region/new"));
         assert!(reads.wants(lichen_crdt::MEMBERSHIP_DOC));
@@ -637,7 +642,9 @@ mod tests {
         assert!(e.to_string().starts_with("/t/x.tmpl:2:"), "{e}");
         let e = failed("a\n{{ doc(\"app/nginx\").nope.deeper }}");
         assert_eq!((e.reason, e.line), ("undefined", Some(2)));
-        let e = failed("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
+        let e = failed(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        );
         assert_eq!(e.reason, "fuel");
         let e = failed("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
         assert_eq!(e.reason, "recursion", "{e}");
