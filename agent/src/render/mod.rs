@@ -16,7 +16,17 @@
 //!                                                            ──► node task (sign, commit, push)
 //! ```
 //!
+//! Template bindings take the same path with the document read and the serialization
+//! replaced by a template render ([`template`], on a blocking thread, reading documents and
+//! the membership through the node task); they are one-way, and re-render only when a
+//! document the last render read changes.
+//!
 //! * [`binding`]: the `[[bind]]` config table and its validated form.
+//! * [`template`]: minijinja templates: data functions, filters, limits, read tracking, errors
+//!   with file:line:column.
+//! * [`provenance`]: `LICHEN_DOC`/`LICHEN_FILE`/`LICHEN_HEADS` for commands, the header line.
+//! * [`status`]: every binding's last render, commands and errors, for `lichen status`.
+//! * [`dryrun`]: `lichen render` (dry run with diffs, one-off template renders) over the API.
 //! * [`format`]: JSON/TOML/YAML ⇄ JSON values, deterministic output, errors with positions.
 //! * [`write`]: the atomic, checked replacement of a file.
 //! * [`command`]: check and reload commands with a timeout.

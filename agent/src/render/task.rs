@@ -53,6 +53,14 @@
 //! reload the file is looked at again: an edit made since is applied first, and a file that
 //! holds a refused edit is not reloaded (the next accepted change reloads).
 //!
+//! Template bindings: the document read and serialization are replaced by a template render
+//! ([`super::template`]); `file_value` is then the rendered text. A notice concerns the task
+//! only if the last render read that document ([`template::Reads::wants`]); before the first
+//! render every notice does. A template error leaves the file alone and is reported (log,
+//! `lichen_template_errors_total{reason}`, status); a template that does not compile at
+//! start makes the task idle until it is stopped. Every render that reaches the file records
+//! its [`Provenance`], which the check and reload commands get in their environment.
+//!
 //! Failures: a failed write or check is retried with exponential backoff (1 s doubling to
 //! 60 s, at most 8 attempts, then until the next document change); so is a failed reload.
 //! Each failure is logged and counted in `lichen_render_errors_total{reason}`; refused edits
