@@ -18,10 +18,18 @@
 //! that a writer still holds (see `task.rs`): an editor that writes half a file, pauses, then
 //! writes the rest is read once, after its close. (Backends without close events, as on
 //! macOS, leave `writing` set; the task then waits for a quiet period instead.)
+//!
+//! One watcher per directory: bindings whose files share a directory (100 templates
+//! rendering into `/etc/nginx/conf.d`) share one notifier and its thread, which hands each
+//! event to the bindings it names. With a notifier per binding, every event in the directory
+//! woke every binding's thread: the cost of one change grew with the square of the number
+//! of bindings there.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
@@ -49,9 +57,41 @@ pub struct Activity {
 /// [`Activity`], updated by the watcher's thread.
 pub type SharedActivity = Arc<Mutex<Activity>>;
 
-/// A live watch; dropping it stops watching.
-pub struct FileWatch {
+/// One binding's interest in events of its directory.
+struct Sub {
+    id: u64,
+    name: OsString,
+    tx: mpsc::Sender<Wake>,
+    activity: SharedActivity,
+}
+
+/// The shared watcher of one directory.
+struct DirWatch {
     _watcher: RecommendedWatcher,
+    subs: Arc<Mutex<Vec<Sub>>>,
+    /// The directory went away: this watcher sees nothing more; a new watch makes a new one.
+    dead: Arc<AtomicBool>,
+}
+
+/// Live directory watchers, by directory.
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<DirWatch>>> {
+    static DIRS: OnceLock<Mutex<HashMap<PathBuf, Weak<DirWatch>>>> = OnceLock::new();
+    DIRS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// A live watch; dropping it stops watching (the directory's watcher stops with its last
+/// binding).
+pub struct FileWatch {
+    dir: Arc<DirWatch>,
+    id: u64,
+}
+
+impl Drop for FileWatch {
+    fn drop(&mut self) {
+        if let Ok(mut subs) = self.dir.subs.lock() {
+            subs.retain(|s| s.id != self.id);
+        }
+    }
 }
 
 /// Watch the directory of `file` and send a [`Wake`] for events about `file`.
@@ -60,6 +100,7 @@ pub fn watch(
     tx: mpsc::Sender<Wake>,
     activity: SharedActivity,
 ) -> Result<FileWatch, String> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let dir: PathBuf = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -68,27 +109,71 @@ pub fn watch(
         .file_name()
         .map(|n| n.to_os_string())
         .ok_or_else(|| format!("{} has no file name", file.display()))?;
-    let dir2 = dir.clone();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        let (wake, writing) = match ev {
-            Err(_) => (Some(Wake::Changed), Some(false)),
-            Ok(ev) => classify(&ev, &dir2, &name),
-        };
-        if let (Some(writing), Ok(mut a)) = (writing, activity.lock()) {
-            a.writing = writing;
-            if writing {
-                a.last_write = Some(Instant::now());
-            }
+    let mut dirs = registry()
+        .lock()
+        .map_err(|_| "the watcher registry is poisoned".to_string())?;
+    dirs.retain(|_, w| w.strong_count() > 0);
+    let shared = dirs
+        .get(&dir)
+        .and_then(Weak::upgrade)
+        .filter(|d| !d.dead.load(Ordering::Relaxed));
+    let shared = match shared {
+        Some(d) => d,
+        None => {
+            let d = Arc::new(start(&dir)?);
+            dirs.insert(dir.clone(), Arc::downgrade(&d));
+            d
         }
-        if let Some(w) = wake {
-            let _ = tx.try_send(w);
+    };
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    shared
+        .subs
+        .lock()
+        .map_err(|_| "a directory watcher is poisoned".to_string())?
+        .push(Sub {
+            id,
+            name,
+            tx,
+            activity,
+        });
+    Ok(FileWatch { dir: shared, id })
+}
+
+/// Start the watcher of `dir`, handing each event to the subscribed bindings.
+fn start(dir: &Path) -> Result<DirWatch, String> {
+    let subs: Arc<Mutex<Vec<Sub>>> = Arc::new(Mutex::new(Vec::new()));
+    let dead = Arc::new(AtomicBool::new(false));
+    let (subs2, dead2, dir2) = (subs.clone(), dead.clone(), dir.to_path_buf());
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        let Ok(subs) = subs2.lock() else { return };
+        for s in subs.iter() {
+            let (wake, writing) = match &ev {
+                Err(_) => (Some(Wake::Changed), Some(false)),
+                Ok(ev) => classify(ev, &dir2, &s.name),
+            };
+            if let (Some(writing), Ok(mut a)) = (writing, s.activity.lock()) {
+                a.writing = writing;
+                if writing {
+                    a.last_write = Some(Instant::now());
+                }
+            }
+            if let Some(w) = wake {
+                if w == Wake::Lost {
+                    dead2.store(true, Ordering::Relaxed);
+                }
+                let _ = s.tx.try_send(w);
+            }
         }
     })
     .map_err(|e| format!("cannot start a file watcher: {e}"))?;
     watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
+        .watch(dir, RecursiveMode::NonRecursive)
         .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-    Ok(FileWatch { _watcher: watcher })
+    Ok(DirWatch {
+        _watcher: watcher,
+        subs,
+        dead,
+    })
 }
 
 /// The wake-up an event calls for, and what it says about a writer holding the file open
