@@ -477,3 +477,55 @@ fn dry_run_prints_a_diff_and_writes_nothing() {
     assert_eq!(o, "[\"h1\",\"h2\"] a");
     assert_eq!(lines(&reloads), 1);
 }
+
+/// The agent's inotify instances (file descriptors that are inotify watchers).
+fn inotify_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .map(|l| l.to_string_lossy().contains("inotify"))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn bindings_in_one_directory_share_one_watcher() {
+    let c = Cluster::start(1, IP_BASE + 7, Net::Direct);
+    let a = &c.agents[0];
+    let dir = c.dir.path();
+    assert!(a.put("app/web", "v", "1"));
+    std::fs::create_dir_all(dir.join("conf.d")).unwrap();
+    std::fs::write(dir.join("v.tmpl"), "v={{ doc(\"app/web\").v }}\n").unwrap();
+    let mut binds = String::new();
+    for i in 0..10 {
+        binds.push_str(&format!(
+            "[[bind]]\ntemplate = \"v.tmpl\"\nfile = \"conf.d/f{i}.conf\"\n\n"
+        ));
+    }
+    binds.push_str("[[bind]]\ndoc = \"app/web\"\nfile = \"elsewhere.json\"\n");
+    reconfigure(a, &binds);
+    for i in 0..10 {
+        wait_content("rendered", &dir.join(format!("conf.d/f{i}.conf")), |s| {
+            s == "v=1\n"
+        });
+    }
+    common::wait_until("every binding watches its directory", PATIENCE, || {
+        inotify_fds(a.pid()) >= 2
+    });
+    // One watcher for conf.d (10 bindings), one for elsewhere.json's directory.
+    assert_eq!(inotify_fds(a.pid()), 2);
+    // Each binding still sees its own file: a local edit is restored from the template.
+    std::fs::write(dir.join("conf.d/f3.conf"), "edited\n").unwrap();
+    wait_content("f3 restored", &dir.join("conf.d/f3.conf"), |s| s == "v=1\n");
+    assert!(a.put("app/web", "v", "2"));
+    for i in 0..10 {
+        wait_content("re-rendered", &dir.join(format!("conf.d/f{i}.conf")), |s| {
+            s == "v=2\n"
+        });
+    }
+}
