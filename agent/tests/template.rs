@@ -529,3 +529,41 @@ fn bindings_in_one_directory_share_one_watcher() {
         });
     }
 }
+
+#[test]
+fn a_sync_binding_reads_an_edit_back_without_its_header_line() {
+    let c = Cluster::start(1, IP_BASE + 9, Net::Direct);
+    let a = &c.agents[0];
+    let dir = c.dir.path();
+    assert!(a.put("app/web", "", r#"{"port": 80, "name": "web"}"#));
+    let f = dir.join("web.yaml");
+    reconfigure(
+        a,
+        "[[bind]]\ndoc = \"app/web\"\nfile = \"web.yaml\"\nmode = \"sync\"\nheader = \"# \"\ndebounce_ms = 50\n",
+    );
+    wait_content("rendered with a header", &f, |s| {
+        s.starts_with("# lichen: app/web@") && s.contains("port: 80")
+    });
+    // Edit a value, keeping the (now stale) header line as an editor would.
+    let edited = read(&f).replace("port: 80", "port: 81");
+    std::fs::write(&f, &edited).unwrap();
+    common::wait_until("the edit reached the document", PATIENCE, || {
+        a.get("app/web", "port") == Some(Value::from(81))
+    });
+    let doc = a.get("app/web", "").unwrap();
+    assert_eq!(
+        doc,
+        serde_json::json!({"port": 81, "name": "web"}),
+        "the header is not data"
+    );
+    // The file then names the new heads.
+    let h = heads(a, "app/web");
+    wait_content("the header names the edit's change", &f, |s| {
+        s.starts_with(&format!("# lichen: app/web@{h} by a\n")) && s.contains("port: 81")
+    });
+    // An edit that drops the header line is read the same way.
+    std::fs::write(&f, "name: web\nport: 82\n").unwrap();
+    common::wait_until("the second edit reached the document", PATIENCE, || {
+        a.get("app/web", "port") == Some(Value::from(82))
+    });
+}
