@@ -106,7 +106,7 @@ pub fn run(c: &Client, o: Options) -> Result<(), ClientError> {
     let mut any = false;
     let mut failed = 0;
     for b in &cfg.bindings {
-        if want.as_ref().is_some_and(|w| *w != b.file) {
+        if want.as_ref().is_some_and(|w| *w != absolute(&b.file)) {
             continue;
         }
         any = true;
