@@ -20,9 +20,9 @@ const KEEP: usize = 4096;
 
 /// A command that failed: a one-line description, and its exit code if it exited.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandError {
+pub(crate) struct CommandError {
     /// The exit code, when the program ran and exited with one.
-    pub code: Option<i32>,
+    pub(crate) code: Option<i32>,
     /// What happened, with the start of the program's output.
     pub message: String,
 }

@@ -31,27 +31,27 @@ use crate::client::{exit, Client, ClientError};
 
 /// `lichen render` options.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Print, for each binding, what would be written and a diff against the file on disk;
     /// write and reload nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// With --dry-run: only the binding of this file.
     #[arg(long, requires = "dry_run")]
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// The agent's config file (its [[bind]] tables).
     #[arg(long, short = 'c', env = "LICHEN_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Render this template once to stdout.
     #[arg(long, conflicts_with = "dry_run")]
-    pub template: Option<PathBuf>,
+    pub(crate) template: Option<PathBuf>,
     /// With --template: the document whose keys are the template's variables.
     #[arg(long, requires = "template")]
-    pub doc: Option<String>,
+    pub(crate) doc: Option<String>,
     /// With --template: an environment variable the template may read as env.NAME
     /// (repeatable).
     #[arg(long = "env", requires = "template")]
-    pub env: Vec<String>,
+    pub(crate) env: Vec<String>,
 }
 
 fn fail(code: i32, message: impl Into<String>) -> ClientError {
@@ -62,7 +62,7 @@ fn fail(code: i32, message: impl Into<String>) -> ClientError {
 }
 
 /// Run `lichen render`.
-pub fn run(c: &Client, o: Options) -> Result<(), ClientError> {
+pub(crate) fn run(c: &Client, o: Options) -> Result<(), ClientError> {
     let api = Arc::new(ApiData { c: c.clone() });
     if let Some(t) = &o.template {
         let b = crate::render::BindingFile {

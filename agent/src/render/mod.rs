@@ -87,5 +87,5 @@ mod write;
 
 pub use binding::{Binding, BindingFile};
 pub use manager::Manager;
-pub use status::{print_bindings, Board};
+pub(crate) use status::{print_bindings, Board};
 pub(crate) use template::REASONS as TEMPLATE_REASONS;

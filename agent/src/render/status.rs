@@ -82,13 +82,13 @@ struct Inner {
 
 /// Shared, cheap to clone.
 #[derive(Clone)]
-pub struct Board {
+pub(crate) struct Board {
     inner: Arc<Inner>,
 }
 
 impl Board {
     /// An empty board for the node `node_id` named `node_name`.
-    pub fn new(node_id: String, node_name: String) -> Board {
+    pub(crate) fn new(node_id: String, node_name: String) -> Board {
         Board {
             inner: Arc::new(Inner {
                 node_id,
@@ -124,7 +124,7 @@ impl Board {
     }
 
     /// Every binding's state, ordered by file.
-    pub fn snapshot(&self) -> Value {
+    pub(crate) fn snapshot(&self) -> Value {
         let list: Vec<BindingState> = self
             .inner
             .bindings
@@ -144,7 +144,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// `lichen status`'s bindings section (from the status view's `bindings` list).
-pub fn print_bindings(list: &Value) {
+pub(crate) fn print_bindings(list: &Value) {
     let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
         return;
     };
