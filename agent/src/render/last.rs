@@ -105,6 +105,14 @@ impl LastSeen {
         }))
     }
 
+    /// Forget the record (a `render` binding keeps none: see `super::task`).
+    pub fn clear(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Forget the pending edit (its outcome is known and recorded).
     pub fn clear_pending(&self) -> std::io::Result<()> {
         match std::fs::remove_file(self.pending_path()) {

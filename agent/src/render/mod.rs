@@ -58,7 +58,7 @@
 //!
 //! # Edits made while the agent is stopped
 //!
-//! Each task records the file content it last wrote or accepted ([`last`], under
+//! Each `sync` task records the file content it last wrote or accepted ([`last`], under
 //! `<data_dir>/bindings/`). At start-up, in `sync` mode, a file that differs from that record
 //! was edited while the agent was down: it is ingested like a live edit (three-way merge with
 //! the record as the base, a signed change, the user's bytes kept unless the merge adds

@@ -31,8 +31,9 @@
 //! edit updates `seen` but not `file_value`, so it is neither ingested nor overwritten until
 //! the document changes or the file is fixed.
 //!
-//! `seen` (when it decodes to `file_value`) is also kept on disk ([`super::last`]) after every
-//! render and accepted edit, so that it survives a restart. An edit is also recorded as
+//! In `sync` mode, `seen` (when it decodes to `file_value`) is also kept on disk
+//! ([`super::last`]) after every render and accepted edit, so that it survives a restart
+//! (`render` bindings keep no record: nothing reads it back). An edit is also recorded as
 //! *pending* before it is sent to the node task, so that a restart after its commit but before
 //! its record does not apply it a second time (see [`super::last`]); start-up settles such a
 //! record first.
@@ -377,6 +378,16 @@ impl Task {
                 None
             }
         };
+        // Only `sync` mode reads the record (an edit made while the agent was stopped); a
+        // `render` binding (document or template) keeps none, which saves a write and an
+        // fsync per render, and removes one left by an earlier `sync` configuration, which
+        // would be stale if the binding went back to `sync` later (no record: the document
+        // wins at that start).
+        if b.mode == Mode::Render {
+            if let Err(e) = last.clear() {
+                tracing::warn!(file = %b.file.display(), error = %e, "cannot remove the binding's old record in the data directory");
+            }
+        }
         let recorded = match last.load() {
             Ok(r) => r,
             Err(e) => {
@@ -472,7 +483,8 @@ impl Task {
     /// Blocking file work (fsync) runs off the async workers, as in [`super::write`].
     async fn remember(&mut self) {
         // A refused edit leaves `seen` ahead of `file_value`: nothing consistent to keep.
-        if self.rejected
+        if self.b.mode == Mode::Render
+            || self.rejected
             || self.seen.is_none()
             || self.file_value.is_none()
             || self.seen == self.recorded
