@@ -1,5 +1,13 @@
 //! The store as a user sees it: create a cluster, write and read documents, see conflicts and
 //! history, reopen, and refuse databases that are not ours.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -73,6 +73,7 @@ pub enum PathSeg {
 
 /// Errors from path parsing, navigation and conversion.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum JsonError {
     /// The textual path is malformed (or asks for something impossible, such
     /// as deleting the root).
