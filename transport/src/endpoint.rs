@@ -601,9 +601,9 @@ impl Endpoint {
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.quinn.wait_idle()).await;
     }
 
-    /// Test hook: opens a raw uni stream on the live connection to `peer`, so
-    /// tests can write arbitrary bytes. Not part of the supported API.
-    #[doc(hidden)]
+    /// Test hook (feature `test-hooks`): opens a raw uni stream on the live connection to
+    /// `peer`, so tests can write arbitrary bytes past the framing. Not part of the supported API.
+    #[cfg(feature = "test-hooks")]
     pub async fn raw_uni_stream_for_tests(&self, peer: &PeerKey) -> Option<quinn::SendStream> {
         let conn = {
             let st = lock(&self.inner().state);

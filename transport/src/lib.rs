@@ -253,6 +253,7 @@ pub enum Event {
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     /// No live connection to that peer.
     #[error("not connected to that peer")]
@@ -272,6 +273,7 @@ pub enum SendError {
 
 /// Errors from [`Endpoint::bind`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A setting is unusable.
     #[error("invalid configuration: {0}")]
