@@ -609,8 +609,12 @@ impl Node {
                     .engine
                     .handle_bytes(now, NodeId(peer), &frame, &mut self.store)
                 {
-                    let lichen_crdt::sync::SyncError::Store(se) = &e;
-                    if !self.storage_failure(se, "received changes (they will be fetched again)") {
+                    let handled = match &e {
+                        lichen_crdt::sync::SyncError::Store(se) => self
+                            .storage_failure(se, "received changes (they will be fetched again)"),
+                        _ => false,
+                    };
+                    if !handled {
                         tracing::error!(error = %e, peer = %NodeId(peer), "applying received changes failed; they will be fetched again");
                     }
                 }
