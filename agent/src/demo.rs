@@ -6,6 +6,11 @@
 //! this process (each agent advertises its relay address), which is how the demo cuts a node
 //! off without root or firewall rules. Everything is stopped and deleted at the end (or on
 //! error), unless `--keep`.
+//!
+//! The last part shows a file binding, the product's main use: b renders the document `web`
+//! into a file in the demo directory (mode `sync`) and runs a reload command when the file
+//! changes; a write on a shows up in that file, and an edit of the file on b becomes a change
+//! signed by b that a reads.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -166,6 +171,7 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     demo.relay = Some(relay);
     let config = root.join("agent.toml");
     std::fs::write(&config, "log = \"info\"\n[sync]\nanti_entropy_ms = 250\n")?;
+    let binding = Binding::new(root, &config)?;
 
     println!("\n== Starting the cluster");
     let t0 = Instant::now();
@@ -177,7 +183,11 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
             .arg("--data-dir")
             .arg(&n.dir)
             .arg("--config")
-            .arg(&config)
+            .arg(if n.name == "b" {
+                &binding.config
+            } else {
+                &config
+            })
             .args(["--listen", &n.listen.to_string()])
             .args(["--advertise", &n.front.to_string()])
             .env_remove("RUST_LOG")
@@ -369,11 +379,113 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
         _ => bail!("expected a conflict on `color`, got {}", answers[0]),
     }
 
+    pause();
+    binding.show(&nodes)?;
+
     println!("\nThat is Lichen: every node keeps working on its own, and they converge when they can talk.");
     println!(
         "Next: `lichen run` on a machine, then on another `lichen run --join <token it printed>`."
     );
     Ok(())
+}
+
+/// Part 5: b's `[[bind]]` of the document `web` to `web.json` (both ways), whose reload
+/// command appends a line to `reloads.log`, so the demo can show that it ran.
+struct Binding {
+    config: PathBuf,
+    file: PathBuf,
+    reloads: PathBuf,
+}
+
+impl Binding {
+    /// Write b's config: the shared one plus the binding.
+    fn new(root: &Path, shared: &Path) -> Result<Binding> {
+        let (file, reloads) = (root.join("web.json"), root.join("reloads.log"));
+        let config = root.join("b.toml");
+        let reload = format!("echo reloaded >> '{}'", reloads.display());
+        let text = format!(
+            "{}\n[[bind]]\ndoc = \"web\"\nfile = {}\nmode = \"sync\"\nreload = [\"/bin/sh\", \"-c\", {}]\ndebounce_ms = 50\nreload_jitter_ms = 0\n",
+            std::fs::read_to_string(shared)?,
+            toml::Value::String(file.display().to_string()),
+            toml::Value::String(reload),
+        );
+        std::fs::write(&config, text)?;
+        Ok(Binding {
+            config,
+            file,
+            reloads,
+        })
+    }
+
+    fn reload_count(&self) -> usize {
+        std::fs::read_to_string(&self.reloads).map_or(0, |s| s.lines().count())
+    }
+
+    fn show(&self, nodes: &[Node]) -> Result<()> {
+        let (a, b) = (&nodes[0], &nodes[1]);
+        println!("\n== 5. A file binding: b keeps the document `web` in a file, both ways");
+        println!("  b's config:  [[bind]] doc = \"web\"  file = \"web.json\"  mode = \"sync\"  reload = [...]");
+        let doc = json!({"port": 8080, "workers": 4});
+        println!("  a  $ lichen put web '' '{}'", compact(&doc));
+        a.client
+            .put("/v1/put", &[("doc", "web"), ("path", "")], &doc)?;
+        let took = wait_for("b to render web.json and reload", || {
+            let on_disk = std::fs::read(&self.file).ok();
+            let parsed = on_disk.and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            Ok(parsed.as_ref() == Some(&doc) && self.reload_count() >= 1)
+        })?;
+        println!(
+            "  b wrote {} and ran its reload command {} after the write:",
+            self.file.display(),
+            ms(took)
+        );
+        self.cat()?;
+
+        let edited = json!({"port": 8080, "workers": 8});
+        println!("  b  (an operator edits web.json on b: workers = 8)");
+        let tmp = self.file.with_file_name(".web.json.tmp");
+        std::fs::write(
+            &tmp,
+            format!("{}\n", serde_json::to_string_pretty(&edited)?),
+        )?;
+        std::fs::rename(&tmp, &self.file)?;
+        self.cat()?;
+        let t = Instant::now();
+        wait_for("a to read the edit made in b's file", || {
+            Ok(a.client.get("/v1/get", &[("doc", "web"), ("path", "")])?["value"] == edited)
+        })?;
+        let history = a.client.get("/v1/history", &[("doc", "web")])?;
+        let by_b = history
+            .as_array()
+            .and_then(|h| h.iter().find(|e| e["author"] == json!(b.id)))
+            .cloned()
+            .context("a's history of `web` has no change signed by b")?;
+        println!(
+            "  a  $ lichen get web workers   -> 8, {} after the save",
+            ms(t.elapsed())
+        );
+        println!(
+            "  a  $ lichen history web       -> change {}… seq {} signed by {} ({}…)",
+            by_b["hash"]
+                .as_str()
+                .unwrap_or_default()
+                .get(..12)
+                .unwrap_or_default(),
+            by_b["seq"],
+            by_b["author_name"].as_str().unwrap_or_default(),
+            &b.id[..12],
+        );
+        println!("  The file is a replica like any other: edits in it are signed changes, checked and synced.");
+        Ok(())
+    }
+
+    fn cat(&self) -> Result<()> {
+        println!("  $ cat web.json");
+        for line in std::fs::read_to_string(&self.file)?.lines() {
+            println!("    {line}");
+        }
+        Ok(())
+    }
 }
 
 /// The UDP relay: one front socket per agent (its advertised address). Packets from agent j

@@ -350,6 +350,20 @@ fn demo_runs_and_shows_the_converged_state() {
     assert!(st.success(), "demo failed ({st}):\n{out}");
     assert!(out.contains("converged"), "{out}");
     assert!(out.contains("conflict"), "{out}");
+    // The file binding: b's file shows a's write, then b's edit of the file is a change
+    // signed by b that a reads.
+    let binding = out
+        .split("A file binding")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no file binding part:\n{out}"));
+    let (remote, local) = binding
+        .split_once("an operator edits web.json")
+        .unwrap_or_else(|| panic!("no local edit:\n{out}"));
+    assert!(remote.contains("ran its reload command"), "{out}");
+    assert!(remote.contains("\"workers\": 4"), "{out}");
+    assert!(local.contains("\"workers\": 8"), "{out}");
+    assert!(local.contains("-> 8,"), "a reads the edit: {out}");
+    assert!(local.contains("signed by b"), "{out}");
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(Result::ok)
