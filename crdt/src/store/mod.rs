@@ -54,6 +54,7 @@
 //! background scrub, quarantine).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
+pub mod backup;
 mod cache;
 mod carry;
 mod durability;
