@@ -127,6 +127,7 @@ pub fn router(node: NodeHandle, body_timeout: Duration) -> Router {
         .route("/v1/members/remove", post(member_remove))
         .route("/v1/members/role", post(member_role))
         .route("/v1/status", get(status))
+        .route("/v1/backup", post(backup))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -561,6 +562,12 @@ async fn member_role(State(n): State<NodeHandle>, Json(b): Json<MemberRef>) -> A
 
 async fn status(State(n): State<NodeHandle>) -> ApiResult {
     Ok(Json(n.ask(|reply| Command::Status { reply }).await?).into_response())
+}
+
+/// `lichen backup`: the store's online copy as a file (application/octet-stream).
+async fn backup(State(n): State<NodeHandle>) -> ApiResult {
+    let bytes = n.ask(|reply| Command::Backup { reply }).await?;
+    Ok(([("content-type", "application/octet-stream")], bytes).into_response())
 }
 
 async fn metrics(State(n): State<NodeHandle>) -> Response {

@@ -81,6 +81,10 @@ JSON text, arrays as JSON. CMD also gets LICHEN_DOC and LICHEN_HEADS. SIGTERM, S
 are forwarded; the exit code is CMD's."
     )]
     Exec(crate::exec::Options),
+    /// Copy this node's store while it runs (`-o FILE`), or check a copy (`backup verify FILE`).
+    Backup(crate::backup::BackupArgs),
+    /// Build a new data directory from a backup (a new key unless --with-key).
+    Restore(crate::backup::RestoreArgs),
     /// Start three agents on loopback and show writes, a partition, and convergence.
     Demo {
         /// Keep the agents' directories (printed) instead of deleting them.
@@ -136,4 +140,10 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// On a data directory restored with its key (`lichen restore --with-key`), write even
+    /// before reaching a peer. RISK: this node may sign changes with sequence numbers its key
+    /// already used elsewhere after the backup was taken; other nodes will then flag the key
+    /// for equivocation and void its writes from there on.
+    #[arg(long)]
+    pub allow_isolated_writes: bool,
 }

@@ -133,6 +133,27 @@ impl Client {
         )
     }
 
+    /// POST without a body and take the answer as bytes (a backup; up to 16 GiB).
+    pub fn post_for_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let mut resp = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .send_empty()
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            return resp
+                .body_mut()
+                .with_config()
+                .limit(16 << 30)
+                .read_to_vec()
+                .map_err(|e| ClientError {
+                    code: exit::FAILURE,
+                    message: format!("reading the agent's answer failed: {e}"),
+                });
+        }
+        self.finish(Ok(resp)).map(|_| Vec::new())
+    }
+
     /// Follow a Server-Sent Events stream, calling `on_event` with each event's JSON data.
     /// Returns when the stream ends or `on_event` returns false.
     pub fn sse(

@@ -104,6 +104,9 @@ pub struct Overrides {
     pub api: Option<String>,
     pub log_format: Option<String>,
     pub join: Option<String>,
+    /// `--allow-isolated-writes`: a node restored with its key writes after the usual hold
+    /// even if it has not reached a peer (see `daemon::RESTORED_MARKER`).
+    pub allow_isolated_writes: bool,
 }
 
 /// Log output format.

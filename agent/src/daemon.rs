@@ -53,6 +53,13 @@ pub fn key_path(data_dir: &Path) -> PathBuf {
 fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("lichen.db")
 }
+/// Left by `lichen restore --with-key`; while it exists the node writes nothing before it has
+/// caught up with a peer (removed then). See `node::NodeParts::restored`.
+pub const RESTORED_MARKER: &str = "restored-with-key";
+/// The database file of a data directory (for `lichen restore`).
+pub fn db_file(data_dir: &Path) -> PathBuf {
+    db_path(data_dir)
+}
 fn seeds_path(data_dir: &Path) -> PathBuf {
     data_dir.join("seeds")
 }
@@ -220,6 +227,14 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         fanout: cfg.fanout,
         ..Default::default()
     };
+    let marker = cfg.data_dir.join(RESTORED_MARKER);
+    let was_restored = marker.exists();
+    let restored = (was_restored && !overrides.allow_isolated_writes).then_some(marker);
+    if restored.is_some() {
+        tracing::warn!("restored from a backup with this node's key: writes are refused until it has caught up with a peer (--allow-isolated-writes to accept the risk of an equivocation)");
+    } else if was_restored {
+        tracing::warn!("restored from a backup with this node's key, started with --allow-isolated-writes: it may sign changes at sequence numbers its key already used, and other nodes would then flag the key for equivocation");
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (handle, node_task) = node::spawn(
         NodeParts {
@@ -236,6 +251,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             join_token: Some(token.clone()),
             hold_writes: cfg.hold_writes,
             scrub_rows_per_second: cfg.scrub_rows_per_second,
+            restored,
         },
         shutdown_rx.clone(),
     );

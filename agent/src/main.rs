@@ -6,6 +6,7 @@
 
 mod alloc;
 mod api;
+mod backup;
 mod cli;
 mod client;
 mod config;
@@ -42,6 +43,7 @@ fn overrides(a: &RunArgs, api: &str, api_given: bool) -> Overrides {
         api: api_given.then(|| api.to_string()),
         log_format: a.log_format.clone(),
         join: a.join.clone(),
+        allow_isolated_writes: a.allow_isolated_writes,
     }
 }
 
@@ -73,6 +75,8 @@ fn main() {
             println!("{}", key.node_id());
             Ok(())
         })()),
+        Some(Command::Backup(a)) => report(backup::run_backup(&cli.api, cli.json, a)),
+        Some(Command::Restore(a)) => report(backup::run_restore(a)),
         Some(Command::Exec(opts)) => exec::run(Client::new(&cli.api), opts),
         Some(cmd) => match client_command(&Client::new(&cli.api), cmd, cli.json) {
             Ok(()) => exit::OK,
@@ -357,7 +361,9 @@ fn client_command(c: &Client, cmd: Command, as_json: bool) -> Result<(), ClientE
         | Command::Init(_)
         | Command::Keygen { .. }
         | Command::Demo { .. }
-        | Command::Exec(_) => {}
+        | Command::Exec(_)
+        | Command::Backup(_)
+        | Command::Restore(_) => {}
     }
     Ok(())
 }

@@ -145,6 +145,11 @@ pub enum Command {
     Status {
         reply: Reply<Value>,
     },
+    /// A consistent copy of the store (`lichen backup`): taken on this task with the store's
+    /// own connection, so no write interleaves (see `lichen_crdt::store::backup`).
+    Backup {
+        reply: Reply<Vec<u8>>,
+    },
     /// Follow the value at a path: the receiver holds the current value and is updated by
     /// the node task itself whenever the document's heads change (no round trip per change).
     Watch {
@@ -281,6 +286,10 @@ pub struct NodeParts {
     pub hold_writes: Duration,
     /// Stored changes the background scrub checks per second (0: off).
     pub scrub_rows_per_second: u32,
+    /// Set on a data directory restored from a backup with its key (`lichen restore
+    /// --with-key`): the marker file, removed at the first catch-up with a peer. Until then
+    /// writes are refused, whatever `hold_writes` says (see [`Node::restored`]).
+    pub restored: Option<std::path::PathBuf>,
 }
 
 /// Start the node task. It runs until `shutdown` flips to true, then returns the store.
@@ -312,6 +321,11 @@ pub fn spawn(
         .any(|(other, mm)| *other != id && mm.role != Role::Removed);
     let hold_until = (m.is_active(&id) && others && !parts.hold_writes.is_zero())
         .then(|| start + parts.hold_writes);
+    // Restored with its key: held until a catch-up, with no deadline.
+    let hold_until = match &parts.restored {
+        Some(_) => Some(start + Duration::from_secs(3600 * 24 * 365)),
+        None => hold_until,
+    };
     let task = Node {
         store: parts.store,
         key: parts.key,
@@ -336,6 +350,7 @@ pub fn spawn(
         addrs_checked: false,
         refused: Vec::new(),
         scrub_rows: parts.scrub_rows_per_second as usize,
+        restored: parts.restored,
     };
     let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
     (handle, jh)
@@ -361,6 +376,11 @@ struct Node {
     hold_until: Option<Instant>,
     /// Writes and membership edits received while held, answered once released.
     held: Vec<Command>,
+    /// The marker of a data directory restored with its key, until the first catch-up: the
+    /// backup may lack changes this key signed after it was taken, so writing before a peer
+    /// gave them back would sign other changes at the same sequence numbers (an equivocation,
+    /// which voids this key's writes everywhere). Writes are refused meanwhile, not queued.
+    restored: Option<std::path::PathBuf>,
     last_caught_up: HashMap<NodeId, u64>,
     known_peers: BTreeSet<NodeId>,
     membership: Option<lichen_crdt::Membership>,
@@ -645,7 +665,7 @@ impl Node {
             let shown = &hashes[..count.min(8)];
             tracing::warn!(doc, reason, count, hashes = ?shown, "changes that were valid here became void");
         }
-        if !own && !always {
+        if (!own && !always) || self.restored.is_some() {
             return;
         }
         let carried = match self.store.carry_forward(&self.key, wall_ms()) {
@@ -730,6 +750,11 @@ impl Node {
                         .inc_labelled("lichen_changes_rejected_total", label, count as u64);
                 }
                 SyncEvent::CaughtUp { peer } => {
+                    if let Some(marker) = self.restored.take() {
+                        if let Err(e) = std::fs::remove_file(&marker) {
+                            tracing::warn!(error = %e, path = %marker.display(), "cannot remove the restore marker; the next start will wait for a peer again");
+                        }
+                    }
                     if self.hold_until.take().is_some() {
                         tracing::info!(peer = %peer, held = self.held.len(), "caught up with a peer: writes resume");
                     }
@@ -936,6 +961,9 @@ impl Node {
         let mut others = Vec::new();
         for c in batch {
             match c {
+                c if self.restored.is_some() && c.writes() => {
+                    refuse(c, "this node was restored from a backup with its key and has not reached a peer yet: it writes nothing until it has caught up (its key may have signed later changes elsewhere). Bring a peer up, or start it with --allow-isolated-writes to accept the risk");
+                }
                 c if self.hold_until.is_some() && c.writes() => {
                     if self.held.len() < MAX_HELD {
                         self.held.push(c);
@@ -1127,10 +1155,27 @@ impl Node {
         Ok(ch.hash().map(|h| NodeId(h).to_string()).unwrap_or_default())
     }
 
+    /// A backup of the store into a temporary file beside it, read back and deleted.
+    fn backup(&self) -> Result<Vec<u8>, String> {
+        let db = self.store.path();
+        let tmp = db.with_file_name(format!("backup-{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let r = self
+            .store
+            .backup_to(&tmp, self.key.node_id(), wall_ms())
+            .map_err(|e| format!("backup failed: {e}"))
+            .and_then(|()| std::fs::read(&tmp).map_err(|e| format!("backup failed: {e}")));
+        let _ = std::fs::remove_file(&tmp);
+        r
+    }
+
     fn handle_command(&mut self, c: Command) {
         let now_wall = wall_ms();
         match c {
             Command::Write { .. } => {}
+            Command::Backup { reply } => {
+                let _ = reply.send(self.backup().map_err(|e| ApiError::new(500, e)));
+            }
             Command::Get { doc, path, reply } => {
                 let r = (|| {
                     let v = self.store.get(&doc, &path)?;
