@@ -51,7 +51,8 @@
 //! * [`equivocation`]: the rule for a key that signs two different changes at one seq (a cloned
 //!   key): both variants and what follows them are void, decided from the set of changes alone
 //!   (see "Equivocation" below).
-//! * [`store`]: SQLite persistence, verification pipeline, local writes, materialized reads.
+//! * [`store`]: SQLite persistence, verification pipeline, local writes, materialized reads;
+//!   [`store::backup`]: online backups, their verification and restore.
 //! * `json`: JSON ⇄ Automerge with minimal operations.
 //!
 //! Local write: [`Store::write`] → Automerge change → sign → SQLite commit → returned for

@@ -51,7 +51,8 @@
 //! `ingest_cross` (received crossing puts without Automerge), `carry` (voided changes noted,
 //! own void writes carried forward), `ingest_membership` (received membership changes),
 //! `rebuild` (re-judging a document) and `scrub` (checking what is read back from disk, the
-//! background scrub, quarantine).
+//! background scrub, quarantine); `backup` (an online copy of the store, its verification
+//! from scratch, and a restore).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
 pub mod backup;
@@ -101,14 +102,14 @@ pub const MAX_PENDING_BYTES: usize = 64 << 20;
 pub enum Op {
     /// Set the value at a path (creating intermediate maps), with minimal CRDT operations.
     Put {
-        /// Where.
+        /// Path of the value to set, from the document root (empty: the root itself).
         path: Vec<PathSeg>,
         /// The new JSON value.
         value: Value,
     },
     /// Delete the value at a path.
     Delete {
-        /// Where.
+        /// Path of the value to delete (not empty: the root cannot be deleted).
         path: Vec<PathSeg>,
     },
     /// Make the whole document equal to a JSON object, with minimal CRDT operations.
