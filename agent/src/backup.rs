@@ -306,5 +306,8 @@ fn build(a: &RestoreArgs, dir: &Path) -> Result<()> {
         "then start it with `lichen run --data-dir {} --name {name}`.",
         dir.display()
     );
+    if let (Some(old), Some(_)) = (restored.source, &was) {
+        println!("If the node the backup was taken from ({old}) is gone for good, remove its key: lichen members remove {old}");
+    }
     Ok(())
 }
