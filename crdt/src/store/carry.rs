@@ -104,7 +104,7 @@ impl Store {
     }
 
     /// The changes that became void on this node since the last call (at most
-    /// [`MAX_VOIDED_NOTES`]; older ones are dropped but still counted).
+    /// 4,096, `MAX_VOIDED_NOTES`; older ones are dropped but still counted).
     pub fn take_voided(&mut self) -> Vec<Voided> {
         self.voided_notes.drain(..).collect()
     }
