@@ -194,7 +194,7 @@ async fn bodies_and_errors(
                 too_large().with_close()
             } else {
                 ApiError::new(
-                    400,
+                    ErrorKind::Invalid,
                     format!("cannot read the request body: {e}; send it again"),
                 )
                 .into_response()
@@ -203,7 +203,7 @@ async fn bodies_and_errors(
         }
         Err(_) => {
             return ApiError::new(
-                408,
+                ErrorKind::Timeout,
                 format!(
                     "the request body did not arrive within {} ms; send the whole request at once",
                     timeout.as_millis()
@@ -221,7 +221,7 @@ async fn bodies_and_errors(
 
 fn too_large() -> Response {
     ApiError::new(
-        413,
+        ErrorKind::TooLarge,
         format!(
             "the request body is larger than {} MiB; split the value into several writes",
             MAX_BODY >> 20
@@ -297,7 +297,7 @@ async fn as_json_error(resp: Response, method: &Method, path: &str) -> Response 
             why(status.canonical_reason().unwrap_or("error"))
         ),
     };
-    let mut out = ApiError::new(status.as_u16(), msg).into_response();
+    let mut out = ApiError::new(ErrorKind::from_status(status.as_u16()), msg).into_response();
     for (k, v) in parts.headers.iter() {
         if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
             out.headers_mut().insert(k.clone(), v.clone());
