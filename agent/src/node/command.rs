@@ -12,19 +12,35 @@ use lichen_crdt::{
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
-use super::status::member_json;
+use super::status::member_view;
 use super::watchers::{Watched, Watcher};
 use super::{heads_string, wall_ms, ApiError, Node};
+use crate::views::{MemberView, StatusView};
+
+/// The answer to a write: the change made (none if nothing changed, or if the write was not
+/// made because the heads moved) and the document's heads after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WriteOutcome {
+    /// The signed change's hash.
+    pub(crate) hash: Option<String>,
+    /// The document's heads after the write (or now, when `heads_moved`).
+    pub(crate) heads: String,
+    /// The write named heads (`expect`) that were no longer the document's: it was not made.
+    pub(crate) heads_moved: bool,
+}
 
 /// Where the node task sends a command's answer.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 /// A request to the node task.
 pub enum Command {
+    /// A local edit. With `expect` (heads, as `Get` answers them), it is made only if those
+    /// are still the document's heads when it is committed (`commit`: a local compare-and-set).
     Write {
         doc: String,
         op: Op,
-        reply: Reply<Option<String>>,
+        expect: Option<String>,
+        reply: Reply<WriteOutcome>,
     },
     Get {
         doc: String,
@@ -56,7 +72,7 @@ pub enum Command {
         reply: Reply<u64>,
     },
     Members {
-        reply: Reply<Value>,
+        reply: Reply<Vec<MemberView>>,
     },
     MemberAdd {
         id: NodeId,
@@ -75,8 +91,14 @@ pub enum Command {
         role: Role,
         reply: Reply<String>,
     },
+    /// Replace a member's scopes (empty: every document).
+    MemberScopes {
+        id: NodeId,
+        scopes: Vec<String>,
+        reply: Reply<String>,
+    },
     Status {
-        reply: Reply<Value>,
+        reply: Reply<StatusView>,
     },
     /// Follow the value at a path: the receiver holds the current value and is updated by
     /// the node task itself whenever the document's heads change (no round trip per change).
@@ -99,6 +121,7 @@ impl Command {
                 | Command::MemberAdd { .. }
                 | Command::MemberRemove { .. }
                 | Command::MemberRole { .. }
+                | Command::MemberScopes { .. }
         )
     }
 }
@@ -115,7 +138,8 @@ pub(super) fn refuse(c: Command, why: &str) {
         }
         Command::MemberAdd { reply, .. }
         | Command::MemberRemove { reply, .. }
-        | Command::MemberRole { reply, .. } => {
+        | Command::MemberRole { reply, .. }
+        | Command::MemberScopes { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         _ => {}
@@ -152,9 +176,10 @@ impl Node {
             }
             Command::Ls { doc, path, reply } => {
                 let r = match doc {
+                    // A document whose values were all deleted is not listed.
                     None => self
                         .store
-                        .list_docs()
+                        .list_docs_with_values()
                         .map(|d| json!(d))
                         .map_err(ApiError::from),
                     Some(d) => match self.store.keys(&d, &path) {
@@ -192,12 +217,12 @@ impl Node {
             }
             Command::Members { reply } => {
                 let m = self.store.membership();
-                let list: Vec<Value> = m
+                let list: Vec<MemberView> = m
                     .members
                     .iter()
-                    .map(|(id, mm)| member_json(id, mm, m.root == Some(*id)))
+                    .map(|(id, mm)| member_view(id, mm, m.root == Some(*id)))
                     .collect();
-                let _ = reply.send(Ok(json!(list)));
+                let _ = reply.send(Ok(list));
             }
             Command::MemberAdd {
                 id,
@@ -224,6 +249,11 @@ impl Node {
                 } else {
                     self.store.set_role(&self.key, id, role, now_wall)
                 };
+                let r = self.member_change(r);
+                let _ = reply.send(r);
+            }
+            Command::MemberScopes { id, scopes, reply } => {
+                let r = self.store.set_scopes(&self.key, id, scopes, now_wall);
                 let r = self.member_change(r);
                 let _ = reply.send(r);
             }
