@@ -46,22 +46,27 @@ fn overrides(a: &RunArgs, cli: &Cli) -> Overrides {
     }
 }
 
-/// The data directory a CLI command looks in for the token and the socket: `--data-dir` (or
-/// `LICHEN_DATA_DIR`), else `data_dir` in `--config`, else the default one.
-fn cli_data_dir(cli: &Cli) -> PathBuf {
-    if let Some(d) = &cli.data_dir {
-        return d.clone();
-    }
-    cli.config
+/// The data directory a CLI command looks in for the token and the socket (`--data-dir` or
+/// `LICHEN_DATA_DIR`, else `data_dir` in `--config`, else the default one), and the TCP
+/// address it falls back to (`api` in `--config`, else the default).
+fn cli_places(cli: &Cli) -> (PathBuf, String) {
+    let file = cli
+        .config
         .as_deref()
         .and_then(|c| config::read_file(c).ok())
-        .and_then(|f| f.data_dir)
-        .unwrap_or_else(config::default_data_dir)
+        .unwrap_or_default();
+    let dir = cli
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(config::default_data_dir);
+    let api = file.api.unwrap_or_else(|| config::DEFAULT_API.to_string());
+    (dir, api)
 }
 
 /// The client a CLI command uses (the rules are in [`client`]'s docs and the README).
 fn make_client(cli: &Cli) -> Result<Client, ApiError> {
-    let dir = cli_data_dir(cli);
+    let (dir, default_api) = cli_places(cli);
     let endpoint = match cli.api.as_deref() {
         Some(a) => match a.strip_prefix("unix:") {
             Some(p) => Endpoint::Unix(PathBuf::from(p)),
@@ -72,7 +77,7 @@ fn make_client(cli: &Cli) -> Result<Client, ApiError> {
             if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
                 Endpoint::Unix(sock)
             } else {
-                Endpoint::Tcp(config::DEFAULT_API.to_string())
+                Endpoint::Tcp(default_api)
             }
         }
     };
