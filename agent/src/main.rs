@@ -24,7 +24,10 @@ use crate::cli::{Cli, Command, MembersCommand, RunArgs};
 use crate::client::{doc_url, with_query, Client, Endpoint};
 use crate::config::{Config, Overrides};
 use crate::error::{exit, ApiError, ErrorKind};
-use crate::views::{DocValue, HashView, HistoryView, MemberView, StatusView, ValueView, WriteView};
+use crate::views::{
+    AddMemberRequest, DocValue, HashView, HistoryView, MemberView, PatchMemberRequest, StatusView,
+    ValueView, WriteView,
+};
 
 /// `lichen` with no command: the `run` flags, read from the environment only.
 #[derive(Parser)]
@@ -462,7 +465,13 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                     "POST",
                     "/v1/members",
                     &[],
-                    Some(&json!({"id": id, "role": role, "name": name, "scopes": scopes, "addrs": addrs})),
+                    Some(&AddMemberRequest {
+                        id: id.clone(),
+                        name: name.clone(),
+                        role: Some(role.clone()),
+                        addrs: addrs.clone(),
+                        scopes: scopes.clone(),
+                    }),
                 )?;
                 if as_json {
                     print(&r, true);
@@ -484,7 +493,10 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                     "PATCH",
                     &format!("/v1/members/{}", client::encode(id)),
                     &[],
-                    Some(&json!({"role": role})),
+                    Some(&PatchMemberRequest {
+                        role: Some(role.clone()),
+                        scopes: None,
+                    }),
                 )?;
                 if as_json {
                     print(&r, true);
@@ -496,14 +508,11 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                 scopes,
                 all_docs,
             } => {
-                let mut body = serde_json::Map::new();
-                if let Some(r) = role {
-                    body.insert("role".into(), json!(r));
-                }
-                if !scopes.is_empty() || *all_docs {
-                    body.insert("scopes".into(), json!(scopes));
-                }
-                if body.is_empty() {
+                let body = PatchMemberRequest {
+                    role: role.clone(),
+                    scopes: (!scopes.is_empty() || *all_docs).then(|| scopes.clone()),
+                };
+                if body == PatchMemberRequest::default() {
                     return Err(usage(
                         "nothing to change: give --role, --scope (repeatable) or --all-docs",
                     ));
@@ -512,7 +521,7 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                     "PATCH",
                     &format!("/v1/members/{}", client::encode(id)),
                     &[],
-                    Some(&Value::Object(body)),
+                    Some(&body),
                 )?;
                 if as_json {
                     print(&r, true);
