@@ -25,8 +25,8 @@ use lichen_crdt::store::backup::{self, BackupSummary};
 use lichen_crdt::{SecretKey, Store};
 
 use crate::client::Client;
-use crate::config::{Config, Overrides};
 use crate::daemon;
+use crate::error::ApiError;
 
 /// `lichen backup`.
 #[derive(Debug, Args)]
@@ -38,14 +38,10 @@ pub struct BackupArgs {
     /// Also put this node's secret key in the backup (read from its data directory), so that
     /// `lichen restore --with-key` can bring the node back with its identity. Keep such a
     /// file as secret as the key.
+    /// (The key is read from the data directory: `--data-dir`, `LICHEN_DATA_DIR`, `data_dir`
+    /// in `--config`, else the default one.)
     #[arg(long)]
     pub with_key: bool,
-    /// Data directory holding the key (for --with-key).
-    #[arg(long, env = "LICHEN_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Config file naming the data directory (for --with-key).
-    #[arg(long, short = 'c', env = "LICHEN_CONFIG")]
-    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<BackupCommand>,
 }
@@ -61,11 +57,9 @@ pub enum BackupCommand {
 /// `lichen restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The backup file.
+    /// The backup file. The data directory to create is the global `--data-dir` (it must
+    /// not exist or be empty).
     pub file: PathBuf,
-    /// The data directory to create (it must not exist or be empty).
-    #[arg(long)]
-    pub data_dir: PathBuf,
     /// Restore the node's own key from the backup (taken with --with-key) instead of making a
     /// new one. The node then writes nothing until it has caught up with a peer.
     #[arg(long)]
@@ -79,23 +73,27 @@ pub struct RestoreArgs {
 }
 
 /// `lichen backup`: the whole command.
-pub fn run_backup(api: &str, json: bool, a: BackupArgs) -> Result<()> {
-    if let Some(BackupCommand::Verify { file }) = a.command {
-        return verify(&file, json);
+///
+/// `client` connects to the agent (not called for `backup verify`); `data_dir` is where
+/// `--with-key` reads the key. A refusal by the agent stays an [`ApiError`] in the error's
+/// chain, so that the exit code is its kind's.
+pub fn run_backup(
+    client: impl FnOnce() -> Result<Client, ApiError>,
+    data_dir: &Path,
+    json: bool,
+    a: &BackupArgs,
+) -> Result<()> {
+    if let Some(BackupCommand::Verify { file }) = &a.command {
+        return verify(file, json);
     }
-    let Some(out) = a.output else {
+    let Some(out) = &a.output else {
         bail!("say where to write the backup: lichen backup -o FILE");
     };
     if out.exists() {
         bail!("{} already exists; refusing to overwrite it", out.display());
     }
     let key = if a.with_key {
-        let cfg = Config::resolve(&Overrides {
-            config: a.config,
-            data_dir: a.data_dir,
-            ..Default::default()
-        })?;
-        let path = daemon::key_path(&cfg.data_dir);
+        let path = daemon::key_path(data_dir);
         Some(SecretKey::read_file(&path).with_context(|| {
             format!(
                 "--with-key reads the node key from {} (set --data-dir)",
@@ -105,9 +103,7 @@ pub fn run_backup(api: &str, json: bool, a: BackupArgs) -> Result<()> {
     } else {
         None
     };
-    let bytes = Client::new(api)
-        .post_for_bytes("/v1/backup")
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let bytes = client().and_then(|c| c.post_for_bytes("/v1/backup"))?;
     let part = out.with_file_name(format!(
         ".{}.partial",
         out.file_name().and_then(|n| n.to_str()).unwrap_or("backup")
@@ -126,7 +122,7 @@ pub fn run_backup(api: &str, json: bool, a: BackupArgs) -> Result<()> {
         if let Some(k) = &key {
             backup::embed_key(&part, k)?;
         }
-        std::fs::rename(&part, &out)
+        std::fs::rename(&part, out)
             .with_context(|| format!("cannot rename {} to {}", part.display(), out.display()))?;
         Ok(())
     })();
@@ -206,8 +202,7 @@ fn print_summary(file: &Path, s: &BackupSummary) {
 }
 
 /// `lichen restore`.
-pub fn run_restore(a: RestoreArgs) -> Result<()> {
-    let dir = &a.data_dir;
+pub fn run_restore(a: &RestoreArgs, dir: &Path) -> Result<()> {
     let existed = dir.exists();
     if existed
         && std::fs::read_dir(dir)
@@ -228,7 +223,7 @@ pub fn run_restore(a: RestoreArgs) -> Result<()> {
             a.file.display()
         );
     }
-    let r = build(&a, dir);
+    let r = build(a, dir);
     if r.is_err() {
         if existed {
             if let Ok(entries) = std::fs::read_dir(dir) {

@@ -55,7 +55,7 @@ fn a_backup_under_write_load_holds_every_acknowledged_write_and_tampering_fails_
     let acked: Arc<std::sync::Mutex<Vec<(usize, Instant)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (api, acked, stop) = (a.api.clone(), acked.clone(), stop.clone());
+        let (api, dir, acked, stop) = (a.api.clone(), a.dir.clone(), acked.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
@@ -68,6 +68,9 @@ fn a_backup_under_write_load_holds_every_acknowledged_write_and_tampering_fails_
                         &format!("k{i}"),
                         &i.to_string(),
                     ])
+                    .arg("--data-dir")
+                    .arg(&dir)
+                    .env_remove("LICHEN_TOKEN")
                     .output()
                     .unwrap();
                 assert!(out.status.success(), "{}", text(&out.stderr));
@@ -156,14 +159,54 @@ fn a_backup_under_write_load_holds_every_acknowledged_write_and_tampering_fails_
         assert!(!out.status.success(), "{what}: nothing restored from it");
         assert!(!c.dir.path().join("x").exists());
     }
+    // Bytes of the file, flipped inside a stored change (the one nearest the middle of the
+    // file), wherever its bytes appear: a fixed offset may fall in a page's free space, or in
+    // a free page holding a stale copy of a row, which no check reads (the copy would rightly
+    // still verify).
     let t = c.dir.path().join("tampered-bytes");
     let mut bytes = std::fs::read(&file).unwrap();
+    let blobs: Vec<Vec<u8>> = {
+        let db = rusqlite::Connection::open_with_flags(
+            &file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut q = db
+            .prepare("SELECT bytes FROM changes WHERE doc = 'load'")
+            .unwrap();
+        let rows = q.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    let at = |b: &[u8], bytes: &[u8]| -> Vec<usize> {
+        bytes
+            .windows(b.len())
+            .enumerate()
+            .filter(|(_, w)| *w == b)
+            .map(|(i, _)| i)
+            .collect()
+    };
     let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0x5a;
+    let blob = blobs
+        .iter()
+        .filter(|b| b.len() >= 16)
+        .filter_map(|b| Some((at(b, &bytes).first()?.abs_diff(mid), b)))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, b)| b.clone())
+        .expect("a stored change's bytes in the backup file");
+    for i in at(&blob, &bytes) {
+        let m = i + blob.len() / 2;
+        for b in &mut bytes[m - 4..m + 4] {
+            *b ^= 0x5a;
+        }
     }
     std::fs::write(&t, &bytes).unwrap();
-    assert!(!lichen(&["backup", "verify", s(&t)]).status.success());
+    let out = lichen(&["--json", "backup", "verify", s(&t)]);
+    assert!(!out.status.success(), "flipped bytes fail");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("does not verify"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -231,14 +274,8 @@ fn a_restore_with_the_key_refuses_writes_until_it_reaches_a_peer_and_never_equiv
     c.wait_converged("cfg", PATIENCE);
     let file = c.dir.path().join("b.backup");
     let b_dir = c.agents[1].dir.clone();
-    c.agents[1].ok(&[
-        "backup",
-        "-o",
-        s(&file),
-        "--with-key",
-        "--data-dir",
-        s(&b_dir),
-    ]);
+    // `Agent::cli` passes `--data-dir` (b's): --with-key reads the key from there.
+    c.agents[1].ok(&["backup", "-o", s(&file), "--with-key"]);
     let out = lichen(&["--json", "backup", "verify", s(&file)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -304,6 +341,8 @@ fn a_restore_with_the_key_refuses_writes_until_it_reaches_a_peer_and_never_equiv
     let put = || {
         std::process::Command::new(BIN)
             .args(["--api", &api, "put", "cfg", "isolated", "1"])
+            .args(["--data-dir", s(&other)])
+            .env_remove("LICHEN_TOKEN")
             .output()
             .unwrap()
             .status
