@@ -54,9 +54,13 @@
 //! background scrub, quarantine).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
+mod audit_export;
+mod blame;
 mod cache;
 mod carry;
 mod durability;
+mod export;
+mod history_at;
 mod ingest;
 mod ingest_cross;
 mod ingest_membership;
@@ -65,6 +69,7 @@ mod members;
 mod persist;
 mod read;
 mod rebuild;
+mod revert;
 mod scrub;
 mod write;
 
@@ -84,7 +89,11 @@ use crate::schema::{self, SchemaProblem};
 use crate::signed::{ClusterId, SignedChange, MEMBERSHIP_DOC};
 
 use cache::Loaded;
+pub use blame::{BlameLeaf, BlameSetter};
 pub use carry::{CarriedForward, Voided};
+pub use export::{import_content, ImportError};
+pub use history_at::{format_heads, parse_heads, DiffEntry, DiffKind, HistoryError};
+pub use revert::{UndoPlan, UndoSkipped};
 use ingest::PendingSet;
 pub use scrub::{ScrubStatus, ScrubStep};
 
