@@ -111,7 +111,7 @@ pub use membership::{
 };
 pub use signed::{valid_doc_name, ClusterId, DecodeError, SignedChange, MEMBERSHIP_DOC};
 pub use store::{
-    format_heads, import_content, parse_heads, BlameLeaf, BlameSetter, DiffEntry, DiffKind,
-    HistoryError, ImportError, UndoPlan, UndoSkipped, CarriedForward, Edit, HistoryEntry, IngestReport, Op, Outcome, ScrubStatus, ScrubStep, Store,
-    Voided, DEFAULT_MAX_LOADED_DOCS,
+    format_heads, import_content, parse_heads, BlameLeaf, BlameSetter, CarriedForward, DiffEntry,
+    DiffKind, Edit, HistoryEntry, HistoryError, ImportError, IngestReport, Op, Outcome,
+    ScrubStatus, ScrubStep, Store, UndoPlan, UndoSkipped, Voided, DEFAULT_MAX_LOADED_DOCS,
 };

@@ -109,7 +109,9 @@ impl<'a> Reader<'a> {
     fn hashes(&mut self, what: &'static str) -> Result<Vec<[u8; 32]>, BundleDecodeError> {
         let n = self.u16(what)?;
         if n > MAX_HEADS {
-            return Err(BundleDecodeError::Invalid(format!("{n} {what} (at most {MAX_HEADS})")));
+            return Err(BundleDecodeError::Invalid(format!(
+                "{n} {what} (at most {MAX_HEADS})"
+            )));
         }
         if (self.buf.len() - self.pos) / 32 < n {
             return Err(BundleDecodeError::Truncated(what));
@@ -165,7 +167,11 @@ impl Bundle {
 
     /// Whether the exporter's signature verifies.
     pub fn signature_ok(&self) -> bool {
-        identity::verify(&self.exporter, &Self::signing_message(&self.body()), &self.sig)
+        identity::verify(
+            &self.exporter,
+            &Self::signing_message(&self.body()),
+            &self.sig,
+        )
     }
 
     /// Encode (body, then signature).
@@ -184,7 +190,10 @@ impl Bundle {
             return Err(BundleDecodeError::Truncated("the header"));
         }
         let (body, sig) = buf.split_at(buf.len() - 64);
-        let mut r = Reader { buf: body, pos: MAGIC.len() };
+        let mut r = Reader {
+            buf: body,
+            pos: MAGIC.len(),
+        };
         let version = r.array::<1>("the version")?[0];
         if version != BUNDLE_VERSION {
             return Err(BundleDecodeError::UnknownVersion(version));
@@ -192,13 +201,18 @@ impl Bundle {
         let cluster = r.array::<32>("the cluster id")?;
         let doc_len = r.u16("the document name")?;
         if doc_len > MAX_DOC_NAME {
-            return Err(BundleDecodeError::Invalid("the document name is too long".into()));
+            return Err(BundleDecodeError::Invalid(
+                "the document name is too long".into(),
+            ));
         }
         let doc = std::str::from_utf8(r.take(doc_len, "the document name")?)
             .map_err(|_| BundleDecodeError::Invalid("the document name is not UTF-8".into()))?
             .to_string();
         if doc == MEMBERSHIP_DOC || !crate::signed::valid_doc_name(&doc) {
-            return Err(BundleDecodeError::Invalid(format!("`{}` is not a document name", doc.escape_debug())));
+            return Err(BundleDecodeError::Invalid(format!(
+                "`{}` is not a document name",
+                doc.escape_debug()
+            )));
         }
         let exporter = NodeId(r.array::<32>("the exporter")?);
         let exported_at_ms = i64::from_be_bytes(r.array("the export time")?);
@@ -218,14 +232,23 @@ impl Bundle {
                 .map_err(|error| BundleDecodeError::Change { index, error })?;
             r.pos += used;
             let membership = index < n_members;
-            let want = if membership { MEMBERSHIP_DOC } else { doc.as_str() };
+            let want = if membership {
+                MEMBERSHIP_DOC
+            } else {
+                doc.as_str()
+            };
             if c.doc != want {
                 return Err(BundleDecodeError::Invalid(format!(
                     "change #{index} is for document `{}`, expected `{want}`",
                     c.doc.escape_debug()
                 )));
             }
-            if membership { &mut members } else { &mut changes }.push(c);
+            if membership {
+                &mut members
+            } else {
+                &mut changes
+            }
+            .push(c);
         }
         if r.rest() != 0 {
             return Err(BundleDecodeError::Trailing(r.rest()));
@@ -253,8 +276,11 @@ impl Bundle {
 /// `changes`; dependencies not in the list are ignored, and changes left in a cycle (which
 /// hashes make impossible) come last in list order.
 pub fn canonical_order(changes: &[([u8; 32], Vec<[u8; 32]>)]) -> Vec<usize> {
-    let index: HashMap<[u8; 32], usize> =
-        changes.iter().enumerate().map(|(i, (h, _))| (*h, i)).collect();
+    let index: HashMap<[u8; 32], usize> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| (*h, i))
+        .collect();
     let mut waiting: Vec<usize> = vec![0; changes.len()];
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
     for (i, (_, deps)) in changes.iter().enumerate() {

@@ -212,7 +212,11 @@ fn ingest_part(
 }
 
 /// The heads reached by a part must be the heads the bundle names.
-fn check_heads(part: &'static str, found: &[[u8; 32]], named: &[[u8; 32]]) -> Result<(), AuditError> {
+fn check_heads(
+    part: &'static str,
+    found: &[[u8; 32]],
+    named: &[[u8; 32]],
+) -> Result<(), AuditError> {
     if let Some(m) = named.iter().find(|h| !found.contains(h)) {
         return Err(AuditError::MissingHead {
             part,

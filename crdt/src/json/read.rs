@@ -123,11 +123,7 @@ fn object_to_json<R: Slots>(
 }
 
 /// `parent_depth` is the depth of the container holding `child`.
-fn child_to_json<R: Slots>(
-    doc: &R,
-    child: Child,
-    parent_depth: usize,
-) -> Result<Json, JsonError> {
+fn child_to_json<R: Slots>(doc: &R, child: Child, parent_depth: usize) -> Result<Json, JsonError> {
     match child {
         Child::Scalar(sv) => Ok(scalar_to_json(&sv)),
         Child::Obj(id, t) => object_to_json(doc, &id, t, parent_depth + 1),

@@ -63,7 +63,8 @@ impl Store {
             hd.push((h, blob_to_hashes(&deps)));
             list.push(SignedChange {
                 doc: doc.to_string(),
-                author: NodeId::from_slice(&author).ok_or_else(|| corrupt(&self.path, "bad author"))?,
+                author: NodeId::from_slice(&author)
+                    .ok_or_else(|| corrupt(&self.path, "bad author"))?,
                 sig: sig
                     .try_into()
                     .map_err(|_| corrupt(&self.path, "bad signature length"))?,
@@ -73,7 +74,10 @@ impl Store {
         drop(stmt);
         let order = canonical_order(&hd);
         let mut slots: Vec<Option<SignedChange>> = list.into_iter().map(Some).collect();
-        Ok(order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect())
+        Ok(order
+            .into_iter()
+            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+            .collect())
     }
 
     /// An audit bundle of `doc` (see [`crate::audit`]), signed by `key`, starting after

@@ -67,7 +67,14 @@ impl Store {
         {
             let am = &self.loaded_doc_repaired(doc)?.am;
             match path.split_last() {
-                None => walk(am, &automerge::ROOT, ObjType::Map, &mut Vec::new(), &mut found, 0)?,
+                None => walk(
+                    am,
+                    &automerge::ROOT,
+                    ObjType::Map,
+                    &mut Vec::new(),
+                    &mut found,
+                    0,
+                )?,
                 Some((last, parents)) => {
                     let Some((obj, typ)) = walk_to(am, parents)? else {
                         return Ok(Vec::new());
@@ -119,7 +126,10 @@ impl Store {
                     member: membership.is_active(&author),
                 });
             }
-            let value = setters.first().map(|s| s.value.clone()).unwrap_or(Value::Null);
+            let value = setters
+                .first()
+                .map(|s| s.value.clone())
+                .unwrap_or(Value::Null);
             out.push(BlameLeaf {
                 path: json::format_path(&segs),
                 value,
@@ -130,7 +140,12 @@ impl Store {
     }
 
     /// The valid change of `doc` by `actor` that holds op `counter`.
-    fn change_of_op(&self, doc: &str, actor: &[u8], counter: u64) -> Result<OpChange, HistoryError> {
+    fn change_of_op(
+        &self,
+        doc: &str,
+        actor: &[u8],
+        counter: u64,
+    ) -> Result<OpChange, HistoryError> {
         let row: Option<(Vec<u8>, i64, i64)> = self
             .conn
             .prepare_cached(
@@ -162,7 +177,9 @@ fn walk_to<R: ReadDoc>(am: &R, path: &[PathSeg]) -> Result<Option<(ObjId, ObjTyp
             _ => return Ok(None),
         };
         match am.get(&obj, prop).map_err(json::JsonError::from)? {
-            Some((AmValue::Object(t), id)) if matches!(t, ObjType::Map | ObjType::Table | ObjType::List) => {
+            Some((AmValue::Object(t), id))
+                if matches!(t, ObjType::Map | ObjType::Table | ObjType::List) =>
+            {
                 obj = id;
                 typ = t;
             }

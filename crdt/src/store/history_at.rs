@@ -168,7 +168,11 @@ pub(crate) fn json_diff(
 
 impl Store {
     /// Load `doc` and check that every one of `heads` is a valid change of it.
-    pub(super) fn check_heads(&mut self, doc: &str, heads: &[[u8; 32]]) -> Result<(), HistoryError> {
+    pub(super) fn check_heads(
+        &mut self,
+        doc: &str,
+        heads: &[[u8; 32]],
+    ) -> Result<(), HistoryError> {
         self.repair()?;
         if !self.has_doc(doc)? {
             return Err(HistoryError::NoSuchDocument(doc.to_string()));
@@ -198,7 +202,13 @@ impl Store {
         self.check_heads(doc, heads)?;
         let am = &self.loaded_doc_repaired(doc)?.am;
         let heads: Vec<ChangeHash> = heads.iter().map(|h| ChangeHash(*h)).collect();
-        Ok(json::get_path(&At { doc: am, heads: &heads }, path)?)
+        Ok(json::get_path(
+            &At {
+                doc: am,
+                heads: &heads,
+            },
+            path,
+        )?)
     }
 
     /// The differences at `path` in `doc` from its state at `from` to its state at `to`

@@ -88,13 +88,13 @@ use crate::membership::{self, Member, MemberChange, Membership, Role};
 use crate::schema::{self, SchemaProblem};
 use crate::signed::{ClusterId, SignedChange, MEMBERSHIP_DOC};
 
-use cache::Loaded;
 pub use blame::{BlameLeaf, BlameSetter};
+use cache::Loaded;
 pub use carry::{CarriedForward, Voided};
 pub use export::{import_content, ImportError};
 pub use history_at::{format_heads, parse_heads, DiffEntry, DiffKind, HistoryError};
-pub use revert::{UndoPlan, UndoSkipped};
 use ingest::PendingSet;
+pub use revert::{UndoPlan, UndoSkipped};
 pub use scrub::{ScrubStatus, ScrubStep};
 
 type Clocks = BTreeMap<String, BTreeMap<NodeId, u64>>;

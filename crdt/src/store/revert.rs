@@ -177,7 +177,9 @@ impl Store {
             doc: doc.to_string(),
             hash: hex(hash),
         };
-        let change = am.get_change_by_hash(&ChangeHash(*hash)).ok_or_else(unknown)?;
+        let change = am
+            .get_change_by_hash(&ChangeHash(*hash))
+            .ok_or_else(unknown)?;
         let before: Vec<ChangeHash> = change.deps().to_vec();
         let after = [ChangeHash(*hash)];
         let patches = super::panic_safe(|| am.diff(&before, &after)).unwrap_or_default();
@@ -197,8 +199,20 @@ impl Store {
             skipped: Vec::new(),
         };
         for slot in kept {
-            let then = json::get_path(&At { doc: am, heads: &before }, &slot)?;
-            let set = json::get_path(&At { doc: am, heads: &after }, &slot)?;
+            let then = json::get_path(
+                &At {
+                    doc: am,
+                    heads: &before,
+                },
+                &slot,
+            )?;
+            let set = json::get_path(
+                &At {
+                    doc: am,
+                    heads: &after,
+                },
+                &slot,
+            )?;
             let now = json::get_path(am, &slot)?;
             if now != set && !force {
                 plan.skipped.push(UndoSkipped {
