@@ -9,12 +9,23 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "lichen", version, about, long_about = None)]
 pub struct Cli {
-    /// Address of the local agent's API.
-    #[arg(long, global = true, env = "LICHEN_API", default_value = crate::config::DEFAULT_API)]
-    pub api: String,
+    /// The local agent's API: `host:port` (default 127.0.0.1:7421) or `unix:PATH`. When not
+    /// given, the CLI uses the data directory's socket (api.sock) if it can connect to it.
+    #[arg(long, global = true, env = "LICHEN_API")]
+    pub api: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// TOML config file (for `run`/`init`; other commands read `data_dir` from it).
+    #[arg(long, short = 'c', global = true, env = "LICHEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (key, database, API token and socket).
+    #[arg(long, global = true, env = "LICHEN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// File holding the API token (default: api.token in the data directory; or set
+    /// LICHEN_TOKEN to the token itself).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -36,20 +47,49 @@ pub enum Command {
         doc: String,
         path: String,
         value: String,
+        /// Write only if the document's heads are still these (as `get --json` prints them);
+        /// else fail with exit code 7 and print the current heads.
+        #[arg(long, value_name = "HEADS")]
+        if_match: Option<String>,
     },
-    /// Print a document, or the value at PATH.
-    Get { doc: String, path: Option<String> },
-    /// Delete the value at PATH in DOC.
-    Del { doc: String, path: String },
+    /// Print a document, or the value at PATH; with --prefix (or a DOC ending in `/`), every
+    /// document under that prefix.
+    Get {
+        #[arg(required_unless_present = "prefix")]
+        doc: Option<String>,
+        path: Option<String>,
+        /// Print a string without JSON quotes (other values as JSON).
+        #[arg(long, conflicts_with = "prefix")]
+        raw: bool,
+        /// Every document whose name starts with this prefix.
+        #[arg(long, conflicts_with = "doc")]
+        prefix: Option<String>,
+    },
+    /// Delete the value at PATH in DOC; with --all and no PATH, every value of DOC.
+    Del {
+        doc: String,
+        path: Option<String>,
+        /// Delete the whole document (every value, one signed change).
+        #[arg(long, conflicts_with = "path")]
+        all: bool,
+        /// Delete only if the document's heads are still these (see `put --if-match`).
+        #[arg(long, value_name = "HEADS")]
+        if_match: Option<String>,
+    },
     /// List documents, or the keys of DOC (at PATH).
     Ls {
         doc: Option<String>,
         path: Option<String>,
     },
-    /// Stream the value of DOC (at PATH) as it changes.
+    /// Stream the value of DOC (at PATH) as it changes; with --prefix (or a DOC ending in
+    /// `/`), every document under that prefix.
     Watch {
-        doc: String,
+        #[arg(required_unless_present = "prefix")]
+        doc: Option<String>,
         path: Option<String>,
+        /// Every document whose name starts with this prefix (each event names it).
+        #[arg(long, conflicts_with = "doc")]
+        prefix: Option<String>,
         /// Resume from a known state (the heads printed with each event).
         #[arg(long)]
         since: Option<String>,
@@ -111,16 +151,22 @@ pub enum MembersCommand {
     Remove { id: String },
     /// Change a member's role (admin only).
     Role { id: String, role: String },
+    /// Change a member's role and/or scopes (admin only).
+    Set {
+        id: String,
+        #[arg(long)]
+        role: Option<String>,
+        /// Document prefix this member may write (repeatable; replaces the current scopes).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Let the member write every document (clears its scopes).
+        #[arg(long, conflicts_with = "scopes")]
+        all_docs: bool,
+    },
 }
 
 #[derive(Debug, Args, Default, Clone)]
 pub struct RunArgs {
-    /// TOML config file.
-    #[arg(long, short = 'c', env = "LICHEN_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Data directory (key and database).
-    #[arg(long, env = "LICHEN_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
     /// This node's name.
     #[arg(long)]
     pub name: Option<String>,

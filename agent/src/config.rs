@@ -48,6 +48,15 @@ pub struct FileConfig {
     /// closed (milliseconds, default 10000). Streams (`/v1/watch`) are not affected once
     /// their request is in.
     pub api_idle_timeout_ms: Option<u64>,
+    /// A file holding a read-only API token (created with a random token if missing; relative
+    /// to the config file's directory): it may `GET` (status, values, `/metrics`) but not
+    /// write. For monitoring. Default: none.
+    pub api_read_token_file: Option<PathBuf>,
+    /// Serve `/metrics` without a token (default false: the API token or the read-only one).
+    pub api_metrics_open: Option<bool>,
+    /// Group (name or numeric id) of the API's unix socket `data_dir/api.sock` (mode 0660):
+    /// its members may use the API through it without a token. Default: the agent's group.
+    pub api_socket_group: Option<String>,
     /// `text` or `json`.
     pub log_format: Option<String>,
     /// `RUST_LOG`-style filter.
@@ -146,6 +155,9 @@ pub struct Config {
     pub api: SocketAddr,
     pub api_max_connections: usize,
     pub api_idle_timeout: Duration,
+    pub api_read_token_file: Option<PathBuf>,
+    pub api_metrics_open: bool,
+    pub api_socket_group: Option<String>,
     pub log_format: LogFormat,
     pub log: String,
     pub fsync: Fsync,
@@ -174,6 +186,9 @@ impl Config {
             api,
             api_max_connections,
             api_idle_timeout,
+            api_read_token_file,
+            api_metrics_open,
+            api_socket_group,
             log_format,
             log: _,
             fsync,
@@ -199,6 +214,18 @@ impl Config {
             (
                 *api_idle_timeout != new.api_idle_timeout,
                 "api_idle_timeout_ms",
+            ),
+            (
+                *api_read_token_file != new.api_read_token_file,
+                "api_read_token_file",
+            ),
+            (
+                *api_metrics_open != new.api_metrics_open,
+                "api_metrics_open",
+            ),
+            (
+                *api_socket_group != new.api_socket_group,
+                "api_socket_group",
             ),
             (*log_format != new.log_format, "log_format"),
             (*fsync != new.fsync, "fsync"),
@@ -336,7 +363,9 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_API.to_string());
         let api = resolve_addr(&api_s).context("invalid `api`")?;
         if !api.ip().is_loopback() {
-            bail!("`api` must be a loopback address (the API has no authentication): got {api}");
+            bail!(
+                "`api` must be a loopback address (the API serves local clients only): got {api}"
+            );
         }
         let api_max_connections = f.api_max_connections.unwrap_or(DEFAULT_API_MAX_CONNECTIONS);
         if !(4..=65_536).contains(&api_max_connections) {
@@ -426,6 +455,12 @@ impl Config {
             .and_then(Path::parent)
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let api_read_token_file = f.api_read_token_file.as_ref().map(|p| base.join(p));
+        let api_metrics_open = f.api_metrics_open.unwrap_or(false);
+        let api_socket_group = f.api_socket_group.clone();
+        if let Some(g) = &api_socket_group {
+            crate::server::group_id(g).context("invalid `api_socket_group`")?;
+        }
         let bindings = f
             .bindings
             .iter()
@@ -448,6 +483,9 @@ impl Config {
             api,
             api_max_connections,
             api_idle_timeout,
+            api_read_token_file,
+            api_metrics_open,
+            api_socket_group,
             log_format,
             log,
             fsync,
@@ -463,7 +501,7 @@ impl Config {
     }
 }
 
-fn read_file(p: &Path) -> Result<FileConfig> {
+pub(crate) fn read_file(p: &Path) -> Result<FileConfig> {
     let meta =
         std::fs::metadata(p).with_context(|| format!("cannot read config {}", p.display()))?;
     if meta.len() > 1 << 20 {

@@ -206,6 +206,18 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             )
         })?;
     let api_addr = api.local_addr()?;
+    let (api_token, token_created) =
+        crate::auth::ensure_token(&crate::auth::token_path(&cfg.data_dir))?;
+    if token_created {
+        tracing::info!(path = %crate::auth::token_path(&cfg.data_dir).display(), "generated the API token");
+    }
+    let read_token = cfg
+        .api_read_token_file
+        .as_deref()
+        .map(|p| crate::auth::ensure_token(p).map(|(t, _)| t))
+        .transpose()?;
+    let socket_path = crate::auth::socket_path(&cfg.data_dir);
+    let unix_api = crate::server::bind_unix(&socket_path, cfg.api_socket_group.as_deref())?;
 
     let member = store.membership().is_active(&me);
     let mut seeds = load_seeds(&cfg.data_dir);
@@ -259,7 +271,23 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         &cfg.data_dir.join("bindings"),
     );
 
-    let router = crate::api::router(handle.clone(), cfg.api_idle_timeout);
+    let tokens = crate::auth::Tokens {
+        write: api_token,
+        read: read_token,
+        metrics_open: cfg.api_metrics_open,
+        token_path: crate::auth::token_path(&cfg.data_dir),
+        socket_path: socket_path.clone(),
+    };
+    let router = crate::api::router(
+        handle.clone(),
+        cfg.api_idle_timeout,
+        crate::auth::Access::Tokens(Arc::new(tokens)),
+    );
+    let unix_router = crate::api::router(
+        handle.clone(),
+        cfg.api_idle_timeout,
+        crate::auth::Access::Socket,
+    );
     let limits = crate::server::Limits {
         max_connections: cfg.api_max_connections,
         idle_timeout: cfg.api_idle_timeout,
@@ -267,6 +295,13 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let server = tokio::spawn(crate::server::serve(
         api,
         router,
+        limits,
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
+    let unix_server = tokio::spawn(crate::server::serve(
+        unix_api,
+        unix_router,
         limits,
         metrics.clone(),
         shutdown_rx.clone(),
@@ -306,6 +341,8 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     }
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    let _ = unix_server.await;
+    let _ = std::fs::remove_file(&socket_path);
     bindings.stop().await;
     let store = node_task.await.context("node task failed")?;
     drop(store);
@@ -357,7 +394,12 @@ fn banner(f: &BannerFacts) {
     eprintln!("lichen {} — node {me}", env!("CARGO_PKG_VERSION"));
     eprintln!("  data dir : {}", f.data_dir.display());
     eprintln!("  peers    : QUIC on {}", f.listen);
-    eprintln!("  API      : http://{api} (try `lichen --api {api} status`)");
+    eprintln!(
+        "  API      : http://{api} with the token in {} (the CLI reads it: try `lichen --data-dir {} status`), or the unix socket {}",
+        crate::auth::token_path(f.data_dir).display(),
+        f.data_dir.display(),
+        crate::auth::socket_path(f.data_dir).display()
+    );
     if f.founded {
         eprintln!("  founded a new cluster; this node is its root admin");
     }
@@ -373,6 +415,7 @@ fn banner(f: &BannerFacts) {
 /// node id and the next step.
 pub fn init(cfg: &Config) -> Result<()> {
     let (key, created) = load_or_create_key(&cfg.data_dir)?;
+    crate::auth::ensure_token(&crate::auth::token_path(&cfg.data_dir))?;
     let me = key.node_id();
     if cfg.join.is_none() && !db_path(&cfg.data_dir).exists() {
         println!("{me}");

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::client::Client;
+use crate::client::{doc_url, with_query, Client, Endpoint};
+use crate::views::{HashView, StatusView, ValueView, WriteView};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -148,13 +149,17 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     let mut nodes = Vec::new();
     for name in ["a", "b", "c"] {
         let api = format!("127.0.0.1:{}", free_api_port()?);
+        let dir = root.join(name);
         nodes.push(Node {
             name,
-            client: Client::new(&api),
+            client: Client::with_token_file(
+                Endpoint::Tcp(api.clone()),
+                crate::auth::token_path(&dir),
+            ),
             api,
             listen: free_udp()?,
             front: "127.0.0.1:0".parse()?,
-            dir: root.join(name),
+            dir,
             id: String::new(),
         });
     }
@@ -191,17 +196,17 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
             .push(cmd.spawn().context("cannot start an agent")?);
         let c = &n.client;
         wait_for(&format!("agent {} to start", n.name), || {
-            Ok(c.get("/v1/status", &[]).is_ok())
+            Ok(c.get::<StatusView>("/v1/status").is_ok())
         })?;
-        let st = n.client.get("/v1/status", &[])?;
-        n.id = st["node"]["id"].as_str().unwrap_or_default().to_string();
+        let st: StatusView = n.client.get("/v1/status")?;
+        n.id = st.node.id.clone();
         match &token {
             None => {
                 println!(
                     "  {}  $ lichen --api {} run --name a ...   founds the cluster (its root admin)",
                     n.name, n.api
                 );
-                token = st["join_token"].as_str().map(str::to_string);
+                token = st.join_token.clone();
             }
             Some(_) => println!(
                 "  {}  $ lichen --api {} run --name {} --join <a's token> ...",
@@ -210,9 +215,11 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
         }
     }
     for n in &nodes[1..] {
-        nodes[0].client.post(
+        let _: HashView = nodes[0].client.send_json(
+            "POST",
             "/v1/members",
-            &json!({"id": n.id, "role": "writer", "name": n.name}),
+            &[],
+            Some(&json!({"id": n.id, "role": "writer", "name": n.name})),
         )?;
         println!(
             "  a  $ lichen members add {}… --role writer --name {}",
@@ -224,12 +231,9 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
         wait_for(
             &format!("{} to be connected to both others", n.name),
             || {
-                let st = n.client.get("/v1/status", &[])?;
-                let connected = st["peers"]
-                    .as_array()
-                    .map(|p| p.iter().filter(|p| p["connected"] == true).count())
-                    .unwrap_or(0);
-                Ok(st["node"]["role"] != "not a member" && connected == 2)
+                let st: StatusView = n.client.get("/v1/status")?;
+                let connected = st.peers.iter().filter(|p| p.connected).count();
+                Ok(st.node.role != "not a member" && connected == 2)
             },
         )?;
     }
@@ -245,13 +249,13 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     // current (absent) value, which means it is subscribed; then the write.
     let (tx, rx) = mpsc::channel::<(&str, Instant, Value)>();
     for n in &nodes[1..] {
-        let (tx, api, name) = (tx.clone(), n.api.clone(), n.name);
+        let (tx, client, name) = (tx.clone(), n.client.clone(), n.name);
+        let url = with_query(&doc_url("app", "replicas")?, &[("watch", None)]);
         std::thread::spawn(move || {
-            let _ =
-                Client::new(&api).sse("/v1/watch", &[("doc", "app"), ("path", "replicas")], |ev| {
-                    let _ = tx.send((name, Instant::now(), ev["value"].clone()));
-                    ev["value"] != json!(3)
-                });
+            let _ = client.sse(&url, |ev| {
+                let _ = tx.send((name, Instant::now(), ev.value.clone()));
+                ev.value != json!(3)
+            });
         });
     }
     for _ in 0..2 {
@@ -261,9 +265,9 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     let doc = json!({"replicas": 3, "color": "red"});
     println!("  a  $ lichen put app '' '{}'", compact(&doc));
     let t = Instant::now();
-    nodes[0]
+    let _: WriteView = nodes[0]
         .client
-        .put("/v1/put", &[("doc", "app"), ("path", "")], &doc)?;
+        .send_json("PUT", &doc_url("app", "")?, &[], Some(&doc))?;
     for _ in 0..2 {
         let (name, at, v) = rx
             .recv_timeout(PATIENCE)
@@ -292,17 +296,18 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     ];
     for (i, path, v) in &writes {
         let n = &nodes[*i];
-        n.client
-            .put("/v1/put", &[("doc", "app"), ("path", path)], v)?;
+        let _: WriteView = n
+            .client
+            .send_json("PUT", &doc_url("app", path)?, &[], Some(v))?;
         println!("  {}  $ lichen put app {path} '{}'", n.name, compact(v));
     }
     let b = &nodes[1].client;
     wait_for("b to receive a's writes", || {
-        Ok(b.get("/v1/get", &[("doc", "app"), ("path", "replicas")])?["value"] == json!(5))
+        Ok(b.get::<ValueView>(&doc_url("app", "replicas")?)?.value == json!(5))
     })?;
     for n in &nodes {
-        let v = n.client.get("/v1/get", &[("doc", "app"), ("path", "")])?;
-        println!("  {} reads {}", n.name, compact(&v["value"]));
+        let v: ValueView = n.client.get(&doc_url("app", "")?)?;
+        println!("  {} reads {}", n.name, compact(&v.value));
     }
     println!("  a and b agree; c, cut off, has its own version.");
 
@@ -314,8 +319,8 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     let took = wait_for("the three agents to converge", || {
         let mut views = Vec::new();
         for n in &nodes {
-            let v = n.client.get("/v1/get", &[("doc", "app"), ("path", "")])?;
-            views.push((v["value"].clone(), v["heads"].clone()));
+            let v: ValueView = n.client.get(&doc_url("app", "")?)?;
+            views.push((v.value, v.heads));
         }
         let same = views.windows(2).all(|w| w[0] == w[1]);
         converged = views[0].0.clone();
@@ -333,15 +338,16 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     println!("  $ lichen conflicts app color");
     let mut answers = Vec::new();
     for n in &nodes {
-        answers.push(
-            n.client
-                .get("/v1/conflicts", &[("doc", "app"), ("path", "color")])?,
-        );
+        let v: Vec<Value> = n.client.get(&with_query(
+            &doc_url("app", "color")?,
+            &[("conflicts", None)],
+        ))?;
+        answers.push(v);
     }
     if !answers.windows(2).all(|w| w[0] == w[1]) {
         bail!("the nodes disagree about the conflict: {answers:?}");
     }
-    let vals = answers[0].as_array().cloned().unwrap_or_default();
+    let vals = answers[0].clone();
     let who = |v: &Value| {
         writes
             .iter()
@@ -366,7 +372,7 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
             println!("  Concurrent writes to one key resolve the same way everywhere (the change with the");
             println!("  greater operation id wins); edits to different keys (region, replicas) simply merge.");
         }
-        _ => bail!("expected a conflict on `color`, got {}", answers[0]),
+        _ => bail!("expected a conflict on `color`, got {:?}", answers[0]),
     }
 
     println!("\nThat is Lichen: every node keeps working on its own, and they converge when they can talk.");

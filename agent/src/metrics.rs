@@ -33,7 +33,7 @@ const REJECTED_REASONS: &[&str] = &{
 /// The labelled counter families, with their help text and every reason known up front:
 /// those are exported at 0 from the start, so a dashboard or an alert sees the series
 /// before the first event (`rate()` and `increase()` need a sample before it).
-const FAMILIES: [(&str, &str, &[&str]); 5] = [
+const FAMILIES: [(&str, &str, &[&str]); 6] = [
     (
         "lichen_changes_rejected_total",
         "Changes received from peers and refused, by reason",
@@ -67,6 +67,11 @@ const FAMILIES: [(&str, &str, &[&str]); 5] = [
         "lichen_changes_voided_total",
         "Stored changes that became void on this node, by reason (a revoked author, a void dependency, an equivocation)",
         &["depends_on_void", "equivocation", "revoked"],
+    ),
+    (
+        "lichen_api_refused_total",
+        "API requests refused before any work, by reason (a Host header that is not loopback, no token, a wrong token, a read-only token on a write)",
+        &["foreign_host", "no_token", "read_only", "wrong_token"],
     ),
 ];
 

@@ -41,7 +41,6 @@ use lichen_crdt::{
     MEMBERSHIP_DOC,
 };
 use lichen_transport::{Endpoint, Event as NetEvent, PeerKey};
-use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -50,39 +49,7 @@ use crate::metrics::Metrics;
 /// Longest pause between dials of a join seed while this node waits to be admitted.
 const JOIN_REDIAL_CAP: Duration = Duration::from_secs(1);
 
-/// An error for API callers: an HTTP status and a message that names the next step.
-#[derive(Debug, Clone, Serialize)]
-pub struct ApiError {
-    #[serde(skip)]
-    pub status: u16,
-    pub error: String,
-}
-
-impl ApiError {
-    pub fn new(status: u16, msg: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            error: msg.into(),
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> ApiError {
-        let status = match &e {
-            StoreError::Denied(_) => 403,
-            StoreError::NoSuchDocument(_) => 404,
-            StoreError::Invalid(_) | StoreError::Json(_) | StoreError::Rejected(_) => 400,
-            StoreError::DiskFull => 507,
-            _ => 500,
-        };
-        let mut msg = e.to_string();
-        if let StoreError::Denied(_) = e {
-            msg.push_str(" (see `lichen members ls` and ask an admin)");
-        }
-        ApiError::new(status, msg)
-    }
-}
+pub(crate) use crate::error::ApiError;
 
 type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 

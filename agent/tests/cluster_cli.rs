@@ -149,6 +149,7 @@ fn a_second_agent_on_the_same_data_directory_is_refused_and_the_first_keeps_goin
 fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_writes() {
     let mut c = Cluster::start(1, 24, Net::Direct);
     let api = c.agents[0].api.clone();
+    let dir = c.agents[0].dir.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Vec<i64>>> = Arc::default();
     let writer = {
@@ -166,6 +167,8 @@ fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_writes() {
                         &format!("k{i}"),
                         &i.to_string(),
                     ])
+                    .arg("--data-dir")
+                    .arg(&dir)
                     .stderr(Stdio::null())
                     .status()
                     .unwrap()
@@ -310,6 +313,8 @@ fn run_with_no_arguments_uses_the_environment() {
             assert!(child.0.try_wait().unwrap().is_none(), "exited early");
             Command::new(BIN)
                 .args(["--api", &api, "status"])
+                .arg("--data-dir")
+                .arg(&data)
                 .output()
                 .unwrap()
                 .status
@@ -367,7 +372,9 @@ fn watch_follows_local_writes_and_a_delete() {
     let c = Cluster::start(1, 37, Net::Direct);
     let a = &c.agents[0];
     let mut cmd = Command::new(BIN);
-    cmd.args(["--api", &a.api, "watch", "w", "k", "--count", "4"]);
+    cmd.args(["--api", &a.api, "watch", "w", "k", "--count", "4"])
+        .arg("--data-dir")
+        .arg(&a.dir);
     let mut watch = common::Lines::spawn(cmd);
     watch.expect("with the initial (absent) value", PATIENCE, |l| l == "null");
     assert!(a.put("w", "k", "1"));
