@@ -63,6 +63,8 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 
 use crate::auth::Access;
+
+mod history;
 use crate::error::{ApiError, ErrorKind};
 use crate::node::{Command, NodeHandle, Watched};
 use crate::views::{DocValue, HashView, HealthView, HistoryView, ValueView, WatchEvent, WriteView};
@@ -127,8 +129,12 @@ pub(crate) fn router(node: NodeHandle, body_timeout: Duration, access: Access) -
         .route("/v1/docs", get(docs_index))
         .route(
             "/v1/docs/{*rest}",
-            get(doc_get).put(doc_put).delete(doc_delete),
+            get(doc_get)
+                .put(doc_put)
+                .delete(doc_delete)
+                .post(history::doc_post),
         )
+        .route("/v1/audit/{*rest}", get(history::audit))
         .route("/v1/members", get(members).post(member_add))
         .route(
             "/v1/members/{id}",
@@ -155,7 +161,7 @@ pub(crate) fn router(node: NodeHandle, body_timeout: Duration, access: Access) -
 }
 
 /// The list of routes, for a 404.
-const ROUTES: &str = "GET /v1/health, GET /v1/docs[?prefix=P[&values|&watch]], GET|PUT|DELETE /v1/docs/{doc}/{path…} (GET views: ?keys, ?raw, ?history, ?conflicts, ?watch), GET|POST /v1/members, PATCH|DELETE /v1/members/{id}, GET /v1/status and GET /metrics";
+const ROUTES: &str = "GET /v1/health, GET /v1/docs[?prefix=P[&values|&watch]], GET|PUT|DELETE /v1/docs/{doc}/{path…} (GET views: ?keys, ?raw, ?history, ?conflicts, ?watch, ?at=HEADS, ?diff&from=HEADS, ?blame, ?export=automerge|json; PUT ?import), POST /v1/docs/{doc}/{path…}?revert, GET /v1/audit/{doc}, GET|POST /v1/members, PATCH|DELETE /v1/members/{id}, GET /v1/status and GET /metrics";
 
 async fn unknown_route(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
@@ -394,7 +400,17 @@ fn leftover(q: &Pairs, view: &str) -> Result<(), ApiError> {
 }
 
 /// The view flags of a document resource, in the order they are looked for.
-const DOC_VIEW_FLAGS: &[&str] = &["keys", "raw", "history", "conflicts", "watch"];
+const DOC_VIEW_FLAGS: &[&str] = &[
+    "keys",
+    "raw",
+    "history",
+    "conflicts",
+    "watch",
+    "at",
+    "diff",
+    "blame",
+    "export",
+];
 
 /// What a `GET /v1/docs/{doc}/{path…}` returns, parsed from its query.
 #[derive(Debug, Clone, PartialEq)]
@@ -411,6 +427,16 @@ enum DocView {
     Conflicts,
     /// `?watch[&since=HEADS]`.
     Watch { since: Option<String> },
+    /// `?at=HEADS`: the value as of HEADS (see [`crate::history`]).
+    At { heads: String },
+    /// `?diff&from=HEADS[&to=HEADS]`: what changed from HEADS (to now).
+    Diff { from: String, to: Option<String> },
+    /// `?blame`: who set each leaf.
+    Blame,
+    /// `?export=automerge|json`: the document's bytes.
+    Export {
+        format: crate::history::ExportFormat,
+    },
 }
 
 impl DocView {
@@ -429,7 +455,7 @@ impl DocView {
         let view = match flags.first().copied() {
             None => DocView::Value,
             Some(flag) => {
-                take(&mut q, flag);
+                let value = take(&mut q, flag).unwrap_or_default();
                 match flag {
                     "keys" => DocView::Keys,
                     "raw" => DocView::Raw,
@@ -445,9 +471,10 @@ impl DocView {
                         }
                     }
                     "conflicts" => DocView::Conflicts,
-                    _ => DocView::Watch {
+                    "watch" => DocView::Watch {
                         since: take(&mut q, "since"),
                     },
+                    _ => history::parse_view(flag, value, &mut q)?,
                 }
             }
         };
@@ -649,6 +676,10 @@ async fn doc_get(
                 .or(since);
             watch(n, doc, path, since).await
         }
+        view @ (DocView::At { .. }
+        | DocView::Diff { .. }
+        | DocView::Blame
+        | DocView::Export { .. }) => history::doc_view(&n, doc, path, view).await,
     }
 }
 
@@ -660,6 +691,11 @@ async fn doc_put(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let (doc, path) = doc_and_path(&uri)?;
+    let mut q = q;
+    if take(&mut q, "import").is_some() {
+        leftover(&q, "PUT ?import")?;
+        return history::import(&n, doc, path, body).await;
+    }
     leftover(&q, "PUT")?;
     let expect = if_match(&headers)?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| {

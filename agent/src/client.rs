@@ -227,10 +227,13 @@ impl Client {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         if let Some(b) = body {
-            head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                head.push_str("Content-Type: application/json\r\n");
+            }
+            head.push_str(&format!("Content-Length: {}\r\n", b.len()));
         }
         head.push_str("\r\n");
         let mut req = head.into_bytes();
@@ -321,6 +324,23 @@ impl Client {
             .transpose()
             .map_err(|e| ApiError::new(ErrorKind::Usage, e.to_string()))?;
         let (_, b) = self.call(method, target, headers, body.as_deref())?;
+        Self::json(&b)
+    }
+
+    /// `GET` bytes (an export, an audit bundle).
+    pub(crate) fn get_bytes(&self, target: &str) -> Result<Vec<u8>, ApiError> {
+        Ok(self.call("GET", target, &[], None)?.1)
+    }
+
+    /// A request with a body of bytes of `content_type`, answered with a JSON view.
+    pub(crate) fn send_bytes<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        target: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<T, ApiError> {
+        let (_, b) = self.call(method, target, &[("Content-Type", content_type)], Some(body))?;
         Self::json(&b)
     }
 

@@ -51,6 +51,8 @@ const JOIN_REDIAL_CAP: Duration = Duration::from_secs(1);
 
 pub(crate) use crate::error::ApiError;
 
+mod past;
+
 type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 /// A request to the node task.
@@ -119,6 +121,12 @@ pub enum Command {
         path: Vec<PathSeg>,
         reply: Reply<watch::Receiver<Arc<Watched>>>,
     },
+    /// Read the past, blame, export, audit; or revert or import (a write): see
+    /// [`crate::history`] and `node/past.rs`.
+    Past {
+        req: crate::history::PastRequest,
+        reply: Reply<crate::history::PastAnswer>,
+    },
 }
 
 impl Command {
@@ -133,7 +141,7 @@ impl Command {
                 | Command::MemberAdd { .. }
                 | Command::MemberRemove { .. }
                 | Command::MemberRole { .. }
-        )
+        ) || matches!(self, Command::Past { req, .. } if req.writes())
     }
 }
 
@@ -150,6 +158,9 @@ fn refuse(c: Command, why: &str) {
         Command::MemberAdd { reply, .. }
         | Command::MemberRemove { reply, .. }
         | Command::MemberRole { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::Past { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         _ => {}
@@ -1094,6 +1105,7 @@ impl Node {
         let now_wall = wall_ms();
         match c {
             Command::Write { .. } => {}
+            Command::Past { req, reply } => self.past(req, reply),
             Command::Get { doc, path, reply } => {
                 let r = (|| {
                     let v = self.store.get(&doc, &path)?;
