@@ -340,7 +340,12 @@ impl Client {
         content_type: &str,
         body: &[u8],
     ) -> Result<T, ApiError> {
-        let (_, b) = self.call(method, target, &[("Content-Type", content_type)], Some(body))?;
+        let (_, b) = self.call(
+            method,
+            target,
+            &[("Content-Type", content_type)],
+            Some(body),
+        )?;
         Self::json(&b)
     }
 

@@ -153,7 +153,12 @@ pub fn run(
                 "value": value,
             }))
         }
-        PastRequest::Diff { doc, path, from, to } => {
+        PastRequest::Diff {
+            doc,
+            path,
+            from,
+            to,
+        } => {
             let from = parse_heads(&from)?;
             let to = to.as_deref().map(parse_heads).transpose()?;
             let changes = store.diff(&doc, &path, &from, to.as_deref())?;

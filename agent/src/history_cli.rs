@@ -165,8 +165,7 @@ pub fn audit_verify(file: &Path, cluster: &str, as_json: bool) -> Result<String,
     let id: lichen_crdt::NodeId = cluster.trim().parse().map_err(|_| {
         format!("`{cluster}` is not a cluster id (64 hex digits, as `lichen status` prints it)")
     })?;
-    let bytes =
-        std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let v = verify(&bytes, &id.0).map_err(|e| format!("{}: NOT VERIFIED: {e}", file.display()))?;
     Ok(if as_json {
         serde_json::to_string(&v).unwrap_or_default()

@@ -124,26 +124,25 @@ pub(super) async fn doc_post(
             format!("the body must be {{\"to\":\"HEADS\"}} or {{\"undo\":\"HASH\",\"force\":false}}: {e}"),
         )
     })?;
-    let req = match (b.to, b.undo) {
-        (Some(heads), None) if !b.force => PastRequest::RevertTo { doc, path, heads },
-        (None, Some(hash)) if path.is_empty() => PastRequest::Undo {
-            doc,
-            hash,
-            force: b.force,
-        },
-        (None, Some(_)) => {
-            return Err(ApiError::new(
-                ErrorKind::Invalid,
-                "an undo is of a whole change: POST /v1/docs/{doc}?revert with no path",
-            ))
-        }
-        _ => {
-            return Err(ApiError::new(
+    let req =
+        match (b.to, b.undo) {
+            (Some(heads), None) if !b.force => PastRequest::RevertTo { doc, path, heads },
+            (None, Some(hash)) if path.is_empty() => PastRequest::Undo {
+                doc,
+                hash,
+                force: b.force,
+            },
+            (None, Some(_)) => {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    "an undo is of a whole change: POST /v1/docs/{doc}?revert with no path",
+                ))
+            }
+            _ => return Err(ApiError::new(
                 ErrorKind::Invalid,
                 "give either \"to\" (heads) or \"undo\" (a change hash, with optional \"force\")",
-            ))
-        }
-    };
+            )),
+        };
     Ok(answer(ask(&n, req).await?, "application/json"))
 }
 
