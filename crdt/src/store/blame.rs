@@ -51,6 +51,9 @@ pub struct BlameLeaf {
     pub setters: Vec<BlameSetter>,
 }
 
+/// Leaves found: each path with its values and the ids of the ops that wrote them.
+type Found = Vec<(Vec<PathSeg>, Vec<(Value, ObjId)>)>;
+
 /// What one (actor, counter) op resolves to: hash, seq, time.
 type OpChange = Option<([u8; 32], u64, i64)>;
 
@@ -63,7 +66,7 @@ impl Store {
             return Err(HistoryError::NoSuchDocument(doc.to_string()));
         }
         // Collect (path, [(value, op id)]) first: the document is borrowed from the store.
-        let mut found: Vec<(Vec<PathSeg>, Vec<(Value, ObjId)>)> = Vec::new();
+        let mut found: Found = Vec::new();
         {
             let am = &self.loaded_doc_repaired(doc)?.am;
             match path.split_last() {
@@ -195,7 +198,7 @@ fn walk<R: ReadDoc>(
     obj: &ObjId,
     typ: ObjType,
     here: &mut Vec<PathSeg>,
-    out: &mut Vec<(Vec<PathSeg>, Vec<(Value, ObjId)>)>,
+    out: &mut Found,
     depth: usize,
 ) -> Result<(), HistoryError> {
     if depth > 64 {
@@ -229,7 +232,7 @@ fn slot<R: ReadDoc>(
     obj: &ObjId,
     prop: Prop,
     here: &mut Vec<PathSeg>,
-    out: &mut Vec<(Vec<PathSeg>, Vec<(Value, ObjId)>)>,
+    out: &mut Found,
     depth: usize,
 ) -> Result<(), HistoryError> {
     let all = am.get_all(obj, prop).map_err(json::JsonError::from)?;
