@@ -200,7 +200,7 @@ async fn bodies_and_errors(
                 too_large().with_close()
             } else {
                 ApiError::new(
-                    400,
+                    ErrorKind::Invalid,
                     format!("cannot read the request body: {e}; send it again"),
                 )
                 .into_response()
@@ -209,7 +209,7 @@ async fn bodies_and_errors(
         }
         Err(_) => {
             return ApiError::new(
-                408,
+                ErrorKind::Timeout,
                 format!(
                     "the request body did not arrive within {} ms; send the whole request at once",
                     timeout.as_millis()
@@ -227,7 +227,7 @@ async fn bodies_and_errors(
 
 fn too_large() -> Response {
     ApiError::new(
-        413,
+        ErrorKind::TooLarge,
         format!(
             "the request body is larger than {} MiB; split the value into several writes",
             MAX_BODY >> 20
@@ -303,7 +303,7 @@ async fn as_json_error(resp: Response, method: &Method, path: &str) -> Response 
             why(status.canonical_reason().unwrap_or("error"))
         ),
     };
-    let mut out = ApiError::new(status.as_u16(), msg).into_response();
+    let mut out = ApiError::new(ErrorKind::from_status(status.as_u16()), msg).into_response();
     for (k, v) in parts.headers.iter() {
         if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
             out.headers_mut().insert(k.clone(), v.clone());
@@ -547,7 +547,7 @@ async fn docs_index(State(n): State<NodeHandle>, Query(q): Query<Pairs>) -> ApiR
         IndexView::Values { prefix } => {
             let mut out: BTreeMap<String, DocValue> = BTreeMap::new();
             for doc in doc_names(&n, &prefix).await? {
-                if let Some(v) = read_value(&n, &doc, Vec::new()).await? {
+                if let Some(v) = read_present(&n, &doc, Vec::new()).await? {
                     out.insert(doc, v);
                 }
             }
@@ -589,6 +589,18 @@ async fn read_value(
     .map(|(value, heads)| DocValue { value, heads }))
 }
 
+/// [`read_value`], with a whole document that holds no value (all deleted) as absent.
+async fn read_present(
+    n: &NodeHandle,
+    doc: &str,
+    path: Vec<PathSeg>,
+) -> Result<Option<DocValue>, ApiError> {
+    let whole = path.is_empty();
+    Ok(read_value(n, doc, path)
+        .await?
+        .filter(|v| !(whole && v.value.as_object().is_some_and(|m| m.is_empty()))))
+}
+
 fn absent(doc: &str, path: &[PathSeg]) -> ApiError {
     ApiError::new(
         ErrorKind::NotFound,
@@ -608,7 +620,7 @@ async fn doc_get(
     let (doc, path) = doc_and_path(&uri)?;
     match DocView::parse(q)? {
         DocView::Value => {
-            let v = read_value(&n, &doc, path.clone())
+            let v = read_present(&n, &doc, path.clone())
                 .await?
                 .ok_or_else(|| absent(&doc, &path))?;
             let tag = etag(&v.heads);
@@ -621,7 +633,7 @@ async fn doc_get(
             Ok(([tag], Json(view)).into_response())
         }
         DocView::Raw => {
-            let v = read_value(&n, &doc, path.clone())
+            let v = read_present(&n, &doc, path.clone())
                 .await?
                 .ok_or_else(|| absent(&doc, &path))?;
             let tag = etag(&v.heads);
@@ -739,10 +751,10 @@ async fn doc_delete(
     let op = if path.is_empty() {
         // The whole document: every value goes, in one signed change (its history stays, as
         // every change does in a CRDT). A document that does not exist is a 404.
-        if read_value(&n, &doc, Vec::new()).await?.is_none() {
+        if read_present(&n, &doc, Vec::new()).await?.is_none() {
             return Err(ApiError::new(
                 ErrorKind::NotFound,
-                format!("there is no document `{doc}` (see `lichen ls`)"),
+                format!("there is no document `{doc}` with values (see `lichen ls`)"),
             ));
         }
         Op::Replace {
@@ -754,27 +766,41 @@ async fn doc_delete(
     write(&n, doc, op, expect).await
 }
 
-/// Make a write (conditional on `expect` = heads) and answer with the change and the heads.
+/// Make a write (conditional on `expect` = heads) and answer with the change and the heads;
+/// 412 with the current heads (`ETag`) when `expect` is no longer the document's heads.
 async fn write(n: &NodeHandle, doc: String, op: Op, expect: Option<String>) -> ApiResult {
-    if expect.is_some() {
-        return Err(ApiError::new(
-            ErrorKind::Internal,
-            "If-Match is not supported yet",
-        ));
-    }
     let d = doc.clone();
-    let hash = n.ask(|reply| Command::Write { doc: d, op, reply }).await?;
-    let heads = read_value(n, &doc, Vec::new())
-        .await?
-        .map(|v| v.heads)
-        .unwrap_or_default();
-    let tag = etag(&heads);
+    let was = expect.clone();
+    let out = n
+        .ask(|reply| Command::Write {
+            doc: d,
+            op,
+            expect,
+            reply,
+        })
+        .await?;
+    let tag = etag(&out.heads);
+    if out.heads_moved {
+        let mut resp = ApiError::new(
+            ErrorKind::HeadsMoved,
+            format!(
+                "`{doc}` changed: its heads are now `{}`, not `{}`; nothing was written. Read it again and retry with If-Match: \"{}\" (lichen put --if-match {})",
+                out.heads,
+                was.unwrap_or_default(),
+                out.heads,
+                if out.heads.is_empty() { "''" } else { out.heads.as_str() }
+            ),
+        )
+        .into_response();
+        resp.headers_mut().insert(tag.0, tag.1);
+        return Ok(resp);
+    }
     Ok((
         [tag],
         Json(WriteView {
-            changed: hash.is_some(),
-            hash,
-            heads,
+            changed: out.hash.is_some(),
+            hash: out.hash,
+            heads: out.heads,
         }),
     )
         .into_response())
@@ -1007,11 +1033,10 @@ async fn member_patch(
             .ask(|reply| Command::MemberRole { id, role, reply })
             .await?;
     }
-    if let Some(_scopes) = b.scopes {
-        return Err(ApiError::new(
-            ErrorKind::Internal,
-            "scopes cannot be edited yet",
-        ));
+    if let Some(scopes) = b.scopes {
+        hash = n
+            .ask(|reply| Command::MemberScopes { id, scopes, reply })
+            .await?;
     }
     Ok(Json(HashView { hash }).into_response())
 }

@@ -135,13 +135,6 @@ impl ErrorKind {
     }
 }
 
-/// An HTTP status number as its kind (`ApiError::new(503, …)` reads like the status it sends).
-impl From<u16> for ErrorKind {
-    fn from(status: u16) -> ErrorKind {
-        ErrorKind::from_status(status)
-    }
-}
-
 /// A failure with a message that names the next step. On the wire: `{"error": message}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ApiError {
@@ -157,10 +150,10 @@ fn internal() -> ErrorKind {
 }
 
 impl ApiError {
-    /// An error of `kind` (or of an HTTP status number) with `msg`.
-    pub(crate) fn new(kind: impl Into<ErrorKind>, msg: impl Into<String>) -> ApiError {
+    /// An error of `kind` with `msg`.
+    pub(crate) fn new(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
         ApiError {
-            kind: kind.into(),
+            kind,
             error: msg.into(),
         }
     }

@@ -11,6 +11,8 @@ use lichen_crdt::{
     format_heads, import_content, parse_heads, HistoryError, Op, PathSeg, SecretKey, Store,
 };
 use serde::Serialize;
+
+use crate::error::ErrorKind;
 use serde_json::{json, Value};
 
 /// What the Automerge or JSON export holds.
@@ -116,16 +118,18 @@ pub enum PastError {
 }
 
 impl PastError {
-    /// The HTTP status the API answers with.
-    pub fn status(&self) -> u16 {
+    /// What kind of error it is for the API (its status) and the CLI (its exit code).
+    pub fn kind(&self) -> ErrorKind {
         match self {
             PastError::History(HistoryError::NoSuchDocument(_))
-            | PastError::History(HistoryError::UnknownChange { .. }) => 404,
+            | PastError::History(HistoryError::UnknownChange { .. }) => ErrorKind::NotFound,
             PastError::History(HistoryError::UnknownHeads { .. })
             | PastError::History(HistoryError::BadHeads { .. })
             | PastError::History(HistoryError::Json(_))
-            | PastError::Import(_) => 400,
-            PastError::History(HistoryError::Store(_)) | PastError::History(_) => 500,
+            | PastError::Import(_) => ErrorKind::Invalid,
+            PastError::History(HistoryError::Store(_)) | PastError::History(_) => {
+                ErrorKind::Internal
+            }
         }
     }
 }

@@ -570,8 +570,14 @@ impl Task {
         let doc = self.b.doc.clone();
         let outcome = self
             .node
-            .ask(|reply| Command::Write { doc, op, reply })
-            .await;
+            .ask(|reply| Command::Write {
+                doc,
+                op,
+                expect: None,
+                reply,
+            })
+            .await
+            .map(|w| w.hash);
         match outcome {
             Ok(hash) => {
                 tracing::info!(
