@@ -327,9 +327,24 @@ impl Client {
         Self::json(&b)
     }
 
-    /// `GET` bytes (an export, an audit bundle).
+    /// `GET` bytes (an export, an audit bundle); an answer cut short (or longer than the
+    /// 64 MiB a body is read up to) is an error, never a shorter file.
     pub(crate) fn get_bytes(&self, target: &str) -> Result<Vec<u8>, ApiError> {
-        Ok(self.call("GET", target, &[], None)?.1)
+        let (h, b) = self.call("GET", target, &[], None)?;
+        let declared = h
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        match declared {
+            Some(n) if n != b.len() => Err(ApiError::new(
+                ErrorKind::Unreachable,
+                format!(
+                    "the agent's answer has {n} bytes but {} arrived (at most 64 MiB are read); nothing was written",
+                    b.len()
+                ),
+            )),
+            _ => Ok(b),
+        }
     }
 
     /// A request with a body of bytes of `content_type`, answered with a JSON view.

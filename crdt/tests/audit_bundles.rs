@@ -286,6 +286,50 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Dropping any one change (document or membership) fails, even with the bundle
+    /// re-signed by its exporter.
+    #[test]
+    fn every_dropped_change_fails(pick in any::<prop::sample::Index>()) {
+        let (bytes, cluster) = sample_cached();
+        let b = Bundle::decode(&bytes).unwrap();
+        let i = pick.index(b.members.len() + b.changes.len());
+        let m = edited(&bytes, |b| {
+            if i < b.members.len() {
+                b.members.remove(i);
+            } else {
+                b.changes.remove(i - b.members.len());
+            }
+        });
+        prop_assert!(verify(&m, &cluster).is_err(), "dropping change {} verified", i);
+    }
+
+    /// Any reordering of the document's or the membership's changes fails.
+    #[test]
+    fn every_reordering_fails(seed in any::<u64>(), members in any::<bool>()) {
+        let (bytes, cluster) = sample_cached();
+        let m = edited(&bytes, |b| {
+            let list = if members { &mut b.members } else { &mut b.changes };
+            let before: Vec<_> = list.iter().map(|c| c.hash()).collect();
+            // A seeded shuffle; if it happens to be the identity, rotate by one.
+            let mut x = seed | 1;
+            for k in (1..list.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                list.swap(k, (x % (k as u64 + 1)) as usize);
+            }
+            if list.iter().map(|c| c.hash()).collect::<Vec<_>>() == before {
+                list.rotate_left(1);
+            }
+        });
+        let e = verify(&m, &cluster);
+        prop_assert!(matches!(e, Err(AuditError::OutOfOrder { .. })), "{:?}", e.map(|_| ()));
+    }
+}
+
 fn sample_cached() -> (Vec<u8>, [u8; 32]) {
     static CELL: std::sync::OnceLock<(Vec<u8>, [u8; 32])> = std::sync::OnceLock::new();
     CELL.get_or_init(|| {

@@ -200,3 +200,54 @@ pub(super) async fn audit(
     let a = ask(&n, PastRequest::Audit { doc, since }).await?;
     Ok(answer(a, "application/vnd.lichen.audit"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(s: &str) -> Pairs {
+        s.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (p.to_string(), String::new()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn history_views_parse_from_the_query() {
+        assert_eq!(
+            DocView::parse(pairs("at=ab,cd")).unwrap(),
+            DocView::At {
+                heads: "ab,cd".into()
+            }
+        );
+        assert_eq!(
+            DocView::parse(pairs("diff&from=ab")).unwrap(),
+            DocView::Diff {
+                from: "ab".into(),
+                to: None
+            }
+        );
+        assert_eq!(
+            DocView::parse(pairs("diff&from=ab&to=cd")).unwrap(),
+            DocView::Diff {
+                from: "ab".into(),
+                to: Some("cd".into())
+            }
+        );
+        assert_eq!(DocView::parse(pairs("blame")).unwrap(), DocView::Blame);
+        assert_eq!(
+            DocView::parse(pairs("export=json")).unwrap(),
+            DocView::Export {
+                format: crate::history::ExportFormat::Json
+            }
+        );
+        // Refused: a diff without `from`, an unknown format, two views, a stray parameter.
+        for bad in ["diff", "export=xml", "at=ab&blame", "blame&limit=3"] {
+            let e = DocView::parse(pairs(bad)).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Invalid, "{bad}: {e}");
+        }
+    }
+}
