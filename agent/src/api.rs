@@ -22,6 +22,9 @@
 //! | `PUT /v1/docs/{doc}[/{path…}]` (body: JSON) | set (the whole document: an object); `If-Match` |
 //! | `DELETE /v1/docs/{doc}/{path…}` | delete a value; `If-Match` |
 //! | `DELETE /v1/docs/{doc}` | delete every value of the document (one signed change) |
+//! | `… ?at=HEADS`, `?diff&from=HEADS[&to=HEADS]`, `?blame`, `?export=automerge\|json` | the past, diffs, blame, export (`api/history.rs`) |
+//! | `PUT /v1/docs/{doc}?import`, `POST /v1/docs/{doc}[/{path…}]?revert` | import, revert (`api/history.rs`) |
+//! | `GET /v1/audit/{doc}[?since=HEADS]` | audit bundle bytes (`api/history.rs`) |
 //! | `GET /v1/members`, `POST /v1/members` | list / add |
 //! | `PATCH /v1/members/{id}`, `DELETE /v1/members/{id}` | role, scopes / remove |
 //! | `GET /v1/status` | typed status ([`crate::views::StatusView`]) |

@@ -603,6 +603,9 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                 bytes.push(b'\n');
             }
             write_out(out.as_deref(), &bytes)?;
+            if let (Some(o), true) = (out, as_json) {
+                print(&json!({"file": o, "bytes": bytes.len()}), true);
+            }
         }
         Command::Import { doc, file } => {
             let bytes = std::fs::read(file).map_err(|e| {
@@ -628,7 +631,9 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                 };
                 let bytes = c.get_bytes(&url)?;
                 write_out(Some(out), &bytes)?;
-                if !as_json {
+                if as_json {
+                    print(&json!({"file": out, "bytes": bytes.len()}), true);
+                } else {
                     eprintln!("wrote {} ({} bytes)", out.display(), bytes.len());
                 }
             }
