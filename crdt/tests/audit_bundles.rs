@@ -330,6 +330,23 @@ proptest! {
     }
 }
 
+proptest! {
+    /// What the fuzz target checks, on random input: decoding never panics, and whatever
+    /// decodes encodes back to the same bytes (and its verification does not panic).
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics_and_round_trips(
+        tail in prop::collection::vec(any::<u8>(), 0..600),
+        header in any::<bool>(),
+    ) {
+        let mut data = if header { b"LCHAUDIT\x01".to_vec() } else { Vec::new() };
+        data.extend_from_slice(&tail);
+        if let Ok(b) = Bundle::decode(&data) {
+            prop_assert_eq!(b.encode(), data.clone());
+            let _ = verify(&data, &b.cluster);
+        }
+    }
+}
+
 fn sample_cached() -> (Vec<u8>, [u8; 32]) {
     static CELL: std::sync::OnceLock<(Vec<u8>, [u8; 32])> = std::sync::OnceLock::new();
     CELL.get_or_init(|| {
