@@ -60,7 +60,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use lichen_crdt::{format_path, parse_path, NodeId, Op, PathSeg, Role};
-use serde::Deserialize;
 use serde_json::Value;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
@@ -70,7 +69,10 @@ use crate::auth::Access;
 mod history;
 use crate::error::{ApiError, ErrorKind};
 use crate::node::{Command, NodeHandle, Watched};
-use crate::views::{DocValue, HashView, HealthView, HistoryView, ValueView, WatchEvent, WriteView};
+use crate::views::{
+    AddMemberRequest, DocValue, HashView, HealthView, HistoryView, PatchMemberRequest, ValueView,
+    WatchEvent, WriteView,
+};
 
 /// Largest accepted request body.
 pub(crate) const MAX_BODY: usize = 1 << 20;
@@ -925,17 +927,6 @@ async fn members(State(n): State<NodeHandle>) -> ApiResult {
     Ok(Json(n.ask(|reply| Command::Members { reply }).await?).into_response())
 }
 
-#[derive(Deserialize)]
-struct AddMember {
-    id: String,
-    name: Option<String>,
-    role: Option<String>,
-    #[serde(default)]
-    addrs: Vec<String>,
-    #[serde(default)]
-    scopes: Vec<String>,
-}
-
 fn parse_id(s: &str) -> Result<NodeId, ApiError> {
     s.parse()
         .map_err(|e: lichen_crdt::KeyError| ApiError::new(ErrorKind::Invalid, e.to_string()))
@@ -981,7 +972,7 @@ fn check_member_fields(name: &str, addrs: &[String], scopes: &[String]) -> Resul
     Ok(())
 }
 
-async fn member_add(State(n): State<NodeHandle>, Json(b): Json<AddMember>) -> ApiResult {
+async fn member_add(State(n): State<NodeHandle>, Json(b): Json<AddMemberRequest>) -> ApiResult {
     let id = parse_id(&b.id)?;
     let role = parse_role(b.role.as_deref().unwrap_or("writer"))?;
     let name = b.name.unwrap_or_else(|| id.short());
@@ -999,14 +990,6 @@ async fn member_add(State(n): State<NodeHandle>, Json(b): Json<AddMember>) -> Ap
     Ok(Json(HashView { hash }).into_response())
 }
 
-/// `PATCH /v1/members/{id}`: the fields to change (absent: unchanged).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PatchMember {
-    role: Option<String>,
-    scopes: Option<Vec<String>>,
-}
-
 async fn member_remove(State(n): State<NodeHandle>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let hash = n.ask(|reply| Command::MemberRemove { id, reply }).await?;
@@ -1017,7 +1000,7 @@ async fn member_remove(State(n): State<NodeHandle>, Path(id): Path<String>) -> A
 async fn member_patch(
     State(n): State<NodeHandle>,
     Path(id): Path<String>,
-    Json(b): Json<PatchMember>,
+    Json(b): Json<PatchMemberRequest>,
 ) -> ApiResult {
     let id = parse_id(&id)?;
     if b.role.is_none() && b.scopes.is_none() {

@@ -11,7 +11,7 @@
 //! * `--api unix:PATH`: that socket, no token;
 //! * `--api HOST:PORT` (or `LICHEN_API`): TCP with the token;
 //! * neither: the data directory's `api.sock` if it exists and accepts a connection, else TCP
-//!   to the default address with the token.
+//!   to `api` in `--config` (default 127.0.0.1:7421) with the token.
 //!
 //! The token: `--token-file FILE`, else `LICHEN_TOKEN`, else the data directory's `api.token`
 //! (the data directory: `--data-dir`, `LICHEN_DATA_DIR`, `data_dir` in `--config`, else the
@@ -49,13 +49,16 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// Response headers, names in lower case.
+type Headers = Vec<(String, String)>;
+
 trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
 /// An answer: status, headers (lower-case names) and the connection to read the body from.
 struct Answer {
     status: u16,
-    headers: Vec<(String, String)>,
+    headers: Headers,
     body: BufReader<Box<dyn Stream>>,
 }
 
@@ -68,7 +71,7 @@ impl Answer {
     }
 
     /// The whole body (at most 64 MiB).
-    fn bytes(mut self) -> Result<(u16, Vec<(String, String)>, Vec<u8>), ApiError> {
+    fn bytes(mut self) -> Result<(u16, Headers, Vec<u8>), ApiError> {
         let limit = 64u64 << 20;
         let mut out = Vec::new();
         let len = self
@@ -275,7 +278,7 @@ impl Client {
         target: &str,
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
-    ) -> Result<(Vec<(String, String)>, Vec<u8>), ApiError> {
+    ) -> Result<(Headers, Vec<u8>), ApiError> {
         let (status, headers, bytes) = self
             .send(method, target, headers, body, Some(Duration::from_secs(60)))?
             .bytes()?;

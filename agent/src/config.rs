@@ -45,7 +45,7 @@ pub struct FileConfig {
     /// from peers, the store and file bindings.
     pub api_max_connections: Option<usize>,
     /// An API connection that is idle, or sends a request head or body slower than this, is
-    /// closed (milliseconds, default 10000). Streams (`/v1/watch`) are not affected once
+    /// closed (milliseconds, default 10000). Watch streams (`?watch`) are not affected once
     /// their request is in.
     pub api_idle_timeout_ms: Option<u64>,
     /// A file holding a read-only API token (created with a random token if missing; relative

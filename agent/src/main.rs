@@ -26,7 +26,10 @@ use crate::cli::{AuditCommand, Cli, Command, MembersCommand, RunArgs};
 use crate::client::{doc_url, with_query, Client, Endpoint};
 use crate::config::{Config, Overrides};
 use crate::error::{exit, ApiError, ErrorKind};
-use crate::views::{DocValue, HashView, HistoryView, MemberView, StatusView, ValueView, WriteView};
+use crate::views::{
+    AddMemberRequest, DocValue, HashView, HistoryView, MemberView, PatchMemberRequest, StatusView,
+    ValueView, WriteView,
+};
 
 /// `lichen` with no command: the `run` flags, read from the environment only.
 #[derive(Parser)]
@@ -48,22 +51,27 @@ fn overrides(a: &RunArgs, cli: &Cli) -> Overrides {
     }
 }
 
-/// The data directory a CLI command looks in for the token and the socket: `--data-dir` (or
-/// `LICHEN_DATA_DIR`), else `data_dir` in `--config`, else the default one.
-fn cli_data_dir(cli: &Cli) -> PathBuf {
-    if let Some(d) = &cli.data_dir {
-        return d.clone();
-    }
-    cli.config
+/// The data directory a CLI command looks in for the token and the socket (`--data-dir` or
+/// `LICHEN_DATA_DIR`, else `data_dir` in `--config`, else the default one), and the TCP
+/// address it falls back to (`api` in `--config`, else the default).
+fn cli_places(cli: &Cli) -> (PathBuf, String) {
+    let file = cli
+        .config
         .as_deref()
         .and_then(|c| config::read_file(c).ok())
-        .and_then(|f| f.data_dir)
-        .unwrap_or_else(config::default_data_dir)
+        .unwrap_or_default();
+    let dir = cli
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(config::default_data_dir);
+    let api = file.api.unwrap_or_else(|| config::DEFAULT_API.to_string());
+    (dir, api)
 }
 
 /// The client a CLI command uses (the rules are in [`client`]'s docs and the README).
 fn make_client(cli: &Cli) -> Result<Client, ApiError> {
-    let dir = cli_data_dir(cli);
+    let (dir, default_api) = cli_places(cli);
     let endpoint = match cli.api.as_deref() {
         Some(a) => match a.strip_prefix("unix:") {
             Some(p) => Endpoint::Unix(PathBuf::from(p)),
@@ -74,7 +82,7 @@ fn make_client(cli: &Cli) -> Result<Client, ApiError> {
             if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
                 Endpoint::Unix(sock)
             } else {
-                Endpoint::Tcp(config::DEFAULT_API.to_string())
+                Endpoint::Tcp(default_api)
             }
         }
     };
@@ -483,7 +491,13 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                     "POST",
                     "/v1/members",
                     &[],
-                    Some(&json!({"id": id, "role": role, "name": name, "scopes": scopes, "addrs": addrs})),
+                    Some(&AddMemberRequest {
+                        id: id.clone(),
+                        name: name.clone(),
+                        role: Some(role.clone()),
+                        addrs: addrs.clone(),
+                        scopes: scopes.clone(),
+                    }),
                 )?;
                 if as_json {
                     print(&r, true);
@@ -505,7 +519,10 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                     "PATCH",
                     &format!("/v1/members/{}", client::encode(id)),
                     &[],
-                    Some(&json!({"role": role})),
+                    Some(&PatchMemberRequest {
+                        role: Some(role.clone()),
+                        scopes: None,
+                    }),
                 )?;
                 if as_json {
                     print(&r, true);
@@ -517,14 +534,11 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                 scopes,
                 all_docs,
             } => {
-                let mut body = serde_json::Map::new();
-                if let Some(r) = role {
-                    body.insert("role".into(), json!(r));
-                }
-                if !scopes.is_empty() || *all_docs {
-                    body.insert("scopes".into(), json!(scopes));
-                }
-                if body.is_empty() {
+                let body = PatchMemberRequest {
+                    role: role.clone(),
+                    scopes: (!scopes.is_empty() || *all_docs).then(|| scopes.clone()),
+                };
+                if body == PatchMemberRequest::default() {
                     return Err(usage(
                         "nothing to change: give --role, --scope (repeatable) or --all-docs",
                     ));
@@ -533,7 +547,7 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                     "PATCH",
                     &format!("/v1/members/{}", client::encode(id)),
                     &[],
-                    Some(&Value::Object(body)),
+                    Some(&body),
                 )?;
                 if as_json {
                     print(&r, true);

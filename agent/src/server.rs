@@ -17,7 +17,7 @@
 //!   heads (hyper's header read timeout); request bodies must arrive within the same time
 //!   (the body layer in [`crate::api`]); a response write that makes no progress for that
 //!   long (a client that stopped reading) closes the connection ([`StallTimeout`]).
-//!   A `/v1/watch` stream, once its request is in, lives as long as its client reads it.
+//!   A watch stream (`?watch`), once its request is in, lives as long as its client reads it.
 //!
 //! The same loop serves the unix socket `data_dir/api.sock` ([`bind_unix`]: a stale socket
 //! file is removed, the new one gets mode 0660 and the configured group), with the same cap

@@ -257,3 +257,34 @@ pub(crate) struct WatchEvent {
     /// The value (null when the path holds nothing).
     pub(crate) value: Value,
 }
+
+/// `POST /v1/members`: a member to add.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct AddMemberRequest {
+    /// Its node id.
+    pub(crate) id: String,
+    /// Its name (default: the id's short form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) name: Option<String>,
+    /// Its role (default `writer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) role: Option<String>,
+    /// Where it listens.
+    #[serde(default)]
+    pub(crate) addrs: Vec<String>,
+    /// Document prefixes it may write (empty: all).
+    #[serde(default)]
+    pub(crate) scopes: Vec<String>,
+}
+
+/// `PATCH /v1/members/{id}`: the fields to change (absent: unchanged).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatchMemberRequest {
+    /// The new role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) role: Option<String>,
+    /// The new scopes (empty: every document).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) scopes: Option<Vec<String>>,
+}

@@ -21,7 +21,7 @@ pub struct Watched {
     pub value: Value,
 }
 
-/// A `GET /v1/watch` subscriber, kept by the node task.
+/// A watch (`GET /v1/docs/{doc}/{path}?watch`) subscriber, kept by the node task.
 pub(super) struct Watcher {
     pub(super) path: Vec<PathSeg>,
     pub(super) tx: watch::Sender<Arc<Watched>>,
