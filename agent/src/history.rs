@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 /// What the Automerge or JSON export holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
+pub(crate) enum ExportFormat {
     /// Automerge's binary document format.
     Automerge,
     /// The current value as JSON.
@@ -39,7 +39,7 @@ impl std::str::FromStr for ExportFormat {
 
 /// A request about a document's past, or a write planned from it.
 #[derive(Debug, Clone)]
-pub enum PastRequest {
+pub(crate) enum PastRequest {
     /// The value at `path` as of `heads`.
     At {
         doc: String,
@@ -77,7 +77,7 @@ pub enum PastRequest {
 
 impl PastRequest {
     /// Whether this request makes a change signed by this node.
-    pub fn writes(&self) -> bool {
+    pub(crate) fn writes(&self) -> bool {
         matches!(
             self,
             PastRequest::RevertTo { .. } | PastRequest::Undo { .. } | PastRequest::Import { .. }
@@ -87,7 +87,7 @@ impl PastRequest {
 
 /// The answer to a [`PastRequest`].
 #[derive(Debug)]
-pub enum PastAnswer {
+pub(crate) enum PastAnswer {
     /// A JSON answer.
     Json(Value),
     /// Bytes (an Automerge export, an audit bundle).
@@ -95,7 +95,7 @@ pub enum PastAnswer {
 }
 
 /// What [`run`] decided.
-pub enum Planned {
+pub(crate) enum Planned {
     /// Answer now.
     Answer(PastAnswer),
     /// Commit `op` on `doc` (nothing if `None`), then answer `report` with `"hash"` added.
@@ -108,7 +108,7 @@ pub enum Planned {
 
 /// Why a request failed: the store's error, or an import file refused.
 #[derive(Debug, thiserror::Error)]
-pub enum PastError {
+pub(crate) enum PastError {
     /// About the document's history.
     #[error(transparent)]
     History(#[from] HistoryError),
@@ -119,7 +119,7 @@ pub enum PastError {
 
 impl PastError {
     /// What kind of error it is for the API (its status) and the CLI (its exit code).
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             PastError::History(HistoryError::NoSuchDocument(_))
             | PastError::History(HistoryError::UnknownChange { .. }) => ErrorKind::NotFound,
@@ -139,7 +139,7 @@ fn to_json<T: Serialize>(v: &T) -> Value {
 }
 
 /// Answer a read, or plan a write (see the module docs).
-pub fn run(
+pub(crate) fn run(
     store: &mut Store,
     key: &SecretKey,
     req: PastRequest,

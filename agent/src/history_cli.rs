@@ -20,7 +20,7 @@ fn value_text(v: Option<&Value>) -> String {
 }
 
 /// `lichen diff`: one line per path, `+` added, `-` removed, `~` changed (old → new).
-pub fn render_diff(r: &Value) -> String {
+pub(crate) fn render_diff(r: &Value) -> String {
     let mut out = String::new();
     let changes = r["changes"].as_array().cloned().unwrap_or_default();
     if changes.is_empty() {
@@ -62,7 +62,7 @@ fn setter_text(s: &Value) -> String {
 
 /// `lichen blame`: one line per leaf (its value and the change that set it); a conflicted
 /// leaf lists every concurrent value with its author, the winner first.
-pub fn render_blame(r: &Value) -> String {
+pub(crate) fn render_blame(r: &Value) -> String {
     let mut out = String::new();
     for leaf in r.as_array().into_iter().flatten() {
         let setters = leaf["setters"].as_array().cloned().unwrap_or_default();
@@ -92,7 +92,7 @@ pub fn render_blame(r: &Value) -> String {
 
 /// `lichen revert` / `lichen import`: the new change's hash (or that nothing changed), and
 /// for an undo the values put back and those skipped because they changed since.
-pub fn render_write(r: &Value) -> String {
+pub(crate) fn render_write(r: &Value) -> String {
     let mut out = String::new();
     for u in r["undone"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "undone   {}", u.as_str().unwrap_or(""));
@@ -116,7 +116,7 @@ pub fn render_write(r: &Value) -> String {
 }
 
 /// The verified history of a bundle, as `lichen history` prints one.
-pub fn render_verified(v: &VerifiedBundle) -> String {
+pub(crate) fn render_verified(v: &VerifiedBundle) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -161,7 +161,7 @@ pub fn render_verified(v: &VerifiedBundle) -> String {
 
 /// `lichen audit verify FILE --cluster ID`: `Ok(text or JSON)` if the bundle verifies, else
 /// the reason (naming the offending change).
-pub fn audit_verify(file: &Path, cluster: &str, as_json: bool) -> Result<String, String> {
+pub(crate) fn audit_verify(file: &Path, cluster: &str, as_json: bool) -> Result<String, String> {
     let id: lichen_crdt::NodeId = cluster.trim().parse().map_err(|_| {
         format!("`{cluster}` is not a cluster id (64 hex digits, as `lichen status` prints it)")
     })?;

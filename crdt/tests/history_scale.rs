@@ -1,5 +1,5 @@
-//! Reading the past at scale (issue 19): `get --at` and `diff` on a document with 100k
-//! changes. Ignored by default (building the history takes a while); run with
+//! Reading the past at scale (issue 19): `get --at`, `diff` (and `blame`, reported) on a
+//! document with 100k changes. Ignored by default (building the history takes a while); run with
 //! `cargo test -p lichen-crdt --test history_scale -- --ignored --nocapture`, which prints
 //! the figures (test profile: dependencies optimized, this crate not).
 
@@ -53,6 +53,14 @@ fn at_and_diff_on_100k_changes_stay_under_200_ms() {
         worst[2] = worst[2].max(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(d.len(), 1000);
     }
+    let t = Instant::now();
+    let b = s.blame("app/big", &[]).unwrap();
+    let blame_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(b.len(), 1000);
+    assert!(b
+        .iter()
+        .all(|l| l.setters.len() == 1 && l.setters[0].hash.len() == 64));
+    println!("{n} changes: blame of the whole document (1000 leaves) {blame_ms:.1} ms");
     println!(
         "{n} changes: get --at (whole doc, 1000 keys) {:.1} ms, get --at (one key) {:.1} ms, diff (1000 keys changed) {:.1} ms (worst of 5)",
         worst[0], worst[1], worst[2]

@@ -5,19 +5,21 @@
 //! conflict). Each value in the current state carries the id of the Automerge op that wrote
 //! it (counter, actor); the change holding that op is the author's valid change of the
 //! document whose op range (`start_op ..= max_op`, stored with every change) contains the
-//! counter. The author's name and whether it is still a member come from the evaluated
+//! counter (each author's ranges are read once, through the `(doc, author, seq)` index, and
+//! searched by bisection). The author's name and whether it is still a member come from the evaluated
 //! membership, so blame after a removal still names the removed node. A conflicted leaf
 //! lists every concurrent value with its author, the value reads return first.
 
 use std::collections::HashMap;
 
 use automerge::{ObjId, ObjType, Prop, ReadDoc, Value as AmValue};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::history_at::HistoryError;
 use super::Store;
+use crate::error::StoreError;
 use crate::identity::{hex, NodeId};
 use crate::json::{self, PathSeg};
 
@@ -97,7 +99,7 @@ impl Store {
             }
         }
         let membership = self.membership.clone();
-        let mut cache: HashMap<(Vec<u8>, u64), OpChange> = HashMap::new();
+        let mut ranges: HashMap<Vec<u8>, Vec<OpRange>> = HashMap::new();
         let mut out = Vec::with_capacity(found.len());
         for (segs, values) in found {
             let mut setters = Vec::with_capacity(values.len());
@@ -106,15 +108,11 @@ impl Store {
                     continue;
                 };
                 let actor = actor.to_bytes().to_vec();
-                let key = (actor.clone(), counter);
-                let ch = match cache.get(&key) {
-                    Some(c) => *c,
-                    None => {
-                        let c = self.change_of_op(doc, &actor, counter)?;
-                        cache.insert(key, c);
-                        c
-                    }
-                };
+                if !ranges.contains_key(&actor) {
+                    let r = self.op_ranges(doc, &actor)?;
+                    ranges.insert(actor.clone(), r);
+                }
+                let ch = ranges.get(&actor).and_then(|r| change_of_op(r, counter));
                 let Some(author) = NodeId::from_slice(&actor) else {
                     continue;
                 };
@@ -142,27 +140,47 @@ impl Store {
         Ok(out)
     }
 
-    /// The valid change of `doc` by `actor` that holds op `counter`.
-    fn change_of_op(
-        &self,
-        doc: &str,
-        actor: &[u8],
-        counter: u64,
-    ) -> Result<OpChange, HistoryError> {
-        let row: Option<(Vec<u8>, i64, i64)> = self
+    /// The op ranges of every valid change of `doc` by `actor`, sorted by `start_op`: one
+    /// index scan per author, then each op is found by binary search.
+    fn op_ranges(&self, doc: &str, actor: &[u8]) -> Result<Vec<OpRange>, HistoryError> {
+        let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT hash, seq, time FROM changes WHERE doc = ?1 AND author = ?2 AND status = 0
-                 AND start_op <= ?3 AND max_op >= ?3 LIMIT 1",
+                "SELECT start_op, max_op, hash, seq, time FROM changes
+                 WHERE doc = ?1 AND author = ?2 AND status = 0 ORDER BY seq",
             )
-            .map_err(crate::error::StoreError::from)?
-            .query_row(params![doc, actor, counter as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            .map_err(StoreError::from)?;
+        let rows = stmt
+            .query_map(params![doc, actor], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
             })
-            .optional()
-            .map_err(crate::error::StoreError::from)?;
-        Ok(row.and_then(|(h, s, t)| Some((<[u8; 32]>::try_from(h.as_slice()).ok()?, s as u64, t))))
+            .map_err(StoreError::from)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (start, max, hash, seq, time) = row.map_err(StoreError::from)?;
+            if let Ok(h) = <[u8; 32]>::try_from(hash.as_slice()) {
+                out.push((start as u64, max as u64, h, seq as u64, time));
+            }
+        }
+        out.sort_by_key(|r| r.0);
+        Ok(out)
     }
+}
+
+/// One change's op range: start_op, max_op, hash, seq, time.
+type OpRange = (u64, u64, [u8; 32], u64, i64);
+
+/// The change among `ranges` (sorted by start_op) that holds op `counter`.
+fn change_of_op(ranges: &[OpRange], counter: u64) -> OpChange {
+    let i = ranges.partition_point(|r| r.0 <= counter).checked_sub(1)?;
+    let (_, max, hash, seq, time) = ranges.get(i)?;
+    (counter <= *max).then_some((*hash, *seq, *time))
 }
 
 /// Follow a path of containers from the root.
