@@ -110,7 +110,11 @@ fn three_nodes_write_and_a_revert_on_one_restores_the_old_state_on_all() {
     let imported = a.ok(&["import", "app/web", file.to_str().unwrap()]);
     let hash = imported.trim().to_string();
     assert_eq!(hash.len(), 64, "{imported}");
-    assert!(b.put("app/web", "b", "3") || b.put("app/web", "b", "3"));
+    // b overwrites after it has the import (not concurrently with it).
+    wait_until("the import reaches b", PATIENCE, || {
+        b.get("app/web", "a") == Some(json!(2))
+    });
+    assert!(b.put("app/web", "b", "3"));
     wait_until("b = 3 on a", PATIENCE, || {
         a.get("app/web", "b") == Some(json!(3))
     });
