@@ -1,7 +1,8 @@
 //! Issue 19 with real processes: reading the past, diff, revert (to heads and undo), blame
 //! after a membership removal, audit bundles verified offline, export (loaded by the
 //! JavaScript reference implementation where available) and import. Loopback addresses
-//! 127.0.0.200-208.
+//! 127.0.0.200-209.
+//! The raw HTTP routes are checked too (statuses, content types, errors).
 
 mod common;
 
@@ -371,4 +372,130 @@ fn load_in_javascript(file: &Path) -> Option<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     Some(json_of(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// One HTTP/1.1 request with the agent's token: (status, content type, body).
+fn http(api: &str, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).expect("connect to the API");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        auth_header(api),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer");
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let ct = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mut body = out[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = unchunk(&body);
+    }
+    (status, ct, body)
+}
+
+fn unchunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
+        b = &b[nl + 2 + n + 2..];
+    }
+}
+
+#[test]
+fn the_history_routes_answer_with_statuses_that_name_the_next_step() {
+    let c = Cluster::start(1, 209, Net::Direct);
+    let a = &c.agents[0];
+    assert!(a.put("app/web", "x", "1"));
+    let (_, heads) = value_and_heads(a, "app/web");
+    assert!(a.put("app/web", "x", "2"));
+    let api = a.api.as_str();
+    let doc = doc_url("app/web", "");
+    let err = |r: &(u16, String, Vec<u8>)| String::from_utf8_lossy(&r.2).to_string();
+
+    // Reads.
+    let r = http(api, "GET", &format!("{doc}/x?at={heads}"), b"");
+    assert_eq!(r.0, 200, "{}", err(&r));
+    assert_eq!(json_of(&err(&r))["value"], json!(1));
+    let r = http(api, "GET", &format!("{doc}?at={}", "ab".repeat(32)), b"");
+    assert_eq!(r.0, 400);
+    assert!(err(&r).contains("current heads"), "{}", err(&r));
+    let r = http(api, "GET", &format!("{doc}?diff"), b"");
+    assert_eq!(r.0, 400);
+    assert!(err(&r).contains("from=HEADS"), "{}", err(&r));
+    let r = http(api, "GET", &format!("{doc}?diff&from={heads}"), b"");
+    assert_eq!(json_of(&err(&r))["changes"][0]["path"], "x");
+    let r = http(api, "GET", &format!("{doc}?blame"), b"");
+    assert_eq!(json_of(&err(&r))[0]["setters"][0]["author"], a.id.as_str());
+    let r = http(api, "GET", &format!("{doc}?export=xml"), b"");
+    assert_eq!(r.0, 400);
+    let r = http(api, "GET", &format!("{doc}?export=automerge"), b"");
+    assert_eq!((r.0, r.1.as_str()), (200, "application/octet-stream"));
+    assert_eq!(&r.2[..4], &[0x85, 0x6f, 0x4a, 0x83]);
+    let r = http(api, "GET", "/v1/audit/app%2Fweb", b"");
+    assert_eq!((r.0, r.1.as_str()), (200, "application/vnd.lichen.audit"));
+    let cluster: lichen_crdt::NodeId = a.status()["cluster"].as_str().unwrap().parse().unwrap();
+    let v = lichen_crdt::audit::verify(&r.2, &cluster.0).expect("the bundle verifies");
+    assert_eq!(v.history.len(), 2);
+    let r = http(api, "GET", "/v1/audit/app%2Fnope", b"");
+    assert_eq!(r.0, 404, "{}", err(&r));
+
+    // Actions.
+    let r = http(api, "POST", &doc, br#"{"to": ""}"#);
+    assert_eq!(r.0, 400, "POST without ?revert");
+    let r = http(
+        api,
+        "POST",
+        &format!("{doc}?revert"),
+        br#"{"to": "", "undo": "ab"}"#,
+    );
+    assert_eq!(r.0, 400);
+    let r = http(
+        api,
+        "POST",
+        &format!("{doc}?revert"),
+        br#"{"undo": "abcdef"}"#,
+    );
+    assert_eq!(r.0, 404, "{}", err(&r));
+    let body = format!(r#"{{"to": "{heads}"}}"#);
+    let r = http(api, "POST", &format!("{doc}?revert"), body.as_bytes());
+    assert_eq!(r.0, 200, "{}", err(&r));
+    assert_eq!(json_of(&err(&r))["changed"], json!(true));
+    assert_eq!(a.get("app/web", "x"), Some(json!(1)));
+    let r = http(api, "PUT", &format!("{doc}?import"), b"[1]");
+    assert_eq!(r.0, 400);
+    assert!(
+        err(&r).contains("a document is a JSON object"),
+        "{}",
+        err(&r)
+    );
+    let r = http(api, "PUT", &format!("{doc}/x?import"), b"{}");
+    assert_eq!(r.0, 400);
+    let r = http(api, "PUT", &format!("{doc}?import"), br#"{"y": true}"#);
+    assert_eq!(r.0, 200, "{}", err(&r));
+    assert_eq!(a.get("app/web", ""), Some(json!({"y": true})));
 }
