@@ -602,7 +602,11 @@ impl Task {
                 render
             }
             Err(e) => {
-                let reason = if e.status() == 403 { "denied" } else { "write" };
+                let reason = if e.kind == crate::error::ErrorKind::Denied {
+                    "denied"
+                } else {
+                    "write"
+                };
                 tracing::warn!(%file, doc = %self.b.target(), error = %e.error, "the edit was refused; the file is left as it is");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, reason, 1);
                 self.rejected = true;
