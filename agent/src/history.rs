@@ -115,6 +115,9 @@ pub(crate) enum PastError {
     /// The file to import is not usable.
     #[error("cannot import this file: {0}")]
     Import(#[from] lichen_crdt::ImportError),
+    /// The content to import is bigger than one write may be.
+    #[error("the content holds more than {0} map keys and list items (the most one write may hold); import it in parts")]
+    TooLarge(usize),
 }
 
 impl PastError {
@@ -127,6 +130,7 @@ impl PastError {
             | PastError::History(HistoryError::BadHeads { .. })
             | PastError::History(HistoryError::Json(_))
             | PastError::Import(_) => ErrorKind::Invalid,
+            PastError::TooLarge(_) => ErrorKind::TooLarge,
             PastError::History(HistoryError::Store(_)) | PastError::History(_) => {
                 ErrorKind::Internal
             }
@@ -211,6 +215,12 @@ pub(crate) fn run(
         }
         PastRequest::Import { doc, bytes } => {
             let value = import_content(&bytes)?;
+            // The bound of every write (`api::MAX_WRITE_NODES`), on the content as read: an
+            // Automerge file expands.
+            let max = crate::api::MAX_WRITE_NODES;
+            if crate::api::count_nodes(&value, max) > max {
+                return Err(PastError::TooLarge(max));
+            }
             let mut report = serde_json::Map::new();
             report.insert("doc".into(), json!(doc));
             Ok(Planned::Write {

@@ -495,6 +495,16 @@ fn the_history_routes_answer_with_statuses_that_name_the_next_step() {
     );
     let r = http(api, "PUT", &format!("{doc}/x?import"), b"{}");
     assert_eq!(r.0, 400);
+    // The bound of every write holds for an import too.
+    let big: serde_json::Map<String, Value> =
+        (0..5001).map(|i| (format!("k{i}"), json!(i))).collect();
+    let r = http(
+        api,
+        "PUT",
+        &format!("{doc}?import"),
+        &serde_json::to_vec(&big).unwrap(),
+    );
+    assert_eq!(r.0, 413, "{}", err(&r));
     let r = http(api, "PUT", &format!("{doc}?import"), br#"{"y": true}"#);
     assert_eq!(r.0, 200, "{}", err(&r));
     assert_eq!(a.get("app/web", ""), Some(json!({"y": true})));

@@ -19,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lichen_crdt::PathSeg;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::{doc_and_path, leftover, percent_decode, query_error, take, ApiResult, DocView, Pairs};
 use crate::error::{ApiError, ErrorKind};
@@ -158,17 +157,6 @@ pub(super) async fn import(
             ErrorKind::Invalid,
             "an import replaces a whole document: PUT /v1/docs/{doc}?import with no path",
         ));
-    }
-    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-        if super::count_nodes(&v, super::MAX_WRITE_NODES) > super::MAX_WRITE_NODES {
-            return Err(ApiError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "the content holds more than {} map keys and list items; import it in parts",
-                    super::MAX_WRITE_NODES
-                ),
-            ));
-        }
     }
     let req = PastRequest::Import {
         doc,

@@ -51,7 +51,10 @@
 //! `ingest_cross` (received crossing puts without Automerge), `carry` (voided changes noted,
 //! own void writes carried forward), `ingest_membership` (received membership changes),
 //! `rebuild` (re-judging a document) and `scrub` (checking what is read back from disk, the
-//! background scrub, quarantine).
+//! background scrub, quarantine). The past: `history_at` (a document at given heads, diffs),
+//! `revert` (planning a revert to heads or the undo of one change), `blame` (who set each
+//! leaf), `export` (Automerge and JSON export, import) and `audit_export` (audit bundles and
+//! the in-memory store they are verified in, see [`crate::audit`]).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
 mod audit_export;
