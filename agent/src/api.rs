@@ -22,6 +22,9 @@
 //! | `PUT /v1/docs/{doc}[/{path…}]` (body: JSON) | set (the whole document: an object); `If-Match` |
 //! | `DELETE /v1/docs/{doc}/{path…}` | delete a value; `If-Match` |
 //! | `DELETE /v1/docs/{doc}` | delete every value of the document (one signed change) |
+//! | `… ?at=HEADS`, `?diff&from=HEADS[&to=HEADS]`, `?blame`, `?export=automerge\|json` | the past, diffs, blame, export (`api/history.rs`) |
+//! | `PUT /v1/docs/{doc}?import`, `POST /v1/docs/{doc}[/{path…}]?revert` | import, revert (`api/history.rs`) |
+//! | `GET /v1/audit/{doc}[?since=HEADS]` | audit bundle bytes (`api/history.rs`) |
 //! | `GET /v1/members`, `POST /v1/members` | list / add |
 //! | `PATCH /v1/members/{id}`, `DELETE /v1/members/{id}` | role, scopes / remove |
 //! | `GET /v1/status` | typed status ([`crate::views::StatusView`]) |
@@ -63,6 +66,8 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 
 use crate::auth::Access;
+
+mod history;
 use crate::error::{ApiError, ErrorKind};
 use crate::node::{Command, NodeHandle, Watched};
 use crate::views::{
@@ -130,8 +135,12 @@ pub(crate) fn router(node: NodeHandle, body_timeout: Duration, access: Access) -
         .route("/v1/docs", get(docs_index))
         .route(
             "/v1/docs/{*rest}",
-            get(doc_get).put(doc_put).delete(doc_delete),
+            get(doc_get)
+                .put(doc_put)
+                .delete(doc_delete)
+                .post(history::doc_post),
         )
+        .route("/v1/audit/{*rest}", get(history::audit))
         .route("/v1/members", get(members).post(member_add))
         .route(
             "/v1/members/{id}",
@@ -159,7 +168,7 @@ pub(crate) fn router(node: NodeHandle, body_timeout: Duration, access: Access) -
 }
 
 /// The list of routes, for a 404.
-const ROUTES: &str = "GET /v1/health, GET /v1/docs[?prefix=P[&values|&watch]], GET|PUT|DELETE /v1/docs/{doc}/{path…} (GET views: ?keys, ?raw, ?history, ?conflicts, ?watch), GET|POST /v1/members, PATCH|DELETE /v1/members/{id}, GET /v1/status, POST /v1/backup and GET /metrics";
+const ROUTES: &str = "GET /v1/health, GET /v1/docs[?prefix=P[&values|&watch]], GET|PUT|DELETE /v1/docs/{doc}/{path…} (GET views: ?keys, ?raw, ?history, ?conflicts, ?watch, ?at=HEADS, ?diff&from=HEADS, ?blame, ?export=automerge|json; PUT ?import), POST /v1/docs/{doc}/{path…}?revert, GET /v1/audit/{doc}, GET|POST /v1/members, PATCH|DELETE /v1/members/{id}, GET /v1/status, POST /v1/backup and GET /metrics";
 
 async fn unknown_route(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
@@ -398,7 +407,17 @@ fn leftover(q: &Pairs, view: &str) -> Result<(), ApiError> {
 }
 
 /// The view flags of a document resource, in the order they are looked for.
-const DOC_VIEW_FLAGS: &[&str] = &["keys", "raw", "history", "conflicts", "watch"];
+const DOC_VIEW_FLAGS: &[&str] = &[
+    "keys",
+    "raw",
+    "history",
+    "conflicts",
+    "watch",
+    "at",
+    "diff",
+    "blame",
+    "export",
+];
 
 /// What a `GET /v1/docs/{doc}/{path…}` returns, parsed from its query.
 #[derive(Debug, Clone, PartialEq)]
@@ -415,6 +434,16 @@ enum DocView {
     Conflicts,
     /// `?watch[&since=HEADS]`.
     Watch { since: Option<String> },
+    /// `?at=HEADS`: the value as of HEADS (see [`crate::history`]).
+    At { heads: String },
+    /// `?diff&from=HEADS[&to=HEADS]`: what changed from HEADS (to now).
+    Diff { from: String, to: Option<String> },
+    /// `?blame`: who set each leaf.
+    Blame,
+    /// `?export=automerge|json`: the document's bytes.
+    Export {
+        format: crate::history::ExportFormat,
+    },
 }
 
 impl DocView {
@@ -433,7 +462,7 @@ impl DocView {
         let view = match flags.first().copied() {
             None => DocView::Value,
             Some(flag) => {
-                take(&mut q, flag);
+                let value = take(&mut q, flag).unwrap_or_default();
                 match flag {
                     "keys" => DocView::Keys,
                     "raw" => DocView::Raw,
@@ -449,9 +478,10 @@ impl DocView {
                         }
                     }
                     "conflicts" => DocView::Conflicts,
-                    _ => DocView::Watch {
+                    "watch" => DocView::Watch {
                         since: take(&mut q, "since"),
                     },
+                    _ => history::parse_view(flag, value, &mut q)?,
                 }
             }
         };
@@ -665,6 +695,10 @@ async fn doc_get(
                 .or(since);
             watch(n, doc, path, since).await
         }
+        view @ (DocView::At { .. }
+        | DocView::Diff { .. }
+        | DocView::Blame
+        | DocView::Export { .. }) => history::doc_view(&n, doc, path, view).await,
     }
 }
 
@@ -676,6 +710,11 @@ async fn doc_put(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let (doc, path) = doc_and_path(&uri)?;
+    let mut q = q;
+    if take(&mut q, "import").is_some() {
+        leftover(&q, "PUT ?import")?;
+        return history::import(&n, doc, path, body).await;
+    }
     leftover(&q, "PUT")?;
     let expect = if_match(&headers)?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| {

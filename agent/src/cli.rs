@@ -64,6 +64,10 @@ pub enum Command {
         /// Every document whose name starts with this prefix.
         #[arg(long, conflicts_with = "doc")]
         prefix: Option<String>,
+        /// The value as it was at HEADS (as `get --json`, `status`, `history` and watch
+        /// events print them).
+        #[arg(long, conflicts_with_all = ["prefix", "raw"])]
+        at: Option<String>,
     },
     /// Delete the value at PATH in DOC; with --all and no PATH, every value of DOC.
     Del {
@@ -106,6 +110,52 @@ pub enum Command {
     },
     /// Concurrent values at PATH in DOC (winner first).
     Conflicts { doc: String, path: String },
+    /// What changed in DOC (at PATH) from HEADS to HEADS (default: now): added, removed and
+    /// changed paths with their old and new values.
+    Diff {
+        doc: String,
+        path: Option<String>,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Put DOC (or the subtree at PATH) back to its state at --to HEADS, or undo one change
+    /// (--undo HASH): one new change signed by this node; prints its hash.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["to", "undo"])))]
+    Revert {
+        doc: String,
+        path: Option<String>,
+        /// The heads to go back to.
+        #[arg(long)]
+        to: Option<String>,
+        /// The change to undo (its hash or a prefix, as `history` prints it).
+        #[arg(long, conflicts_with = "path")]
+        undo: Option<String>,
+        /// With --undo: put back values a later change has overwritten too.
+        #[arg(long, requires = "undo")]
+        force: bool,
+    },
+    /// For every leaf of DOC (at PATH): its value and the change that set it (hash, author,
+    /// time, whether the author is still a member); conflicts list every value.
+    Blame { doc: String, path: Option<String> },
+    /// Audit bundles: a document's signed history with its membership chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Write DOC as an Automerge document (loads in @automerge/automerge) or as JSON.
+    Export {
+        doc: String,
+        #[arg(long, default_value = "automerge")]
+        format: String,
+        /// Output file (default: standard output).
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+    },
+    /// Make DOC equal to FILE (a JSON object or an Automerge document), as one new change
+    /// signed by this node.
+    Import { doc: String, file: PathBuf },
     /// Cluster membership.
     Members {
         #[command(subcommand)]
@@ -130,6 +180,28 @@ are forwarded; the exit code is CMD's."
         /// Keep the agents' directories (printed) instead of deleting them.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Write an audit bundle of DOC (every change with its signature, and the membership
+    /// chain that authorizes them) to FILE.
+    Export {
+        doc: String,
+        /// Start the audited history after these heads (the bundle still holds its past).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+    },
+    /// Verify a bundle offline (no agent, no data directory) against the cluster id; prints
+    /// the verified history, or the offending change and the reason.
+    Verify {
+        file: PathBuf,
+        /// The cluster id (`lichen status` prints it).
+        #[arg(long)]
+        cluster: String,
     },
 }
 

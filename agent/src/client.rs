@@ -272,10 +272,13 @@ impl Client {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         if let Some(b) = body {
-            head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                head.push_str("Content-Type: application/json\r\n");
+            }
+            head.push_str(&format!("Content-Length: {}\r\n", b.len()));
         }
         head.push_str("\r\n");
         let mut req = head.into_bytes();
@@ -386,6 +389,43 @@ impl Client {
             return Err(error_of(status, &bytes));
         }
         a.whole(MAX_BYTES_ANSWER)
+    }
+
+    /// `GET` bytes (an export, an audit bundle); an answer cut short (or longer than the
+    /// 64 MiB a body is read up to) is an error, never a shorter file.
+    pub(crate) fn get_bytes(&self, target: &str) -> Result<Vec<u8>, ApiError> {
+        let (h, b) = self.call("GET", target, &[], None)?;
+        let declared = h
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        match declared {
+            Some(n) if n != b.len() => Err(ApiError::new(
+                ErrorKind::Unreachable,
+                format!(
+                    "the agent's answer has {n} bytes but {} arrived (at most 64 MiB are read); nothing was written",
+                    b.len()
+                ),
+            )),
+            _ => Ok(b),
+        }
+    }
+
+    /// A request with a body of bytes of `content_type`, answered with a JSON view.
+    pub(crate) fn send_bytes<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        target: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<T, ApiError> {
+        let (_, b) = self.call(
+            method,
+            target,
+            &[("Content-Type", content_type)],
+            Some(body),
+        )?;
+        Self::json(&b)
     }
 
     /// Follow a Server-Sent Events stream, calling `on_event` with each event.

@@ -9,6 +9,8 @@ mod daemon;
 mod demo;
 mod error;
 mod exec;
+mod history;
+mod history_cli;
 mod metrics;
 mod node;
 mod render;
@@ -21,7 +23,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, Command, MembersCommand, RunArgs};
+use crate::cli::{AuditCommand, Cli, Command, MembersCommand, RunArgs};
 use crate::client::{doc_url, with_query, Client, Endpoint};
 use crate::config::{Config, Overrides};
 use crate::error::{exit, ApiError, ErrorKind};
@@ -150,6 +152,22 @@ fn main() {
             Err(e) => {
                 eprintln!("error: {e}");
                 e.code()
+            }
+        },
+        // Offline: no agent, no data directory.
+        Some(Command::Audit {
+            command: AuditCommand::Verify { file, cluster },
+        }) => match history_cli::audit_verify(file, cluster, cli.json) {
+            Ok(text) => {
+                print!("{text}");
+                if cli.json {
+                    println!();
+                }
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit::FAILURE
             }
         },
         Some(cmd) => match make_client(&cli).and_then(|c| client_command(&c, cmd, cli.json)) {
@@ -290,7 +308,15 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
             path,
             raw,
             prefix,
+            at,
         } => {
+            if let Some(at) = at {
+                let doc = doc.as_deref().unwrap_or_default();
+                let url = doc_url(doc, path.as_deref().unwrap_or_default())?;
+                let r: Value = c.get(&with_query(&url, &[("at", Some(at))]))?;
+                print(if as_json { &r } else { &r["value"] }, as_json);
+                return Ok(());
+            }
             if let Some(p) = prefix_of(doc, prefix) {
                 if path.is_some() {
                     return Err(usage(
@@ -547,6 +573,106 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
                 }
             }
         },
+        Command::Diff {
+            doc,
+            path,
+            from,
+            to,
+        } => {
+            let url = doc_url(doc, path.as_deref().unwrap_or_default())?;
+            let mut q = vec![("diff", None), ("from", Some(from.as_str()))];
+            if let Some(t) = to {
+                q.push(("to", Some(t.as_str())));
+            }
+            let r: Value = c.get(&with_query(&url, &q))?;
+            if as_json {
+                print(&r, true);
+            } else {
+                print!("{}", history_cli::render_diff(&r));
+            }
+        }
+        Command::Blame { doc, path } => {
+            let url = doc_url(doc, path.as_deref().unwrap_or_default())?;
+            let r: Value = c.get(&with_query(&url, &[("blame", None)]))?;
+            if as_json {
+                print(&r, true);
+            } else {
+                print!("{}", history_cli::render_blame(&r));
+            }
+        }
+        Command::Revert {
+            doc,
+            path,
+            to,
+            undo,
+            force,
+        } => {
+            let url = doc_url(doc, path.as_deref().unwrap_or_default())?;
+            let body = match (to, undo) {
+                (Some(t), _) => json!({ "to": t }),
+                (None, Some(u)) => json!({ "undo": u, "force": force }),
+                (None, None) => return Err(usage("give --to HEADS or --undo HASH")),
+            };
+            let r: Value = c.send_json(
+                "POST",
+                &with_query(&url, &[("revert", None)]),
+                &[],
+                Some(&body),
+            )?;
+            if as_json {
+                print(&r, true);
+            } else {
+                print!("{}", history_cli::render_write(&r));
+            }
+        }
+        Command::Export { doc, format, out } => {
+            let f: history::ExportFormat = format.parse().map_err(usage)?;
+            let url = with_query(&doc_url(doc, "")?, &[("export", Some(format.as_str()))]);
+            let mut bytes = c.get_bytes(&url)?;
+            if f == history::ExportFormat::Json {
+                // Pretty, with a final newline, like `get`.
+                let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                bytes = serde_json::to_vec_pretty(&v).unwrap_or_default();
+                bytes.push(b'\n');
+            }
+            write_out(out.as_deref(), &bytes)?;
+            if let (Some(o), true) = (out, as_json) {
+                print(&json!({"file": o, "bytes": bytes.len()}), true);
+            }
+        }
+        Command::Import { doc, file } => {
+            let bytes = std::fs::read(file).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Invalid,
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let url = with_query(&doc_url(doc, "")?, &[("import", None)]);
+            let r: Value = c.send_bytes("PUT", &url, "application/octet-stream", &bytes)?;
+            if as_json {
+                print(&r, true);
+            } else {
+                print!("{}", history_cli::render_write(&r));
+            }
+        }
+        Command::Audit { command } => match command {
+            AuditCommand::Export { doc, since, out } => {
+                let url = format!("/v1/audit/{}", client::encode(doc));
+                let url = match since {
+                    Some(s) => with_query(&url, &[("since", Some(s.as_str()))]),
+                    None => url,
+                };
+                let bytes = c.get_bytes(&url)?;
+                write_out(Some(out), &bytes)?;
+                if as_json {
+                    print(&json!({"file": out, "bytes": bytes.len()}), true);
+                } else {
+                    eprintln!("wrote {} ({} bytes)", out.display(), bytes.len());
+                }
+            }
+            // Handled in `main`, without an agent.
+            AuditCommand::Verify { .. } => {}
+        },
         Command::Status => {
             let r: StatusView = c.get("/v1/status")?;
             if as_json {
@@ -564,6 +690,25 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
         | Command::Restore(_) => {}
     }
     Ok(())
+}
+
+/// Write `bytes` to `out` (standard output if `None`), atomically for a file.
+fn write_out(out: Option<&std::path::Path>, bytes: &[u8]) -> Result<(), ApiError> {
+    use std::io::Write;
+    let fail = |what: &dyn std::fmt::Display, e: std::io::Error| {
+        ApiError::new(ErrorKind::Internal, format!("cannot write {what}: {e}"))
+    };
+    match out {
+        None => std::io::stdout()
+            .write_all(bytes)
+            .map_err(|e| fail(&"standard output", e)),
+        Some(p) => {
+            let tmp = p.with_extension("lichen-tmp");
+            std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, p))
+                .map_err(|e| fail(&p.display(), e))
+        }
+    }
 }
 
 /// The first `n` characters of `s` (ids and hashes are ASCII hex).

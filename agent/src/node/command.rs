@@ -112,6 +112,12 @@ pub enum Command {
         path: Vec<PathSeg>,
         reply: Reply<watch::Receiver<Arc<Watched>>>,
     },
+    /// Read the past, blame, export, audit; or revert or import (a write): see
+    /// [`crate::history`] and `node/past.rs`.
+    Past {
+        req: crate::history::PastRequest,
+        reply: Reply<crate::history::PastAnswer>,
+    },
 }
 
 impl Command {
@@ -127,7 +133,7 @@ impl Command {
                 | Command::MemberRemove { .. }
                 | Command::MemberRole { .. }
                 | Command::MemberScopes { .. }
-        )
+        ) || matches!(self, Command::Past { req, .. } if req.writes())
     }
 }
 
@@ -145,6 +151,9 @@ pub(super) fn refuse(c: Command, why: &str) {
         | Command::MemberRemove { reply, .. }
         | Command::MemberRole { reply, .. }
         | Command::MemberScopes { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::Past { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         _ => {}
@@ -194,6 +203,7 @@ impl Node {
             Command::Backup { reply } => {
                 let _ = reply.send(self.backup());
             }
+            Command::Past { req, reply } => self.past(req, reply),
             Command::Get { doc, path, reply } => {
                 let r = (|| {
                     let v = self.store.get(&doc, &path)?;

@@ -54,6 +54,7 @@ mod error;
 mod gate;
 mod maintenance;
 mod membership_sync;
+mod past;
 mod run;
 mod status;
 mod watchers;

@@ -52,13 +52,20 @@
 //! own void writes carried forward), `ingest_membership` (received membership changes),
 //! `rebuild` (re-judging a document) and `scrub` (checking what is read back from disk, the
 //! background scrub, quarantine); `backup` (an online copy of the store, its verification
-//! from scratch, and a restore).
+//! from scratch, and a restore). The past: `history_at` (a document at given heads, diffs),
+//! `revert` (planning a revert to heads or the undo of one change), `blame` (who set each
+//! leaf), `export` (Automerge and JSON export, import) and `audit_export` (audit bundles and
+//! the in-memory store they are verified in, see [`crate::audit`]).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
+mod audit_export;
 pub mod backup;
+mod blame;
 mod cache;
 mod carry;
 mod durability;
+mod export;
+mod history_at;
 mod ingest;
 mod ingest_cross;
 mod ingest_membership;
@@ -67,6 +74,7 @@ mod members;
 mod persist;
 mod read;
 mod rebuild;
+mod revert;
 mod scrub;
 mod write;
 
@@ -85,9 +93,13 @@ use crate::membership::{self, Member, MemberChange, Membership, Role};
 use crate::schema::{self, SchemaProblem};
 use crate::signed::{ClusterId, SignedChange, MEMBERSHIP_DOC};
 
+pub use blame::{BlameLeaf, BlameSetter};
 use cache::Loaded;
 pub use carry::{CarriedForward, Voided};
+pub use export::{import_content, ImportError};
+pub use history_at::{format_heads, parse_heads, DiffEntry, DiffKind, HistoryError};
 use ingest::PendingSet;
+pub use revert::{UndoPlan, UndoSkipped};
 pub use scrub::{ScrubStatus, ScrubStep};
 
 type Clocks = BTreeMap<String, BTreeMap<NodeId, u64>>;
