@@ -133,6 +133,25 @@ fn load_seeds(data_dir: &Path) -> Vec<(NodeId, String)> {
         .collect()
 }
 
+/// Load (or create) the key, open (or create) the store and apply the store settings.
+fn prepare_store(cfg: &Config) -> Result<(SecretKey, bool, Store, bool)> {
+    let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
+    let (mut store, founded) = open_store(cfg, &key)?;
+    let (local, remote) = cfg.fsync.policy();
+    store.set_fsync_policy(local, remote)?;
+    if !local {
+        tracing::warn!(
+            "fsync = \"never\": after a power loss this node may lose writes it acknowledged, and writing again before it has resynced can flag its key as equivocating; use it for tests only"
+        );
+    }
+    store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
+    store.set_max_loaded_docs(cfg.max_loaded_docs);
+    // The agent is the database's only user while it runs: hold it (no per-transaction file
+    // locks; a second agent on this data directory is refused).
+    store.hold_exclusive()?;
+    Ok((key, new_key, store, founded))
+}
+
 /// The token another node uses to join through this one.
 pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::SocketAddr) -> String {
     let addr = cfg.advertise.first().cloned().unwrap_or_else(|| {
@@ -166,21 +185,15 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
-    let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
+    // Files and SQLite off the runtime, like everything on the store afterwards (the node
+    // thread): nothing else runs yet, but a slow disk must not look like a hung runtime.
+    let (key, new_key, store, founded) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare_store(&cfg))
+            .await
+            .context("opening the store failed")??
+    };
     let me = key.node_id();
-    let (mut store, founded) = open_store(&cfg, &key)?;
-    let (local, remote) = cfg.fsync.policy();
-    store.set_fsync_policy(local, remote)?;
-    if !local {
-        tracing::warn!(
-            "fsync = \"never\": after a power loss this node may lose writes it acknowledged, and writing again before it has resynced can flag its key as equivocating; use it for tests only"
-        );
-    }
-    store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
-    store.set_max_loaded_docs(cfg.max_loaded_docs);
-    // The agent is the database's only user while it runs: hold it (no per-transaction file
-    // locks; a second agent on this data directory is refused).
-    store.hold_exclusive()?;
     if new_key {
         tracing::info!(node = %me, path = %key_path(&cfg.data_dir).display(), "generated a new node key");
     }
@@ -221,7 +234,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         ..Default::default()
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (handle, node_task) = node::spawn(
+    let (handle, node_thread) = node::spawn(
         NodeParts {
             store,
             key: key.clone(),
@@ -238,7 +251,8 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             scrub_rows_per_second: cfg.scrub_rows_per_second,
         },
         shutdown_rx.clone(),
-    );
+    )
+    .context("cannot start the node thread")?;
 
     banner(&BannerFacts {
         json: cfg.log_format == LogFormat::Json,
@@ -281,7 +295,12 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match Config::resolve(&overrides) {
+                // Reading the file (and resolving `advertise` names) blocks: off the runtime.
+                let o = overrides.clone();
+                let resolved = tokio::task::spawn_blocking(move || Config::resolve(&o))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the reload task failed: {e}")));
+                match resolved {
                     Ok(new) => {
                         if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log)) {
                             tracing::warn!(error = %e, "could not change the log filter");
@@ -307,8 +326,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let _ = shutdown_tx.send(true);
     let _ = server.await;
     bindings.stop().await;
-    let store = node_task.await.context("node task failed")?;
-    drop(store);
+    node_thread.join().await.map_err(anyhow::Error::msg)?;
     endpoint.close().await;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -1,0 +1,138 @@
+//! A busy store does not stall the agent's network side: while back-to-back maximal writes
+//! keep the node's thread committing (each one 5,000 map keys, signed, applied, fsynced, and
+//! applied again on the peer), `GET /v1/health` is answered within 50 ms every time, and the
+//! QUIC connection between the two agents stays up with its round-trip time under 50 ms (the
+//! peer's runtime answers QUIC packets while its own node applies the same changes).
+//!
+//! Agents use loopback addresses 127.0.0.180 and up.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The bound the issue sets for health and keep-alive answers under a busy store.
+const BOUND: Duration = Duration::from_millis(50);
+/// Health probes taken while the store is busy.
+const PROBES: usize = 300;
+/// Concurrent writers (each to its own document, so that a group commit holds several).
+const WRITERS: usize = 2;
+/// Map keys per write: the API's largest write (`MAX_WRITE_NODES` in agent/src/api.rs).
+const KEYS: usize = 5_000;
+
+fn big_value(n: u64) -> String {
+    let body: Vec<String> = (0..KEYS).map(|k| format!("\"k{k}\":{n}")).collect();
+    format!("{{{}}}", body.join(","))
+}
+
+fn peer_view(a: &Agent) -> (bool, f64) {
+    let s = a.status();
+    let p = &s["peers"][0];
+    (
+        p["connected"] == true,
+        p["rtt_ms"].as_f64().unwrap_or(f64::MAX),
+    )
+}
+
+#[test]
+fn health_and_quic_are_answered_while_the_store_is_busy() {
+    let c = Cluster::start(2, 180, Net::Direct);
+    let (a, b) = (&c.agents[0], &c.agents[1]);
+    let connects_before = |x: &Agent| x.log_text().matches("peer connected").count();
+    let (ca, cb) = (connects_before(a), connects_before(b));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let write_ms = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (api, stop, done, write_ms) =
+                (a.api.clone(), stop.clone(), done.clone(), write_ms.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let body = big_value(n);
+                    let t = Instant::now();
+                    let status = http_put(&api, &format!("load{w}"), "v", &body);
+                    assert_eq!(status, 200, "a maximal write failed");
+                    write_ms
+                        .lock()
+                        .unwrap()
+                        .push(t.elapsed().as_secs_f64() * 1000.0);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    // The store is busy once every writer has had a write committed.
+    wait_until("the first maximal writes are committed", PATIENCE, || {
+        done.load(Ordering::SeqCst) >= WRITERS as u64
+    });
+    let writes_before = done.load(Ordering::SeqCst);
+    write_ms.lock().unwrap().clear();
+
+    // Health probes, and the peer connection from both sides sampled between them.
+    let mut lat = Vec::with_capacity(PROBES);
+    let mut samples = Vec::new();
+    // A stalled runtime answers each probe only after a store step of seconds: stop early
+    // rather than take all the probes then.
+    let window = Instant::now();
+    while lat.len() < PROBES && window.elapsed() < Duration::from_secs(30) {
+        let t = Instant::now();
+        let reply = http_get(&a.api, "/v1/health");
+        lat.push(t.elapsed());
+        assert!(reply.contains("\"ok\""), "health answered {reply}");
+        if lat.len() % 60 == 30 {
+            samples.push((peer_view(a), peer_view(b)));
+        }
+        std::thread::sleep(Duration::from_millis(5)); // the probe's pace, not a synchronisation
+    }
+    let writes_during = done.load(Ordering::SeqCst) - writes_before;
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().expect("writer thread");
+    }
+    lat.sort();
+    let n = lat.len();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut wms = write_ms.lock().unwrap().clone();
+    wms.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let wmax = wms.last().copied().unwrap_or(0.0);
+    eprintln!(
+        "health over {n} probes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {writes_during} maximal writes meanwhile (latency p50 {:.0} ms, max {wmax:.0} ms); peer (connected, rtt ms) a/b samples {samples:?}",
+        ms(lat[n / 2]),
+        ms(lat[n * 99 / 100]),
+        ms(lat[n - 1]),
+        wms.get(wms.len() / 2).copied().unwrap_or(0.0),
+    );
+    // The store was busy: writes kept coming, each held the node longer than the bound.
+    assert!(
+        writes_during >= 2 * WRITERS as u64,
+        "the store was not kept busy"
+    );
+    assert!(
+        wmax > ms(BOUND),
+        "no write took longer than {BOUND:?}: the store was not busy enough to show anything"
+    );
+    assert!(
+        lat[n - 1] < BOUND && n == PROBES,
+        "GET /v1/health took up to {:.1} ms while the store was busy ({n} probes)",
+        ms(lat[n - 1])
+    );
+    for ((a_conn, a_rtt), (b_conn, b_rtt)) in &samples {
+        assert!(
+            *a_conn && *b_conn,
+            "the peer connection dropped: {samples:?}"
+        );
+        assert!(
+            *a_rtt < ms(BOUND) && *b_rtt < ms(BOUND),
+            "QUIC round trip over {BOUND:?} while the store was busy: {samples:?}"
+        );
+    }
+    assert_eq!(connects_before(a), ca, "a reconnected to its peer");
+    assert_eq!(connects_before(b), cb, "b reconnected to its peer");
+}
