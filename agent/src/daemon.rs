@@ -1,8 +1,10 @@
 //! `lichen run`: the daemon. Resolves the configuration, opens (or creates, or joins) the
 //! store, starts the transport, the node task, the file bindings and the HTTP API, then waits
 //! for signals: SIGTERM/SIGINT shut down cleanly (every acknowledged write is already
-//! durable; the node task answers what is queued and closes the store), SIGHUP reloads the
-//! config file (an invalid one is reported and the old one kept).
+//! durable; the node answers what is queued and closes the store), SIGHUP reloads the
+//! config file (an invalid one is reported and the old one kept): the settings that can
+//! change while running are applied, each other changed setting is logged (name, old, new)
+//! and listed by `status` as `restart_pending` until the next start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tracing_subscriber::{reload, EnvFilter};
 
 use crate::config::{Config, JoinToken, LogFormat, Overrides};
 use crate::metrics::Metrics;
-use crate::node::{self, Gate, NodeParts};
+use crate::node::{self, Gate, LiveSettings, NodeParts};
 
 /// Handle to change the log filter at run time (SIGHUP).
 pub type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -289,7 +291,8 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let started = cfg;
+    let started = cfg.clone();
+    let mut current = cfg;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
@@ -306,12 +309,27 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
                             tracing::warn!(error = %e, "could not change the log filter");
                         }
                         // Against the configuration the agent started with: a change stays
-                        // pending (and reported) until the next start.
-                        let later = started.restart_only_changes(&new);
-                        if !later.is_empty() {
-                            tracing::warn!(settings = later.join(", "), "these changed settings take effect at the next start");
+                        // pending (and reported at every reload) until the next start.
+                        let pending = started.restart_only_changes(&new);
+                        for c in &pending {
+                            tracing::warn!(setting = c.name, old = %c.old, new = %c.new, "changed setting: it will take effect at the next start");
+                        }
+                        for c in current.changes(&new).into_iter().filter(|c| c.live) {
+                            tracing::info!(setting = c.name, old = %c.old, new = %c.new, "changed setting applied");
+                        }
+                        let live = LiveSettings {
+                            max_loaded_docs: new.max_loaded_docs,
+                            scrub_rows_per_second: new.scrub_rows_per_second,
+                        };
+                        let restart_pending = pending.iter().map(|c| c.name.to_string()).collect();
+                        if let Err(e) = handle
+                            .ask(|reply| node::Command::Reload { live, restart_pending, reply })
+                            .await
+                        {
+                            tracing::warn!(error = %e.error, "the node did not take the reloaded settings");
                         }
                         bindings.reload(new.bindings.clone());
+                        current = new;
                         metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!("configuration reloaded");
                     }

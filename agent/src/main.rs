@@ -422,6 +422,18 @@ fn print_status(r: &Value) {
             "writes held: {n} (this node has not caught up with a peer since it started; see sync.hold_writes_ms)"
         );
     }
+    let pending: Vec<&str> = r["restart_pending"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !pending.is_empty() {
+        println!(
+            "restart pending: {} (changed in the config file; they apply at the next start)",
+            pending.join(", ")
+        );
+    }
     if let Some(rej) = r["rejected"].as_object() {
         if !rej.is_empty() {
             println!("rejected");

@@ -60,6 +60,7 @@
 //! * `carry`: voided changes, and carrying this node's own void writes forward.
 //! * `membership_sync`: membership document → transport (gate, dial addresses, refused keys).
 //! * `maintenance`: checkpoint, scrub, snapshots.
+//! * `settings`: settings a reload applies live, and those pending a restart.
 //! * `status`: the status and members views.
 //! * `error`: [`ApiError`], and counting storage failures.
 //! * `gate`: the transport's admission check ([`Gate`]).
@@ -72,6 +73,7 @@ mod gate;
 mod maintenance;
 mod membership_sync;
 mod run;
+mod settings;
 mod status;
 mod watchers;
 
@@ -90,6 +92,7 @@ pub use command::Command;
 use command::Reply;
 pub use error::ApiError;
 pub use gate::Gate;
+pub use settings::LiveSettings;
 use watchers::Watcher;
 pub use watchers::{Notice, Watched};
 
@@ -191,6 +194,7 @@ pub fn spawn(
         addrs_checked: false,
         refused: Vec::new(),
         scrub_rows: parts.scrub_rows_per_second as usize,
+        restart_pending: Vec::new(),
     };
     // Timers only: the node does no socket I/O of its own (the transport's tasks stay on the
     // caller's runtime, which `Endpoint::bind` captured).
@@ -273,6 +277,8 @@ struct Node {
     refused: Vec<NodeId>,
     /// Stored changes the background scrub checks per second (0: off).
     scrub_rows: usize,
+    /// Changed settings (config-file names) that apply at the next start.
+    restart_pending: Vec<String>,
 }
 
 /// Milliseconds since the Unix epoch (the wall time a change records).

@@ -10,6 +10,8 @@ use super::{ApiError, Node};
 
 impl Node {
     pub(super) fn status(&self) -> Result<Value, ApiError> {
+        // Before the reads below, which may load documents until the next trim.
+        let loaded_docs = self.store.loaded_docs();
         let me = self.key.node_id();
         let m = self.store.membership();
         let now = self.now();
@@ -63,6 +65,7 @@ impl Node {
             "docs": docs,
             "pending_changes": self.store.pending_len(),
             "writes_held": self.hold_until.map(|_| self.held.len()),
+            "restart_pending": self.restart_pending,
             "sync_lag_ms": self.metrics.sync_lag_ms.load(std::sync::atomic::Ordering::Relaxed),
             "rejected": self.metrics.labelled("lichen_changes_rejected_total"),
             "store_errors": self.metrics.labelled("lichen_store_errors_total"),
@@ -76,6 +79,7 @@ impl Node {
                 "dropped_pushes": stats.dropped_pushes,
             },
             "storage": {
+                "loaded_docs": loaded_docs,
                 "corrupt_found": scrub.corrupt_found,
                 "corrupt_ever": scrub.corrupt_ever,
                 "quarantined": scrub.quarantined,
