@@ -174,13 +174,24 @@ pub struct Config {
     pub bindings: Vec<Binding>,
 }
 
+/// One setting that differs between two configurations, by its config-file name, with both
+/// values as the file would write them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingChange {
+    pub name: &'static str,
+    pub old: String,
+    pub new: String,
+    /// A reload applies it to the running agent; otherwise it waits for the next start.
+    pub live: bool,
+}
+
 impl Config {
-    /// Settings that a reload cannot apply to a running agent (they shape the socket, the
-    /// API listener, the open database or the sync engine), by their config-file names,
-    /// that differ between `self` and `new`. A reload applies the log filter and the file
-    /// bindings; these wait for the next start. Every field is named below, so a new setting
-    /// cannot be left out of this report without a compile error.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+    /// Every setting that differs between `self` and `new`. A reload applies the live ones
+    /// (the log filter, `max_loaded_docs`, `scrub_rows_per_second`; the file bindings are
+    /// reloaded on their own); the others shape the socket, the API listener, the open
+    /// database or the sync engine and wait for the next start. Every field is named below,
+    /// so a new setting cannot be left out of this report without a compile error.
+    pub fn changes(&self, new: &Config) -> Vec<SettingChange> {
         let Config {
             data_dir,
             name,
@@ -193,7 +204,7 @@ impl Config {
             api_metrics_open,
             api_socket_group,
             log_format,
-            log: _,
+            log,
             fsync,
             wal_checkpoint_pages,
             max_loaded_docs,
@@ -202,54 +213,122 @@ impl Config {
             fanout,
             hold_writes,
             join,
+            // Reloaded by the bindings manager, which reports what it starts and stops.
             bindings: _,
         } = self;
-        let changes = [
-            (*data_dir != new.data_dir, "data_dir"),
-            (*name != new.name, "name"),
-            (*listen != new.listen, "listen"),
-            (*advertise != new.advertise, "advertise"),
-            (*api != new.api, "api"),
+        let ms = |d: &Duration| d.as_millis().to_string();
+        let join_s = |j: &Option<JoinToken>| j.as_ref().map(|j| j.to_string()).unwrap_or_default();
+        let all = [
             (
-                *api_max_connections != new.api_max_connections,
+                "data_dir",
+                false,
+                data_dir.display().to_string(),
+                new.data_dir.display().to_string(),
+            ),
+            ("name", false, name.clone(), new.name.clone()),
+            ("listen", false, listen.to_string(), new.listen.to_string()),
+            (
+                "advertise",
+                false,
+                format!("{advertise:?}"),
+                format!("{:?}", new.advertise),
+            ),
+            ("api", false, api.to_string(), new.api.to_string()),
+            (
                 "api_max_connections",
+                false,
+                api_max_connections.to_string(),
+                new.api_max_connections.to_string(),
             ),
             (
-                *api_idle_timeout != new.api_idle_timeout,
                 "api_idle_timeout_ms",
+                false,
+                ms(api_idle_timeout),
+                ms(&new.api_idle_timeout),
             ),
             (
-                *api_read_token_file != new.api_read_token_file,
+                "log_format",
+                false,
+                format!("{log_format:?}"),
+                format!("{:?}", new.log_format),
+            ),
+            ("log", true, log.clone(), new.log.clone()),
+            (
+                "fsync",
+                false,
+                format!("{fsync:?}"),
+                format!("{:?}", new.fsync),
+            ),
+            (
                 "api_read_token_file",
+                false,
+                format!("{api_read_token_file:?}"),
+                format!("{:?}", new.api_read_token_file),
             ),
             (
-                *api_metrics_open != new.api_metrics_open,
                 "api_metrics_open",
+                false,
+                api_metrics_open.to_string(),
+                new.api_metrics_open.to_string(),
             ),
             (
-                *api_socket_group != new.api_socket_group,
                 "api_socket_group",
+                false,
+                format!("{api_socket_group:?}"),
+                format!("{:?}", new.api_socket_group),
             ),
-            (*log_format != new.log_format, "log_format"),
-            (*fsync != new.fsync, "fsync"),
             (
-                *wal_checkpoint_pages != new.wal_checkpoint_pages,
                 "wal_checkpoint_pages",
+                false,
+                wal_checkpoint_pages.to_string(),
+                new.wal_checkpoint_pages.to_string(),
             ),
-            (*max_loaded_docs != new.max_loaded_docs, "max_loaded_docs"),
             (
-                *scrub_rows_per_second != new.scrub_rows_per_second,
-                "scrub_rows_per_second",
+                "max_loaded_docs",
+                true,
+                max_loaded_docs.to_string(),
+                new.max_loaded_docs.to_string(),
             ),
-            (*anti_entropy != new.anti_entropy, "sync.anti_entropy_ms"),
-            (*fanout != new.fanout, "sync.fanout"),
-            (*hold_writes != new.hold_writes, "sync.hold_writes_ms"),
-            (*join != new.join, "join"),
+            (
+                "scrub_rows_per_second",
+                true,
+                scrub_rows_per_second.to_string(),
+                new.scrub_rows_per_second.to_string(),
+            ),
+            (
+                "sync.anti_entropy_ms",
+                false,
+                ms(anti_entropy),
+                ms(&new.anti_entropy),
+            ),
+            (
+                "sync.fanout",
+                false,
+                fanout.to_string(),
+                new.fanout.to_string(),
+            ),
+            (
+                "sync.hold_writes_ms",
+                false,
+                ms(hold_writes),
+                ms(&new.hold_writes),
+            ),
+            ("join", false, join_s(join), join_s(&new.join)),
         ];
-        changes
-            .into_iter()
-            .filter_map(|(differs, name)| differs.then_some(name))
+        all.into_iter()
+            .filter(|(_, _, old, new)| old != new)
+            .map(|(name, live, old, new)| SettingChange {
+                name,
+                old,
+                new,
+                live,
+            })
             .collect()
+    }
+
+    /// The settings that differ between `self` and `new` and only apply at the next start.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<SettingChange> {
+        self.changes(new).into_iter().filter(|c| !c.live).collect()
     }
 }
 
@@ -544,11 +623,22 @@ mod tests {
         )
         .unwrap();
         let new = Config::resolve_with(&Overrides::default(), f).unwrap();
+        let names = |v: Vec<SettingChange>| v.into_iter().map(|c| c.name).collect::<Vec<_>>();
         assert_eq!(
-            base.restart_only_changes(&new),
-            ["wal_checkpoint_pages", "max_loaded_docs", "sync.fanout"]
+            names(base.restart_only_changes(&new)),
+            ["wal_checkpoint_pages", "sync.fanout"]
+        );
+        let live: Vec<SettingChange> = base.changes(&new).into_iter().filter(|c| c.live).collect();
+        assert_eq!(names(live.clone()), ["log", "max_loaded_docs"]);
+        assert_eq!(
+            (live[1].old.as_str(), live[1].new.as_str()),
+            (
+                lichen_crdt::DEFAULT_MAX_LOADED_DOCS.to_string().as_str(),
+                "7"
+            )
         );
         assert!(base.restart_only_changes(&base).is_empty());
+        assert!(base.changes(&base).is_empty());
         let f: FileConfig = toml::from_str("max_loaded_docs = 0").unwrap();
         let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
         assert!(format!("{e:#}").contains("max_loaded_docs"), "{e:#}");

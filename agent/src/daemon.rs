@@ -1,8 +1,10 @@
 //! `lichen run`: the daemon. Resolves the configuration, opens (or creates, or joins) the
 //! store, starts the transport, the node task, the file bindings and the HTTP API, then waits
 //! for signals: SIGTERM/SIGINT shut down cleanly (every acknowledged write is already
-//! durable; the node task answers what is queued and closes the store), SIGHUP reloads the
-//! config file (an invalid one is reported and the old one kept).
+//! durable; the node answers what is queued and closes the store), SIGHUP reloads the
+//! config file (an invalid one is reported and the old one kept): the settings that can
+//! change while running are applied, each other changed setting is logged (name, old, new)
+//! and listed by `status` as `restart_pending` until the next start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tracing_subscriber::{reload, EnvFilter};
 
 use crate::config::{Config, JoinToken, LogFormat, Overrides};
 use crate::metrics::Metrics;
-use crate::node::{self, Gate, NodeParts};
+use crate::node::{self, Gate, LiveSettings, NodeParts};
 
 /// Handle to change the log filter at run time (SIGHUP).
 pub type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -140,6 +142,25 @@ fn load_seeds(data_dir: &Path) -> Vec<(NodeId, String)> {
         .collect()
 }
 
+/// Load (or create) the key, open (or create) the store and apply the store settings.
+fn prepare_store(cfg: &Config) -> Result<(SecretKey, bool, Store, bool)> {
+    let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
+    let (mut store, founded) = open_store(cfg, &key)?;
+    let (local, remote) = cfg.fsync.policy();
+    store.set_fsync_policy(local, remote)?;
+    if !local {
+        tracing::warn!(
+            "fsync = \"never\": after a power loss this node may lose writes it acknowledged, and writing again before it has resynced can flag its key as equivocating; use it for tests only"
+        );
+    }
+    store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
+    store.set_max_loaded_docs(cfg.max_loaded_docs);
+    // The agent is the database's only user while it runs: hold it (no per-transaction file
+    // locks; a second agent on this data directory is refused).
+    store.hold_exclusive()?;
+    Ok((key, new_key, store, founded))
+}
+
 /// The token another node uses to join through this one.
 pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::SocketAddr) -> String {
     let addr = cfg.advertise.first().cloned().unwrap_or_else(|| {
@@ -173,21 +194,15 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
-    let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
+    // Files and SQLite off the runtime, like everything on the store afterwards (the node
+    // thread): nothing else runs yet, but a slow disk must not look like a hung runtime.
+    let (key, new_key, store, founded) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare_store(&cfg))
+            .await
+            .context("opening the store failed")??
+    };
     let me = key.node_id();
-    let (mut store, founded) = open_store(&cfg, &key)?;
-    let (local, remote) = cfg.fsync.policy();
-    store.set_fsync_policy(local, remote)?;
-    if !local {
-        tracing::warn!(
-            "fsync = \"never\": after a power loss this node may lose writes it acknowledged, and writing again before it has resynced can flag its key as equivocating; use it for tests only"
-        );
-    }
-    store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
-    store.set_max_loaded_docs(cfg.max_loaded_docs);
-    // The agent is the database's only user while it runs: hold it (no per-transaction file
-    // locks; a second agent on this data directory is refused).
-    store.hold_exclusive()?;
     if new_key {
         tracing::info!(node = %me, path = %key_path(&cfg.data_dir).display(), "generated a new node key");
     }
@@ -248,7 +263,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         tracing::warn!("restored from a backup with this node's key, started with --allow-isolated-writes: it may sign changes at sequence numbers its key already used, and other nodes would then flag the key for equivocation");
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (handle, node_task) = node::spawn(
+    let (handle, node_thread) = node::spawn(
         NodeParts {
             store,
             key: key.clone(),
@@ -266,7 +281,8 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             restored,
         },
         shutdown_rx.clone(),
-    );
+    )
+    .context("cannot start the node thread")?;
 
     banner(&BannerFacts {
         json: cfg.log_format == LogFormat::Json,
@@ -326,24 +342,45 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let started = cfg;
+    let started = cfg.clone();
+    let mut current = cfg;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match Config::resolve(&overrides) {
+                // Reading the file (and resolving `advertise` names) blocks: off the runtime.
+                let o = overrides.clone();
+                let resolved = tokio::task::spawn_blocking(move || Config::resolve(&o))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the reload task failed: {e}")));
+                match resolved {
                     Ok(new) => {
                         if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log)) {
                             tracing::warn!(error = %e, "could not change the log filter");
                         }
                         // Against the configuration the agent started with: a change stays
-                        // pending (and reported) until the next start.
-                        let later = started.restart_only_changes(&new);
-                        if !later.is_empty() {
-                            tracing::warn!(settings = later.join(", "), "these changed settings take effect at the next start");
+                        // pending (and reported at every reload) until the next start.
+                        let pending = started.restart_only_changes(&new);
+                        for c in &pending {
+                            tracing::warn!(setting = c.name, old = %c.old, new = %c.new, "changed setting: it will take effect at the next start");
+                        }
+                        for c in current.changes(&new).into_iter().filter(|c| c.live) {
+                            tracing::info!(setting = c.name, old = %c.old, new = %c.new, "changed setting applied");
+                        }
+                        let live = LiveSettings {
+                            max_loaded_docs: new.max_loaded_docs,
+                            scrub_rows_per_second: new.scrub_rows_per_second,
+                        };
+                        let restart_pending = pending.iter().map(|c| c.name.to_string()).collect();
+                        if let Err(e) = handle
+                            .ask(|reply| node::Command::Reload { live, restart_pending, reply })
+                            .await
+                        {
+                            tracing::warn!(error = %e.error, "the node did not take the reloaded settings");
                         }
                         bindings.reload(new.bindings.clone());
+                        current = new;
                         metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!("configuration reloaded");
                     }
@@ -360,8 +397,7 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     let _ = unix_server.await;
     let _ = std::fs::remove_file(&socket_path);
     bindings.stop().await;
-    let store = node_task.await.context("node task failed")?;
-    drop(store);
+    node_thread.join().await.map_err(anyhow::Error::msg)?;
     endpoint.close().await;
     tracing::info!("stopped cleanly");
     Ok(())

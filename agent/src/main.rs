@@ -219,13 +219,12 @@ fn run_daemon(a: RunArgs, cli: &Cli) -> i32 {
     let json_logs = cfg.log_format == config::LogFormat::Json;
     let log = daemon::init_logging(cfg.log_format, &cfg.log);
     alloc::start_background_purge();
-    // One thread runs every task of the agent. The node task owns the store and serialises
-    // all work on it anyway; the other tasks (HTTP, QUIC drivers, stream readers) mostly hand
-    // data to it, and across two worker threads every hand-over was a futex wake and a
-    // context switch. Bench (README, "Three agents on loopback"), interleaved against 2
-    // workers: CPU per write -17 to -27% with 8 clients and +10 to +30% writes/s; sequential
-    // writes within noise (CPU -1 to -11%, same visible latency). Big received batches still
-    // verify on scoped threads (`authenticate_all`); file writes run on the blocking pool.
+    // One thread runs the async side of the agent: the HTTP API, the QUIC endpoint (drivers,
+    // keep-alives, dialers, stream readers), the file bindings. They mostly hand data to the
+    // node, which runs on its own thread (`node::spawn`) so that store work (SQLite, fsync,
+    // checkpoints) never stalls them. Across more worker threads every hand-over was a futex
+    // wake and a context switch for no gain. Big received batches verify on scoped threads
+    // (`authenticate_all`); file writes run on the blocking pool.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -766,6 +765,12 @@ fn print_status(r: &StatusView) {
     if let Some(n) = r.writes_held {
         println!(
             "writes held: {n} (this node has not caught up with a peer since it started; see sync.hold_writes_ms)"
+        );
+    }
+    if !r.restart_pending.is_empty() {
+        println!(
+            "restart pending: {} (changed in the config file; they apply at the next start)",
+            r.restart_pending.join(", ")
         );
     }
     if !r.rejected.is_empty() {

@@ -147,6 +147,8 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub send_dropped: AtomicU64,
+    /// Dial attempts where a peer's DNS name did not resolve (copied from the transport).
+    pub peer_resolve_failures: AtomicU64,
     pub connections: AtomicU64,
     pub sync_lag_ms: AtomicU64,
     pub writes_held: AtomicU64,
@@ -193,7 +195,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 27] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 28] = [
             (
                 "lichen_writes_total",
                 "Local writes committed",
@@ -258,6 +260,12 @@ impl Metrics {
                 "lichen_send_dropped_total",
                 "Messages dropped because a peer queue was full",
                 &self.send_dropped,
+                "counter",
+            ),
+            (
+                "lichen_peer_resolve_failures_total",
+                "Dial attempts where a peer's DNS name could not be resolved (retried with backoff)",
+                &self.peer_resolve_failures,
                 "counter",
             ),
             (

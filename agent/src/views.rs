@@ -192,6 +192,9 @@ pub(crate) struct SyncStatsView {
 /// Damage found on disk, in the status.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub(crate) struct StorageView {
+    /// Documents held in memory now (at most `max_loaded_docs` after each step).
+    #[serde(default)]
+    pub(crate) loaded_docs: u64,
     /// Changes found damaged since start.
     pub(crate) corrupt_found: u64,
     /// Ever.
@@ -227,6 +230,9 @@ pub(crate) struct StatusView {
     pub(crate) pending_changes: u64,
     /// Writes held until the first catch-up after a start (null: not holding).
     pub(crate) writes_held: Option<u64>,
+    /// Changed settings that apply only at the next start (from a SIGHUP reload).
+    #[serde(default)]
+    pub(crate) restart_pending: Vec<String>,
     /// Since the last catch-up with any connected peer.
     pub(crate) sync_lag_ms: u64,
     /// Refused changes by reason.

@@ -12,6 +12,7 @@ use lichen_crdt::{
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
+use super::settings::LiveSettings;
 use super::status::member_view;
 use super::watchers::{Watched, Watcher};
 use super::{heads_string, wall_ms, ApiError, Node};
@@ -104,6 +105,13 @@ pub enum Command {
     /// own connection, so no write interleaves (see `lichen_crdt::store::backup`).
     Backup {
         reply: Reply<Vec<u8>>,
+    },
+    /// A configuration reload: apply the settings that can change while running, and
+    /// remember the changed settings that wait for the next start (`status` shows them).
+    Reload {
+        live: LiveSettings,
+        restart_pending: Vec<String>,
+        reply: Reply<()>,
     },
     /// Follow the value at a path: the receiver holds the current value and is updated by
     /// the node task itself whenever the document's heads change (no round trip per change).
@@ -297,6 +305,14 @@ impl Node {
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Command::Reload {
+                live,
+                restart_pending,
+                reply,
+            } => {
+                self.apply_settings(live, restart_pending);
+                let _ = reply.send(Ok(()));
             }
             Command::Watch { doc, path, reply } => {
                 // Forget watchers whose stream has ended (on any document).

@@ -2,17 +2,17 @@
 //!
 //! After every change to the membership document the node task aligns the transport with it:
 //! who may connect (the [`Gate`](super::Gate): members, former members, the join seed),
-//! whom to dial and at which addresses (members' `addrs` and the join seeds), the redial cap
+//! whom to dial and at which addresses (members' `addrs` and the join seeds, names resolved by
+//! the transport's dialer at each attempt), the redial cap
 //! while this node waits to be admitted, and which keys are refused (flagged for
 //! equivocation). It also publishes this node's own configured addresses into the document,
 //! once per run (see the module doc of `node`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use lichen_crdt::{NodeId, Role, MEMBERSHIP_DOC};
-use lichen_transport::PeerKey;
+use lichen_transport::{PeerAddr, PeerKey};
 
 use super::{wall_ms, Node};
 
@@ -125,24 +125,22 @@ impl Node {
         if let Ok(mut b) = self.gate.bootstrap.write() {
             *b = self.seeds.iter().map(|(id, _)| id.0).collect();
         }
-        let mut wanted: BTreeMap<NodeId, Vec<SocketAddr>> = BTreeMap::new();
+        // Addresses go to the transport as written (`host:port`, names allowed): its dialer
+        // resolves names at each attempt, so a DNS change applies at the next redial and a
+        // lookup never blocks this thread.
+        let mut wanted: BTreeMap<NodeId, Vec<PeerAddr>> = BTreeMap::new();
         for (id, mm) in &m.members {
             if *id == me || mm.role == Role::Removed || removed {
                 continue;
             }
-            let addrs: Vec<SocketAddr> = mm
-                .addrs
-                .iter()
-                .filter_map(|a| crate::config::resolve_addr(a).ok())
-                .collect();
+            let addrs: Vec<PeerAddr> = mm.addrs.iter().map(|a| PeerAddr::parse(a)).collect();
             wanted.insert(*id, addrs);
         }
         for (id, addr) in self.seeds.iter().filter(|_| !removed) {
-            if let Ok(a) = crate::config::resolve_addr(addr) {
-                let entry = wanted.entry(*id).or_default();
-                if !entry.contains(&a) {
-                    entry.push(a);
-                }
+            let a = PeerAddr::parse(addr);
+            let entry = wanted.entry(*id).or_default();
+            if !entry.contains(&a) {
+                entry.push(a);
             }
         }
         for id in &self.known_peers {

@@ -1,11 +1,33 @@
-//! The node task: the one owner of the store and the sync engine.
+//! The node: the one owner of the store and the sync engine, on its own thread.
 //!
-//! Everything that touches the store goes through this task, as a [`Command`] on a bounded
-//! channel (the HTTP API, the file bindings). The task `select!`s on commands, transport
+//! Everything that touches the store goes through the node, as a [`Command`] on a bounded
+//! channel (the HTTP API, the file bindings). The node `select!`s on commands, transport
 //! events and the engine's timer, and after each step drains every engine output: messages go
 //! to the transport (bounded per-peer queues; a full queue drops the message and anti-entropy
 //! repairs it), events go to metrics and to watchers. Then it trims the store's in-memory
 //! documents to their cap; every 5 minutes it saves snapshots of busy documents.
+//!
+//! ## Its own thread
+//!
+//! The node runs on a dedicated OS thread (`lichen-node`, [`spawn`]) with its own
+//! single-threaded Tokio runtime (timers only) driving that `select!` loop. Its work is
+//! synchronous work on the store: SQLite transactions and their fsyncs, write-ahead log
+//! checkpoints, snapshot saves, carry-forward, the scrub, closing the database at shutdown. On
+//! a slow disk or under a stream of large writes one step takes tens or hundreds of
+//! milliseconds; on its own thread that never stalls the main runtime, which runs the QUIC
+//! endpoint (its driver, keep-alives, dialers, stream readers) and the HTTP API. A busy store
+//! delays only the answers that need the store; `GET /v1/health`, `/metrics` and QUIC
+//! keep-alives are answered meanwhile.
+//!
+//! The two sides share only channels and a few atomics: commands in ([`NodeHandle`]: a bounded
+//! mpsc, each answered on a oneshot), transport events in (the endpoint's bounded event
+//! channel), frames out (`Endpoint::try_send`, never waits: bounded per-peer queues),
+//! [`Notice`]s and watch channels out, [`Metrics`] counters. The endpoint methods the node
+//! calls (`add_peer`, `set_refused`, ...) start their tasks on the runtime `Endpoint::bind`
+//! ran on, never on the node's. A runtime rather than a blocking loop over channels, because
+//! the loop waits on several channels and timers at once (the engine's deadline, the write
+//! hold, the idle checkpoint, the scrub and snapshot ticks), which `select!` over the same
+//! Tokio channels the async side uses says directly.
 //!
 //! Writes are group-committed: every write command waiting in the channel is taken and
 //! committed in one SQLite transaction (one fsync); each caller is answered only after that
@@ -43,6 +65,7 @@
 //! * `carry`: voided changes, and carrying this node's own void writes forward.
 //! * `membership_sync`: membership document → transport (gate, dial addresses, refused keys).
 //! * `maintenance`: checkpoint, scrub, snapshots.
+//! * `settings`: settings a reload applies live, and those pending a restart.
 //! * `status`: the status and members views.
 //! * `error`: answering refused changes, and counting storage failures.
 //! * `gate`: the transport's admission check ([`Gate`]).
@@ -56,6 +79,7 @@ mod maintenance;
 mod membership_sync;
 mod past;
 mod run;
+mod settings;
 mod status;
 mod watchers;
 
@@ -74,6 +98,7 @@ pub(crate) use crate::error::ApiError;
 pub use command::Command;
 use command::Reply;
 pub use gate::Gate;
+pub use settings::LiveSettings;
 use watchers::Watcher;
 pub use watchers::{Notice, Watched};
 
@@ -128,11 +153,15 @@ pub struct NodeParts {
     pub restored: Option<std::path::PathBuf>,
 }
 
-/// Start the node task. It runs until `shutdown` flips to true, then returns the store.
+/// Start the node on its own thread (see the module doc). It runs until `shutdown` flips to
+/// true, answers what is still queued, and closes the store.
+///
+/// Errors: the thread or its runtime could not be created (the OS refused a thread or a
+/// timer descriptor).
 pub fn spawn(
     parts: NodeParts,
     shutdown: watch::Receiver<bool>,
-) -> (NodeHandle, tokio::task::JoinHandle<Store>) {
+) -> std::io::Result<(NodeHandle, NodeThread)> {
     let (tx, rx) = mpsc::channel(1024);
     let (notices, _) = broadcast::channel(1024);
     let id = parts.key.node_id();
@@ -187,9 +216,50 @@ pub fn spawn(
         refused: Vec::new(),
         scrub_rows: parts.scrub_rows_per_second as usize,
         restored: parts.restored,
+        restart_pending: Vec::new(),
     };
-    let jh = tokio::spawn(task.run(rx, parts.net_events, shutdown));
-    (handle, jh)
+    // Timers only: the node does no socket I/O of its own (the transport's tasks stay on the
+    // caller's runtime, which `Endpoint::bind` captured).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let (done_tx, done) = oneshot::channel();
+    let net_events = parts.net_events;
+    let thread = std::thread::Builder::new()
+        .name("lichen-node".into())
+        .spawn(move || {
+            let store = rt.block_on(task.run(rx, net_events, shutdown));
+            // Closing the database (its last checkpoint) happens here too, off the runtime.
+            drop(store);
+            let _ = done_tx.send(());
+        })?;
+    Ok((handle, NodeThread { done, thread }))
+}
+
+/// The node's thread, to wait for at shutdown.
+pub struct NodeThread {
+    /// Sent once the node has answered what was queued and closed the store.
+    done: oneshot::Receiver<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl NodeThread {
+    /// Wait, without blocking the runtime, until the node has stopped: every queued command
+    /// answered, the store closed. Errors if the node thread panicked.
+    pub async fn join(self) -> Result<(), String> {
+        let finished = self.done.await.is_ok();
+        let thread = self.thread;
+        // The thread has nothing left to do once `done` is sent (or it unwound): reaping it
+        // does not wait long, but it is a blocking call.
+        let joined = tokio::task::spawn_blocking(move || thread.join().is_ok())
+            .await
+            .unwrap_or(false);
+        if finished && joined {
+            Ok(())
+        } else {
+            Err("the node thread panicked (see the log above)".into())
+        }
+    }
 }
 
 struct Node {
@@ -234,6 +304,8 @@ struct Node {
     refused: Vec<NodeId>,
     /// Stored changes the background scrub checks per second (0: off).
     scrub_rows: usize,
+    /// Changed settings (config-file names) that apply at the next start.
+    restart_pending: Vec<String>,
 }
 
 /// Milliseconds since the Unix epoch (the wall time a change records).

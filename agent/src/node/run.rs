@@ -245,6 +245,9 @@ impl Node {
             .unwrap_or(0);
         self.metrics.sync_lag_ms.store(lag, Relaxed);
         self.metrics.connections.store(up.len() as u64, Relaxed);
+        self.metrics
+            .peer_resolve_failures
+            .store(self.endpoint.stats().resolve_failures, Relaxed);
         if membership_touched {
             self.refresh_membership();
         }

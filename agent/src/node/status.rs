@@ -13,6 +13,8 @@ use crate::views::{
 
 impl Node {
     pub(super) fn status(&self) -> Result<StatusView, ApiError> {
+        // Before the reads below, which may load documents until the next trim.
+        let loaded_docs = self.store.loaded_docs();
         let me = self.key.node_id();
         let m = self.store.membership();
         let now = self.now();
@@ -75,6 +77,7 @@ impl Node {
             docs,
             pending_changes: self.store.pending_len() as u64,
             writes_held: self.hold_until.map(|_| self.held.len() as u64),
+            restart_pending: self.restart_pending.clone(),
             sync_lag_ms: self.metrics.sync_lag_ms.load(Relaxed),
             rejected: self.metrics.labelled("lichen_changes_rejected_total"),
             store_errors: self.metrics.labelled("lichen_store_errors_total"),
@@ -88,6 +91,7 @@ impl Node {
                 dropped_pushes: stats.dropped_pushes,
             },
             storage: StorageView {
+                loaded_docs: loaded_docs as u64,
                 corrupt_found: scrub.corrupt_found,
                 corrupt_ever: scrub.corrupt_ever,
                 quarantined: scrub.quarantined,

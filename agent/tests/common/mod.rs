@@ -754,3 +754,29 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         (k == name).then(|| v.trim().parse().ok()).flatten()
     })
 }
+
+/// `lichen put` over plain HTTP/1.1, for tests that write faster than a CLI process per write
+/// allows: the HTTP status, or 0 if the connection failed.
+pub fn http_put(api: &str, doc: &str, path: &str, json_body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(api) else {
+        return 0;
+    };
+    let req = format!(
+        "PUT {} HTTP/1.1\r\nHost: {api}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json_body}",
+        doc_url(doc, path),
+        auth_header(api),
+        json_body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut out = String::new();
+    if s.read_to_string(&mut out).is_err() {
+        return 0;
+    }
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
