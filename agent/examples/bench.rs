@@ -71,15 +71,34 @@ fn http() -> ureq::Agent {
     )
 }
 
+/// The API token of each agent by API address (read from its data directory's `api.token`).
+static TOKENS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// `Bearer <token>` for the agent at `api` (empty until its token file exists).
+fn bearer(api: &str) -> String {
+    let file = TOKENS
+        .lock()
+        .ok()
+        .and_then(|t| t.iter().find(|(a, _)| a == api).map(|(_, f)| f.clone()));
+    let token = file
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .unwrap_or_default();
+    format!("Bearer {}", token.trim())
+}
+
 fn get(h: &ureq::Agent, api: &str, path: &str) -> Option<Value> {
-    let mut r = h.get(format!("http://{api}{path}")).call().ok()?;
+    let mut r = h
+        .get(format!("http://{api}{path}"))
+        .header("Authorization", bearer(api))
+        .call()
+        .ok()?;
     if r.status() != 200 {
         return None;
     }
     r.body_mut().read_json().ok()
 }
 
-/// A keep-alive HTTP/1.1 client for `PUT /v1/put` that sends each request in one write, as
+/// A keep-alive HTTP/1.1 client for `PUT /v1/docs/{doc}/{path}` that sends each request in one write, as
 /// curl and hyper do for a small body. (ureq writes the head and the body separately: the
 /// agent then wakes up twice per request, which adds 30-60 µs to every write measured.)
 struct Writer {
@@ -107,8 +126,11 @@ impl Writer {
         }
         let body = serde_json::to_vec(v)?;
         let mut req = format!(
-            "PUT /v1/put?doc={doc}&path={path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "PUT /v1/docs/{}/{} HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            doc.replace('/', "%2F"),
+            path.replace('.', "/"),
             self.api,
+            bearer(&self.api),
             body.len()
         )
         .into_bytes();
@@ -281,6 +303,9 @@ fn start(bin: &Path, fsync: &str) -> Result<Cluster> {
             cmd.args(["--join", t]);
         }
         let child = cmd.spawn()?;
+        if let Ok(mut t) = TOKENS.lock() {
+            t.push((api.clone(), dir.join(&name).join("api.token")));
+        }
         c.agents.push(Agent {
             name,
             api: api.clone(),
@@ -296,6 +321,7 @@ fn start(bin: &Path, fsync: &str) -> Result<Cluster> {
             let id = st["node"]["id"].as_str().unwrap_or_default().to_string();
             let r = h
                 .post(format!("http://{}/v1/members", c.agents[0].api))
+                .header("Authorization", bearer(&c.agents[0].api))
                 .send_json(
                     json!({"id": id, "role": "writer", "name": c.agents[i as usize].name}),
                 )?;
@@ -346,6 +372,7 @@ fn cpu_seconds(pid: u32, tck: f64) -> f64 {
 fn metric(h: &ureq::Agent, api: &str, name: &str) -> f64 {
     let text = h
         .get(format!("http://{api}/metrics"))
+        .header("Authorization", bearer(api))
         .call()
         .ok()
         .and_then(|mut r| r.body_mut().read_to_string().ok())
@@ -418,14 +445,13 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Follow `GET /v1/watch` and send (value, arrival time) for each event.
+/// Follow `GET /v1/docs/{doc}/{path}?watch` and send (value, arrival time) for each event.
 fn watcher(api: String, doc: &'static str, path: &'static str, tx: mpsc::Sender<(i64, Instant)>) {
     let agent =
         ureq::Agent::new_with_config(ureq::Agent::config_builder().timeout_global(None).build());
     let Ok(resp) = agent
-        .get(format!("http://{api}/v1/watch"))
-        .query("doc", doc)
-        .query("path", path)
+        .get(format!("http://{api}/v1/docs/{doc}/{path}?watch"))
+        .header("Authorization", bearer(&api))
         .call()
     else {
         return;
@@ -595,7 +621,7 @@ fn main() -> Result<()> {
     // Until b and c have every write.
     let catch_up = wait_for("b and c to catch up", Duration::from_secs(60), || {
         c.agents[1..].iter().all(|ag| {
-            get(&h, &ag.api, "/v1/get?doc=tput&path=").is_some_and(|v| {
+            get(&h, &ag.api, "/v1/docs/tput").is_some_and(|v| {
                 last.iter()
                     .all(|(k, i)| v["value"][format!("c{k}")].as_i64() >= Some(*i - 1))
             })

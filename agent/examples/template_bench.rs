@@ -60,19 +60,43 @@ fn http() -> ureq::Agent {
     )
 }
 
+/// The API token of each agent by API address (read from its data directory's `api.token`).
+static TOKENS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// `Bearer <token>` for the agent at `api` (empty until its token file exists).
+fn bearer(api: &str) -> String {
+    let file = TOKENS
+        .lock()
+        .ok()
+        .and_then(|t| t.iter().find(|(a, _)| a == api).map(|(_, f)| f.clone()));
+    let token = file
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .unwrap_or_default();
+    format!("Bearer {}", token.trim())
+}
+
 fn get(h: &ureq::Agent, api: &str, path: &str) -> Option<Value> {
-    let mut r = h.get(format!("http://{api}{path}")).call().ok()?;
+    let mut r = h
+        .get(format!("http://{api}{path}"))
+        .header("Authorization", bearer(api))
+        .call()
+        .ok()?;
     if r.status() != 200 {
         return None;
     }
     r.body_mut().read_json().ok()
 }
 
-fn put(h: &ureq::Agent, api: &str, doc: &str, path: &str, v: &Value) -> Result<()> {
+/// `PUT /v1/docs/{doc}[/{key}]` (a one-key path; the whole document when `key` is empty).
+fn put(h: &ureq::Agent, api: &str, doc: &str, key: &str, v: &Value) -> Result<()> {
+    let mut url = format!("http://{api}/v1/docs/{}", doc.replace('/', "%2F"));
+    if !key.is_empty() {
+        url.push('/');
+        url.push_str(key);
+    }
     let r = h
-        .put(format!("http://{api}/v1/put"))
-        .query("doc", doc)
-        .query("path", path)
+        .put(url)
+        .header("Authorization", bearer(api))
         .send_json(v)?;
     if r.status() != 200 {
         return Err(format!("put answered {}", r.status()).into());
@@ -149,6 +173,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn metric(h: &ureq::Agent, api: &str, name: &str) -> f64 {
     h.get(format!("http://{api}/metrics"))
+        .header("Authorization", bearer(api))
         .call()
         .ok()
         .and_then(|mut r| r.body_mut().read_to_string().ok())
@@ -217,7 +242,7 @@ fn main() -> Result<()> {
     std::fs::write(dir.join("a.toml"), "log = \"warn\"\n")?;
     std::fs::write(dir.join("b.toml"), config)?;
     let h = http();
-    let mut apis = Vec::new();
+    let mut apis: Vec<String> = Vec::new();
     let mut token: Option<String> = None;
     for (i, name) in ["a", "b"].iter().enumerate() {
         let api = format!("127.0.0.1:{}", free_port());
@@ -237,6 +262,9 @@ fn main() -> Result<()> {
             cmd.args(["--join", t]);
         }
         agents.children.push(cmd.spawn()?);
+        if let Ok(mut t) = TOKENS.lock() {
+            t.push((api.clone(), dir.join(name).join("api.token")));
+        }
         wait_for("an agent to start", Duration::from_secs(30), || {
             get(&h, &api, "/v1/status").is_some()
         })?;
@@ -247,6 +275,7 @@ fn main() -> Result<()> {
                 let id = st["node"]["id"].as_str().unwrap_or_default().to_string();
                 let r = h
                     .post(format!("http://{}/v1/members", apis[0]))
+                    .header("Authorization", bearer(&apis[0]))
                     .send_json(json!({"id": id, "role": "writer", "name": name}))?;
                 if r.status() != 200 {
                     return Err("members add failed".into());

@@ -45,9 +45,18 @@ pub struct FileConfig {
     /// from peers, the store and file bindings.
     pub api_max_connections: Option<usize>,
     /// An API connection that is idle, or sends a request head or body slower than this, is
-    /// closed (milliseconds, default 10000). Streams (`/v1/watch`) are not affected once
+    /// closed (milliseconds, default 10000). Watch streams (`?watch`) are not affected once
     /// their request is in.
     pub api_idle_timeout_ms: Option<u64>,
+    /// A file holding a read-only API token (created with a random token if missing; relative
+    /// to the config file's directory): it may `GET` (status, values, `/metrics`) but not
+    /// write. For monitoring. Default: none.
+    pub api_read_token_file: Option<PathBuf>,
+    /// Serve `/metrics` without a token (default false: the API token or the read-only one).
+    pub api_metrics_open: Option<bool>,
+    /// Group (name or numeric id) of the API's unix socket `data_dir/api.sock` (mode 0660):
+    /// its members may use the API through it without a token. Default: the agent's group.
+    pub api_socket_group: Option<String>,
     /// `text` or `json`.
     pub log_format: Option<String>,
     /// `RUST_LOG`-style filter.
@@ -104,6 +113,9 @@ pub struct Overrides {
     pub api: Option<String>,
     pub log_format: Option<String>,
     pub join: Option<String>,
+    /// `--allow-isolated-writes`: a node restored with its key writes after the usual hold
+    /// even if it has not reached a peer (see `daemon::RESTORED_MARKER`).
+    pub allow_isolated_writes: bool,
 }
 
 /// Log output format.
@@ -146,6 +158,9 @@ pub struct Config {
     pub api: SocketAddr,
     pub api_max_connections: usize,
     pub api_idle_timeout: Duration,
+    pub api_read_token_file: Option<PathBuf>,
+    pub api_metrics_open: bool,
+    pub api_socket_group: Option<String>,
     pub log_format: LogFormat,
     pub log: String,
     pub fsync: Fsync,
@@ -159,13 +174,24 @@ pub struct Config {
     pub bindings: Vec<Binding>,
 }
 
+/// One setting that differs between two configurations, by its config-file name, with both
+/// values as the file would write them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingChange {
+    pub name: &'static str,
+    pub old: String,
+    pub new: String,
+    /// A reload applies it to the running agent; otherwise it waits for the next start.
+    pub live: bool,
+}
+
 impl Config {
-    /// Settings that a reload cannot apply to a running agent (they shape the socket, the
-    /// API listener, the open database or the sync engine), by their config-file names,
-    /// that differ between `self` and `new`. A reload applies the log filter and the file
-    /// bindings; these wait for the next start. Every field is named below, so a new setting
-    /// cannot be left out of this report without a compile error.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+    /// Every setting that differs between `self` and `new`. A reload applies the live ones
+    /// (the log filter, `max_loaded_docs`, `scrub_rows_per_second`; the file bindings are
+    /// reloaded on their own); the others shape the socket, the API listener, the open
+    /// database or the sync engine and wait for the next start. Every field is named below,
+    /// so a new setting cannot be left out of this report without a compile error.
+    pub fn changes(&self, new: &Config) -> Vec<SettingChange> {
         let Config {
             data_dir,
             name,
@@ -174,8 +200,11 @@ impl Config {
             api,
             api_max_connections,
             api_idle_timeout,
+            api_read_token_file,
+            api_metrics_open,
+            api_socket_group,
             log_format,
-            log: _,
+            log,
             fsync,
             wal_checkpoint_pages,
             max_loaded_docs,
@@ -184,42 +213,122 @@ impl Config {
             fanout,
             hold_writes,
             join,
+            // Reloaded by the bindings manager, which reports what it starts and stops.
             bindings: _,
         } = self;
-        let changes = [
-            (*data_dir != new.data_dir, "data_dir"),
-            (*name != new.name, "name"),
-            (*listen != new.listen, "listen"),
-            (*advertise != new.advertise, "advertise"),
-            (*api != new.api, "api"),
+        let ms = |d: &Duration| d.as_millis().to_string();
+        let join_s = |j: &Option<JoinToken>| j.as_ref().map(|j| j.to_string()).unwrap_or_default();
+        let all = [
             (
-                *api_max_connections != new.api_max_connections,
+                "data_dir",
+                false,
+                data_dir.display().to_string(),
+                new.data_dir.display().to_string(),
+            ),
+            ("name", false, name.clone(), new.name.clone()),
+            ("listen", false, listen.to_string(), new.listen.to_string()),
+            (
+                "advertise",
+                false,
+                format!("{advertise:?}"),
+                format!("{:?}", new.advertise),
+            ),
+            ("api", false, api.to_string(), new.api.to_string()),
+            (
                 "api_max_connections",
+                false,
+                api_max_connections.to_string(),
+                new.api_max_connections.to_string(),
             ),
             (
-                *api_idle_timeout != new.api_idle_timeout,
                 "api_idle_timeout_ms",
+                false,
+                ms(api_idle_timeout),
+                ms(&new.api_idle_timeout),
             ),
-            (*log_format != new.log_format, "log_format"),
-            (*fsync != new.fsync, "fsync"),
             (
-                *wal_checkpoint_pages != new.wal_checkpoint_pages,
+                "log_format",
+                false,
+                format!("{log_format:?}"),
+                format!("{:?}", new.log_format),
+            ),
+            ("log", true, log.clone(), new.log.clone()),
+            (
+                "fsync",
+                false,
+                format!("{fsync:?}"),
+                format!("{:?}", new.fsync),
+            ),
+            (
+                "api_read_token_file",
+                false,
+                format!("{api_read_token_file:?}"),
+                format!("{:?}", new.api_read_token_file),
+            ),
+            (
+                "api_metrics_open",
+                false,
+                api_metrics_open.to_string(),
+                new.api_metrics_open.to_string(),
+            ),
+            (
+                "api_socket_group",
+                false,
+                format!("{api_socket_group:?}"),
+                format!("{:?}", new.api_socket_group),
+            ),
+            (
                 "wal_checkpoint_pages",
+                false,
+                wal_checkpoint_pages.to_string(),
+                new.wal_checkpoint_pages.to_string(),
             ),
-            (*max_loaded_docs != new.max_loaded_docs, "max_loaded_docs"),
             (
-                *scrub_rows_per_second != new.scrub_rows_per_second,
-                "scrub_rows_per_second",
+                "max_loaded_docs",
+                true,
+                max_loaded_docs.to_string(),
+                new.max_loaded_docs.to_string(),
             ),
-            (*anti_entropy != new.anti_entropy, "sync.anti_entropy_ms"),
-            (*fanout != new.fanout, "sync.fanout"),
-            (*hold_writes != new.hold_writes, "sync.hold_writes_ms"),
-            (*join != new.join, "join"),
+            (
+                "scrub_rows_per_second",
+                true,
+                scrub_rows_per_second.to_string(),
+                new.scrub_rows_per_second.to_string(),
+            ),
+            (
+                "sync.anti_entropy_ms",
+                false,
+                ms(anti_entropy),
+                ms(&new.anti_entropy),
+            ),
+            (
+                "sync.fanout",
+                false,
+                fanout.to_string(),
+                new.fanout.to_string(),
+            ),
+            (
+                "sync.hold_writes_ms",
+                false,
+                ms(hold_writes),
+                ms(&new.hold_writes),
+            ),
+            ("join", false, join_s(join), join_s(&new.join)),
         ];
-        changes
-            .into_iter()
-            .filter_map(|(differs, name)| differs.then_some(name))
+        all.into_iter()
+            .filter(|(_, _, old, new)| old != new)
+            .map(|(name, live, old, new)| SettingChange {
+                name,
+                old,
+                new,
+                live,
+            })
             .collect()
+    }
+
+    /// The settings that differ between `self` and `new` and only apply at the next start.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<SettingChange> {
+        self.changes(new).into_iter().filter(|c| !c.live).collect()
     }
 }
 
@@ -336,7 +445,9 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_API.to_string());
         let api = resolve_addr(&api_s).context("invalid `api`")?;
         if !api.ip().is_loopback() {
-            bail!("`api` must be a loopback address (the API has no authentication): got {api}");
+            bail!(
+                "`api` must be a loopback address (the API serves local clients only): got {api}"
+            );
         }
         let api_max_connections = f.api_max_connections.unwrap_or(DEFAULT_API_MAX_CONNECTIONS);
         if !(4..=65_536).contains(&api_max_connections) {
@@ -426,6 +537,12 @@ impl Config {
             .and_then(Path::parent)
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let api_read_token_file = f.api_read_token_file.as_ref().map(|p| base.join(p));
+        let api_metrics_open = f.api_metrics_open.unwrap_or(false);
+        let api_socket_group = f.api_socket_group.clone();
+        if let Some(g) = &api_socket_group {
+            crate::server::group_id(g).context("invalid `api_socket_group`")?;
+        }
         let bindings = f
             .bindings
             .iter()
@@ -448,6 +565,9 @@ impl Config {
             api,
             api_max_connections,
             api_idle_timeout,
+            api_read_token_file,
+            api_metrics_open,
+            api_socket_group,
             log_format,
             log,
             fsync,
@@ -463,7 +583,7 @@ impl Config {
     }
 }
 
-fn read_file(p: &Path) -> Result<FileConfig> {
+pub(crate) fn read_file(p: &Path) -> Result<FileConfig> {
     let meta =
         std::fs::metadata(p).with_context(|| format!("cannot read config {}", p.display()))?;
     if meta.len() > 1 << 20 {
@@ -503,11 +623,22 @@ mod tests {
         )
         .unwrap();
         let new = Config::resolve_with(&Overrides::default(), f).unwrap();
+        let names = |v: Vec<SettingChange>| v.into_iter().map(|c| c.name).collect::<Vec<_>>();
         assert_eq!(
-            base.restart_only_changes(&new),
-            ["wal_checkpoint_pages", "max_loaded_docs", "sync.fanout"]
+            names(base.restart_only_changes(&new)),
+            ["wal_checkpoint_pages", "sync.fanout"]
+        );
+        let live: Vec<SettingChange> = base.changes(&new).into_iter().filter(|c| c.live).collect();
+        assert_eq!(names(live.clone()), ["log", "max_loaded_docs"]);
+        assert_eq!(
+            (live[1].old.as_str(), live[1].new.as_str()),
+            (
+                lichen_crdt::DEFAULT_MAX_LOADED_DOCS.to_string().as_str(),
+                "7"
+            )
         );
         assert!(base.restart_only_changes(&base).is_empty());
+        assert!(base.changes(&base).is_empty());
         let f: FileConfig = toml::from_str("max_loaded_docs = 0").unwrap();
         let e = Config::resolve_with(&Overrides::default(), f).unwrap_err();
         assert!(format!("{e:#}").contains("max_loaded_docs"), "{e:#}");

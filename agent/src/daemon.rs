@@ -1,8 +1,10 @@
 //! `lichen run`: the daemon. Resolves the configuration, opens (or creates, or joins) the
 //! store, starts the transport, the node task, the file bindings and the HTTP API, then waits
 //! for signals: SIGTERM/SIGINT shut down cleanly (every acknowledged write is already
-//! durable; the node task answers what is queued and closes the store), SIGHUP reloads the
-//! config file (an invalid one is reported and the old one kept).
+//! durable; the node answers what is queued and closes the store), SIGHUP reloads the
+//! config file (an invalid one is reported and the old one kept): the settings that can
+//! change while running are applied, each other changed setting is logged (name, old, new)
+//! and listed by `status` as `restart_pending` until the next start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tracing_subscriber::{reload, EnvFilter};
 
 use crate::config::{Config, JoinToken, LogFormat, Overrides};
 use crate::metrics::Metrics;
-use crate::node::{self, Gate, NodeParts};
+use crate::node::{self, Gate, LiveSettings, NodeParts};
 
 /// Handle to change the log filter at run time (SIGHUP).
 pub type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -52,6 +54,13 @@ pub fn key_path(data_dir: &Path) -> PathBuf {
 }
 fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("lichen.db")
+}
+/// Left by `lichen restore --with-key`; while it exists the node writes nothing before it has
+/// caught up with a peer (removed then). See `node::NodeParts::restored`.
+pub const RESTORED_MARKER: &str = "restored-with-key";
+/// The database file of a data directory (for `lichen restore`).
+pub fn db_file(data_dir: &Path) -> PathBuf {
+    db_path(data_dir)
 }
 fn seeds_path(data_dir: &Path) -> PathBuf {
     data_dir.join("seeds")
@@ -133,6 +142,25 @@ fn load_seeds(data_dir: &Path) -> Vec<(NodeId, String)> {
         .collect()
 }
 
+/// Load (or create) the key, open (or create) the store and apply the store settings.
+fn prepare_store(cfg: &Config) -> Result<(SecretKey, bool, Store, bool)> {
+    let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
+    let (mut store, founded) = open_store(cfg, &key)?;
+    let (local, remote) = cfg.fsync.policy();
+    store.set_fsync_policy(local, remote)?;
+    if !local {
+        tracing::warn!(
+            "fsync = \"never\": after a power loss this node may lose writes it acknowledged, and writing again before it has resynced can flag its key as equivocating; use it for tests only"
+        );
+    }
+    store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
+    store.set_max_loaded_docs(cfg.max_loaded_docs);
+    // The agent is the database's only user while it runs: hold it (no per-transaction file
+    // locks; a second agent on this data directory is refused).
+    store.hold_exclusive()?;
+    Ok((key, new_key, store, founded))
+}
+
 /// The token another node uses to join through this one.
 pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::SocketAddr) -> String {
     let addr = cfg.advertise.first().cloned().unwrap_or_else(|| {
@@ -166,21 +194,15 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
-    let (key, new_key) = load_or_create_key(&cfg.data_dir)?;
+    // Files and SQLite off the runtime, like everything on the store afterwards (the node
+    // thread): nothing else runs yet, but a slow disk must not look like a hung runtime.
+    let (key, new_key, store, founded) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare_store(&cfg))
+            .await
+            .context("opening the store failed")??
+    };
     let me = key.node_id();
-    let (mut store, founded) = open_store(&cfg, &key)?;
-    let (local, remote) = cfg.fsync.policy();
-    store.set_fsync_policy(local, remote)?;
-    if !local {
-        tracing::warn!(
-            "fsync = \"never\": after a power loss this node may lose writes it acknowledged, and writing again before it has resynced can flag its key as equivocating; use it for tests only"
-        );
-    }
-    store.set_wal_autocheckpoint(cfg.wal_checkpoint_pages)?;
-    store.set_max_loaded_docs(cfg.max_loaded_docs);
-    // The agent is the database's only user while it runs: hold it (no per-transaction file
-    // locks; a second agent on this data directory is refused).
-    store.hold_exclusive()?;
     if new_key {
         tracing::info!(node = %me, path = %key_path(&cfg.data_dir).display(), "generated a new node key");
     }
@@ -206,6 +228,18 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             )
         })?;
     let api_addr = api.local_addr()?;
+    let (api_token, token_created) =
+        crate::auth::ensure_token(&crate::auth::token_path(&cfg.data_dir))?;
+    if token_created {
+        tracing::info!(path = %crate::auth::token_path(&cfg.data_dir).display(), "generated the API token");
+    }
+    let read_token = cfg
+        .api_read_token_file
+        .as_deref()
+        .map(|p| crate::auth::ensure_token(p).map(|(t, _)| t))
+        .transpose()?;
+    let socket_path = crate::auth::socket_path(&cfg.data_dir);
+    let unix_api = crate::server::bind_unix(&socket_path, cfg.api_socket_group.as_deref())?;
 
     let member = store.membership().is_active(&me);
     let mut seeds = load_seeds(&cfg.data_dir);
@@ -220,8 +254,16 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         fanout: cfg.fanout,
         ..Default::default()
     };
+    let marker = cfg.data_dir.join(RESTORED_MARKER);
+    let was_restored = marker.exists();
+    let restored = (was_restored && !overrides.allow_isolated_writes).then_some(marker);
+    if restored.is_some() {
+        tracing::warn!("restored from a backup with this node's key: writes are refused until it has caught up with a peer (--allow-isolated-writes to accept the risk of an equivocation)");
+    } else if was_restored {
+        tracing::warn!("restored from a backup with this node's key, started with --allow-isolated-writes: it may sign changes at sequence numbers its key already used, and other nodes would then flag the key for equivocation");
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (handle, node_task) = node::spawn(
+    let (handle, node_thread) = node::spawn(
         NodeParts {
             store,
             key: key.clone(),
@@ -236,9 +278,11 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
             join_token: Some(token.clone()),
             hold_writes: cfg.hold_writes,
             scrub_rows_per_second: cfg.scrub_rows_per_second,
+            restored,
         },
         shutdown_rx.clone(),
-    );
+    )
+    .context("cannot start the node thread")?;
 
     banner(&BannerFacts {
         json: cfg.log_format == LogFormat::Json,
@@ -259,7 +303,23 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         &cfg.data_dir.join("bindings"),
     );
 
-    let router = crate::api::router(handle.clone(), cfg.api_idle_timeout);
+    let tokens = crate::auth::Tokens {
+        write: api_token,
+        read: read_token,
+        metrics_open: cfg.api_metrics_open,
+        token_path: crate::auth::token_path(&cfg.data_dir),
+        socket_path: socket_path.clone(),
+    };
+    let router = crate::api::router(
+        handle.clone(),
+        cfg.api_idle_timeout,
+        crate::auth::Access::Tokens(Arc::new(tokens)),
+    );
+    let unix_router = crate::api::router(
+        handle.clone(),
+        cfg.api_idle_timeout,
+        crate::auth::Access::Socket,
+    );
     let limits = crate::server::Limits {
         max_connections: cfg.api_max_connections,
         idle_timeout: cfg.api_idle_timeout,
@@ -271,28 +331,56 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
         metrics.clone(),
         shutdown_rx.clone(),
     ));
+    let unix_server = tokio::spawn(crate::server::serve(
+        unix_api,
+        unix_router,
+        limits,
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let started = cfg;
+    let started = cfg.clone();
+    let mut current = cfg;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match Config::resolve(&overrides) {
+                // Reading the file (and resolving `advertise` names) blocks: off the runtime.
+                let o = overrides.clone();
+                let resolved = tokio::task::spawn_blocking(move || Config::resolve(&o))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the reload task failed: {e}")));
+                match resolved {
                     Ok(new) => {
                         if let Err(e) = log.modify(|f| *f = EnvFilter::new(&new.log)) {
                             tracing::warn!(error = %e, "could not change the log filter");
                         }
                         // Against the configuration the agent started with: a change stays
-                        // pending (and reported) until the next start.
-                        let later = started.restart_only_changes(&new);
-                        if !later.is_empty() {
-                            tracing::warn!(settings = later.join(", "), "these changed settings take effect at the next start");
+                        // pending (and reported at every reload) until the next start.
+                        let pending = started.restart_only_changes(&new);
+                        for c in &pending {
+                            tracing::warn!(setting = c.name, old = %c.old, new = %c.new, "changed setting: it will take effect at the next start");
+                        }
+                        for c in current.changes(&new).into_iter().filter(|c| c.live) {
+                            tracing::info!(setting = c.name, old = %c.old, new = %c.new, "changed setting applied");
+                        }
+                        let live = LiveSettings {
+                            max_loaded_docs: new.max_loaded_docs,
+                            scrub_rows_per_second: new.scrub_rows_per_second,
+                        };
+                        let restart_pending = pending.iter().map(|c| c.name.to_string()).collect();
+                        if let Err(e) = handle
+                            .ask(|reply| node::Command::Reload { live, restart_pending, reply })
+                            .await
+                        {
+                            tracing::warn!(error = %e.error, "the node did not take the reloaded settings");
                         }
                         bindings.reload(new.bindings.clone());
+                        current = new;
                         metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!("configuration reloaded");
                     }
@@ -306,9 +394,10 @@ pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()
     }
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    let _ = unix_server.await;
+    let _ = std::fs::remove_file(&socket_path);
     bindings.stop().await;
-    let store = node_task.await.context("node task failed")?;
-    drop(store);
+    node_thread.join().await.map_err(anyhow::Error::msg)?;
     endpoint.close().await;
     tracing::info!("stopped cleanly");
     Ok(())
@@ -357,7 +446,12 @@ fn banner(f: &BannerFacts) {
     eprintln!("lichen {} — node {me}", env!("CARGO_PKG_VERSION"));
     eprintln!("  data dir : {}", f.data_dir.display());
     eprintln!("  peers    : QUIC on {}", f.listen);
-    eprintln!("  API      : http://{api} (try `lichen --api {api} status`)");
+    eprintln!(
+        "  API      : http://{api} with the token in {} (the CLI reads it: try `lichen --data-dir {} status`), or the unix socket {}",
+        crate::auth::token_path(f.data_dir).display(),
+        f.data_dir.display(),
+        crate::auth::socket_path(f.data_dir).display()
+    );
     if f.founded {
         eprintln!("  founded a new cluster; this node is its root admin");
     }
@@ -373,6 +467,7 @@ fn banner(f: &BannerFacts) {
 /// node id and the next step.
 pub fn init(cfg: &Config) -> Result<()> {
     let (key, created) = load_or_create_key(&cfg.data_dir)?;
+    crate::auth::ensure_token(&crate::auth::token_path(&cfg.data_dir))?;
     let me = key.node_id();
     if cfg.join.is_none() && !db_path(&cfg.data_dir).exists() {
         println!("{me}");

@@ -6,6 +6,11 @@
 //! this process (each agent advertises its relay address), which is how the demo cuts a node
 //! off without root or firewall rules. Everything is stopped and deleted at the end (or on
 //! error), unless `--keep`.
+//!
+//! The last part shows a file binding, the product's main use: b renders the document `web`
+//! into a file in the demo directory (mode `sync`) and runs a reload command when the file
+//! changes; a write on a shows up in that file, and an edit of the file on b becomes a change
+//! signed by b that a reads.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -18,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::client::Client;
+use crate::client::{doc_url, with_query, Client, Endpoint};
+use crate::views::{HashView, HistoryView, StatusView, ValueView, WriteView};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -148,13 +154,17 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     let mut nodes = Vec::new();
     for name in ["a", "b", "c"] {
         let api = format!("127.0.0.1:{}", free_api_port()?);
+        let dir = root.join(name);
         nodes.push(Node {
             name,
-            client: Client::new(&api),
+            client: Client::with_token_file(
+                Endpoint::Tcp(api.clone()),
+                crate::auth::token_path(&dir),
+            ),
             api,
             listen: free_udp()?,
             front: "127.0.0.1:0".parse()?,
-            dir: root.join(name),
+            dir,
             id: String::new(),
         });
     }
@@ -166,6 +176,7 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     demo.relay = Some(relay);
     let config = root.join("agent.toml");
     std::fs::write(&config, "log = \"info\"\n[sync]\nanti_entropy_ms = 250\n")?;
+    let binding = Binding::new(root, &config)?;
 
     println!("\n== Starting the cluster");
     let t0 = Instant::now();
@@ -177,7 +188,11 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
             .arg("--data-dir")
             .arg(&n.dir)
             .arg("--config")
-            .arg(&config)
+            .arg(if n.name == "b" {
+                &binding.config
+            } else {
+                &config
+            })
             .args(["--listen", &n.listen.to_string()])
             .args(["--advertise", &n.front.to_string()])
             .env_remove("RUST_LOG")
@@ -191,17 +206,17 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
             .push(cmd.spawn().context("cannot start an agent")?);
         let c = &n.client;
         wait_for(&format!("agent {} to start", n.name), || {
-            Ok(c.get("/v1/status", &[]).is_ok())
+            Ok(c.get::<StatusView>("/v1/status").is_ok())
         })?;
-        let st = n.client.get("/v1/status", &[])?;
-        n.id = st["node"]["id"].as_str().unwrap_or_default().to_string();
+        let st: StatusView = n.client.get("/v1/status")?;
+        n.id = st.node.id.clone();
         match &token {
             None => {
                 println!(
                     "  {}  $ lichen --api {} run --name a ...   founds the cluster (its root admin)",
                     n.name, n.api
                 );
-                token = st["join_token"].as_str().map(str::to_string);
+                token = st.join_token.clone();
             }
             Some(_) => println!(
                 "  {}  $ lichen --api {} run --name {} --join <a's token> ...",
@@ -210,9 +225,11 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
         }
     }
     for n in &nodes[1..] {
-        nodes[0].client.post(
+        let _: HashView = nodes[0].client.send_json(
+            "POST",
             "/v1/members",
-            &json!({"id": n.id, "role": "writer", "name": n.name}),
+            &[],
+            Some(&json!({"id": n.id, "role": "writer", "name": n.name})),
         )?;
         println!(
             "  a  $ lichen members add {}… --role writer --name {}",
@@ -224,12 +241,9 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
         wait_for(
             &format!("{} to be connected to both others", n.name),
             || {
-                let st = n.client.get("/v1/status", &[])?;
-                let connected = st["peers"]
-                    .as_array()
-                    .map(|p| p.iter().filter(|p| p["connected"] == true).count())
-                    .unwrap_or(0);
-                Ok(st["node"]["role"] != "not a member" && connected == 2)
+                let st: StatusView = n.client.get("/v1/status")?;
+                let connected = st.peers.iter().filter(|p| p.connected).count();
+                Ok(st.node.role != "not a member" && connected == 2)
             },
         )?;
     }
@@ -245,13 +259,13 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     // current (absent) value, which means it is subscribed; then the write.
     let (tx, rx) = mpsc::channel::<(&str, Instant, Value)>();
     for n in &nodes[1..] {
-        let (tx, api, name) = (tx.clone(), n.api.clone(), n.name);
+        let (tx, client, name) = (tx.clone(), n.client.clone(), n.name);
+        let url = with_query(&doc_url("app", "replicas")?, &[("watch", None)]);
         std::thread::spawn(move || {
-            let _ =
-                Client::new(&api).sse("/v1/watch", &[("doc", "app"), ("path", "replicas")], |ev| {
-                    let _ = tx.send((name, Instant::now(), ev["value"].clone()));
-                    ev["value"] != json!(3)
-                });
+            let _ = client.sse(&url, |ev| {
+                let _ = tx.send((name, Instant::now(), ev.value.clone()));
+                ev.value != json!(3)
+            });
         });
     }
     for _ in 0..2 {
@@ -261,9 +275,9 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     let doc = json!({"replicas": 3, "color": "red"});
     println!("  a  $ lichen put app '' '{}'", compact(&doc));
     let t = Instant::now();
-    nodes[0]
+    let _: WriteView = nodes[0]
         .client
-        .put("/v1/put", &[("doc", "app"), ("path", "")], &doc)?;
+        .send_json("PUT", &doc_url("app", "")?, &[], Some(&doc))?;
     for _ in 0..2 {
         let (name, at, v) = rx
             .recv_timeout(PATIENCE)
@@ -292,17 +306,18 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     ];
     for (i, path, v) in &writes {
         let n = &nodes[*i];
-        n.client
-            .put("/v1/put", &[("doc", "app"), ("path", path)], v)?;
+        let _: WriteView = n
+            .client
+            .send_json("PUT", &doc_url("app", path)?, &[], Some(v))?;
         println!("  {}  $ lichen put app {path} '{}'", n.name, compact(v));
     }
     let b = &nodes[1].client;
     wait_for("b to receive a's writes", || {
-        Ok(b.get("/v1/get", &[("doc", "app"), ("path", "replicas")])?["value"] == json!(5))
+        Ok(b.get::<ValueView>(&doc_url("app", "replicas")?)?.value == json!(5))
     })?;
     for n in &nodes {
-        let v = n.client.get("/v1/get", &[("doc", "app"), ("path", "")])?;
-        println!("  {} reads {}", n.name, compact(&v["value"]));
+        let v: ValueView = n.client.get(&doc_url("app", "")?)?;
+        println!("  {} reads {}", n.name, compact(&v.value));
     }
     println!("  a and b agree; c, cut off, has its own version.");
 
@@ -314,8 +329,8 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     let took = wait_for("the three agents to converge", || {
         let mut views = Vec::new();
         for n in &nodes {
-            let v = n.client.get("/v1/get", &[("doc", "app"), ("path", "")])?;
-            views.push((v["value"].clone(), v["heads"].clone()));
+            let v: ValueView = n.client.get(&doc_url("app", "")?)?;
+            views.push((v.value, v.heads));
         }
         let same = views.windows(2).all(|w| w[0] == w[1]);
         converged = views[0].0.clone();
@@ -333,15 +348,16 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
     println!("  $ lichen conflicts app color");
     let mut answers = Vec::new();
     for n in &nodes {
-        answers.push(
-            n.client
-                .get("/v1/conflicts", &[("doc", "app"), ("path", "color")])?,
-        );
+        let v: Vec<Value> = n.client.get(&with_query(
+            &doc_url("app", "color")?,
+            &[("conflicts", None)],
+        ))?;
+        answers.push(v);
     }
     if !answers.windows(2).all(|w| w[0] == w[1]) {
         bail!("the nodes disagree about the conflict: {answers:?}");
     }
-    let vals = answers[0].as_array().cloned().unwrap_or_default();
+    let vals = answers[0].clone();
     let who = |v: &Value| {
         writes
             .iter()
@@ -366,14 +382,114 @@ fn tour(exe: &Path, root: &Path, demo: &mut Demo) -> Result<()> {
             println!("  Concurrent writes to one key resolve the same way everywhere (the change with the");
             println!("  greater operation id wins); edits to different keys (region, replicas) simply merge.");
         }
-        _ => bail!("expected a conflict on `color`, got {}", answers[0]),
+        _ => bail!("expected a conflict on `color`, got {:?}", answers[0]),
     }
+
+    pause();
+    binding.show(&nodes)?;
 
     println!("\nThat is Lichen: every node keeps working on its own, and they converge when they can talk.");
     println!(
         "Next: `lichen run` on a machine, then on another `lichen run --join <token it printed>`."
     );
     Ok(())
+}
+
+/// Part 5: b's `[[bind]]` of the document `web` to `web.json` (both ways), whose reload
+/// command appends a line to `reloads.log`, so the demo can show that it ran.
+struct Binding {
+    config: PathBuf,
+    file: PathBuf,
+    reloads: PathBuf,
+}
+
+impl Binding {
+    /// Write b's config: the shared one plus the binding.
+    fn new(root: &Path, shared: &Path) -> Result<Binding> {
+        let (file, reloads) = (root.join("web.json"), root.join("reloads.log"));
+        let config = root.join("b.toml");
+        let reload = format!("echo reloaded >> '{}'", reloads.display());
+        let text = format!(
+            "{}\n[[bind]]\ndoc = \"web\"\nfile = {}\nmode = \"sync\"\nreload = [\"/bin/sh\", \"-c\", {}]\ndebounce_ms = 50\nreload_jitter_ms = 0\n",
+            std::fs::read_to_string(shared)?,
+            toml::Value::String(file.display().to_string()),
+            toml::Value::String(reload),
+        );
+        std::fs::write(&config, text)?;
+        Ok(Binding {
+            config,
+            file,
+            reloads,
+        })
+    }
+
+    fn reload_count(&self) -> usize {
+        std::fs::read_to_string(&self.reloads).map_or(0, |s| s.lines().count())
+    }
+
+    fn show(&self, nodes: &[Node]) -> Result<()> {
+        let (a, b) = (&nodes[0], &nodes[1]);
+        println!("\n== 5. A file binding: b keeps the document `web` in a file, both ways");
+        println!("  b's config:  [[bind]] doc = \"web\"  file = \"web.json\"  mode = \"sync\"  reload = [...]");
+        let doc = json!({"port": 8080, "workers": 4});
+        println!("  a  $ lichen put web '' '{}'", compact(&doc));
+        let _: WriteView = a
+            .client
+            .send_json("PUT", &doc_url("web", "")?, &[], Some(&doc))?;
+        let took = wait_for("b to render web.json and reload", || {
+            let on_disk = std::fs::read(&self.file).ok();
+            let parsed = on_disk.and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            Ok(parsed.as_ref() == Some(&doc) && self.reload_count() >= 1)
+        })?;
+        println!(
+            "  b wrote {} and ran its reload command {} after the write:",
+            self.file.display(),
+            ms(took)
+        );
+        self.cat()?;
+
+        let edited = json!({"port": 8080, "workers": 8});
+        println!("  b  (an operator edits web.json on b: workers = 8)");
+        let tmp = self.file.with_file_name(".web.json.tmp");
+        std::fs::write(
+            &tmp,
+            format!("{}\n", serde_json::to_string_pretty(&edited)?),
+        )?;
+        std::fs::rename(&tmp, &self.file)?;
+        self.cat()?;
+        let t = Instant::now();
+        wait_for("a to read the edit made in b's file", || {
+            Ok(a.client.get::<ValueView>(&doc_url("web", "")?)?.value == edited)
+        })?;
+        let history: Vec<HistoryView> = a
+            .client
+            .get(&with_query(&doc_url("web", "")?, &[("history", None)]))?;
+        let by_b = history
+            .into_iter()
+            .find(|e| e.author == b.id)
+            .context("a's history of `web` has no change signed by b")?;
+        println!(
+            "  a  $ lichen get web workers   -> 8, {} after the save",
+            ms(t.elapsed())
+        );
+        println!(
+            "  a  $ lichen history web       -> change {}… seq {} signed by {} ({}…)",
+            by_b.hash.get(..12).unwrap_or_default(),
+            by_b.seq,
+            by_b.author_name,
+            &b.id[..12],
+        );
+        println!("  The file is a replica like any other: edits in it are signed changes, checked and synced.");
+        Ok(())
+    }
+
+    fn cat(&self) -> Result<()> {
+        println!("  $ cat web.json");
+        for line in std::fs::read_to_string(&self.file)?.lines() {
+            println!("    {line}");
+        }
+        Ok(())
+    }
 }
 
 /// The UDP relay: one front socket per agent (its advertised address). Packets from agent j

@@ -33,7 +33,7 @@ const REJECTED_REASONS: &[&str] = &{
 /// The labelled counter families, with their help text and every reason known up front:
 /// those are exported at 0 from the start, so a dashboard or an alert sees the series
 /// before the first event (`rate()` and `increase()` need a sample before it).
-const FAMILIES: [(&str, &str, &[&str]); 6] = [
+const FAMILIES: [(&str, &str, &[&str]); 7] = [
     (
         "lichen_changes_rejected_total",
         "Changes received from peers and refused, by reason",
@@ -72,6 +72,11 @@ const FAMILIES: [(&str, &str, &[&str]); 6] = [
         "lichen_changes_voided_total",
         "Stored changes that became void on this node, by reason (a revoked author, a void dependency, an equivocation)",
         &["depends_on_void", "equivocation", "revoked"],
+    ),
+    (
+        "lichen_api_refused_total",
+        "API requests refused before any work, by reason (a Host header that is not loopback, no token, a wrong token, a read-only token on a write)",
+        &["foreign_host", "no_token", "read_only", "wrong_token"],
     ),
 ];
 
@@ -147,6 +152,8 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub send_dropped: AtomicU64,
+    /// Dial attempts where a peer's DNS name did not resolve (copied from the transport).
+    pub peer_resolve_failures: AtomicU64,
     pub connections: AtomicU64,
     pub sync_lag_ms: AtomicU64,
     pub writes_held: AtomicU64,
@@ -195,7 +202,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 28] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 29] = [
             (
                 "lichen_template_renders_total",
                 "Template evaluations by template bindings",
@@ -266,6 +273,12 @@ impl Metrics {
                 "lichen_send_dropped_total",
                 "Messages dropped because a peer queue was full",
                 &self.send_dropped,
+                "counter",
+            ),
+            (
+                "lichen_peer_resolve_failures_total",
+                "Dial attempts where a peer's DNS name could not be resolved (retried with backoff)",
+                &self.peer_resolve_failures,
                 "counter",
             ),
             (

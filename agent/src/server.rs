@@ -17,10 +17,14 @@
 //!   heads (hyper's header read timeout); request bodies must arrive within the same time
 //!   (the body layer in [`crate::api`]); a response write that makes no progress for that
 //!   long (a client that stopped reading) closes the connection ([`StallTimeout`]).
-//!   A `/v1/watch` stream, once its request is in, lives as long as its client reads it.
+//!   A watch stream (`?watch`), once its request is in, lives as long as its client reads it.
 //!
-//! Data flow: `TcpListener` → [`serve`] (permit or refusal) → one task per connection:
-//! hyper's HTTP/1 connection over [`StallTimeout`] → the axum router.
+//! The same loop serves the unix socket `data_dir/api.sock` ([`bind_unix`]: a stale socket
+//! file is removed, the new one gets mode 0660 and the configured group), with the same cap
+//! (counted separately) and timeouts.
+//!
+//! Data flow: `TcpListener` or `UnixListener` → [`serve`] (permit or refusal) → one task per
+//! connection: hyper's HTTP/1 connection over [`StallTimeout`] → the axum router.
 
 use std::future::Future;
 use std::io;
@@ -34,7 +38,7 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::Metrics;
@@ -72,10 +76,96 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     Ok((before, want))
 }
 
+/// A listener the API is served on: loopback TCP or the unix socket.
+pub(crate) trait Accept: Send + 'static {
+    /// One accepted connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Wait for the next connection.
+    fn next(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn next(&self) -> io::Result<Self::Io> {
+        let (tcp, _) = self.accept().await?;
+        // Small responses and SSE events go out at once, not after the previous segment's ACK.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
+        Ok(tcp)
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn next(&self) -> io::Result<Self::Io> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// The numeric id of a group given by name (from `/etc/group`) or number.
+pub(crate) fn group_id(g: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| anyhow::anyhow!("cannot read /etc/group to find group `{g}`: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == g)
+        .and_then(|(_, id)| id.parse().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("no group `{g}` in /etc/group (give a group name or a numeric id)")
+        })
+}
+
+/// Bind the API's unix socket at `path`: a stale socket file left by an agent that died is
+/// removed first (another agent cannot be using it: the data directory's database is held
+/// exclusively); the socket gets mode 0660 and, with `group`, that group. Since a client also
+/// needs to traverse the data directory (mode 0700), with `group` the data directory is
+/// given that group and mode 0710 (enter, not list).
+pub(crate) fn bind_unix(
+    path: &std::path::Path,
+    group: Option<&str>,
+) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?,
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; move it away so the agent can serve its API socket there",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot serve the API on the unix socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    if let Some(g) = group {
+        let gid = group_id(g)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} the group `{g}`", path.display()))?;
+        if let Some(dir) = path.parent() {
+            std::os::unix::fs::chown(dir, None, Some(gid))
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+                })
+                .with_context(|| format!("cannot let group `{g}` enter {}", dir.display()))?;
+        }
+    }
+    Ok(l)
+}
+
 /// Serve `router` on `listener` until `shutdown` turns true, then let open connections
 /// finish (at most 5 s).
-pub async fn serve(
-    listener: TcpListener,
+pub(crate) async fn serve<L: Accept>(
+    listener: L,
     router: Router,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -87,10 +177,10 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             r = shutdown.wait_for(|s| *s) => { let _ = r; break; }
-            a = listener.accept() => a,
+            a = listener.next() => a,
         };
         let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+            Ok(io) => io,
             Err(e) => {
                 // Out of descriptors (EMFILE/ENFILE) or a connection reset before accept:
                 // back off a little rather than spin, and say so at most every 10 s.
@@ -103,10 +193,6 @@ pub async fn serve(
                 continue;
             }
         };
-        // Small responses and SSE events go out at once, not after the previous segment's ACK.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
-        }
         match open.clone().try_acquire_owned() {
             Ok(permit) => {
                 metrics.api_connections.fetch_add(1, Relaxed);
@@ -141,8 +227,8 @@ pub async fn serve(
 }
 
 /// One HTTP/1.1 connection, until it ends, times out, or the agent shuts down.
-async fn connection(
-    tcp: TcpStream,
+async fn connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    tcp: Io,
     router: Router,
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -175,7 +261,7 @@ async fn connection(
 
 /// Answer a connection over the cap with a `503` and close it. The request (if the client
 /// sent one) is drained briefly first, so that the close does not reset the answer away.
-async fn refuse(mut tcp: TcpStream, max: usize) {
+async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut tcp: Io, max: usize) {
     let body = serde_json::json!({
         "error": format!(
             "the agent already serves {max} API connections (api_max_connections); close idle clients or watches, or raise api_max_connections, and retry"

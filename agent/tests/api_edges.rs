@@ -14,12 +14,20 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// One raw HTTP/1.1 exchange (`Connection: close`): status, headers (lower-case names) and
-/// body.
+/// One raw HTTP/1.1 exchange (`Connection: close`) with the agent's API token added after the
+/// request line: status, headers (lower-case names) and body.
 fn raw(api: &str, request: &[u8]) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(api).expect("connect to the API");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(request).unwrap();
+    let line_end = request
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("a request line")
+        + 2;
+    let mut with_token = request[..line_end].to_vec();
+    with_token.extend_from_slice(auth_header(api).as_bytes());
+    with_token.extend_from_slice(&request[line_end..]);
+    s.write_all(&with_token).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -39,7 +47,7 @@ fn raw(api: &str, request: &[u8]) -> (u16, Vec<(String, String)>, String) {
 
 fn request(method: &str, target: &str, headers: &str, body: &str) -> Vec<u8> {
     format!(
-        "{method} {target} HTTP/1.1\r\nHost: lichen\r\nConnection: close\r\n{headers}content-length: {}\r\n\r\n{body}",
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -114,7 +122,7 @@ fn the_memory_a_big_write_takes_is_given_back() {
         api,
         &request(
             "PUT",
-            "/v1/put?doc=big",
+            "/v1/docs/big",
             "content-type: application/json\r\n",
             &body,
         ),
@@ -148,13 +156,13 @@ fn every_api_error_is_json_with_a_next_step() {
     assert_json_error(
         raw(
             api,
-            b"PUT /v1/put?doc=d&path=x HTTP/1.1\r\nHost: l\r\ncontent-type: application/json\r\ncontent-length: 2000000\r\n\r\n1",
+            b"PUT /v1/docs/d/x HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: 2000000\r\n\r\n1",
         ),
         413,
         "split the value",
     );
     // 413 too for a chunked body that turns out too large.
-    let mut chunked = b"PUT /v1/put?doc=d&path=x HTTP/1.1\r\nHost: l\r\nConnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked = b"PUT /v1/docs/d/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
     let chunk = vec![b'1'; 1 << 16];
     for _ in 0..20 {
         chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
@@ -165,7 +173,10 @@ fn every_api_error_is_json_with_a_next_step() {
     assert_json_error(raw(api, &chunked), 413, "split the value");
     // 400: a query that does not parse.
     assert_json_error(
-        raw(api, &request("GET", "/v1/history?doc=d&limit=many", "", "")),
+        raw(
+            api,
+            &request("GET", "/v1/docs/d?history&limit=many", "", ""),
+        ),
         400,
         "check the query parameters",
     );
@@ -220,7 +231,7 @@ fn every_api_error_is_json_with_a_next_step() {
     );
     // The handlers' own errors keep their shape.
     assert_json_error(
-        raw(api, &request("GET", "/v1/get?doc=nothing&path=x", "", "")),
+        raw(api, &request("GET", "/v1/docs/nothing/x", "", "")),
         404,
         "lichen ls",
     );
@@ -241,7 +252,7 @@ fn a_write_too_big_to_handle_is_refused_before_it_costs_memory() {
             api,
             &request(
                 "PUT",
-                "/v1/put?doc=big",
+                "/v1/docs/big",
                 "content-type: application/json\r\n",
                 &body,
             ),
@@ -261,7 +272,7 @@ fn a_write_too_big_to_handle_is_refused_before_it_costs_memory() {
         api,
         &request(
             "PUT",
-            "/v1/put?doc=big",
+            "/v1/docs/big",
             "content-type: application/json\r\n",
             &body,
         ),

@@ -31,6 +31,8 @@ fn join_write_watch_kill9_restart_converge() {
     cmd.args([
         "--api",
         &c.agents[2].api,
+        "--data-dir",
+        c.agents[2].dir.to_str().unwrap(),
         "watch",
         "app",
         "greeting",
@@ -50,11 +52,15 @@ fn join_write_watch_kill9_restart_converge() {
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
     let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
-    let apis: Vec<String> = c.agents.iter().map(|a| a.api.clone()).collect();
+    let apis: Vec<(String, String)> = c
+        .agents
+        .iter()
+        .map(|a| (a.api.clone(), a.dir.to_str().unwrap().to_string()))
+        .collect();
     let writers: Vec<_> = apis
         .into_iter()
         .enumerate()
-        .map(|(n, api)| {
+        .map(|(n, (api, dir))| {
             let (stop, acked, counts) = (stop.clone(), acked.clone(), counts.clone());
             std::thread::spawn(move || {
                 let mut i = 0i64;
@@ -62,7 +68,8 @@ fn join_write_watch_kill9_restart_converge() {
                     i += 1;
                     let key = format!("n{n}_{i}");
                     let st = std::process::Command::new(BIN)
-                        .args(["--api", &api, "put", "acked", &key, &i.to_string()])
+                        .args(["--api", &api, "--data-dir", &dir])
+                        .args(["put", "acked", &key, &i.to_string()])
                         .stderr(std::process::Stdio::null())
                         .status()
                         .unwrap();
@@ -250,6 +257,8 @@ fn a_node_restored_from_an_old_copy_of_its_data_catches_up_before_it_writes() {
     assert_eq!(c.agents[1].get("app", "k"), Some(json!(1)), "the old copy");
     let put = std::process::Command::new(BIN)
         .args(["--api", &c.agents[1].api, "put", "app", "later", "4"])
+        .arg("--data-dir")
+        .arg(&c.agents[1].dir)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

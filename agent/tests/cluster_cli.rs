@@ -149,6 +149,7 @@ fn a_second_agent_on_the_same_data_directory_is_refused_and_the_first_keeps_goin
 fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_writes() {
     let mut c = Cluster::start(1, 24, Net::Direct);
     let api = c.agents[0].api.clone();
+    let dir = c.agents[0].dir.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Vec<i64>>> = Arc::default();
     let writer = {
@@ -166,6 +167,8 @@ fn sigterm_shuts_down_cleanly_and_keeps_acknowledged_writes() {
                         &format!("k{i}"),
                         &i.to_string(),
                     ])
+                    .arg("--data-dir")
+                    .arg(&dir)
                     .stderr(Stdio::null())
                     .status()
                     .unwrap()
@@ -310,6 +313,8 @@ fn run_with_no_arguments_uses_the_environment() {
             assert!(child.0.try_wait().unwrap().is_none(), "exited early");
             Command::new(BIN)
                 .args(["--api", &api, "status"])
+                .arg("--data-dir")
+                .arg(&data)
                 .output()
                 .unwrap()
                 .status
@@ -350,6 +355,20 @@ fn demo_runs_and_shows_the_converged_state() {
     assert!(st.success(), "demo failed ({st}):\n{out}");
     assert!(out.contains("converged"), "{out}");
     assert!(out.contains("conflict"), "{out}");
+    // The file binding: b's file shows a's write, then b's edit of the file is a change
+    // signed by b that a reads.
+    let binding = out
+        .split("A file binding")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no file binding part:\n{out}"));
+    let (remote, local) = binding
+        .split_once("an operator edits web.json")
+        .unwrap_or_else(|| panic!("no local edit:\n{out}"));
+    assert!(remote.contains("ran its reload command"), "{out}");
+    assert!(remote.contains("\"workers\": 4"), "{out}");
+    assert!(local.contains("\"workers\": 8"), "{out}");
+    assert!(local.contains("-> 8,"), "a reads the edit: {out}");
+    assert!(local.contains("signed by b"), "{out}");
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(Result::ok)
@@ -367,7 +386,9 @@ fn watch_follows_local_writes_and_a_delete() {
     let c = Cluster::start(1, 37, Net::Direct);
     let a = &c.agents[0];
     let mut cmd = Command::new(BIN);
-    cmd.args(["--api", &a.api, "watch", "w", "k", "--count", "4"]);
+    cmd.args(["--api", &a.api, "watch", "w", "k", "--count", "4"])
+        .arg("--data-dir")
+        .arg(&a.dir);
     let mut watch = common::Lines::spawn(cmd);
     watch.expect("with the initial (absent) value", PATIENCE, |l| l == "null");
     assert!(a.put("w", "k", "1"));

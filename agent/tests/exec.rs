@@ -74,6 +74,8 @@ fn exec(a: &Agent, out: &Path, script: &Path, extra: &[&str]) -> Exec {
     cmd.args([
         "--api", &a.api, "exec", "--doc", "app/web", "--prefix", "APP_",
     ])
+    .arg("--data-dir")
+    .arg(&a.dir)
     .args(["--debounce", "100ms", "--kill-timeout", "5s"])
     .args(extra)
     .arg("--")
@@ -215,6 +217,8 @@ fn bad_exec_arguments_are_refused_clearly() {
     let run = |args: &[&str]| {
         Command::new(BIN)
             .args(["--api", &a.api, "exec"])
+            .arg("--data-dir")
+            .arg(&a.dir)
             .args(args)
             .env_remove("LICHEN_API")
             .stdin(Stdio::null())
@@ -246,6 +250,8 @@ fn bad_exec_arguments_are_refused_clearly() {
                 "app/scalar",
                 "--path",
                 "x",
+                "--data-dir",
+                a.dir.to_str().unwrap(),
                 "--",
             ])
             .args([

@@ -183,7 +183,8 @@ fn http_post(api: &str, path: &str, body: &str) -> String {
     let mut s = std::net::TcpStream::connect(api).expect("connect to the API");
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {api}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        common::auth_header(api),
         body.len()
     )
     .unwrap();

@@ -100,9 +100,32 @@ impl Agent {
         }
         self.child = Some(cmd.spawn().expect("start lichen"));
         let api = self.api.clone();
+        let data = self.data.clone();
         wait_for(&format!("{name} API up"), 15, || {
-            ureq::get(format!("http://{api}/v1/status")).call().is_ok()
+            let Ok(t) = std::fs::read_to_string(data.join("api.token")) else {
+                return false;
+            };
+            ureq::get(format!("http://{api}/v1/status"))
+                .header("Authorization", format!("Bearer {}", t.trim()))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
         });
+    }
+
+    /// `Bearer <the agent's API token>`.
+    fn bearer(&self) -> String {
+        let t = std::fs::read_to_string(self.data.join("api.token")).expect("api.token");
+        format!("Bearer {}", t.trim())
+    }
+
+    /// `/v1/docs/{doc}/{seg}…` for a dotted path of plain keys.
+    fn doc_url(&self, doc: &str, path: &str) -> String {
+        let mut url = format!("http://{}/v1/docs/{}", self.api, doc.replace('/', "%2F"));
+        for seg in path.split('.').filter(|s| !s.is_empty()) {
+            url.push('/');
+            url.push_str(seg);
+        }
+        url
     }
 
     /// Kill (SIGKILL) and wait.
@@ -137,6 +160,7 @@ impl Agent {
 
     fn status(&self) -> Value {
         ureq::get(format!("http://{}/v1/status", self.api))
+            .header("Authorization", self.bearer())
             .call()
             .expect("status")
             .body_mut()
@@ -145,19 +169,20 @@ impl Agent {
     }
 
     fn get(&self, doc: &str, path: &str) -> Option<Value> {
-        let mut r = ureq::get(format!("http://{}/v1/get", self.api))
-            .query("doc", doc)
-            .query("path", path)
+        let mut r = ureq::get(self.doc_url(doc, path))
+            .header("Authorization", self.bearer())
             .call()
             .ok()?;
+        if r.status() != 200 {
+            return None;
+        }
         let v: Value = r.body_mut().read_json().ok()?;
         Some(v["value"].clone())
     }
 
     fn put(&self, doc: &str, path: &str, value: Value) -> bool {
-        let mut r = ureq::put(format!("http://{}/v1/put", self.api))
-            .query("doc", doc)
-            .query("path", path)
+        let mut r = ureq::put(self.doc_url(doc, path))
+            .header("Authorization", self.bearer())
             .send_json(&value)
             .expect("put");
         let v: Value = r.body_mut().read_json().expect("put json");
@@ -167,6 +192,7 @@ impl Agent {
     /// Value of one metric line, e.g. `lichen_ingest_errors_total{reason="syntax"}`.
     fn metric(&self, name: &str) -> u64 {
         let text = ureq::get(format!("http://{}/metrics", self.api))
+            .header("Authorization", self.bearer())
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_to_string().ok())
@@ -181,6 +207,8 @@ impl Agent {
         let out = Command::new(LICHEN)
             .arg("--api")
             .arg(&self.api)
+            .arg("--data-dir")
+            .arg(&self.data)
             .args(args)
             .env_remove("LICHEN_API")
             .output()

@@ -2,10 +2,11 @@
 
 The cluster is set up as `agent/examples/bench.rs` does it: agent 1 founds it, 2 and 3 join
 with its token and are added as writers through agent 1's `POST /v1/members`. A put is
-`PUT /v1/put?doc=kv&path=<key>` with a JSON string body on a kept-alive connection; it is
+`PUT /v1/docs/kv/<key>` with a JSON string body on a kept-alive connection; it is
 answered once the write is fsynced on the agent that took it (`fsync = "local"`). Visibility is
-watched with `GET /v1/watch` (Server-Sent Events); agreement is the same heads of `kv` in every
-agent's `/v1/status`."""
+watched with `GET /v1/docs/kv/lat?watch` (Server-Sent Events); agreement is the same heads of
+`kv` in every agent's `/v1/status`. Every request carries the agent's API token
+(`Authorization: Bearer`, read from `api.token` in its data directory)."""
 
 import http.client
 import json
@@ -20,6 +21,21 @@ import common
 NAME = "Lichen"
 DOC = "kv"
 
+# The token file of each agent by API address ("ip:port"), filled as the agents start, and
+# passed to the load's client processes (started with "spawn") in their environment.
+TOKEN_FILES = {}
+TOKEN_FILES_ENV = "LICHEN_BENCH_TOKEN_FILES"
+
+
+def auth(addr):
+    """The `Authorization` header for the agent at `addr` (none before its token exists)."""
+    files = TOKEN_FILES or json.loads(os.environ.get(TOKEN_FILES_ENV, "{}"))
+    try:
+        with open(files[addr]) as f:
+            return {"Authorization": "Bearer " + f.read().strip()}
+    except (KeyError, OSError):
+        return {}
+
 
 class Http:
     """A kept-alive HTTP/1.1 connection; http.client sends a small request in one write."""
@@ -27,6 +43,8 @@ class Http:
     def __init__(self, addr, timeout=30):
         host, port = addr.rsplit(":", 1)
         self.host, self.port, self.timeout = host, int(port), timeout
+        self.auth = auth(addr)
+        self.addr = addr
         self.conn = None
 
     def call(self, method, path, body=None):
@@ -34,7 +52,10 @@ class Http:
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
+                if not self.auth:
+                    self.auth = auth(self.addr)
                 headers = {"Content-Type": "application/json"} if body is not None else {}
+                headers.update(self.auth)
                 self.conn.request(method, path, body=body, headers=headers)
                 r = self.conn.getresponse()
                 data = r.read()
@@ -54,7 +75,7 @@ class Http:
 
 
 def put_path(key):
-    return f"/v1/put?doc={DOC}&path={key}"
+    return f"/v1/docs/{DOC}/{key}"
 
 
 class Cluster:
@@ -94,6 +115,8 @@ class Cluster:
             self.procs.append(common.spawn(args, os.path.join(self.root, f"{name}.log"), env))
             self.apis.append(api)
             self.data_dirs.append(data)
+            TOKEN_FILES[api] = os.path.join(data, "api.token")
+            os.environ[TOKEN_FILES_ENV] = json.dumps(TOKEN_FILES)
             h = Http(api, timeout=5)
             st = common.wait_until(f"lichen {name} to start", 20,
                                    lambda: h.json("GET", "/v1/status"))
@@ -191,7 +214,7 @@ def _wait_seen(q, tag, count, deadline):
 def _watch(api, q, stop):
     host, port = api.rsplit(":", 1)
     c = http.client.HTTPConnection(host, int(port), timeout=60)
-    c.request("GET", f"/v1/watch?doc={DOC}&path=lat")
+    c.request("GET", f"/v1/docs/{DOC}/lat?watch", headers=auth(api))
     r = c.getresponse()
     while not stop.is_set():
         line = r.readline()

@@ -9,6 +9,14 @@
 //! * `open_and_read_100k`: open a store holding a 100,000-change document and read it.
 //! * `hot_key`: local commit on a fresh key vs one overwritten 10,000 times (the follower's
 //!   side, which does grow, is measured by `cargo run --release -p lichen-crdt --example hot_key`).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 use std::time::{Duration, Instant};
 

@@ -14,6 +14,14 @@
 //! ~555k, of which strict ed25519 verification is 405k (after caching decompressed public
 //! keys; 595k before). So the signature scheme alone is ~1.05M instructions of every write
 //! replicated to two followers; SQLite and Automerge are the rest (~0.4M).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 use std::time::Instant;
 
 use lichen_crdt::{parse_path, Op, SecretKey, Store};

@@ -36,6 +36,14 @@
 //! Only every `N/64`-th node is a member (a writer); the others replicate every document (and
 //! the membership document) without writing. This keeps each store's membership small so that
 //! 10,000 stores fit in memory; the protocol does not depend on who is a member.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 #[path = "../tests/sim/mod.rs"]
 mod sim;

@@ -76,7 +76,7 @@ pub(crate) enum Status {
 
 impl Status {
     /// The `changes.status` column value.
-    pub fn code(self) -> i64 {
+    pub(crate) fn code(self) -> i64 {
         match self {
             Status::Valid => 0,
             Status::Base => 1,

@@ -5,6 +5,7 @@ use thiserror::Error;
 
 /// Why a received or proposed change was not stored or applied.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum RejectReason {
     /// The change is bigger than the size limit.
     #[error("change exceeds the size limit")]
@@ -145,6 +146,7 @@ impl RejectReason {
 
 /// Errors about key files and node ids.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum KeyError {
     /// Reading or writing the key file failed.
     #[error("key file {0}: {1}")]
@@ -167,6 +169,7 @@ pub enum KeyError {
 
 /// Errors from the store.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// SQLite failed.
     #[error("database error: {0}")]

@@ -51,7 +51,12 @@
 //! * [`equivocation`]: the rule for a key that signs two different changes at one seq (a cloned
 //!   key): both variants and what follows them are void, decided from the set of changes alone
 //!   (see "Equivocation" below).
-//! * [`store`]: SQLite persistence, verification pipeline, local writes, materialized reads.
+//! * [`store`]: SQLite persistence, verification pipeline, local writes, materialized reads;
+//!   reading the past, diff, revert, blame, export and import (`store::history_at`,
+//!   `revert`, `blame`, `export`); [`store::backup`]: online backups, their verification and
+//!   restore.
+//! * [`audit`]: audit bundles, a document's signed history with its membership chain,
+//!   verified offline by the rules of ingest.
 //! * `json`: JSON ⇄ Automerge with minimal operations.
 //!
 //! Local write: [`Store::write`] → Automerge change → sign → SQLite commit → returned for
@@ -86,6 +91,7 @@
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod equivocation;
 pub mod error;
 pub mod header;
@@ -106,6 +112,7 @@ pub use membership::{
 };
 pub use signed::{valid_doc_name, ClusterId, DecodeError, SignedChange, MEMBERSHIP_DOC};
 pub use store::{
-    CarriedForward, Edit, HistoryEntry, IngestReport, Op, Outcome, ScrubStatus, ScrubStep, Store,
-    Voided, DEFAULT_MAX_LOADED_DOCS,
+    format_heads, import_content, parse_heads, BlameLeaf, BlameSetter, CarriedForward, DiffEntry,
+    DiffKind, Edit, HistoryEntry, HistoryError, ImportError, IngestReport, Op, Outcome,
+    ScrubStatus, ScrubStep, Store, UndoPlan, UndoSkipped, Voided, DEFAULT_MAX_LOADED_DOCS,
 };

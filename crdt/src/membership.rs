@@ -152,7 +152,7 @@ pub struct Member {
     /// Human-readable name.
     #[serde(default)]
     pub name: String,
-    /// Role.
+    /// What the member may do (admin, writer, reader) or that it was removed for good.
     pub role: Role,
     /// Advertised addresses (`host:port`).
     #[serde(default)]

@@ -40,9 +40,9 @@
 use rusqlite::Connection;
 
 /// `PRAGMA application_id` of a Lichen database ("LCHN").
-pub const APPLICATION_ID: i64 = 0x4c43_484e;
+pub(crate) const APPLICATION_ID: i64 = 0x4c43_484e;
 /// The newest schema this build writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1

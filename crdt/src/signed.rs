@@ -228,6 +228,7 @@ impl SignedChange {
 
 /// Why bytes could not be decoded into a signed change (or a sync message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// Input ended early.
     #[error("truncated input")]

@@ -6,6 +6,14 @@
 //! heads and state everywhere) at quiescence. A failure prints its seed; replay one with
 //! `LICHEN_SIM_SEED=<n> cargo test -p lichen-crdt --test simulation <name>`; sweep a wider range
 //! with `LICHEN_SIM_SEEDS=0..400` (in release: `cargo test --release ...`).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod sim;
 

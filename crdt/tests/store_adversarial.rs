@@ -1,6 +1,14 @@
 //! Attacks on the store. Each one is offered to a replica that already holds real data, and
 //! each must be refused with a named reason while leaving every stored change and every
 //! document exactly as it was.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -1,5 +1,13 @@
 //! The store as a user sees it: create a cluster, write and read documents, see conflicts and
 //! history, reopen, and refuse databases that are not ours.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 
@@ -725,4 +733,19 @@ fn a_documents_snapshot_is_not_rewritten_by_commits_that_change_its_heads() {
     let mut s = Store::open(&path, Some(cluster)).unwrap();
     assert_eq!(s.check_view("app/x").unwrap(), None);
     assert_eq!(get(&s, "app/x", ""), want);
+}
+
+#[test]
+fn a_document_whose_values_were_all_deleted_is_not_listed_with_values() {
+    let mut c = Cluster::new(1);
+    let admin = c.admin.clone();
+    let s = &mut c.stores[0];
+    put(s, &admin, "app/a", "k", json!(1));
+    put(s, &admin, "app/b", "k", json!(1));
+    s.write(&admin, "app/b", &Op::Replace { value: json!({}) }, 0)
+        .unwrap();
+    assert_eq!(s.list_docs().unwrap(), vec!["app/a", "app/b"]);
+    assert_eq!(s.list_docs_with_values().unwrap(), vec!["app/a"]);
+    put(s, &admin, "app/b", "k", json!(2));
+    assert_eq!(s.list_docs_with_values().unwrap(), vec!["app/a", "app/b"]);
 }

@@ -12,6 +12,14 @@
 //!   in [`Store::scrub_status`].
 //!
 //! Replay one seed with `LICHEN_SIM_SEED=<n>`.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod sim;
 

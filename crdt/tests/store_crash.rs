@@ -1,6 +1,14 @@
 //! Crash safety: a child process commits changes and reports each one after `write` returns;
 //! the parent kills it with SIGKILL at an arbitrary moment. After reopening, every change the
 //! child reported committed is there, and the store opens cleanly.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -7,6 +7,14 @@
 //! walks the document's whole history), and after every ingest each replica's view, values
 //! and the ops behind each row, must be what Automerge holds; in the end all replicas hold the
 //! same heads and view.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

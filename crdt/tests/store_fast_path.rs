@@ -7,6 +7,14 @@
 //! replica's view (values, and the ops behind each row that the fast path names as
 //! overwritten) must be what Automerge holds. Randomised: the seed is printed and
 //! `LICHEN_FAST_PATH_SEED=<n>` replays one.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

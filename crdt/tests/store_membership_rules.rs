@@ -2,6 +2,14 @@
 //! (and is served nothing else), and member entries that break the rules of
 //! `lichen_crdt::membership` (name, addresses, scopes) are refused on every replica, even
 //! signed by an admin.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -3,6 +3,14 @@
 //! removal whose cut-off voids some of them.
 //!
 //! Proptest prints the failing case and persists its seed; `PROPTEST_CASES` scales the run.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

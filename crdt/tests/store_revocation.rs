@@ -1,5 +1,13 @@
 //! Revocation stories: the cut-off recorded with a removal voids a removed key's later writes
 //! everywhere, whatever order changes arrive in (see `lichen_crdt::membership`).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

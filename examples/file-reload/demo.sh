@@ -10,8 +10,9 @@ cd "$(dirname "$0")"
 
 LICHEN=${LICHEN:-$(command -v lichen || ls ../../target/release/lichen ../../target/debug/lichen 2>/dev/null | head -n 1)}
 [ -x "$LICHEN" ] || { echo "build lichen first: cargo build --release -p lichen-agent" >&2; exit 1; }
-A=127.0.0.1:7521
-B=127.0.0.1:7531
+# The API address, and the data directory the CLI reads the API token from.
+A="127.0.0.1:7521 --data-dir run/a/data"
+B="127.0.0.1:7531 --data-dir run/b/data"
 PIDA= PIDB=
 cleanup() { kill $PIDA $PIDB 2>/dev/null || true; }
 trap cleanup EXIT INT TERM

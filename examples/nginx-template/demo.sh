@@ -9,7 +9,9 @@ cd "$(dirname "$0")"
 
 LICHEN=${LICHEN:-$(command -v lichen || ls ../../target/release/lichen ../../target/debug/lichen 2>/dev/null | head -n 1)}
 [ -x "$LICHEN" ] || { echo "build lichen first: cargo build --release -p lichen-agent" >&2; exit 1; }
-API=127.0.0.1:7541
+# The CLI finds the agent through the config file: its data directory's socket (or its
+# `api` address with the token in the data directory).
+CLI="--config lichen.toml"
 PID=
 cleanup() { kill $PID 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
@@ -30,30 +32,30 @@ export DEPLOY_ENV=staging
 rm -rf run && mkdir -p run
 step "start the agent; the template reads app/nginx, which does not exist yet: it waits"
 "$LICHEN" run --config lichen.toml 2>>run/agent.log & PID=$!
-wait_until "agent" "$LICHEN" --api $API status
-"$LICHEN" --api $API status | sed -n '/^bindings/,$p'
+wait_until "agent" "$LICHEN" $CLI status
+"$LICHEN" $CLI status | sed -n '/^bindings/,$p'
 
 step "write the document: the upstream block is rendered, checked and reloaded"
-"$LICHEN" --api $API put app/nginx '' '{"name": "web", "port": 8080, "servers": ["10.0.0.2:80", "10.0.0.1:80"]}'
+"$LICHEN" $CLI put app/nginx '' '{"name": "web", "port": 8080, "servers": ["10.0.0.2:80", "10.0.0.1:80"]}'
 wait_until "rendered" grep -q "10.0.0.1" run/upstream.conf
 cat run/upstream.conf
 wait_until "reloaded" test -s run/reloads.log
 
 step "add a server: only the changed file is rewritten, and reloaded once"
-"$LICHEN" --api $API put app/nginx servers '["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]'
+"$LICHEN" $CLI put app/nginx servers '["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]'
 wait_until "re-rendered" grep -q "10.0.0.3" run/upstream.conf
 wait_until "reloaded twice" sh -c '[ $(wc -l < run/reloads.log) -ge 2 ]'
 cat run/reloads.log run/check.log
 
 step "status: what each binding last rendered, from which heads, and what the commands said"
-"$LICHEN" --api $API status | sed -n '/^bindings/,$p'
+"$LICHEN" $CLI status | sed -n '/^bindings/,$p'
 
 step "preview a template edit without writing anything (dry run with a diff)"
 sed 's/ max_fails=/ fail_timeout=10s max_fails=/' upstream.conf.tmpl > run/edited.tmpl
 cp upstream.conf.tmpl run/original.tmpl && cp run/edited.tmpl upstream.conf.tmpl
-"$LICHEN" --api $API render --dry-run --config lichen.toml || true
+"$LICHEN" $CLI render --dry-run || true
 cp run/original.tmpl upstream.conf.tmpl
 echo "(template restored; run/upstream.conf was not touched)"
 
 step "render a template once to stdout, for developing it"
-"$LICHEN" --api $API render --template upstream.conf.tmpl --env DEPLOY_ENV | head -n 6
+"$LICHEN" $CLI render --template upstream.conf.tmpl --env DEPLOY_ENV | head -n 6

@@ -84,7 +84,9 @@ use tracing::{debug, info, warn};
 
 use crate::frame::{self, FrameError, HEADER_LEN, STREAM_PREAMBLE};
 use crate::tls::{self, Hex};
-use crate::{backoff, close_code, Authorizer, Config, Error, Event, PeerKey, SendError, Stats};
+use crate::{
+    backoff, close_code, Authorizer, Config, Error, Event, PeerAddr, PeerKey, SendError, Stats,
+};
 
 /// Concurrent incoming uni streams a peer may have open on one connection.
 const MAX_UNI_STREAMS: u32 = 4;
@@ -129,6 +131,7 @@ struct Counters {
     connects: AtomicU64,
     disconnects: AtomicU64,
     duplicates_closed: AtomicU64,
+    resolve_failures: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -152,6 +155,7 @@ impl Counters {
             connects: g(&self.connects),
             disconnects: g(&self.disconnects),
             duplicates_closed: g(&self.duplicates_closed),
+            resolve_failures: g(&self.resolve_failures),
         }
     }
 }
@@ -207,7 +211,8 @@ impl ConnEntry {
 /// State of the task that keeps a connection to one `add_peer`'d key.
 struct Dialer {
     peer: PeerKey,
-    addrs: Mutex<Vec<SocketAddr>>,
+    /// Resolved at each dial attempt (names through [`Config::resolver`]).
+    addrs: Mutex<Vec<PeerAddr>>,
     /// Wakes the dial loop: disconnect, new addresses, membership change, removal.
     notify: Notify,
     cancelled: AtomicBool,
@@ -389,7 +394,11 @@ impl Endpoint {
     /// whenever there is none. Idempotent: calling it again only replaces the
     /// addresses (and retries at once). Peers not added here may still
     /// connect to us if the [`Authorizer`] accepts them.
-    pub fn add_peer(&self, key: PeerKey, addrs: Vec<SocketAddr>) {
+    ///
+    /// An address is a [`SocketAddr`] or a `host:port` ([`PeerAddr`]); names
+    /// are resolved at every dial attempt, not here.
+    pub fn add_peer<A: Into<PeerAddr>>(&self, key: PeerKey, addrs: impl IntoIterator<Item = A>) {
+        let addrs: Vec<PeerAddr> = addrs.into_iter().map(Into::into).collect();
         let inner = self.inner();
         if key == inner.identity.public_key() {
             warn!("add_peer called with our own key; ignored");
@@ -601,9 +610,9 @@ impl Endpoint {
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.quinn.wait_idle()).await;
     }
 
-    /// Test hook: opens a raw uni stream on the live connection to `peer`, so
-    /// tests can write arbitrary bytes. Not part of the supported API.
-    #[doc(hidden)]
+    /// Test hook (feature `test-hooks`): opens a raw uni stream on the live connection to
+    /// `peer`, so tests can write arbitrary bytes past the framing. Not part of the supported API.
+    #[cfg(feature = "test-hooks")]
     pub async fn raw_uni_stream_for_tests(&self, peer: &PeerKey) -> Option<quinn::SendStream> {
         let conn = {
             let st = lock(&self.inner().state);
@@ -768,7 +777,11 @@ async fn dial_loop(inner: Arc<Inner>, d: Arc<Dialer>) {
             }
             continue;
         }
-        let addrs = lock(&d.addrs).clone();
+        let targets = lock(&d.addrs).clone();
+        let addrs = tokio::select! {
+            a = resolve(&inner, peer, &targets) => a,
+            _ = until_shutdown(&mut sd) => return,
+        };
         let mut connected_at = None;
         for addr in addrs {
             if d.cancelled.load(Ordering::SeqCst) {
@@ -808,6 +821,49 @@ async fn dial_loop(inner: Arc<Inner>, d: Arc<Dialer>) {
             _ = until_shutdown(&mut sd) => return,
         }
     }
+}
+
+/// The socket addresses of `targets`, in order: names resolved now (each attempt), so that
+/// a changed DNS record is used at the next redial. A name that does not resolve is logged
+/// and counted; the other addresses are still tried, and if none is left the dial loop
+/// backs off and tries again.
+async fn resolve(inner: &Inner, peer: PeerKey, targets: &[PeerAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for t in targets {
+        let name = match t {
+            PeerAddr::Ip(a) => {
+                if !out.contains(a) {
+                    out.push(*a);
+                }
+                continue;
+            }
+            PeerAddr::Name(n) => n,
+        };
+        let lookup = inner.config.resolver.lookup(name);
+        match tokio::time::timeout(inner.handshake_timeout(), lookup).await {
+            Ok(Ok(list)) if !list.is_empty() => {
+                debug!(peer = %Hex(&peer), %name, addrs = ?list, "resolved peer address");
+                for a in list {
+                    if !out.contains(&a) {
+                        out.push(a);
+                    }
+                }
+            }
+            Ok(Ok(_)) => {
+                add(&inner.stats.resolve_failures, 1);
+                warn!(peer = %Hex(&peer), %name, "peer address resolves to nothing; retrying with backoff");
+            }
+            Ok(Err(e)) => {
+                add(&inner.stats.resolve_failures, 1);
+                warn!(peer = %Hex(&peer), %name, error = %e, "cannot resolve peer address; retrying with backoff");
+            }
+            Err(_) => {
+                add(&inner.stats.resolve_failures, 1);
+                warn!(peer = %Hex(&peer), %name, "resolving peer address timed out; retrying with backoff");
+            }
+        }
+    }
+    out
 }
 
 async fn dial(

@@ -35,6 +35,7 @@ pub const STREAM_PREAMBLE: [u8; 4] = *b"lch\x01";
 /// Why bytes on a stream could not be decoded. Every variant is the peer's
 /// fault; the reader closes that one stream and counts the rejection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The header announces a payload longer than the configured maximum.
     #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]

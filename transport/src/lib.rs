@@ -16,7 +16,8 @@
 //! # async fn run(seed: [u8; 32], cluster: [u8; 32], peer: PeerKey) -> Result<(), Error> {
 //! let config = Config::new("0.0.0.0:7946".parse().unwrap(), seed, cluster);
 //! let (endpoint, mut events) = Endpoint::bind(config, Arc::new(Members)).await?;
-//! endpoint.add_peer(peer, vec!["192.0.2.7:7946".parse().unwrap()]); // keep a connection
+//! // Keep a connection; a name is resolved again at every dial attempt.
+//! endpoint.add_peer(peer, ["192.0.2.7:7946", "node-b.example.net:7946"]);
 //! while let Some(event) = events.recv().await {
 //!     match event {
 //!         Event::Connected { peer, .. } => { /* (re)start sync with `peer` */
@@ -76,7 +77,10 @@
 //!   accepts-then-closes is not hammered. [`Endpoint::set_redial_cap`]
 //!   lowers `backoff_max` for one peer (the agent uses it for its join seed
 //!   while waiting to be admitted, so it connects within about a second of
-//!   admission instead of up to `backoff_max` later). The QUIC stateless-reset
+//!   admission instead of up to `backoff_max` later). A peer address may be a
+//!   DNS name ([`PeerAddr::Name`]): the dialer resolves it at every attempt
+//!   through [`Config::resolver`], so a changed record applies at the next
+//!   redial, and a failed lookup is retried with the same backoff. The QUIC stateless-reset
 //!   key is derived from the node key, so a restarted peer resets our stale
 //!   connection at the first packet instead of leaving us to wait for the idle
 //!   timeout.
@@ -120,7 +124,10 @@ mod endpoint;
 pub mod frame;
 mod tls;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use endpoint::{ConnectionInfo, Endpoint};
@@ -164,6 +171,76 @@ pub mod close_code {
     pub const MALFORMED: u32 = 0x11;
 }
 
+/// Where a peer may be reached ([`Endpoint::add_peer`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerAddr {
+    /// An IP address and port: dialled as is.
+    Ip(SocketAddr),
+    /// A `host:port` with a DNS name: resolved by the dialer at every dial attempt (through
+    /// [`Config::resolver`]), so a changed DNS record applies at the next redial.
+    Name(String),
+}
+
+impl PeerAddr {
+    /// An IP address and port if `s` is one, else a name to resolve at each dial.
+    pub fn parse(s: &str) -> PeerAddr {
+        match s.parse::<SocketAddr>() {
+            Ok(a) => PeerAddr::Ip(a),
+            Err(_) => PeerAddr::Name(s.to_string()),
+        }
+    }
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(a: SocketAddr) -> PeerAddr {
+        PeerAddr::Ip(a)
+    }
+}
+
+impl From<&str> for PeerAddr {
+    fn from(s: &str) -> PeerAddr {
+        PeerAddr::parse(s)
+    }
+}
+
+impl From<String> for PeerAddr {
+    fn from(s: String) -> PeerAddr {
+        PeerAddr::parse(&s)
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerAddr::Ip(a) => a.fmt(f),
+            PeerAddr::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// The answer of a [`Resolve`] lookup.
+pub type Lookup = Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// Resolves a peer's `host:port` name to addresses, for the dialers. The dialer calls it at
+/// each dial attempt (bounded by the handshake timeout); a failure is logged, counted in
+/// [`Stats::resolve_failures`] and retried with the dialer's backoff.
+pub trait Resolve: Send + Sync + std::fmt::Debug + 'static {
+    /// The addresses of `host_port` (`name:port`), in the order to try them.
+    fn lookup(&self, host_port: &str) -> Lookup;
+}
+
+/// The system resolver, through [`tokio::net::lookup_host`] (getaddrinfo on the blocking
+/// pool, never on the runtime's threads).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn lookup(&self, host_port: &str) -> Lookup {
+        let name = host_port.to_string();
+        Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+    }
+}
+
 /// Endpoint settings. Build with [`Config::new`] and adjust fields.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -196,6 +273,8 @@ pub struct Config {
     /// still acknowledge within their `max_ack_delay` and at once when packets arrive out
     /// of order, so loss detection is not slowed. `0` leaves QUIC's default. Default 10.
     pub ack_eliciting_threshold: u32,
+    /// Resolves peers' DNS names at each dial attempt. Default [`SystemResolver`].
+    pub resolver: Arc<dyn Resolve>,
 }
 
 impl Config {
@@ -214,6 +293,7 @@ impl Config {
             backoff_max: Duration::from_secs(30),
             rng_seed: None,
             ack_eliciting_threshold: 10,
+            resolver: Arc::new(SystemResolver),
         }
     }
 }
@@ -253,6 +333,7 @@ pub enum Event {
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     /// No live connection to that peer.
     #[error("not connected to that peer")]
@@ -272,6 +353,7 @@ pub enum SendError {
 
 /// Errors from [`Endpoint::bind`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A setting is unusable.
     #[error("invalid configuration: {0}")]
@@ -317,4 +399,6 @@ pub struct Stats {
     pub disconnects: u64,
     /// Connections closed by the simultaneous-dial tie-break.
     pub duplicates_closed: u64,
+    /// Dial attempts where a peer's DNS name could not be resolved (failed or timed out).
+    pub resolve_failures: u64,
 }

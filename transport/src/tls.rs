@@ -81,7 +81,7 @@ pub fn alpn_for(cluster_id: &[u8; 32]) -> Vec<u8> {
 /// Extracts the ed25519 public key from a DER certificate.
 ///
 /// Fails unless the certificate parses and its SPKI is exactly an ed25519 key.
-pub fn peer_key_from_cert(cert: &CertificateDer<'_>) -> Result<PeerKey, rustls::Error> {
+pub(crate) fn peer_key_from_cert(cert: &CertificateDer<'_>) -> Result<PeerKey, rustls::Error> {
     let parsed = rustls::server::ParsedCertificate::try_from(cert)?;
     let spki = parsed.subject_public_key_info();
     spki.as_ref()

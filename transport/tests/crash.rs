@@ -7,6 +7,14 @@
 //! The peer runs in a child process: this test binary re-executed to run only
 //! [`crash_peer_process`] (which does nothing unless [`CHILD_ENV`] is set). It reports what
 //! it sees on stdout, one `peer: …` line per event.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

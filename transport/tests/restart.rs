@@ -7,6 +7,14 @@
 //! black-holed before the old endpoint is dropped, so its CONNECTION_CLOSE never arrives
 //! (as after `kill -9`), and the survivor's idle timeout (60 s here) is far beyond the test's
 //! deadline.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

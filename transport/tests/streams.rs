@@ -1,5 +1,13 @@
 //! Stream-level tests on loopback: bad frames are rejected per stream without
 //! hurting the connection; a stalled peer fills only its own queue.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

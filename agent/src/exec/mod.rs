@@ -2,7 +2,7 @@
 //! (envconsul's job, and consul-template's exec mode).
 //!
 //! ```text
-//!  agent ──SSE /v1/watch──► watch thread (blocking client; reconnects, resumes from heads)
+//!  agent ──SSE ?watch──► watch thread (blocking client; reconnects, resumes from heads)
 //!        ──Update──► supervisor (tokio, one thread) ──► child process
 //!  SIGTERM / SIGINT / SIGHUP ──► supervisor ──forwarded──► child
 //! ```

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use super::env::flatten;
 use super::{OnChange, Options};
-use crate::client::{exit, Client, ClientError};
+use crate::client::{doc_url, exit, with_query, Client};
+use crate::error::ApiError;
 
 /// Longest pause between two attempts to reach the agent.
 const RECONNECT_CAP: Duration = Duration::from_secs(5);
@@ -25,8 +26,9 @@ enum Update {
     Value { heads: String, value: Value },
     /// The agent cannot be reached (reported once per outage).
     Lost(String),
-    /// The agent refused the watch as invalid (bad document name or path): retrying cannot help.
-    Refused(ClientError),
+    /// The agent refused the watch as invalid (bad document name or path) or refused the
+    /// token: retrying cannot help.
+    Refused(ApiError),
 }
 
 /// Run `lichen exec`; returns the exit code.
@@ -61,31 +63,36 @@ fn watch_thread(client: Client, doc: String, path: String, tx: mpsc::Sender<Upda
     let mut pause = Duration::from_millis(100);
     let mut lost = false;
     loop {
-        let mut q = vec![("doc", doc.as_str()), ("path", path.as_str())];
         let resume = since.clone();
+        let mut q = vec![("watch", None)];
         if let Some(s) = &resume {
-            q.push(("since", s.as_str()));
+            q.push(("since", Some(s.as_str())));
         }
-        let r = client.sse("/v1/watch", &q, |ev| {
-            lost = false;
-            pause = Duration::from_millis(100);
-            let heads = ev["heads"].as_str().unwrap_or_default().to_string();
-            since = Some(heads.clone());
-            let value = ev.get("value").cloned().unwrap_or(Value::Null);
-            tx.blocking_send(Update::Value { heads, value }).is_ok()
+        let r = doc_url(&doc, &path).and_then(|url| {
+            client.sse(&with_query(&url, &q), |ev| {
+                lost = false;
+                pause = Duration::from_millis(100);
+                since = Some(ev.heads.clone());
+                tx.blocking_send(Update::Value {
+                    heads: ev.heads,
+                    value: ev.value,
+                })
+                .is_ok()
+            })
         });
         if tx.is_closed() {
             return;
         }
         let why = match r {
             Ok(()) => "the agent ended the watch stream".to_string(),
-            // Only a request the agent calls invalid (a bad document name or path) is final;
+            // Only a request the agent calls invalid (a bad document name or path) or a refused
+            // token is final;
             // anything else (unreachable, 503 at the connection cap, a failure) is retried.
-            Err(e) if e.code == exit::INVALID => {
+            Err(e) if e.code() == exit::INVALID || e.code() == exit::UNAUTHORIZED => {
                 let _ = tx.blocking_send(Update::Refused(e));
                 return;
             }
-            Err(e) => e.message,
+            Err(e) => e.error,
         };
         if !lost {
             lost = true;
@@ -194,9 +201,9 @@ async fn supervise(client: Client, opts: Options) -> i32 {
                         eprintln!("lichen exec: {why}; the program keeps running and the watch reconnects");
                     }
                     Update::Refused(e) => {
-                        eprintln!("lichen exec: {}", e.message);
+                        eprintln!("lichen exec: {}", e.message());
                         if running.is_none() {
-                            return e.code;
+                            return e.code();
                         }
                         eprintln!("lichen exec: the program keeps its last configuration");
                     }

@@ -4,7 +4,8 @@
 //! Why it exists: a template (or a document change) should be checked before the agent
 //! writes it into a live service's config. Two forms:
 //!
-//! * `lichen render --dry-run [--config C] [--file F]` reads the agent's config file (its
+//! * `lichen render --dry-run [--config C] [--file F]` reads the agent's config file (the
+//!   CLI's global `--config`, or `LICHEN_CONFIG`; its
 //!   `[[bind]]` tables, exactly as `lichen run` validates them), renders every binding (or
 //!   the one of file F) from the agent's current documents, and prints for each what would
 //!   be written and a unified diff against the file on disk. Nothing is written, no check or
@@ -13,8 +14,9 @@
 //!   stdout (`--doc D`: D's keys are the template's variables, as `doc = "D"` in a binding).
 //!
 //! Both read the documents, the membership and the node's identity through the local API
-//! (read-only requests), so they see what the agent would render; the agent does not need
-//! to know. The provenance header names the authors of the head changes from the
+//! (read-only requests: `GET /v1/docs/{doc}`, `/v1/docs`, `/v1/members`, `/v1/status`, and
+//! `/v1/docs/{doc}?history` for the header), with the CLI's client (its token, or the unix
+//! socket), so they see what the agent would render; the agent does not need to know. The provenance header names the authors of the head changes from the
 //! document's history (its last 256 changes; a head older than that is named without
 //! authors).
 
@@ -27,7 +29,9 @@ use serde_json::Value;
 use super::binding::{Binding, TemplateSpec};
 use super::provenance::Provenance;
 use super::template::{self, Data, NodeInfo, Outcome};
-use crate::client::{exit, Client, ClientError};
+use crate::client::{doc_url, with_query, Client};
+use crate::error::{ApiError, ErrorKind};
+use crate::views::{HistoryView, MemberView, StatusView, ValueView};
 
 /// `lichen render` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -39,9 +43,6 @@ pub(crate) struct Options {
     /// With --dry-run: only the binding of this file.
     #[arg(long, requires = "dry_run")]
     pub(crate) file: Option<PathBuf>,
-    /// The agent's config file (its [[bind]] tables).
-    #[arg(long, short = 'c', env = "LICHEN_CONFIG")]
-    pub(crate) config: Option<PathBuf>,
     /// Render this template once to stdout.
     #[arg(long, conflicts_with = "dry_run")]
     pub(crate) template: Option<PathBuf>,
@@ -54,15 +55,13 @@ pub(crate) struct Options {
     pub(crate) env: Vec<String>,
 }
 
-fn fail(code: i32, message: impl Into<String>) -> ClientError {
-    ClientError {
-        code,
-        message: message.into(),
-    }
+fn fail(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+    ApiError::new(kind, message)
 }
 
-/// Run `lichen render`.
-pub(crate) fn run(c: &Client, o: Options) -> Result<(), ClientError> {
+/// Run `lichen render`; `config` is the CLI's global `--config` (the agent's config file,
+/// whose `[[bind]]` tables `--dry-run` renders).
+pub(crate) fn run(c: &Client, config: Option<&Path>, o: Options) -> Result<(), ApiError> {
     let api = Arc::new(ApiData { c: c.clone() });
     if let Some(t) = &o.template {
         let b = crate::render::BindingFile {
@@ -73,13 +72,14 @@ pub(crate) fn run(c: &Client, o: Options) -> Result<(), ClientError> {
             ..Default::default()
         };
         let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        let b = Binding::resolve(&b, &base).map_err(|e| fail(exit::USAGE, format!("{e:#}")))?;
+        let b =
+            Binding::resolve(&b, &base).map_err(|e| fail(ErrorKind::Usage, format!("{e:#}")))?;
         let spec = b
             .template
             .clone()
-            .ok_or_else(|| fail(exit::USAGE, "no template"))?;
+            .ok_or_else(|| fail(ErrorKind::Usage, "no template"))?;
         if let Err(e) = template::check(&spec) {
-            return Err(fail(exit::INVALID, e.to_string()));
+            return Err(fail(ErrorKind::Invalid, e.to_string()));
         }
         let out = render_one(&api, &b, &spec)?;
         print!("{out}");
@@ -87,21 +87,21 @@ pub(crate) fn run(c: &Client, o: Options) -> Result<(), ClientError> {
     }
     if !o.dry_run {
         return Err(fail(
-            exit::USAGE,
+            ErrorKind::Usage,
             "say what to render: --dry-run (the config's bindings) or --template T",
         ));
     }
-    let Some(config) = &o.config else {
+    let Some(config) = config else {
         return Err(fail(
-            exit::USAGE,
+            ErrorKind::Usage,
             "--dry-run needs the agent's config file: --config PATH (or LICHEN_CONFIG)",
         ));
     };
     let cfg = crate::config::Config::resolve(&crate::config::Overrides {
-        config: Some(config.clone()),
+        config: Some(config.to_path_buf()),
         ..Default::default()
     })
-    .map_err(|e| fail(exit::INVALID, format!("{e:#}")))?;
+    .map_err(|e| fail(ErrorKind::Invalid, format!("{e:#}")))?;
     let want = o.file.as_ref().map(|f| absolute(f));
     let mut any = false;
     let mut failed = 0;
@@ -131,13 +131,13 @@ pub(crate) fn run(c: &Client, o: Options) -> Result<(), ClientError> {
             }
             Err(e) => {
                 failed += 1;
-                println!("cannot render: {}", e.message);
+                println!("cannot render: {}", e.error);
             }
         }
     }
     if !any {
         return Err(fail(
-            exit::NOT_FOUND,
+            ErrorKind::NotFound,
             match want {
                 Some(f) => format!("no [[bind]] in {} writes {}", config.display(), f.display()),
                 None => format!("{} has no [[bind]] tables", config.display()),
@@ -146,7 +146,7 @@ pub(crate) fn run(c: &Client, o: Options) -> Result<(), ClientError> {
     }
     if failed > 0 {
         return Err(fail(
-            exit::FAILURE,
+            ErrorKind::Internal,
             format!("{failed} binding(s) cannot be rendered (see above)"),
         ));
     }
@@ -178,31 +178,30 @@ fn unified_diff(file: &Path, old: &str, new: &str) -> String {
 }
 
 /// What the agent would write for `b` now.
-fn would_write(api: &Arc<ApiData>, b: &Binding) -> Result<String, ClientError> {
+fn would_write(api: &Arc<ApiData>, b: &Binding) -> Result<String, ApiError> {
     if let Some(spec) = &b.template {
         if let Err(e) = template::check(spec) {
-            return Err(fail(exit::INVALID, e.to_string()));
+            return Err(fail(ErrorKind::Invalid, e.to_string()));
         }
         return render_one(api, b, spec);
     }
     let path = lichen_crdt::format_path(&b.path);
-    let r = api.c.get("/v1/get", &[("doc", &b.doc), ("path", &path)])?;
+    let r: ValueView = api.c.get(&doc_url(&b.doc, &path)?)?;
     let bytes =
-        super::format::serialize(b.format, &r["value"]).map_err(|e| fail(exit::INVALID, e))?;
+        super::format::serialize(b.format, &r.value).map_err(|e| fail(ErrorKind::Invalid, e))?;
     let mut text = String::from_utf8_lossy(&bytes).into_owned();
     if let Some(prefix) = &b.header {
-        let heads = r["heads"].as_str().unwrap_or("").to_string();
-        let prov = Provenance::doc(&b.doc, heads);
+        let prov = Provenance::doc(&b.doc, r.heads);
         text = format!("{}{text}", header(api, prefix, &prov));
     }
     Ok(text)
 }
 
-fn render_one(api: &Arc<ApiData>, b: &Binding, spec: &TemplateSpec) -> Result<String, ClientError> {
-    let st = api.c.get("/v1/status", &[])?;
+fn render_one(api: &Arc<ApiData>, b: &Binding, spec: &TemplateSpec) -> Result<String, ApiError> {
+    let st: StatusView = api.c.get("/v1/status")?;
     let node = NodeInfo {
-        id: st["node"]["id"].as_str().unwrap_or("").to_string(),
-        name: st["node"]["name"].as_str().unwrap_or("").to_string(),
+        id: st.node.id,
+        name: st.node.name,
     };
     let root = (!b.doc.is_empty()).then_some(b.doc.as_str());
     let data: Arc<dyn Data> = api.clone();
@@ -216,13 +215,13 @@ fn render_one(api: &Arc<ApiData>, b: &Binding, spec: &TemplateSpec) -> Result<St
             None => text,
         }),
         Outcome::Waiting(missing) => Err(fail(
-            exit::NOT_FOUND,
+            ErrorKind::NotFound,
             format!(
                 "the template reads {} which the agent does not hold (the agent would wait; use `| default(...)` to render without it)",
                 missing.join(", ")
             ),
         )),
-        Outcome::Failed(e) => Err(fail(exit::INVALID, e.to_string())),
+        Outcome::Failed(e) => Err(fail(ErrorKind::Invalid, e.to_string())),
     }
 }
 
@@ -233,13 +232,11 @@ fn header(api: &ApiData, prefix: &str, prov: &Provenance) -> String {
         .iter()
         .map(|(doc, heads)| {
             let mut by_hash = BTreeMap::new();
-            if let Ok(h) = api.c.get("/v1/history", &[("doc", doc), ("limit", "256")]) {
-                for e in h.as_array().into_iter().flatten() {
-                    if let (Some(hash), Some(name)) =
-                        (e["hash"].as_str(), e["author_name"].as_str())
-                    {
-                        by_hash.insert(hash.to_string(), name.to_string());
-                    }
+            let url = doc_url(doc, "")
+                .map(|u| with_query(&u, &[("history", None), ("limit", Some("256"))]));
+            if let Ok(h) = url.and_then(|u| api.c.get::<Vec<HistoryView>>(&u)) {
+                for e in h {
+                    by_hash.insert(e.hash, e.author_name);
                 }
             }
             let mut names: Vec<String> = heads
@@ -261,43 +258,28 @@ struct ApiData {
 
 impl Data for ApiData {
     fn doc(&self, name: &str) -> Result<Option<(Value, String)>, String> {
-        match self.c.get("/v1/get", &[("doc", name), ("path", "")]) {
-            Ok(r) => Ok(Some((
-                r["value"].clone(),
-                r["heads"].as_str().unwrap_or("").to_string(),
-            ))),
-            Err(e) if e.code == exit::NOT_FOUND => Ok(None),
-            Err(e) => Err(e.message),
+        let url = doc_url(name, "").map_err(|e| e.error)?;
+        match self.c.get::<ValueView>(&url) {
+            Ok(r) => Ok(Some((r.value, r.heads))),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.error),
         }
     }
 
     fn list(&self) -> Result<Vec<String>, String> {
-        let r = self.c.get("/v1/ls", &[]).map_err(|e| e.message)?;
-        Ok(r.as_array()
-            .map(|l| {
-                l.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default())
+        self.c.get::<Vec<String>>("/v1/docs").map_err(|e| e.error)
     }
 
     fn members(&self) -> Result<(Value, String), String> {
-        let list = self.c.get("/v1/members", &[]).map_err(|e| e.message)?;
-        let st = self.c.get("/v1/status", &[]).map_err(|e| e.message)?;
-        let heads = st["docs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["doc"] == lichen_crdt::MEMBERSHIP_DOC)
-            .and_then(|d| d["heads"].as_array())
-            .map(|h| {
-                h.iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
+        let list: Vec<MemberView> = self.c.get("/v1/members").map_err(|e| e.error)?;
+        let st: StatusView = self.c.get("/v1/status").map_err(|e| e.error)?;
+        let heads = st
+            .docs
+            .iter()
+            .find(|d| d.doc == lichen_crdt::MEMBERSHIP_DOC)
+            .map(|d| d.heads.join(","))
             .unwrap_or_default();
+        let list = serde_json::to_value(list).map_err(|e| e.to_string())?;
         Ok((list, heads))
     }
 }

@@ -12,25 +12,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-use serde_json::Value;
+pub(crate) use crate::views::{BindingView, CommandOutcomeView};
 
-/// The outcome of the last check or reload command.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub(crate) struct CommandOutcome {
-    /// Whether it succeeded.
-    pub ok: bool,
-    /// Its exit code (0 on success; absent when it did not run or was killed).
-    pub exit_code: Option<i32>,
-    /// The failure, if any.
-    pub error: Option<String>,
-    /// When it finished, in milliseconds since the Unix epoch.
-    pub at_ms: u64,
-}
-
-impl CommandOutcome {
-    pub(crate) fn of(r: &Result<(), super::command::CommandError>) -> CommandOutcome {
-        CommandOutcome {
+impl CommandOutcomeView {
+    pub(crate) fn of(r: &Result<(), super::command::CommandError>) -> CommandOutcomeView {
+        CommandOutcomeView {
             ok: r.is_ok(),
             exit_code: match r {
                 Ok(()) => Some(0),
@@ -42,42 +28,10 @@ impl CommandOutcome {
     }
 }
 
-/// One binding's state as `lichen status` shows it.
-#[derive(Debug, Clone, Serialize, Default, PartialEq)]
-pub(crate) struct BindingState {
-    /// The bound file.
-    pub file: String,
-    /// `doc`, `doc:path` or `template PATH`.
-    pub source: String,
-    /// `render`, `sync` (document bindings) or `template`.
-    pub kind: String,
-    /// The documents the last render read (a template's reads; the document otherwise).
-    pub docs: Vec<String>,
-    /// `LICHEN_HEADS` of the last render that reached the file (see `super::provenance`).
-    pub heads: Option<String>,
-    /// When the file was last found or made up to date, ms since the Unix epoch.
-    pub rendered_at_ms: Option<u64>,
-    /// Template evaluations (template bindings) or document reads (document bindings).
-    pub renders: u64,
-    /// Times the file was replaced.
-    pub writes: u64,
-    /// The last check command, if one ran.
-    pub check: Option<CommandOutcome>,
-    /// The last reload command, if one ran.
-    pub reload: Option<CommandOutcome>,
-    /// What holds the file back (a template error, a failed check or write), if anything.
-    pub error: Option<String>,
-    /// A new configuration of this binding that was not loaded (its template does not
-    /// compile): the previous one keeps running.
-    pub config_error: Option<String>,
-    /// What the binding waits for (a document this node does not hold yet), if anything.
-    pub waiting: Option<String>,
-}
-
 struct Inner {
     node_id: String,
     node_name: String,
-    bindings: Mutex<BTreeMap<PathBuf, BindingState>>,
+    bindings: Mutex<BTreeMap<PathBuf, BindingView>>,
 }
 
 /// Shared, cheap to clone.
@@ -109,7 +63,7 @@ impl Board {
     }
 
     /// Change the entry of `file` (created if missing).
-    pub(crate) fn update(&self, file: &Path, f: impl FnOnce(&mut BindingState)) {
+    pub(crate) fn update(&self, file: &Path, f: impl FnOnce(&mut BindingView)) {
         if let Ok(mut m) = self.inner.bindings.lock() {
             let e = m.entry(file.to_path_buf()).or_default();
             f(e);
@@ -124,14 +78,12 @@ impl Board {
     }
 
     /// Every binding's state, ordered by file.
-    pub(crate) fn snapshot(&self) -> Value {
-        let list: Vec<BindingState> = self
-            .inner
+    pub(crate) fn snapshot(&self) -> Vec<BindingView> {
+        self.inner
             .bindings
             .lock()
             .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        serde_json::to_value(list).unwrap_or(Value::Null)
+            .unwrap_or_default()
     }
 }
 
@@ -144,52 +96,45 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// `lichen status`'s bindings section (from the status view's `bindings` list).
-pub(crate) fn print_bindings(list: &Value) {
-    let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
+pub(crate) fn print_bindings(list: &[BindingView]) {
+    if list.is_empty() {
         return;
-    };
-    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    }
     println!("bindings");
     for b in list {
-        println!(
-            "  {} ({}, {})",
-            s(&b["file"]),
-            s(&b["source"]),
-            s(&b["kind"])
-        );
-        let heads = s(&b["heads"]);
-        let at = b["rendered_at_ms"]
-            .as_u64()
+        println!("  {} ({}, {})", b.file, b.source, b.kind);
+        let at = b
+            .rendered_at_ms
             .map(|t| format!("{:.1} s ago", now_ms().saturating_sub(t) as f64 / 1000.0))
             .unwrap_or_else(|| "never".into());
         println!(
             "    rendered {at}, {} renders, {} writes, heads {}",
-            b["renders"],
-            b["writes"],
-            if heads.is_empty() { "-" } else { &heads }
+            b.renders,
+            b.writes,
+            b.heads.as_deref().filter(|h| !h.is_empty()).unwrap_or("-")
         );
-        for what in ["check", "reload"] {
-            let c = &b[what];
-            if c.is_null() {
+        for (what, c) in [("check", &b.check), ("reload", &b.reload)] {
+            let Some(c) = c else {
                 continue;
-            }
-            let code = c["exit_code"]
-                .as_i64()
+            };
+            let code = c
+                .exit_code
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into());
-            if c["ok"] == Value::Bool(true) {
+            if c.ok {
                 println!("    {what} ok (exit {code})");
             } else {
-                println!("    {what} FAILED (exit {code}): {}", s(&c["error"]));
+                println!(
+                    "    {what} FAILED (exit {code}): {}",
+                    c.error.as_deref().unwrap_or("")
+                );
             }
         }
-        if !b["waiting"].is_null() {
-            println!("    waiting: {}", s(&b["waiting"]));
+        if let Some(w) = &b.waiting {
+            println!("    waiting: {w}");
         }
-        for what in ["config_error", "error"] {
-            if !b[what].is_null() {
-                println!("    ERROR: {}", s(&b[what]));
-            }
+        for e in [&b.config_error, &b.error].into_iter().flatten() {
+            println!("    ERROR: {e}");
         }
     }
 }

@@ -78,7 +78,7 @@ use tokio::time::Instant;
 use super::binding::{Binding, Mode};
 use super::last::LastSeen;
 use super::provenance::{self, Provenance};
-use super::status::{now_ms, CommandOutcome};
+use super::status::{now_ms, CommandOutcomeView};
 use super::template::{self, Outcome, Reads};
 use super::watch::{Activity, FileWatch, SharedActivity, Wake};
 use super::write::{read_bounded, write_file, FileRead, Written};
@@ -605,7 +605,7 @@ impl Task {
             let env = self.env();
             let env = provenance::borrow(&env);
             let r = command::run(check, Some(&self.b.file), &env, self.b.command_timeout).await;
-            let outcome = CommandOutcome::of(&r);
+            let outcome = CommandOutcomeView::of(&r);
             self.node
                 .bindings
                 .update(&self.b.file, |s| s.check = Some(outcome));
@@ -640,8 +640,14 @@ impl Task {
         let doc = self.b.doc.clone();
         let outcome = self
             .node
-            .ask(|reply| Command::Write { doc, op, reply })
-            .await;
+            .ask(|reply| Command::Write {
+                doc,
+                op,
+                expect: None,
+                reply,
+            })
+            .await
+            .map(|w| w.hash);
         match outcome {
             Ok(hash) => {
                 tracing::info!(
@@ -666,7 +672,11 @@ impl Task {
                 render
             }
             Err(e) => {
-                let reason = if e.status == 403 { "denied" } else { "write" };
+                let reason = if e.kind == crate::error::ErrorKind::Denied {
+                    "denied"
+                } else {
+                    "write"
+                };
                 tracing::warn!(%file, doc = %self.b.target(), error = %e.error, "the edit was refused; the file is left as it is");
                 self.node.metrics.inc_labelled(INGEST_ERRORS, reason, 1);
                 self.rejected = true;
@@ -924,11 +934,11 @@ impl Task {
         let written = write_file(&self.b, &bytes, guard, &env).await;
         if self.b.check.is_some() {
             let outcome = match &written {
-                Ok(Written::Replaced) => Some(CommandOutcome::of(&Ok(()))),
+                Ok(Written::Replaced) => Some(CommandOutcomeView::of(&Ok(()))),
                 Err(e) => e
                     .check
                     .as_ref()
-                    .map(|c| CommandOutcome::of(&Err(c.clone()))),
+                    .map(|c| CommandOutcomeView::of(&Err(c.clone()))),
                 _ => None,
             };
             if let Some(o) = outcome {
@@ -1022,7 +1032,7 @@ impl Task {
         let env = provenance::borrow(&env);
         let file = self.b.file.display().to_string();
         let r = command::run(&cmd, None, &env, self.b.command_timeout).await;
-        let outcome = CommandOutcome::of(&r);
+        let outcome = CommandOutcomeView::of(&r);
         self.node
             .bindings
             .update(&self.b.file, |s| s.reload = Some(outcome));
@@ -1094,6 +1104,7 @@ impl template::Data for NodeData {
             heads: None,
             reply,
         })?;
+        let list = serde_json::to_value(list).map_err(|e| e.to_string())?;
         Ok((list, heads))
     }
 }

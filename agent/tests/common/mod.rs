@@ -126,6 +126,8 @@ impl Agent {
         let config = root.join(format!("{name}.toml"));
         std::fs::write(&config, "log = \"info\"\n[sync]\nanti_entropy_ms = 200\n").unwrap();
         let listen = free_udp_addr(ip);
+        let api = format!("127.0.0.1:{}", free_tcp_port());
+        register_api(&api, &dir.join("data"));
         Agent {
             name: name.to_string(),
             dir: dir.join("data"),
@@ -133,7 +135,7 @@ impl Agent {
             config,
             listen,
             advertise: listen,
-            api: format!("127.0.0.1:{}", free_tcp_port()),
+            api,
             join: None,
             id: String::new(),
             child: None,
@@ -240,8 +242,11 @@ impl Agent {
         Command::new(BIN)
             .arg("--api")
             .arg(&self.api)
+            .arg("--data-dir")
+            .arg(&self.dir)
             .args(args)
             .env_remove("LICHEN_API")
+            .env_remove("LICHEN_TOKEN")
             .stdin(Stdio::null())
             .output()
             .expect("run the lichen CLI")
@@ -687,13 +692,54 @@ impl Drop for Guard {
     }
 }
 
-/// GET over plain HTTP/1.1 (for `/metrics`, which has no CLI command).
+/// Data directories of the agents by API address, for [`auth_header`].
+static DATA_DIRS: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Remember which data directory (with its `api.token`) serves `api`.
+pub fn register_api(api: &str, data_dir: &Path) {
+    let mut d = DATA_DIRS.lock().unwrap();
+    d.retain(|(a, _)| a != api);
+    d.push((api.to_string(), data_dir.to_path_buf()));
+}
+
+/// The API token of the agent serving `api` (from its data directory's `api.token`).
+pub fn token(api: &str) -> String {
+    let dir = DATA_DIRS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(a, _)| a == api)
+        .map(|(_, d)| d.clone())
+        .unwrap_or_else(|| panic!("no agent registered at {api}"));
+    std::fs::read_to_string(dir.join("api.token"))
+        .unwrap_or_else(|e| panic!("read {}/api.token: {e}", dir.display()))
+        .trim()
+        .to_string()
+}
+
+/// `Authorization: Bearer <token>\r\n` for the agent at `api`.
+pub fn auth_header(api: &str) -> String {
+    format!("Authorization: Bearer {}\r\n", token(api))
+}
+
+/// `/v1/docs/{doc}/{seg}…` for a document and a dotted path of plain keys.
+pub fn doc_url(doc: &str, path: &str) -> String {
+    let mut url = format!("/v1/docs/{}", doc.replace('/', "%2F"));
+    for seg in path.split('.').filter(|s| !s.is_empty()) {
+        url.push('/');
+        url.push_str(seg);
+    }
+    url
+}
+
+/// GET over plain HTTP/1.1 with the agent's token (for `/metrics`, which has no CLI command).
 pub fn http_get(api: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(api).expect("connect to the API");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {api}\r\n{}Connection: close\r\n\r\n",
+        auth_header(api)
     )
     .unwrap();
     let mut out = String::new();
@@ -707,4 +753,30 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let (k, v) = l.split_once(' ')?;
         (k == name).then(|| v.trim().parse().ok()).flatten()
     })
+}
+
+/// `lichen put` over plain HTTP/1.1, for tests that write faster than a CLI process per write
+/// allows: the HTTP status, or 0 if the connection failed.
+pub fn http_put(api: &str, doc: &str, path: &str, json_body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(api) else {
+        return 0;
+    };
+    let req = format!(
+        "PUT {} HTTP/1.1\r\nHost: {api}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json_body}",
+        doc_url(doc, path),
+        auth_header(api),
+        json_body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut out = String::new();
+    if s.read_to_string(&mut out).is_err() {
+        return 0;
+    }
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }

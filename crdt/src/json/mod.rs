@@ -45,6 +45,7 @@
 //! file holds [`PathSeg`], [`JsonError`], the depth limit and the navigation helpers that
 //! both directions share (turning a path segment into an Automerge property).
 
+mod at;
 mod path;
 mod read;
 #[cfg(test)]
@@ -53,6 +54,7 @@ mod write;
 
 use automerge::{AutomergeError, ObjId, ObjType, Prop, ScalarValue};
 
+pub(crate) use at::At;
 pub use path::{format_path, parse_path};
 pub(crate) use read::{conflicts_at, get_path, scalar_to_json, to_json};
 pub(crate) use write::{delete_path, json_to_scalar, put_path, reconcile_root};
@@ -73,6 +75,7 @@ pub enum PathSeg {
 
 /// Errors from path parsing, navigation and conversion.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum JsonError {
     /// The textual path is malformed (or asks for something impossible, such
     /// as deleting the root).

@@ -3,7 +3,9 @@
 //! built into a [`serde_json::Value`] (`to_json`, `get_path`, `conflicts_at`), scalars by
 //! `scalar_to_json`, refusing documents nested deeper than `MAX_DEPTH`.
 
-use automerge::{ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{ObjId, ObjType, Prop, ScalarValue, Value, ROOT};
+
+use super::at::Slots;
 use serde_json::Value as Json;
 
 #[cfg(test)]
@@ -28,17 +30,17 @@ pub(crate) fn scalar_to_json(sv: &ScalarValue) -> Json {
 }
 
 /// Read one slot; `None` when the key is absent or the index is past the end.
-pub(super) fn read_child<R: ReadDoc>(
+pub(super) fn read_child<R: Slots>(
     doc: &R,
     obj: &ObjId,
     prop: &Prop,
 ) -> Result<Option<Child>, JsonError> {
     if let Prop::Seq(i) = prop {
-        if *i >= doc.length(obj) {
+        if *i >= doc.len_of(obj) {
             return Ok(None);
         }
     }
-    Ok(doc.get(obj, prop.clone())?.map(|(v, id)| match v {
+    Ok(doc.slot(obj, prop.clone())?.map(|(v, id)| match v {
         Value::Object(t) => Child::Obj(id, t),
         Value::Scalar(s) => Child::Scalar(s.into_owned()),
     }))
@@ -46,7 +48,7 @@ pub(super) fn read_child<R: ReadDoc>(
 
 /// Follow every segment of `path` from the root; each must land on a map or
 /// list. `Ok(None)` when something along the way is absent.
-pub(super) fn walk<R: ReadDoc>(
+pub(super) fn walk<R: Slots>(
     doc: &R,
     path: &[PathSeg],
 ) -> Result<Option<(ObjId, ObjType)>, JsonError> {
@@ -74,13 +76,13 @@ pub(super) fn walk<R: ReadDoc>(
 ///
 /// Map keys come out sorted; `Text` objects become strings, `Counter` and
 /// `Timestamp` numbers, `Bytes` lowercase hex strings.
-pub(crate) fn to_json<R: ReadDoc>(doc: &R, obj: &ObjId) -> Result<Json, JsonError> {
-    let typ = doc.object_type(obj)?;
+pub(crate) fn to_json<R: Slots>(doc: &R, obj: &ObjId) -> Result<Json, JsonError> {
+    let typ = doc.type_of(obj)?;
     object_to_json(doc, obj, typ, 1)
 }
 
 /// `depth` counts the containers from the root down to and including `obj`.
-fn object_to_json<R: ReadDoc>(
+fn object_to_json<R: Slots>(
     doc: &R,
     obj: &ObjId,
     typ: ObjType,
@@ -91,7 +93,7 @@ fn object_to_json<R: ReadDoc>(
     }
     match typ {
         ObjType::Map | ObjType::Table => {
-            let mut keys: Vec<String> = doc.keys(obj).collect();
+            let mut keys: Vec<String> = doc.keys_of(obj);
             // Sorted insertion keeps the output sorted even if serde_json's
             // "preserve_order" feature is enabled somewhere in the build.
             keys.sort();
@@ -107,7 +109,7 @@ fn object_to_json<R: ReadDoc>(
             Ok(Json::Object(out))
         }
         ObjType::List => {
-            let len = doc.length(obj);
+            let len = doc.len_of(obj);
             let mut out = Vec::new();
             for i in 0..len {
                 if let Some(child) = read_child(doc, obj, &Prop::Seq(i))? {
@@ -116,16 +118,12 @@ fn object_to_json<R: ReadDoc>(
             }
             Ok(Json::Array(out))
         }
-        ObjType::Text => Ok(Json::String(doc.text(obj)?)),
+        ObjType::Text => Ok(Json::String(doc.text_of(obj)?)),
     }
 }
 
 /// `parent_depth` is the depth of the container holding `child`.
-fn child_to_json<R: ReadDoc>(
-    doc: &R,
-    child: Child,
-    parent_depth: usize,
-) -> Result<Json, JsonError> {
+fn child_to_json<R: Slots>(doc: &R, child: Child, parent_depth: usize) -> Result<Json, JsonError> {
     match child {
         Child::Scalar(sv) => Ok(scalar_to_json(&sv)),
         Child::Obj(id, t) => object_to_json(doc, &id, t, parent_depth + 1),
@@ -134,7 +132,7 @@ fn child_to_json<R: ReadDoc>(
 
 /// The value at `path`, or `None` if absent. The empty path is the whole
 /// root map.
-pub(crate) fn get_path<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Option<Json>, JsonError> {
+pub(crate) fn get_path<R: Slots>(doc: &R, path: &[PathSeg]) -> Result<Option<Json>, JsonError> {
     let Some((_, parents)) = path.split_last() else {
         return to_json(doc, &ROOT).map(Some);
     };
@@ -151,7 +149,7 @@ pub(crate) fn get_path<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Option<J
 /// Every concurrent value at `path` (Automerge `get_all`): empty when absent,
 /// one value when there is no conflict, several on a conflict. The value
 /// [`get_path`] reports (the deterministic winner) comes first.
-pub(crate) fn conflicts_at<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Vec<Json>, JsonError> {
+pub(crate) fn conflicts_at<R: Slots>(doc: &R, path: &[PathSeg]) -> Result<Vec<Json>, JsonError> {
     let Some((_, parents)) = path.split_last() else {
         return Ok(vec![to_json(doc, &ROOT)?]);
     };
@@ -160,12 +158,12 @@ pub(crate) fn conflicts_at<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Vec<
     };
     let prop = prop_for(typ, path, parents.len())?;
     if let Prop::Seq(i) = prop {
-        if i >= doc.length(&obj) {
+        if i >= doc.len_of(&obj) {
             return Ok(Vec::new());
         }
     }
     let children: Vec<Child> = doc
-        .get_all(&obj, prop)?
+        .slot_all(&obj, prop)?
         .into_iter()
         .map(|(v, id)| match v {
             Value::Object(t) => Child::Obj(id, t),
@@ -183,14 +181,14 @@ pub(crate) fn conflicts_at<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Vec<
 /// The keys at `path`: sorted map keys, or list indices as strings. Empty when nothing is at
 /// `path`. (Reads are served from the store's materialized view; this is kept for tests.)
 #[cfg(test)]
-pub(super) fn keys_at<R: ReadDoc>(doc: &R, path: &[PathSeg]) -> Result<Vec<String>, JsonError> {
+pub(super) fn keys_at<R: Slots>(doc: &R, path: &[PathSeg]) -> Result<Vec<String>, JsonError> {
     match walk(doc, path)? {
         None => Ok(Vec::new()),
         Some((obj, typ)) if is_map(typ) => {
-            let mut keys: Vec<String> = doc.keys(&obj).collect();
+            let mut keys: Vec<String> = doc.keys_of(&obj);
             keys.sort();
             Ok(keys)
         }
-        Some((obj, _)) => Ok((0..doc.length(&obj)).map(|i| i.to_string()).collect()),
+        Some((obj, _)) => Ok((0..doc.len_of(&obj)).map(|i| i.to_string()).collect()),
     }
 }

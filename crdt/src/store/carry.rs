@@ -73,7 +73,7 @@ type ToCarry = ([u8; 32], Vec<[u8; 32]>);
 /// This node's own writes carried forward in one document.
 #[derive(Debug, Clone)]
 pub struct CarriedForward {
-    /// The document.
+    /// The document whose void writes were carried forward.
     pub doc: String,
     /// This node's void changes whose operations were re-applied.
     pub voided: Vec<[u8; 32]>,
@@ -104,7 +104,7 @@ impl Store {
     }
 
     /// The changes that became void on this node since the last call (at most
-    /// [`MAX_VOIDED_NOTES`]; older ones are dropped but still counted).
+    /// 4,096, `MAX_VOIDED_NOTES`; older ones are dropped but still counted).
     pub fn take_voided(&mut self) -> Vec<Voided> {
         self.voided_notes.drain(..).collect()
     }

@@ -121,7 +121,8 @@ impl Store {
     /// Turn off (or back on; on by default) the writer's fast path, which builds a change
     /// made only of scalar puts at top-level keys without Automerge (see the `store` module
     /// docs). Changes and views are the same either way; for tests and benchmarks that
-    /// compare the two paths.
+    /// compare the two paths, so only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     pub fn set_local_fast_path(&mut self, on: bool) {
         self.local_fast_path = on;
     }

@@ -51,12 +51,21 @@
 //! `ingest_cross` (received crossing puts without Automerge), `carry` (voided changes noted,
 //! own void writes carried forward), `ingest_membership` (received membership changes),
 //! `rebuild` (re-judging a document) and `scrub` (checking what is read back from disk, the
-//! background scrub, quarantine).
+//! background scrub, quarantine); `backup` (an online copy of the store, its verification
+//! from scratch, and a restore). The past: `history_at` (a document at given heads, diffs),
+//! `revert` (planning a revert to heads or the undo of one change), `blame` (who set each
+//! leaf), `export` (Automerge and JSON export, import) and `audit_export` (audit bundles and
+//! the in-memory store they are verified in, see [`crate::audit`]).
 //! This file holds the public types, the [`Store`] itself, shared helpers and opening a store.
 
+mod audit_export;
+pub mod backup;
+mod blame;
 mod cache;
 mod carry;
 mod durability;
+mod export;
+mod history_at;
 mod ingest;
 mod ingest_cross;
 mod ingest_membership;
@@ -65,6 +74,7 @@ mod members;
 mod persist;
 mod read;
 mod rebuild;
+mod revert;
 mod scrub;
 mod write;
 
@@ -83,9 +93,13 @@ use crate::membership::{self, Member, MemberChange, Membership, Role};
 use crate::schema::{self, SchemaProblem};
 use crate::signed::{ClusterId, SignedChange, MEMBERSHIP_DOC};
 
+pub use blame::{BlameLeaf, BlameSetter};
 use cache::Loaded;
 pub use carry::{CarriedForward, Voided};
+pub use export::{import_content, ImportError};
+pub use history_at::{format_heads, parse_heads, DiffEntry, DiffKind, HistoryError};
 use ingest::PendingSet;
+pub use revert::{UndoPlan, UndoSkipped};
 pub use scrub::{ScrubStatus, ScrubStep};
 
 type Clocks = BTreeMap<String, BTreeMap<NodeId, u64>>;
@@ -100,14 +114,14 @@ pub const MAX_PENDING_BYTES: usize = 64 << 20;
 pub enum Op {
     /// Set the value at a path (creating intermediate maps), with minimal CRDT operations.
     Put {
-        /// Where.
+        /// Path of the value to set, from the document root (empty: the root itself).
         path: Vec<PathSeg>,
         /// The new JSON value.
         value: Value,
     },
     /// Delete the value at a path.
     Delete {
-        /// Where.
+        /// Path of the value to delete (not empty: the root cannot be deleted).
         path: Vec<PathSeg>,
     },
     /// Make the whole document equal to a JSON object, with minimal CRDT operations.

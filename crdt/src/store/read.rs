@@ -26,6 +26,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Names of the documents that hold at least one value (not including the membership
+    /// document): a document whose values were all deleted is not listed.
+    pub fn list_docs_with_values(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT doc FROM docs WHERE doc != ?1 AND EXISTS (SELECT 1 FROM kv WHERE kv.doc = docs.doc) ORDER BY doc",
+        )?;
+        let rows = stmt.query_map(params![MEMBERSHIP_DOC], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Whether a document exists.
     pub fn has_doc(&self, doc: &str) -> Result<bool, StoreError> {
         Ok(self

@@ -343,6 +343,7 @@ impl Replica for Store {
 /// Errors of the sync engine: only local failures (the store). Bad network input is never an
 /// error; it is counted and reported as [`Event::Rejected`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SyncError {
     /// The store failed (disk, database).
     #[error("store: {0}")]

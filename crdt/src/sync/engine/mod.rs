@@ -290,7 +290,7 @@ impl SyncEngine {
         self.me
     }
 
-    /// The configuration.
+    /// The intervals, fan-out and limits this engine was built with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
