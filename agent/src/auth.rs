@@ -183,9 +183,11 @@ impl Refusal {
 
 /// Routes only the full token (or the socket) may use, whatever the method: `/v1/backup`
 /// hands out the whole store, more than a read-only token may read one route at a time
-/// (a later `GET` variant of it must not open it to that token).
+/// (a later `GET` variant of it must not open it to that token); `/v1/audit/{doc}` makes this
+/// node sign a bundle with its key, which a monitoring token must not be able to make it do.
 pub(crate) fn privileged(path: &str) -> bool {
-    path.trim_end_matches('/') == "/v1/backup"
+    let p = path.trim_end_matches('/');
+    p == "/v1/backup" || p == "/v1/audit" || p.starts_with("/v1/audit/")
 }
 
 /// The decision for one TCP request: `None` lets it in.
@@ -249,7 +251,7 @@ fn refusal_error(t: &Tokens, r: Refusal) -> ApiError {
         Refusal::Privileged => ApiError::new(
             ErrorKind::Denied,
             format!(
-                "this token is read-only, and a backup holds every document: it needs the token in {token} or the unix socket {socket}"
+                "this token is read-only, and this route hands out every document (a backup) or makes the node sign (an audit bundle): it needs the token in {token} or the unix socket {socket}"
             ),
         ),
         Refusal::NoToken | Refusal::WrongToken => ApiError::new(
@@ -400,6 +402,14 @@ mod tests {
             Some(Refusal::Privileged)
         );
         assert_eq!(check(&t, &Method::POST, "/v1/backup", host, Some(&w)), None);
+        assert_eq!(
+            check(&t, &Method::GET, "/v1/audit/app%2Fweb", host, Some(&r)),
+            Some(Refusal::Privileged)
+        );
+        assert_eq!(
+            check(&t, &Method::GET, "/v1/audit/app%2Fweb", host, Some(&w)),
+            None
+        );
         assert_eq!(check(&t, &Method::GET, "/metrics", host, Some(&r)), None);
         assert_eq!(
             check(&t, &Method::GET, "/metrics", host, None),

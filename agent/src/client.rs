@@ -70,24 +70,13 @@ impl Answer {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The whole body (at most 64 MiB).
-    fn bytes(mut self) -> Result<(u16, Headers, Vec<u8>), ApiError> {
-        let limit = 64u64 << 20;
-        let mut out = Vec::new();
-        let len = self
-            .header("content-length")
-            .and_then(|v| v.parse::<u64>().ok());
-        let r = match len {
-            Some(n) => (&mut self.body).take(n.min(limit)).read_to_end(&mut out),
-            None => (&mut self.body).take(limit).read_to_end(&mut out),
-        };
-        r.map_err(|e| {
-            ApiError::new(
-                ErrorKind::Unreachable,
-                format!("the agent's answer broke off: {e}"),
-            )
-        })?;
-        Ok((self.status, self.headers, out))
+    /// The whole body (at most 64 MiB; a longer or broken-off answer is an error, never a
+    /// shorter body).
+    fn bytes(self) -> Result<(u16, Headers, Vec<u8>), ApiError> {
+        let status = self.status;
+        let headers = self.headers.clone();
+        let body = self.whole(64 << 20)?;
+        Ok((status, headers, body))
     }
 
     /// The whole body, checked: exactly `Content-Length` bytes when the agent sent it, and

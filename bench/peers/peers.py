@@ -28,7 +28,10 @@ import traceback
 
 import common
 
-SYSTEMS = {"lichen": "lichen_client", "nats": "nats_client", "etcd": "etcd_client"}
+SYSTEMS = {"lichen": "lichen_client", "nats": "nats_client", "etcd": "etcd_client",
+           # The same agents with `fsync = "never"`: what the durability rule costs (an
+           # acknowledged write is then NOT durable; a measurement of the floor, not a mode).
+           "lichen-nofsync": "lichen_client"}
 
 
 def _worker(modname, endpoint, seed, keys, seconds, barrier, results, idx):
@@ -51,7 +54,8 @@ def _worker(modname, endpoint, seed, keys, seconds, barrier, results, idx):
 
 def measure(name, args, root):
     mod = importlib.import_module(SYSTEMS[name])
-    opts = {"lichen_bin": args.lichen_bin}
+    opts = {"lichen_bin": args.lichen_bin,
+            "lichen_fsync": "never" if name == "lichen-nofsync" else "local"}
     ips = common.node_ips(args.ip_base)
     c = mod.Cluster(root, ips, opts)
     r = {"system": mod.NAME}
@@ -176,7 +180,7 @@ def spread(r):
 
 def table(rounds, systems):
     """One markdown table: a column per system (ranges over rounds) and per ratio."""
-    names = [s for s in ["lichen", "nats", "etcd"] if s in systems]
+    names = [s for s in ["lichen", "lichen-nofsync", "nats", "etcd"] if s in systems]
     by = {n: [r[n] for r in rounds if n in r] for n in names}
 
     def get(n, f):
@@ -199,19 +203,22 @@ def table(rounds, systems):
         ("all nodes agree after the load stops, s", [lambda r: r["agree_s"]]),
     ]
     sep = {0: " / ", 4: " → "}
-    header = ["", *[by[n][0]["system"] if by[n] else n for n in names]]
-    ratios = [o for o in ["nats", "etcd"] if "lichen" in names and o in names]
-    header += [f"Lichen / {by[o][0]['system'] if by[o] else o}" for o in ratios]
+    header = ["", *[(by[n][0]["system"] + (" (fsync never)" if n == "lichen-nofsync" else ""))
+                    if by[n] else n for n in names]]
+    ratios = [("lichen", o) for o in ["nats", "etcd"] if "lichen" in names and o in names]
+    ratios += [("lichen-nofsync", o) for o in ["nats"] if "lichen-nofsync" in names and o in names]
+    header += [f"Lichen{' (fsync never)' if a == 'lichen-nofsync' else ''} / "
+               f"{by[o][0]['system'] if by[o] else o}" for a, o in ratios]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, (label, fs) in enumerate(rows):
         cells = [label]
         for n in names:
             cells.append(sep.get(i, " / ").join(row_range(get(n, f)) for f in fs))
-        for o in ratios:
+        for a, o in ratios:
             parts = []
             for f in fs:
-                rs = [f(r["lichen"]) / f(r[o]) for r in rounds
-                      if "lichen" in r and o in r and f(r[o])]
+                rs = [f(r[a]) / f(r[o]) for r in rounds
+                      if a in r and o in r and f(r[o])]
                 parts.append(rng_fmt(rs, "{:.2f}×") if rs else "–")
             cells.append(sep.get(i, " / ").join(parts))
         out.append("| " + " | ".join(cells) + " |")
@@ -239,7 +246,7 @@ def main():
     for s in systems:
         if s not in SYSTEMS:
             sys.exit(f"unknown system {s!r}: choose from {', '.join(SYSTEMS)}")
-    if "lichen" in systems and not os.access(args.lichen_bin, os.X_OK):
+    if any(s.startswith("lichen") for s in systems) and not os.access(args.lichen_bin, os.X_OK):
         sys.exit(f"lichen binary {args.lichen_bin!r} not found: cargo build --release -p lichen-agent")
 
     root = tempfile.mkdtemp(prefix="lichen-peers-")

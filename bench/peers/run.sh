@@ -2,7 +2,7 @@
 # The peer comparison: Lichen, NATS JetStream KV (R3) and etcd, three nodes each on loopback,
 # the same load for all, measured back to back; prints one table with ratios.
 #
-#   bench/peers/run.sh [--rounds 2] [--seconds 10] [--only lichen,nats,etcd] [--writes 1000]
+#   bench/peers/run.sh [--rounds 2] [--seconds 10] [--only lichen,nats,etcd[,lichen-nofsync]] [--writes 1000]
 #                      [--clients 8] [--keys 10000] [--ip-base 140] [--json FILE]
 #
 # Needs `cargo build --release -p lichen-agent` (or LICHEN_BIN=/path/to/lichen). Installs etcd,
