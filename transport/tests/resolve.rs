@@ -2,6 +2,15 @@
 //! the name moves to another address, the next redial goes there, and a lookup that fails is
 //! counted and retried with backoff. A test resolver stands in for DNS (no /etc/hosts edits).
 
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
+
 mod common;
 
 use std::collections::HashMap;
