@@ -22,6 +22,14 @@
 //!   anonymous memory before and after (the agent keeps a bounded number in memory).
 //!
 //! The clients run on the same machine and compete with the agents for the CPU.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 use std::io::BufRead;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};

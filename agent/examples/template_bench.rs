@@ -25,6 +25,14 @@
 //!
 //! `--debounce-ms` sets the bindings' debounce window (default 0 here, to measure the
 //! machinery; the agent's default is 200 ms, which adds that much to every latency).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::MetadataExt;

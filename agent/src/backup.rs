@@ -31,7 +31,7 @@ use crate::error::ApiError;
 /// `lichen backup`.
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
-pub struct BackupArgs {
+pub(crate) struct BackupArgs {
     /// Write the backup to this file (it must not exist; mode 0600).
     #[arg(short = 'o', long = "output")]
     pub output: Option<PathBuf>,
@@ -48,7 +48,7 @@ pub struct BackupArgs {
 
 /// `lichen backup verify`.
 #[derive(Debug, Subcommand)]
-pub enum BackupCommand {
+pub(crate) enum BackupCommand {
     /// Check a backup file: SQLite integrity, schema, and every change's hash, signature and
     /// authorization against the membership chain rooted in the cluster id.
     Verify { file: PathBuf },
@@ -56,7 +56,7 @@ pub enum BackupCommand {
 
 /// `lichen restore`.
 #[derive(Debug, Args)]
-pub struct RestoreArgs {
+pub(crate) struct RestoreArgs {
     /// The backup file. The data directory to create is the global `--data-dir` (it must
     /// not exist or be empty).
     pub file: PathBuf,
@@ -77,7 +77,7 @@ pub struct RestoreArgs {
 /// `client` connects to the agent (not called for `backup verify`); `data_dir` is where
 /// `--with-key` reads the key. A refusal by the agent stays an [`ApiError`] in the error's
 /// chain, so that the exit code is its kind's.
-pub fn run_backup(
+pub(crate) fn run_backup(
     client: impl FnOnce() -> Result<Client, ApiError>,
     data_dir: &Path,
     json: bool,
@@ -202,7 +202,7 @@ fn print_summary(file: &Path, s: &BackupSummary) {
 }
 
 /// `lichen restore`.
-pub fn run_restore(a: &RestoreArgs, dir: &Path) -> Result<()> {
+pub(crate) fn run_restore(a: &RestoreArgs, dir: &Path) -> Result<()> {
     let existed = dir.exists();
     if existed
         && std::fs::read_dir(dir)

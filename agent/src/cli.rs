@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 /// Lichen: configuration and membership for edge and multi-region fleets, without consensus.
 #[derive(Debug, Parser)]
 #[command(name = "lichen", version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// The local agent's API: `host:port` (default 127.0.0.1:7421) or `unix:PATH`. When not
     /// given, the CLI uses the data directory's socket (api.sock) if it can connect to it.
     #[arg(long, global = true, env = "LICHEN_API")]
@@ -31,7 +31,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the agent (the default when no command is given).
     Run(RunArgs),
     /// Prepare a data directory: create the node key (and, with --join, the store); print the node id.
@@ -209,7 +209,7 @@ pub(crate) enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum MembersCommand {
+pub(crate) enum MembersCommand {
     /// List members.
     Ls,
     /// Add a member (admin only).
@@ -245,7 +245,7 @@ pub enum MembersCommand {
 }
 
 #[derive(Debug, Args, Default, Clone)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// This node's name.
     #[arg(long)]
     pub name: Option<String>,

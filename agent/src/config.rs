@@ -14,22 +14,22 @@ use serde::Deserialize;
 use crate::render::{Binding, BindingFile};
 
 /// Default QUIC port for peer traffic.
-pub const DEFAULT_PEER_PORT: u16 = 7420;
+pub(crate) const DEFAULT_PEER_PORT: u16 = 7420;
 /// Default size of the SQLite write-ahead log before a checkpoint, in 4 KiB pages. SQLite's
 /// own default (1000) checkpoints every ~140 writes, each time inside a commit that then
 /// takes 2-10 ms: with three agents ~2% of writes met one, which put them in the p99. At 4000
 /// ~0.5% of writes meet one (longer: ~25 ms on the benchmark machine) and p50 is unchanged.
-pub const DEFAULT_WAL_PAGES: u32 = 4000;
+pub(crate) const DEFAULT_WAL_PAGES: u32 = 4000;
 /// Default local API address.
-pub const DEFAULT_API: &str = "127.0.0.1:7421";
+pub(crate) const DEFAULT_API: &str = "127.0.0.1:7421";
 
 /// Default cap on concurrent API connections.
-pub const DEFAULT_API_MAX_CONNECTIONS: usize = 256;
+pub(crate) const DEFAULT_API_MAX_CONNECTIONS: usize = 256;
 
 /// The TOML file, as written by an operator. Every field is optional.
 #[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     /// Where the key and the database live.
     pub data_dir: Option<PathBuf>,
     /// This node's name in the membership document.
@@ -88,7 +88,7 @@ pub struct FileConfig {
 /// `[sync]` section.
 #[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct SyncFile {
+pub(crate) struct SyncFile {
     /// Anti-entropy period in milliseconds.
     pub anti_entropy_ms: Option<u64>,
     /// Gossip fanout.
@@ -104,7 +104,7 @@ pub struct SyncFile {
 
 /// Command-line overrides for `lichen run`.
 #[derive(Debug, Default, Clone)]
-pub struct Overrides {
+pub(crate) struct Overrides {
     pub config: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub name: Option<String>,
@@ -120,14 +120,14 @@ pub struct Overrides {
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 /// Which commits are fsynced (see the README's durability section).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fsync {
+pub(crate) enum Fsync {
     /// This node's own writes (acknowledged to clients) survive a power loss; received
     /// changes survive a process crash and are re-fetched from peers after a power loss.
     Local,
@@ -139,7 +139,7 @@ pub enum Fsync {
 
 impl Fsync {
     /// (local writes fsynced, received changes fsynced).
-    pub fn policy(self) -> (bool, bool) {
+    pub(crate) fn policy(self) -> (bool, bool) {
         match self {
             Fsync::Local => (true, false),
             Fsync::Always => (true, true),
@@ -150,7 +150,7 @@ impl Fsync {
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub(crate) struct Config {
     pub data_dir: PathBuf,
     pub name: String,
     pub listen: SocketAddr,
@@ -177,7 +177,7 @@ pub struct Config {
 /// One setting that differs between two configurations, by its config-file name, with both
 /// values as the file would write them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SettingChange {
+pub(crate) struct SettingChange {
     pub name: &'static str,
     pub old: String,
     pub new: String,
@@ -191,7 +191,7 @@ impl Config {
     /// reloaded on their own); the others shape the socket, the API listener, the open
     /// database or the sync engine and wait for the next start. Every field is named below,
     /// so a new setting cannot be left out of this report without a compile error.
-    pub fn changes(&self, new: &Config) -> Vec<SettingChange> {
+    pub(crate) fn changes(&self, new: &Config) -> Vec<SettingChange> {
         let Config {
             data_dir,
             name,
@@ -327,14 +327,14 @@ impl Config {
     }
 
     /// The settings that differ between `self` and `new` and only apply at the next start.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<SettingChange> {
+    pub(crate) fn restart_only_changes(&self, new: &Config) -> Vec<SettingChange> {
         self.changes(new).into_iter().filter(|c| !c.live).collect()
     }
 }
 
 /// What a new node needs to join: the cluster id and one member to dial.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinToken {
+pub(crate) struct JoinToken {
     pub cluster: [u8; 32],
     pub seed: lichen_crdt::NodeId,
     pub addr: String,
@@ -342,7 +342,7 @@ pub struct JoinToken {
 
 impl JoinToken {
     /// `<cluster id hex>@<seed node id hex>@<host:port>`.
-    pub fn parse(s: &str) -> Result<JoinToken> {
+    pub(crate) fn parse(s: &str) -> Result<JoinToken> {
         let parts: Vec<&str> = s.trim().split('@').collect();
         let [cluster, seed, addr] = parts.as_slice() else {
             bail!("a join token looks like <cluster-id>@<node-id>@<host:port>; print one with `lichen status` on a member");
@@ -378,7 +378,7 @@ impl std::fmt::Display for JoinToken {
 
 /// The default data directory: `$LICHEN_DATA_DIR`, else `$XDG_DATA_HOME/lichen`, else
 /// `$HOME/.local/share/lichen`, else `./lichen-data`.
-pub fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("LICHEN_DATA_DIR") {
         return PathBuf::from(d);
     }
@@ -400,7 +400,7 @@ fn default_name() -> String {
 }
 
 /// Resolve `host:port` (names allowed) to one socket address.
-pub fn resolve_addr(s: &str) -> Result<SocketAddr> {
+pub(crate) fn resolve_addr(s: &str) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs;
     s.to_socket_addrs()
         .with_context(|| format!("`{s}` is not a host:port address"))?
@@ -410,7 +410,7 @@ pub fn resolve_addr(s: &str) -> Result<SocketAddr> {
 
 impl Config {
     /// Read the config file (if any) and merge it with the flags; validate everything.
-    pub fn resolve(o: &Overrides) -> Result<Config> {
+    pub(crate) fn resolve(o: &Overrides) -> Result<Config> {
         let file = match &o.config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),

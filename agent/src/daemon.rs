@@ -20,10 +20,10 @@ use crate::metrics::Metrics;
 use crate::node::{self, Gate, LiveSettings, NodeParts};
 
 /// Handle to change the log filter at run time (SIGHUP).
-pub type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+pub(crate) type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 /// Install the tracing subscriber. `RUST_LOG` wins over the config's `log`.
-pub fn init_logging(format: LogFormat, filter: &str) -> LogHandle {
+pub(crate) fn init_logging(format: LogFormat, filter: &str) -> LogHandle {
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let (filter, handle) = reload::Layer::new(filter);
@@ -49,7 +49,7 @@ pub fn init_logging(format: LogFormat, filter: &str) -> LogHandle {
 }
 
 /// File names inside the data directory.
-pub fn key_path(data_dir: &Path) -> PathBuf {
+pub(crate) fn key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("node.key")
 }
 fn db_path(data_dir: &Path) -> PathBuf {
@@ -57,9 +57,9 @@ fn db_path(data_dir: &Path) -> PathBuf {
 }
 /// Left by `lichen restore --with-key`; while it exists the node writes nothing before it has
 /// caught up with a peer (removed then). See `node::NodeParts::restored`.
-pub const RESTORED_MARKER: &str = "restored-with-key";
+pub(crate) const RESTORED_MARKER: &str = "restored-with-key";
 /// The database file of a data directory (for `lichen restore`).
-pub fn db_file(data_dir: &Path) -> PathBuf {
+pub(crate) fn db_file(data_dir: &Path) -> PathBuf {
     db_path(data_dir)
 }
 fn seeds_path(data_dir: &Path) -> PathBuf {
@@ -67,14 +67,14 @@ fn seeds_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Fresh secret bytes from the OS.
-pub fn random_seed() -> Result<[u8; 32]> {
+pub(crate) fn random_seed() -> Result<[u8; 32]> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
     Ok(seed)
 }
 
 /// Create the data directory (mode 0700) and load or generate the node key.
-pub fn load_or_create_key(data_dir: &Path) -> Result<(SecretKey, bool)> {
+pub(crate) fn load_or_create_key(data_dir: &Path) -> Result<(SecretKey, bool)> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -92,7 +92,7 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<(SecretKey, bool)> {
 
 /// Open the store, or create a new cluster, or prepare to join one. Returns the store and
 /// whether a new cluster was founded.
-pub fn open_store(cfg: &Config, key: &SecretKey) -> Result<(Store, bool)> {
+pub(crate) fn open_store(cfg: &Config, key: &SecretKey) -> Result<(Store, bool)> {
     let path = db_path(&cfg.data_dir);
     if path.exists() {
         let expected = cfg.join.as_ref().map(|j| j.cluster);
@@ -162,7 +162,12 @@ fn prepare_store(cfg: &Config) -> Result<(SecretKey, bool, Store, bool)> {
 }
 
 /// The token another node uses to join through this one.
-pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::SocketAddr) -> String {
+pub(crate) fn join_token(
+    cfg: &Config,
+    store: &Store,
+    me: NodeId,
+    listen: std::net::SocketAddr,
+) -> String {
     let addr = cfg.advertise.first().cloned().unwrap_or_else(|| {
         if listen.ip().is_unspecified() {
             format!("127.0.0.1:{}", listen.port())
@@ -179,7 +184,7 @@ pub fn join_token(cfg: &Config, store: &Store, me: NodeId, listen: std::net::Soc
 }
 
 /// Run the daemon until a shutdown signal.
-pub async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()> {
+pub(crate) async fn run(overrides: Overrides, cfg: Config, log: LogHandle) -> Result<()> {
     // API connections, SQLite, the QUIC socket, file watches and rendered files all take
     // descriptors; the usual soft limit of 1,024 is too tight to share (see `server`).
     match crate::server::raise_fd_limit() {
@@ -465,7 +470,7 @@ fn banner(f: &BannerFacts) {
 
 /// `lichen init`: prepare a data directory (key, and for a joining node its store), print the
 /// node id and the next step.
-pub fn init(cfg: &Config) -> Result<()> {
+pub(crate) fn init(cfg: &Config) -> Result<()> {
     let (key, created) = load_or_create_key(&cfg.data_dir)?;
     crate::auth::ensure_token(&crate::auth::token_path(&cfg.data_dir))?;
     let me = key.node_id();

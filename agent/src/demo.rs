@@ -113,7 +113,7 @@ fn compact(v: &Value) -> String {
 }
 
 /// Run the demo.
-pub fn run(keep: bool) -> Result<()> {
+pub(crate) fn run(keep: bool) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the lichen executable")?;
     let mut suffix = [0u8; 4];
     getrandom::fill(&mut suffix).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;

@@ -1,3 +1,12 @@
+//! `lichen`: the agent binary. One process per node: `lichen run` is the daemon; every other
+//! command is a client of the local agent's HTTP API (see [`api`]), over its unix socket or
+//! TCP with the API token ([`client`]); `audit verify`, `backup verify` and `restore` run
+//! without an agent.
+//!
+//! Flow: clap parses ([`cli`]) → [`config::Config::resolve`] validates → only then are runtime
+//! handles built ([`daemon::run`]). One error kind ([`error::ErrorKind`]) gives both the HTTP
+//! status and the CLI's exit code (table in the README).
+
 mod alloc;
 mod api;
 mod auth;

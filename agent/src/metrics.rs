@@ -104,14 +104,14 @@ fn escape_label(v: &str) -> String {
 
 /// A histogram of durations.
 #[derive(Default)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     counts: [AtomicU64; 12],
     count: AtomicU64,
     sum_ns: AtomicU64,
 }
 
 impl Histogram {
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {
             if s <= *b {
@@ -140,7 +140,7 @@ impl Histogram {
 
 /// All agent metrics.
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub writes: AtomicU64,
     pub write_errors: AtomicU64,
     pub wal_checkpoints: AtomicU64,
@@ -180,14 +180,14 @@ pub struct Metrics {
 
 impl Metrics {
     /// Add to a labelled counter, e.g. `("lichen_changes_rejected_total", "bad_signature")`.
-    pub fn inc_labelled(&self, name: &'static str, label: &str, by: u64) {
+    pub(crate) fn inc_labelled(&self, name: &'static str, label: &str, by: u64) {
         if let Ok(mut m) = self.labelled.lock() {
             *m.entry((name, label.to_string())).or_insert(0) += by;
         }
     }
 
     /// Current values of a labelled counter family (reasons counted at least once).
-    pub fn labelled(&self, name: &str) -> BTreeMap<String, u64> {
+    pub(crate) fn labelled(&self, name: &str) -> BTreeMap<String, u64> {
         self.labelled
             .lock()
             .map(|m| {
@@ -200,7 +200,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, &AtomicU64, &str); 29] = [
             (

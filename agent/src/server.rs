@@ -44,21 +44,21 @@ use tokio::sync::{watch, Semaphore};
 use crate::metrics::Metrics;
 
 /// The soft descriptor limit the agent asks for at start (bounded by the hard limit).
-pub const FD_TARGET: u64 = 65_536;
+pub(crate) const FD_TARGET: u64 = 65_536;
 
 /// Refusal answers in flight at once; past that an extra connection is closed unanswered.
 const MAX_REFUSING: usize = 64;
 
 /// Connection limits of the API.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_connections: usize,
     pub idle_timeout: Duration,
 }
 
 /// Raise the soft `RLIMIT_NOFILE` towards [`FD_TARGET`] (never above the hard limit);
 /// returns (before, after). `rustix` gives a safe `setrlimit` (the workspace forbids `unsafe`).
-pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+pub(crate) fn raise_fd_limit() -> io::Result<(u64, u64)> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let lim = getrlimit(Resource::Nofile);
     let before = lim.current.unwrap_or(u64::MAX);
@@ -292,14 +292,14 @@ async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut tcp: Io, max: usize) {
 /// `limit` (a peer that stopped reading its responses). Reads are passed through untouched:
 /// a silent client is handled by hyper's header timeout, and a watch stream's client sends
 /// nothing for as long as it listens.
-pub struct StallTimeout<T> {
+pub(crate) struct StallTimeout<T> {
     inner: T,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> StallTimeout<T> {
-    pub fn new(inner: T, limit: Duration) -> Self {
+    pub(crate) fn new(inner: T, limit: Duration) -> Self {
         StallTimeout {
             inner,
             limit,

@@ -4,6 +4,14 @@
 //! token, and its file permissions decide who connects.
 //!
 //! Agents use loopback addresses 127.0.0.170 to 127.0.0.172.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -4,6 +4,14 @@
 //! write takes is given back.
 //!
 //! Agents use loopback addresses 127.0.0.120 and up (127.0.0.160 for the memory story).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

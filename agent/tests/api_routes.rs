@@ -3,6 +3,14 @@
 //! (`?raw`, `?keys`), prefixes, deleting a whole document, editing and removing members.
 //!
 //! Agents use loopback addresses 127.0.0.174 to 127.0.0.177.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

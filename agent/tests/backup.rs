@@ -10,6 +10,14 @@
 //!   the changes its key signed after the backup and writes again; no key is flagged anywhere.
 //!
 //! Loopback addresses 127.0.0.210-219.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

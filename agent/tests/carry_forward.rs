@@ -3,6 +3,14 @@
 //! on top of it has its write acknowledged; once the removal reaches it, that write is void
 //! (it depends on a void change) and the writer carries it forward: its values stand on every
 //! node, it says so at warn in its log, counts it and shows it in `status`.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

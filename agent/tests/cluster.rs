@@ -2,6 +2,14 @@
 //! write, kill -9 and restart under load with no acknowledged write lost, and a network
 //! partition with concurrent writes that converge into a visible conflict. Also: a joining
 //! node that was refused for a while connects within seconds of `members add`.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -6,6 +6,14 @@
 //! not JSON: the CLI checks it before calling the agent), 3 agent unreachable, 4 not found,
 //! 5 denied (not a member, role, scope), 6 invalid request refused by the agent (bad path, a
 //! non-object whole document).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -4,6 +4,14 @@
 //! no checksum), and b restarts. b's background scrub finds the change, quarantines it (with
 //! the changes depending on it), stops claiming it, gets the good copy from a, and converges;
 //! the metric and `status` (text and JSON) show it, and writes flow both ways again.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

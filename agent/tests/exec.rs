@@ -1,5 +1,13 @@
 //! `lichen exec` stories with a real agent and a real child process (a shell script that
 //! writes its environment to a file, one file per start, and exits 7 on SIGTERM).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -3,6 +3,14 @@
 //! JavaScript reference implementation where available) and import. Loopback addresses
 //! 127.0.0.200-209.
 //! The raw HTTP routes are checked too (statuses, content types, errors).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -4,6 +4,14 @@
 //! text logs written to a file carry no colour codes, and `members ls` shows scopes.
 //!
 //! Agents use loopback addresses 127.0.0.124 and up.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

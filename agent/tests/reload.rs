@@ -4,6 +4,14 @@
 //! and listed by `lichen status` as `restart_pending` (cleared when the file changes back).
 //!
 //! Agents use loopback addresses 127.0.0.182 and up.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -14,6 +14,14 @@
 //!
 //! Keys are generated with `lichen keygen` until they are in the wanted order, then placed in
 //! the data directories before the agents start. Loopback addresses 127.0.0.60-79.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

@@ -5,6 +5,14 @@
 //! Agents use loopback addresses 127.0.0.190 and up. Bindings are added to a running agent
 //! by rewriting its config and sending SIGHUP; every wait is on a condition with a deadline
 //! (the reload counter metric, a file's content, the binding's status).
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 
 mod common;
 

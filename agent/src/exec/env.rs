@@ -19,11 +19,11 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 /// Largest environment (names, values, `=` and NUL) a document may become.
-pub const MAX_ENV_BYTES: usize = 512 * 1024;
+pub(super) const MAX_ENV_BYTES: usize = 512 * 1024;
 
 /// Why a document cannot become an environment.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum EnvError {
+pub(super) enum EnvError {
     /// The watched value is not an object.
     #[error("the value at the watched path is {0}, not an object: point --path at an object")]
     NotAnObject(&'static str),
@@ -43,7 +43,7 @@ pub enum EnvError {
 }
 
 /// The variables for `value` (which must be an object), by name.
-pub fn flatten(value: &Value, prefix: &str) -> Result<BTreeMap<String, String>, EnvError> {
+pub(super) fn flatten(value: &Value, prefix: &str) -> Result<BTreeMap<String, String>, EnvError> {
     let Value::Object(map) = value else {
         return Err(EnvError::NotAnObject(kind(value)));
     };

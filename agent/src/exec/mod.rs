@@ -27,11 +27,11 @@ mod supervise;
 
 use std::time::Duration;
 
-pub use supervise::run;
+pub(crate) use supervise::run;
 
 /// What to do when the document's variables change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnChange {
+pub(crate) enum OnChange {
     /// Stop the child and start it again with the new environment.
     Restart,
     /// Send the child this signal (its environment cannot change).
@@ -72,7 +72,7 @@ fn signal_named(name: &str) -> Option<rustix::process::Signal> {
 }
 
 /// A duration as `10s`, `500ms`, `2m` or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("`{s}`: give a duration such as 10s, 500ms or 2m");
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -93,7 +93,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Everything `lichen exec` was asked to do (its command line).
 #[derive(Debug, Clone, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Document to read.
     #[arg(long)]
     pub doc: String,

@@ -32,7 +32,7 @@ enum Update {
 }
 
 /// Run `lichen exec`; returns the exit code.
-pub fn run(client: Client, opts: Options) -> i32 {
+pub(crate) fn run(client: Client, opts: Options) -> i32 {
     if !lichen_crdt::valid_doc_name(&opts.doc) {
         eprintln!(
             "lichen exec: `{}` is not a valid document name (1-128 bytes of a-z 0-9 . _ - and / between segments)",

@@ -35,7 +35,7 @@ pub(crate) struct WriteOutcome {
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 /// A request to the node task.
-pub enum Command {
+pub(crate) enum Command {
     /// A local edit. With `expect` (heads, as `Get` answers them), it is made only if those
     /// are still the document's heads when it is committed (`commit`: a local compare-and-set).
     Write {

@@ -16,7 +16,7 @@ use lichen_transport::PeerKey;
 /// nothing else (see "Former members" in `lichen_crdt::sync`). Refused at the handshake, it
 /// would never learn, and would keep acknowledging writes every other node treats as void.
 #[derive(Default)]
-pub struct Gate {
+pub(crate) struct Gate {
     pub(super) members: RwLock<HashSet<PeerKey>>,
     pub(super) former: RwLock<HashSet<PeerKey>>,
     pub(super) bootstrap: RwLock<HashSet<PeerKey>>,

@@ -95,16 +95,16 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::metrics::Metrics;
 
 pub(crate) use crate::error::ApiError;
-pub use command::Command;
+pub(crate) use command::Command;
 pub(crate) use command::Reply;
-pub use gate::Gate;
-pub use settings::LiveSettings;
+pub(crate) use gate::Gate;
+pub(crate) use settings::LiveSettings;
 use watchers::Watcher;
-pub use watchers::{Notice, Watched};
+pub(crate) use watchers::{Notice, Watched};
 
 /// Cheap handle to the node task.
 #[derive(Clone)]
-pub struct NodeHandle {
+pub(crate) struct NodeHandle {
     tx: mpsc::Sender<Command>,
     pub notices: broadcast::Sender<Notice>,
     pub metrics: Arc<Metrics>,
@@ -115,7 +115,10 @@ pub struct NodeHandle {
 
 impl NodeHandle {
     /// Send a command and wait for its answer.
-    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ApiError> {
+    pub(crate) async fn ask<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| {
             ApiError::new(
@@ -133,7 +136,7 @@ impl NodeHandle {
 }
 
 /// Everything the node task needs.
-pub struct NodeParts {
+pub(crate) struct NodeParts {
     pub store: Store,
     pub key: SecretKey,
     pub name: String,
@@ -161,7 +164,7 @@ pub struct NodeParts {
 ///
 /// Errors: the thread or its runtime could not be created (the OS refused a thread or a
 /// timer descriptor).
-pub fn spawn(
+pub(crate) fn spawn(
     parts: NodeParts,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(NodeHandle, NodeThread)> {
@@ -241,7 +244,7 @@ pub fn spawn(
 }
 
 /// The node's thread, to wait for at shutdown.
-pub struct NodeThread {
+pub(crate) struct NodeThread {
     /// Sent once the node has answered what was queued and closed the store.
     done: oneshot::Receiver<()>,
     thread: std::thread::JoinHandle<()>,
@@ -250,7 +253,7 @@ pub struct NodeThread {
 impl NodeThread {
     /// Wait, without blocking the runtime, until the node has stopped: every queued command
     /// answered, the store closed. Errors if the node thread panicked.
-    pub async fn join(self) -> Result<(), String> {
+    pub(crate) async fn join(self) -> Result<(), String> {
         let finished = self.done.await.is_ok();
         let thread = self.thread;
         // The thread has nothing left to do once `done` is sent (or it unwound): reaping it

@@ -10,7 +10,7 @@ use super::Node;
 
 /// The node's settings that a reload applies at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LiveSettings {
+pub(crate) struct LiveSettings {
     /// Documents kept in memory (`max_loaded_docs`): the cache is trimmed to it after the
     /// next step.
     pub max_loaded_docs: usize,

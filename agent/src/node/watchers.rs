@@ -16,7 +16,7 @@ use super::{heads_string, Node};
 /// The value at a watched path and the document heads it was read at (`""` and null when
 /// the path holds nothing).
 #[derive(Debug, Default)]
-pub struct Watched {
+pub(crate) struct Watched {
     pub heads: String,
     pub value: Value,
 }
@@ -29,7 +29,7 @@ pub(super) struct Watcher {
 
 /// A document changed (locally or from a peer).
 #[derive(Debug, Clone)]
-pub struct Notice {
+pub(crate) struct Notice {
     pub doc: String,
 }
 

@@ -18,7 +18,7 @@ use super::owner;
 /// One `[[bind]]` table as written in the config file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BindingFile {
+pub(crate) struct BindingFile {
     /// Document name. A document binding renders it as json/toml/yaml; with `template`, its
     /// top-level keys are the template's variables.
     pub doc: Option<String>,
@@ -65,7 +65,7 @@ pub struct BindingFile {
 
 /// File format of a binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Json,
     Toml,
     Yaml,
@@ -75,7 +75,7 @@ pub enum Format {
 
 impl Format {
     /// Lower-case name, as in the config file.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Format::Json => "json",
             Format::Toml => "toml",
@@ -87,7 +87,7 @@ impl Format {
 
 /// Direction of a binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Document → file.
     Render,
     /// Both ways.
@@ -97,7 +97,7 @@ pub enum Mode {
 /// A template binding's template: where it came from, its text as read at (re)load, and the
 /// environment variables it may read.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TemplateSpec {
+pub(crate) struct TemplateSpec {
     /// The template file (absolute, or relative to the agent's working directory).
     pub path: PathBuf,
     /// Its text as read when the config was (re)loaded.
@@ -108,7 +108,7 @@ pub struct TemplateSpec {
 
 /// A validated binding.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Binding {
+pub(crate) struct Binding {
     /// Document name; empty for a template binding without `doc`.
     pub doc: String,
     /// The template of a template binding (then `format` is [`Format::Text`]).
@@ -134,7 +134,7 @@ pub struct Binding {
 
 impl Binding {
     /// Validate one `[[bind]]` entry; relative files are resolved against `base`.
-    pub fn resolve(b: &BindingFile, base: &Path) -> Result<Binding> {
+    pub(crate) fn resolve(b: &BindingFile, base: &Path) -> Result<Binding> {
         if let Some(doc) = &b.doc {
             if !lichen_crdt::valid_doc_name(doc) || doc == lichen_crdt::MEMBERSHIP_DOC {
                 bail!("`{doc}` is not a valid document name");
@@ -250,7 +250,7 @@ impl Binding {
     }
 
     /// `doc` or `doc:path` (`template PATH` for a template binding), for log lines.
-    pub fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         if let Some(t) = &self.template {
             format!("template {}", t.path.display())
         } else if self.path.is_empty() {

@@ -45,14 +45,14 @@ impl From<String> for CommandError {
 #[cfg(test)]
 impl CommandError {
     /// Whether the message contains `s` (for tests and log filters).
-    pub fn contains(&self, s: &str) -> bool {
+    pub(crate) fn contains(&self, s: &str) -> bool {
         self.message.contains(s)
     }
 }
 
 /// Run `argv` (plus `arg`, if given) with `env` added, and wait at most `timeout`.
 /// `Err` is a one-line description of the failure (with the exit code, if there is one).
-pub async fn run(
+pub(super) async fn run(
     argv: &[String],
     arg: Option<&Path>,
     env: &[(&str, &str)],

@@ -18,7 +18,7 @@ use super::binding::Format;
 
 /// Why content was refused. `reason` is the metric label.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError {
+pub(super) struct ParseError {
     /// `syntax`, `encoding`, `empty`, `root` or `too_large`.
     pub reason: &'static str,
     pub message: String,
@@ -27,7 +27,7 @@ pub struct ParseError {
 }
 
 impl ParseError {
-    pub fn new(reason: &'static str, message: impl Into<String>) -> ParseError {
+    pub(super) fn new(reason: &'static str, message: impl Into<String>) -> ParseError {
         ParseError {
             reason,
             message: message.into(),
@@ -54,7 +54,7 @@ impl std::fmt::Display for ParseError {
 
 /// Parse file content. Empty (or whitespace-only) content is refused: a truncated file is
 /// far more often a save in progress than an intent to empty the configuration.
-pub fn parse(format: Format, bytes: &[u8]) -> Result<Value, ParseError> {
+pub(super) fn parse(format: Format, bytes: &[u8]) -> Result<Value, ParseError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let (line, column) = line_col(bytes, e.valid_up_to());
         ParseError::new("encoding", format!("not UTF-8 text ({e})")).at(line, column)
@@ -97,7 +97,7 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Value, ParseError> {
 }
 
 /// Serialize a value for a file. The error names what the format cannot hold.
-pub fn serialize(format: Format, value: &Value) -> Result<Vec<u8>, String> {
+pub(super) fn serialize(format: Format, value: &Value) -> Result<Vec<u8>, String> {
     let value = sorted(value.clone());
     let mut out = match (format, &value) {
         // A template's output, written exactly as rendered.

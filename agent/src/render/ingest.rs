@@ -29,10 +29,10 @@ use super::format::{self, ParseError};
 
 /// Largest file ingested, as for a value written through the API (config files are small;
 /// anything bigger is a mistake). The size is checked before the file is read.
-pub const MAX_FILE: usize = crate::api::MAX_BODY;
+pub(super) const MAX_FILE: usize = crate::api::MAX_BODY;
 
 /// Why a file over [`MAX_FILE`] is refused.
-pub fn too_large(len: u64) -> ParseError {
+pub(super) fn too_large(len: u64) -> ParseError {
     ParseError::new(
         "too_large",
         format!(
@@ -43,7 +43,7 @@ pub fn too_large(len: u64) -> ParseError {
 }
 
 /// Parse an edited file for `b`, refusing what must not reach the document.
-pub fn decode(b: &Binding, bytes: &[u8]) -> Result<Value, ParseError> {
+pub(super) fn decode(b: &Binding, bytes: &[u8]) -> Result<Value, ParseError> {
     if bytes.len() > MAX_FILE {
         return Err(too_large(bytes.len() as u64));
     }
@@ -80,7 +80,7 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Three-way merge (see the module docs). `None` means absent.
-pub fn merge(base: Option<&Value>, ours: &Value, theirs: Option<&Value>) -> Value {
+pub(super) fn merge(base: Option<&Value>, ours: &Value, theirs: Option<&Value>) -> Value {
     match (base, ours, theirs) {
         (Some(Value::Object(b)), Value::Object(o), Some(Value::Object(t))) => {
             let mut out: Map<String, Value> = Map::new();
@@ -114,7 +114,7 @@ pub fn merge(base: Option<&Value>, ours: &Value, theirs: Option<&Value>) -> Valu
 }
 
 /// The write that makes the document (or the path) equal to `value`.
-pub fn op_for(b: &Binding, value: Value) -> Op {
+pub(super) fn op_for(b: &Binding, value: Value) -> Op {
     if b.path.is_empty() {
         Op::Replace { value }
     } else {

@@ -38,7 +38,7 @@ const MAGIC: &[u8] = b"lichen-binding-state 1\n";
 
 /// The on-disk record of one binding.
 #[derive(Debug, Clone)]
-pub struct LastSeen {
+pub(super) struct LastSeen {
     path: PathBuf,
     identity: Vec<u8>,
 }
@@ -52,7 +52,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 impl LastSeen {
     /// The record for binding `b` under `dir` (nothing is touched yet).
-    pub fn new(dir: &Path, b: &Binding) -> LastSeen {
+    pub(super) fn new(dir: &Path, b: &Binding) -> LastSeen {
         let identity = format!(
             "doc={:?} path={:?} file={:?} format={}",
             b.doc,
@@ -68,7 +68,7 @@ impl LastSeen {
     }
 
     /// The bytes last recorded, or `None` if there is no (matching) record.
-    pub fn load(&self) -> std::io::Result<Option<Vec<u8>>> {
+    pub(super) fn load(&self) -> std::io::Result<Option<Vec<u8>>> {
         let data = match std::fs::read(&self.path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -78,21 +78,21 @@ impl LastSeen {
     }
 
     /// Record `bytes` durably (temporary file, fsync, rename, fsync of the directory).
-    pub fn store(&self, bytes: &[u8]) -> std::io::Result<()> {
+    pub(super) fn store(&self, bytes: &[u8]) -> std::io::Result<()> {
         self.write(&self.path, bytes)
     }
 
     /// Before an edit of the file is sent to the node task: record its bytes and how many
     /// changes of the document this node had signed when it was sent (`own_seq`), durably.
     /// Cleared with [`LastSeen::clear_pending`] once the edit's outcome is recorded.
-    pub fn store_pending(&self, own_seq: u64, bytes: &[u8]) -> std::io::Result<()> {
+    pub(super) fn store_pending(&self, own_seq: u64, bytes: &[u8]) -> std::io::Result<()> {
         let mut content = format!("{own_seq}\n").into_bytes();
         content.extend_from_slice(bytes);
         self.write(&self.pending_path(), &content)
     }
 
     /// The edit recorded by [`LastSeen::store_pending`], if any: `(own_seq, bytes)`.
-    pub fn load_pending(&self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    pub(super) fn load_pending(&self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         let data = match std::fs::read(self.pending_path()) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -106,7 +106,7 @@ impl LastSeen {
     }
 
     /// Forget the record (a `render` binding keeps none: see `super::task`).
-    pub fn clear(&self) -> std::io::Result<()> {
+    pub(super) fn clear(&self) -> std::io::Result<()> {
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -114,7 +114,7 @@ impl LastSeen {
     }
 
     /// Forget the pending edit (its outcome is known and recorded).
-    pub fn clear_pending(&self) -> std::io::Result<()> {
+    pub(super) fn clear_pending(&self) -> std::io::Result<()> {
         match std::fs::remove_file(self.pending_path()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),

@@ -30,7 +30,7 @@ struct Running {
 }
 
 /// Runs one task per binding; reloads replace the set.
-pub struct Manager {
+pub(crate) struct Manager {
     node: NodeHandle,
     /// Where each binding's last-seen file content is kept ([`LastSeen`]).
     state_dir: PathBuf,
@@ -41,7 +41,7 @@ pub struct Manager {
 impl Manager {
     /// Start tasks for `bindings`, keeping their state in `state_dir` (created when first
     /// needed). Must be called inside the Tokio runtime.
-    pub fn start(
+    pub(crate) fn start(
         bindings: Vec<Binding>,
         node: NodeHandle,
         shutdown: watch::Receiver<bool>,
@@ -58,7 +58,7 @@ impl Manager {
     }
 
     /// Replace the running bindings with `bindings`.
-    pub fn reload(&self, bindings: Vec<Binding>) {
+    pub(crate) fn reload(&self, bindings: Vec<Binding>) {
         let Ok(mut running) = self.running.lock() else {
             tracing::error!("binding manager state is poisoned; bindings not reloaded");
             return;
@@ -129,7 +129,7 @@ impl Manager {
 
     /// Stop every binding task (a task busy with a command gets a few seconds, then is
     /// aborted, which kills the command).
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         let all: Vec<Running> = match self.running.lock() {
             Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
             Err(_) => return,

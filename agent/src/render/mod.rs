@@ -85,7 +85,7 @@ mod template;
 mod watch;
 mod write;
 
-pub use binding::{Binding, BindingFile};
-pub use manager::Manager;
+pub(crate) use binding::{Binding, BindingFile};
+pub(crate) use manager::Manager;
 pub(crate) use status::{print_bindings, Board};
 pub(crate) use template::REASONS as TEMPLATE_REASONS;

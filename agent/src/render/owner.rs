@@ -14,13 +14,13 @@ use anyhow::{bail, Context, Result};
 
 /// What is being resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(super) enum Kind {
     User,
     Group,
 }
 
 /// Resolve a user or group given as a name or a numeric id.
-pub fn resolve(name: &str, kind: Kind) -> Result<u32> {
+pub(super) fn resolve(name: &str, kind: Kind) -> Result<u32> {
     if let Ok(id) = name.parse::<u32>() {
         return Ok(id);
     }

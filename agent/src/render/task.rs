@@ -91,7 +91,7 @@ const INGEST_ERRORS: &str = "lichen_ingest_errors_total";
 pub(crate) const TEMPLATE_ERRORS: &str = "lichen_template_errors_total";
 /// A writer that holds the file open without writing for this long is taken as done (it
 /// may keep it open for other reasons); until then the file is not read.
-pub const OPEN_WRITER_GRACE: Duration = Duration::from_secs(5);
+pub(super) const OPEN_WRITER_GRACE: Duration = Duration::from_secs(5);
 /// How long to wait before watching a directory again after it went away (or was missing).
 const REWATCH: Duration = Duration::from_secs(2);
 
@@ -177,7 +177,7 @@ impl Stamp {
 }
 
 /// Run one binding until `stop` or `shutdown` flips to true.
-pub async fn run(
+pub(super) async fn run(
     b: Binding,
     node: NodeHandle,
     last: LastSeen,

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 
 /// What a watch reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
+pub(super) enum Wake {
     /// Something happened to the file (or the watcher lost events): look at it.
     Changed,
     /// The watched directory is gone: watch again later.
@@ -47,7 +47,7 @@ pub enum Wake {
 
 /// What the watch has seen writers do to the file (shared with the binding task).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Activity {
+pub(super) struct Activity {
     /// A writer may have the file open: written or created, and not closed since.
     pub writing: bool,
     /// When the last write event arrived.
@@ -55,7 +55,7 @@ pub struct Activity {
 }
 
 /// [`Activity`], updated by the watcher's thread.
-pub type SharedActivity = Arc<Mutex<Activity>>;
+pub(super) type SharedActivity = Arc<Mutex<Activity>>;
 
 /// One binding's interest in events of its directory.
 struct Sub {
@@ -81,7 +81,7 @@ fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<DirWatch>>> {
 
 /// A live watch; dropping it stops watching (the directory's watcher stops with its last
 /// binding).
-pub struct FileWatch {
+pub(super) struct FileWatch {
     dir: Arc<DirWatch>,
     id: u64,
 }
@@ -95,7 +95,7 @@ impl Drop for FileWatch {
 }
 
 /// Watch the directory of `file` and send a [`Wake`] for events about `file`.
-pub fn watch(
+pub(super) fn watch(
     file: &Path,
     tx: mpsc::Sender<Wake>,
     activity: SharedActivity,

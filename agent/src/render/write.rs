@@ -34,7 +34,7 @@ use super::command;
 
 /// What [`write_file`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Written {
+pub(super) enum Written {
     /// The file already had these bytes.
     Unchanged,
     /// The file was replaced.
@@ -45,7 +45,7 @@ pub enum Written {
 
 /// Why a render failed; `reason` is the metric label (`check` or `write`).
 #[derive(Debug, Clone)]
-pub struct RenderError {
+pub(super) struct RenderError {
     pub reason: &'static str,
     pub message: String,
     /// The check command's failure, when the check refused the content.
@@ -64,7 +64,7 @@ impl RenderError {
 
 /// A bound file as [`read_bounded`] found it.
 #[derive(Debug)]
-pub enum FileRead {
+pub(super) enum FileRead {
     Missing,
     /// Larger than the bound: not read at all.
     TooLarge(u64),
@@ -73,7 +73,7 @@ pub enum FileRead {
 
 /// Read a file of at most `max` bytes. The size is checked before reading (and the read
 /// stops past `max` if the file grows meanwhile), so an oversized file costs no memory.
-pub fn read_bounded(path: &Path, max: usize) -> std::io::Result<FileRead> {
+pub(super) fn read_bounded(path: &Path, max: usize) -> std::io::Result<FileRead> {
     use std::io::Read;
     let f = match File::open(path) {
         Ok(f) => f,
@@ -93,7 +93,7 @@ pub fn read_bounded(path: &Path, max: usize) -> std::io::Result<FileRead> {
 }
 
 /// Read a file; `None` if it does not exist.
-pub fn read_current(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+pub(super) fn read_current(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     match std::fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -104,7 +104,7 @@ pub fn read_current(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 /// Replace `b.file` with `bytes` (see the module docs). With `last_seen`, only if the file
 /// still holds those bytes (`None`: does not exist) just before the rename. `env` is the
 /// check command's provenance environment ([`super::provenance`]).
-pub async fn write_file(
+pub(super) async fn write_file(
     b: &Binding,
     bytes: &[u8],
     last_seen: Option<Option<Vec<u8>>>,

@@ -8,6 +8,14 @@
 //!   ([`Net::Relay`]) that can cut nodes off without root. [`Iptables`] cuts direct links
 //!   with DROP rules and always removes them in `Drop`.
 //! * Nothing sleeps to synchronise: [`wait_until`] polls a condition against a deadline.
+// Test and tool code: a failed unwrap is the report, and its helpers are not a public API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
 #![allow(dead_code)]
 
 use std::collections::HashMap;
