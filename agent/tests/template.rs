@@ -575,3 +575,47 @@ fn a_sync_binding_reads_an_edit_back_without_its_header_line() {
         a.get("app/web", "port") == Some(Value::from(82))
     });
 }
+
+/// The header names the authors of the values the file holds, not only the last writer:
+/// a wrote `limits`, b wrote `name` on top of it (b's change is the only head), and the file
+/// bound to the whole document names both; a file bound to `limits` names only a. The dry run
+/// computes the same header, so it finds the files up to date.
+#[test]
+fn the_header_names_the_author_of_every_value_in_the_file() {
+    let c = Cluster::start(2, 230, Net::Direct);
+    let (a, b) = (&c.agents[0], &c.agents[1]);
+    let dir = c.dir.path();
+    assert!(a.put("app/web", "limits", r#"{"rate": 5}"#));
+    common::wait_until("b holds a's write", PATIENCE, || {
+        b.get("app/web", "limits.rate") == Some(Value::from(5))
+    });
+    assert!(b.put("app/web", "name", r#""web""#));
+    reconfigure(
+        b,
+        "[[bind]]\ndoc = \"app/web\"\nfile = \"web.yaml\"\nheader = \"# \"\n\n[[bind]]\ndoc = \"app/web\"\npath = \"limits\"\nfile = \"limits.yaml\"\nheader = \"# \"\n",
+    );
+    let h = heads(b, "app/web");
+    assert!(!h.contains(','), "one head, b's change: {h}");
+    let (whole, limits) = (dir.join("web.yaml"), dir.join("limits.yaml"));
+    wait_content("web.yaml rendered", &whole, |s| s.contains("name: web"));
+    wait_content("limits.yaml rendered", &limits, |s| s.contains("rate: 5"));
+    assert_eq!(
+        read(&whole).lines().next().unwrap(),
+        format!("# lichen: app/web@{h} by a,b")
+    );
+    assert_eq!(
+        read(&limits).lines().next().unwrap(),
+        format!("# lichen: app/web@{h} by a")
+    );
+    let config = b.config.display().to_string();
+    let o = b.ok(&["render", "--dry-run", "--config", &config]);
+    assert!(
+        !o.contains("\n-# lichen"),
+        "the dry run's header differs: {o}"
+    );
+    assert_eq!(
+        o.matches("up to date: nothing would change").count(),
+        2,
+        "{o}"
+    );
+}

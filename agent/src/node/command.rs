@@ -82,6 +82,8 @@ pub(crate) enum Command {
     Authors {
         doc: String,
         heads: Option<String>,
+        /// The subtree whose values are meant (empty: the whole document).
+        path: Vec<lichen_crdt::PathSeg>,
         reply: Reply<(String, Vec<String>)>,
     },
     MemberAdd {
@@ -178,11 +180,19 @@ pub(super) fn refuse(c: Command, why: &str) {
 }
 
 impl Node {
-    /// See [`Command::Authors`]. Heads that are not hex hashes, or not stored, are skipped.
+    /// See [`Command::Authors`]: the document's heads, and the names of the authors of the
+    /// values under `path` (the change that set each leaf, by [`Store::blame`]'s rule; the
+    /// winner of a conflict). When `heads` are given and the document has moved past them
+    /// (a change arrived between a render and its header; the render that follows corrects
+    /// it), or when the subtree has no leaves to blame, the names are those of the authors of
+    /// the changes at `heads`. Heads that are not hex hashes, or not stored, are skipped.
+    ///
+    /// [`Store::blame`]: lichen_crdt::Store::blame
     fn authors(
-        &self,
+        &mut self,
         doc: &str,
         heads: Option<String>,
+        path: &[lichen_crdt::PathSeg],
     ) -> Result<(String, Vec<String>), StoreError> {
         let current = self.store.heads(doc)?;
         let hashes: Vec<[u8; 32]> = match heads {
@@ -193,11 +203,28 @@ impl Node {
                 .map(|id| id.0)
                 .collect(),
         };
-        let m = self.store.membership();
+        let at_current = {
+            let (mut a, mut b) = (hashes.clone(), current.clone());
+            a.sort_unstable();
+            b.sort_unstable();
+            a == b
+        };
         let mut names = BTreeSet::new();
-        for h in &hashes {
-            if let Some(c) = self.store.get_change(h)? {
-                names.insert(m.name_of(&c.author));
+        if at_current {
+            if let Ok(leaves) = self.store.blame(doc, path) {
+                for l in &leaves {
+                    if let Some(s) = l.setters.first() {
+                        names.insert(s.author_name.clone());
+                    }
+                }
+            }
+        }
+        if names.is_empty() {
+            let m = self.store.membership();
+            for h in &hashes {
+                if let Some(c) = self.store.get_change(h)? {
+                    names.insert(m.name_of(&c.author));
+                }
             }
         }
         Ok((heads_string(&current), names.into_iter().collect()))
@@ -304,8 +331,13 @@ impl Node {
                     .collect();
                 let _ = reply.send(Ok(list));
             }
-            Command::Authors { doc, heads, reply } => {
-                let _ = reply.send(self.authors(&doc, heads).map_err(Into::into));
+            Command::Authors {
+                doc,
+                heads,
+                path,
+                reply,
+            } => {
+                let _ = reply.send(self.authors(&doc, heads, &path).map_err(Into::into));
             }
             Command::MemberAdd {
                 id,

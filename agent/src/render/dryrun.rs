@@ -15,12 +15,10 @@
 //!
 //! Both read the documents, the membership and the node's identity through the local API
 //! (read-only requests: `GET /v1/docs/{doc}`, `/v1/docs`, `/v1/members`, `/v1/status`, and
-//! `/v1/docs/{doc}?history` for the header), with the CLI's client (its token, or the unix
-//! socket), so they see what the agent would render; the agent does not need to know. The provenance header names the authors of the head changes from the
-//! document's history (its last 256 changes; a head older than that is named without
-//! authors).
+//! `/v1/docs/{doc}?blame` for the header), with the CLI's client (its token, or the unix
+//! socket), so they see what the agent would render; the agent does not need to know. The
+//! provenance header names the authors of the values, from the agent's `?blame` view.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,7 +29,7 @@ use super::provenance::Provenance;
 use super::template::{self, Data, NodeInfo, Outcome};
 use crate::client::{doc_url, with_query, Client};
 use crate::error::{ApiError, ErrorKind};
-use crate::views::{HistoryView, MemberView, StatusView, ValueView};
+use crate::views::{MemberView, StatusView, ValueView};
 
 /// `lichen render` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -192,7 +190,7 @@ fn would_write(api: &Arc<ApiData>, b: &Binding) -> Result<String, ApiError> {
     let mut text = String::from_utf8_lossy(&bytes).into_owned();
     if let Some(prefix) = &b.header {
         let prov = Provenance::doc(&b.doc, r.heads);
-        text = format!("{}{text}", header(api, prefix, &prov));
+        text = format!("{}{text}", header(api, prefix, &prov, &path));
     }
     Ok(text)
 }
@@ -210,7 +208,7 @@ fn render_one(api: &Arc<ApiData>, b: &Binding, spec: &TemplateSpec) -> Result<St
         Outcome::Rendered(text) => Ok(match &b.header {
             Some(prefix) => format!(
                 "{}{text}",
-                header(api, prefix, &Provenance::of_reads(&reads))
+                header(api, prefix, &Provenance::of_reads(&reads), "")
             ),
             None => text,
         }),
@@ -225,23 +223,27 @@ fn render_one(api: &Arc<ApiData>, b: &Binding, spec: &TemplateSpec) -> Result<St
     }
 }
 
-/// The provenance header, with authors found in each document's recent history.
-fn header(api: &ApiData, prefix: &str, prov: &Provenance) -> String {
+/// The provenance header, with the authors of the values as the agent's `?blame` names them
+/// (the same rule as the agent's header: see [`super::provenance`]). `path` is a document
+/// binding's path (its values are those under it); a template's documents are blamed whole.
+fn header(api: &ApiData, prefix: &str, prov: &Provenance, path: &str) -> String {
     let authors: Vec<Vec<String>> = prov
         .docs
         .iter()
         .map(|(doc, heads)| {
-            let mut by_hash = BTreeMap::new();
-            let url = doc_url(doc, "")
-                .map(|u| with_query(&u, &[("history", None), ("limit", Some("256"))]));
-            if let Ok(h) = url.and_then(|u| api.c.get::<Vec<HistoryView>>(&u)) {
-                for e in h {
-                    by_hash.insert(e.hash, e.author_name);
-                }
+            if heads.is_empty() {
+                return Vec::new();
             }
-            let mut names: Vec<String> = heads
-                .split(',')
-                .filter_map(|h| by_hash.get(h).cloned())
+            let url = doc_url(doc, path).map(|u| with_query(&u, &[("blame", None)]));
+            let leaves = url
+                .and_then(|u| api.c.get::<Value>(&u))
+                .unwrap_or(Value::Null);
+            let mut names: Vec<String> = leaves
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.get("setters")?.get(0)?.get("author_name")?.as_str())
+                .map(str::to_string)
                 .collect();
             names.sort();
             names.dedup();

@@ -26,8 +26,12 @@
 //!
 //! one `DOC@HEADS by NAMES` entry per document the render read (`LICHEN_DOC`'s order), where
 //! `HEADS` are the document's heads as above and `NAMES` the membership names of the
-//! authors of the changes *at those heads* — the last writers, not every author of every
-//! value (per-value authorship would need the document's full history at every render). A
+//! authors of the values the file holds: for each leaf, the author of the change that set it
+//! (as `lichen blame` names it; the winner's on a conflict) — under the binding's `path` for
+//! a document binding, in the whole document for a document a template read (a template may
+//! print only some of them). If a change arrived between the render and the header, the
+//! names are those of the authors of the changes at the rendered heads until the render that
+//! change triggers. A
 //! document binding's header is a comment of its format (`#` for TOML and YAML; JSON has no
 //! comments and refuses `header`), so reading the file back in `sync` mode ignores it.
 

@@ -744,16 +744,27 @@ impl Task {
         }
     }
 
-    /// The header line for `prov`, naming the authors of the head changes of each document.
+    /// The header line for `prov`, naming the authors of the values of each document read
+    /// (a document binding: the values under its `path`; a template: the whole document).
     async fn header(&self, prefix: &str, prov: &Provenance) -> String {
         let mut authors = Vec::with_capacity(prov.docs.len());
         for (doc, heads) in &prov.docs {
+            let path = if self.b.template.is_none() && *doc == self.b.doc {
+                self.b.path.clone()
+            } else {
+                Vec::new()
+            };
             let (doc, heads) = (doc.clone(), (!heads.is_empty()).then(|| heads.clone()));
             let names = match heads {
                 None => Vec::new(),
                 Some(_) => self
                     .node
-                    .ask(|reply| Command::Authors { doc, heads, reply })
+                    .ask(|reply| Command::Authors {
+                        doc,
+                        heads,
+                        path,
+                        reply,
+                    })
                     .await
                     .map(|(_, names)| names)
                     .unwrap_or_default(),
@@ -1102,6 +1113,7 @@ impl template::Data for NodeData {
         let (heads, _) = self.ask(|reply| Command::Authors {
             doc,
             heads: None,
+            path: Vec::new(),
             reply,
         })?;
         let list = serde_json::to_value(list).map_err(|e| e.to_string())?;
