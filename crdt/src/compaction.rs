@@ -90,7 +90,7 @@
 //! (authors strictly ascending) | base_hash[32] | author[32] | sig[64]`. Every length is checked
 //! against the input before anything is allocated; a decoded record re-encodes to the same bytes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge};
@@ -492,38 +492,77 @@ pub struct CutRow {
 }
 
 /// Sort a document's changes (in causal order: every change after its dependencies) against
-/// the winning `record`. The base change, if present among `rows`, is kept. A function of the
-/// record and the set of rows only.
-pub fn classify(record: &CutRecord, rows: &[CutRow]) -> Vec<Fate> {
-    let mut kept: HashSet<[u8; 32]> = HashSet::new();
-    kept.insert(record.base_hash);
-    let mut fates = Vec::with_capacity(rows.len());
-    let mut index: HashMap<[u8; 32], Fate> = HashMap::new();
+/// the winning cut. `chain` is the winner's ancestry, oldest first, the winner last (each
+/// record's `parent` is the hash of the one before it; the first has none, or is the oldest
+/// record this node holds). A change's *lineage* is the base it descends from (none: the
+/// history before the first cut of the chain); it is
+/// * kept if its lineage is the winner's base (the base itself included);
+/// * folded if the record built on its lineage folds its seq (and none of its dependencies is
+///   late): the folded clock is read in the change's own epoch, where seqs are comparable;
+/// * late otherwise: concurrent with a cut, mixed lineages, or built on a losing cut's base.
+///
+/// A function of the chain and the set of rows only. The second value of each entry is the
+/// index in `chain` of the record that folds the change (the winner's index: folded by the
+/// winner itself, retained one epoch; lower: folded by an earlier cut, dropped).
+pub fn classify(chain: &[CutRecord], rows: &[CutRow]) -> Vec<(Fate, usize)> {
+    // Lineage key: None = before the chain's first cut; Some(i) = base of chain[i].
+    let base_of: HashMap<[u8; 32], usize> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.base_hash, i))
+        .collect();
+    let last = chain.len().saturating_sub(1);
+    // Per known row: its lineage (Err: unknown or mixed), and whether it is late.
+    type Lineage = Result<Option<usize>, ()>;
+    let mut seen: HashMap<[u8; 32], (Lineage, bool)> = HashMap::new();
+    let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let fate = if row.hash == record.base_hash
-            || (!row.deps.is_empty() && row.deps.iter().all(|d| kept.contains(d)))
-        {
-            Fate::Kept
-        } else if record
-            .folded
-            .get(&row.author)
-            .is_some_and(|s| row.seq <= *s)
-            && row
-                .deps
-                .iter()
-                .all(|d| index.get(d).is_none_or(|f| *f == Fate::Folded))
-        {
-            Fate::Folded
+        let lineage: Result<Option<usize>, ()> = if let Some(&i) = base_of.get(&row.hash) {
+            Ok(Some(i))
+        } else if row.deps.is_empty() {
+            Ok(None)
         } else {
-            Fate::Late
+            let mut l: Option<Result<Option<usize>, ()>> = None;
+            let mut dep_late = false;
+            for d in &row.deps {
+                let Some((dl, late)) = seen.get(d) else {
+                    continue; // dropped already: folded by an earlier cut
+                };
+                dep_late |= *late;
+                l = match l {
+                    None => Some(*dl),
+                    Some(prev) if prev == *dl => Some(prev),
+                    Some(_) => Some(Err(())),
+                };
+            }
+            if dep_late {
+                Err(())
+            } else {
+                l.unwrap_or(Err(()))
+            }
         };
-        if fate == Fate::Kept {
-            kept.insert(row.hash);
-        }
-        index.insert(row.hash, fate);
-        fates.push(fate);
+        let fate = match lineage {
+            Ok(Some(i)) if i == last && !chain.is_empty() => (Fate::Kept, last),
+            Ok(l) => {
+                // The record built on this lineage: chain[0] for the history before it,
+                // chain[i + 1] for the base of chain[i].
+                let folder = match l {
+                    None => 0,
+                    Some(i) => i + 1,
+                };
+                match chain.get(folder) {
+                    Some(r) if r.folded.get(&row.author).is_some_and(|s| row.seq <= *s) => {
+                        (Fate::Folded, folder)
+                    }
+                    _ => (Fate::Late, last),
+                }
+            }
+            Err(()) => (Fate::Late, last),
+        };
+        seen.insert(row.hash, (lineage, fate.0 == Fate::Late));
+        out.push(fate);
     }
-    fates
+    out
 }
 
 #[cfg(test)]
@@ -704,8 +743,12 @@ mod tests {
             row(6, a, 1, vec![5]), // kept
             row(7, b, 2, vec![3]), // late: built on a late change
         ];
+        let fates: Vec<Fate> = classify(std::slice::from_ref(&r), &rows)
+            .into_iter()
+            .map(|f| f.0)
+            .collect();
         assert_eq!(
-            classify(&r, &rows),
+            fates,
             vec![
                 Fate::Folded,
                 Fate::Folded,
@@ -715,6 +758,39 @@ mod tests {
                 Fate::Kept,
                 Fate::Kept,
                 Fate::Late
+            ]
+        );
+        // A second cut built on the first: seqs are read in each change's own epoch. The
+        // first base and `a`'s epoch-1 change are folded by it; `b`'s later change is late.
+        let mut folded2 = BTreeMap::new();
+        folded2.insert(NodeId([0; 32]), 1);
+        folded2.insert(b, 1);
+        let r2 = CutRecord::sign(
+            &key(2),
+            &[1; 32],
+            "app/x",
+            2,
+            Some(r.hash()),
+            vec![[5; 32]],
+            folded2,
+            [60; 32],
+        );
+        let rows2 = vec![
+            row(50, NodeId([0; 32]), 1, vec![]),
+            row(5, b, 1, vec![50]),
+            row(6, a, 1, vec![5]), // a not in the second clock: late
+            row(60, NodeId([1; 32]), 1, vec![]),
+            row(8, a, 1, vec![60]), // kept, same seq as `6` in another epoch
+        ];
+        let fates2 = classify(&[r.clone(), r2], &rows2);
+        assert_eq!(
+            fates2,
+            vec![
+                (Fate::Folded, 1),
+                (Fate::Folded, 1),
+                (Fate::Late, 1),
+                (Fate::Kept, 1),
+                (Fate::Kept, 1)
             ]
         );
     }

@@ -222,7 +222,7 @@ impl Store {
     /// The operations that carry `todo` forward: for each change in turn, the JSON difference
     /// it made to the state it was built on (its causal past, void changes included), as puts
     /// and deletes at the paths it wrote.
-    fn intended_ops(&self, doc: &str, todo: &[ToCarry]) -> Result<Vec<Op>, StoreError> {
+    pub(super) fn intended_ops(&self, doc: &str, todo: &[ToCarry]) -> Result<Vec<Op>, StoreError> {
         let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = self
             .conn
             .prepare_cached("SELECT hash, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id")?

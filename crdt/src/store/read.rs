@@ -233,6 +233,7 @@ impl Store {
     ) -> Result<Vec<SignedChange>, StoreError> {
         self.signed_rows(
             "SELECT sig, bytes, hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq > ?3 AND status = 0
+                AND length(sig) = 64
              ORDER BY seq LIMIT ?4",
             doc,
             author,
