@@ -37,15 +37,26 @@
 //! what the winner folds (see retention).
 //!
 //! # Sorting changes against the winning cut ([`classify`])
-//! Walking a document's changes in causal order, each is:
-//! * **kept** if it is the winner's base, or all its dependencies are kept (it was written on
-//!   the new base by a node that knew the cut);
-//! * otherwise **folded** if its seq is at most its author's entry in the folded clock: an
-//!   author's changes form a chain (each depends on the previous seq), so the causal past of the
-//!   heads holds exactly each author's prefix up to that seq, and the record decides this without
-//!   the history;
+//! A record is applied only once its chain of parents is held (records are small and kept
+//! forever; a peer sends the chain with the winner's base). A change's *lineage* is the base
+//! it descends from (none: the history before the chain's first cut). Walking a document's
+//! changes in causal order, each is:
+//! * **kept** if its lineage is the winner's base (the base itself included): it was written
+//!   on the new base by a node that knew the cut;
+//! * otherwise **folded** if the record of the chain built on its lineage folds its seq (its
+//!   seq is at most its author's entry in that record's folded clock, and no dependency is
+//!   late): an author's changes form a chain (each depends on the previous seq), so the causal
+//!   past of the heads holds exactly each author's prefix up to that seq, and the record
+//!   decides this without the history; seqs are compared within one epoch only;
 //! * otherwise **late**: made concurrently with the cut (not in its causal past) on a node that
-//!   had not seen it, or built on such a change or on a losing cut's base.
+//!   had not seen it, built on such a change, or built on a losing cut's base.
+//!
+//! At ingest, a change without dependencies in a document that has a cut is refused
+//! (`RejectReason::Compacted`): every change made after a cut descends from its base, so such
+//! a change predates the cut, and its seq belongs to an earlier epoch (compared with the
+//! current chain it would look like a fork). Other pre-cut changes depend on a folded or late
+//! change (refused as depending on a void change) or on one already deleted (they wait in the
+//! bounded pending set).
 //!
 //! The document after the cut is the base plus the kept changes: a function of the winning
 //! record and the set of changes, so nodes never diverge.

@@ -356,3 +356,95 @@ fn compaction_run(seed: u64, n: usize, steps: usize) {
     let held = c.stores[0].current_cut("app/x").unwrap();
     assert_eq!(held.is_some(), cuts > 0, "seed {seed}");
 }
+
+/// Many nodes (1,000 by default, `LICHEN_COMPACTION_NODES=n`): an admin cuts twice while
+/// writers keep writing and news spreads by epidemic gossip only (each round every node
+/// pushes to one random peer: no node ever sees the whole cluster at once). Checks at
+/// quiescence as the sweep does; prints the rounds and the time taken. Run with
+/// `cargo test --release -p lichen-crdt --test store_compaction many_nodes -- --ignored --nocapture`.
+#[test]
+#[ignore = "1,000 SQLite stores: run it by hand (see docs/benchmarks.md)"]
+fn many_nodes_converge_on_cuts_by_gossip() {
+    let n: usize = std::env::var("LICHEN_COMPACTION_NODES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000);
+    let started = std::time::Instant::now();
+    let mut rng = Rng(7);
+    let mut c = Cluster::new(1);
+    let cluster = c.stores[0].cluster_id();
+    let admin = c.admin.clone();
+    // Members: the admin and 15 writers spread over the nodes; other nodes are readers.
+    let writers: Vec<lichen_crdt::SecretKey> = (2..=16u8).map(key).collect();
+    for (i, w) in writers.iter().enumerate() {
+        c.add(w, &format!("w{i}"), Role::Writer, &[]);
+    }
+    let members = all_changes(&c.stores[0]);
+    let mut keys: Vec<lichen_crdt::SecretKey> = vec![admin.clone()];
+    for i in 1..n {
+        let mut s = Store::join(&c.path(&format!("m{i}.db")), cluster).unwrap();
+        s.set_fsync(false).unwrap();
+        s.ingest(members.clone()).unwrap();
+        c.stores.push(s);
+        keys.push(if i <= writers.len() {
+            writers[i - 1].clone()
+        } else {
+            // A non-member key: it writes nothing, so it carries nothing forward.
+            lichen_crdt::SecretKey::from_seed([(i % 250) as u8 + 3; 32])
+        });
+    }
+    let mut acked: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut rounds = 0;
+    let mut quiet = 0;
+    while quiet < 3 {
+        rounds += 1;
+        if rounds <= 12 {
+            for w in 0..=writers.len().min(n - 1) {
+                let k = format!("k{}", rng.below(8));
+                let v = format!("n{w}-r{rounds}");
+                put(&mut c.stores[w], &keys[w], "app/x", &k, json!(v));
+                acked.entry(k).or_default().push(v);
+            }
+        }
+        if rounds == 4 || rounds == 9 {
+            c.stores[0].compact(&admin, "app/x", T0).unwrap();
+        }
+        let before: Vec<_> = c.stores.iter().map(|s| state(s, "app/x")).collect();
+        for from in 0..n {
+            let to = rng.below(n as u64) as usize;
+            if to != from {
+                gossip(&mut c.stores, &keys, from, to);
+            }
+        }
+        let after: Vec<_> = c.stores.iter().map(|s| state(s, "app/x")).collect();
+        let agreed = after.iter().all(|s| *s == after[0]);
+        quiet = if rounds > 12 && agreed && before == after {
+            quiet + 1
+        } else {
+            0
+        };
+        assert!(rounds < 200, "no convergence after 200 rounds");
+    }
+    let first = state(&c.stores[0], "app/x");
+    let value = first.1.clone().unwrap_or(json!({}));
+    for (k, vs) in &acked {
+        let got = value.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        assert!(
+            got.as_ref().is_some_and(|g| vs.contains(g)),
+            "key {k}: {got:?}"
+        );
+    }
+    let epochs: Vec<u64> = c
+        .stores
+        .iter()
+        .map(|s| s.current_cut("app/x").unwrap().map_or(0, |(r, _)| r.epoch))
+        .collect();
+    assert!(
+        epochs.iter().all(|e| *e == 2),
+        "every node on the second cut"
+    );
+    println!(
+        "{n} nodes: converged after {rounds} gossip rounds in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
