@@ -37,8 +37,9 @@
 //!   between is finished at the next open), `healed` once the change is held again (a peer's
 //!   good copy); the bytes of a healed row are dropped. See `store::scrub`.
 //! * `cuts` (schema 6): the signed compaction records of each document (kept: they are small,
-//!   and a peer catching up needs the chain), the base bytes of the cuts that won here, and
-//!   which one won. `changes.status` 4: void because a cut made it late (its author carries it
+//!   and a peer catching up needs the chain), the base bytes of the cuts that won here, which
+//!   one won, and whether the document was rebuilt on it since (`installed`; a crash in
+//!   between is finished at the next open). `changes.status` 4: void because a cut made it late (its author carries it
 //!   forward); 5: folded by the winning cut, left out of the document and kept on disk until a
 //!   cut built on that one wins (see [`crate::compaction`]).
 
@@ -127,7 +128,8 @@ const MIGRATIONS: &[&str] = &[
         epoch INTEGER NOT NULL,
         record BLOB NOT NULL,
         base BLOB,
-        won INTEGER NOT NULL DEFAULT 0
+        won INTEGER NOT NULL DEFAULT 0,
+        installed INTEGER NOT NULL DEFAULT 0
      ) WITHOUT ROWID;
      CREATE INDEX cuts_by_doc ON cuts (doc, epoch);",
 ];

@@ -11,11 +11,14 @@
 //! winner among the document's records; if it changed: read the winner's chain of records →
 //! sort every stored change ([`crate::compaction::classify`]) → compute this node's own late
 //! changes' intended operations *while their history is still held* → one transaction: insert
-//! the base as a valid row, mark folded rows retained (status 5) and late rows void (status 4),
+//! the base as a valid row, mark the cut won (not yet `installed`), mark folded rows retained (status 5) and late rows void (status 4),
 //! delete what an earlier cut of the chain folded and the late rows of earlier epochs → rebuild
 //! the document from the valid rows (the base and what was written on it) → write the carried
 //! operations as a new change on the base, signed by this node → retry pending changes (some
-//! were waiting for the base). A record whose parent is not held waits: it is stored and
+//! were waiting for the base). The cut is marked `installed` after the rebuild; a crash
+//! before that is finished at the next open (`finish_cuts_at_open`), and the own late writes
+//! it left uncarried (status 4) are carried by `Store::carry_forward`, which the agent runs
+//! at start-up. A record whose parent is not held waits: it is stored and
 //! applied when the parent arrives (records of a chain are small and peers hold them all).
 
 use std::collections::BTreeMap;
@@ -60,6 +63,25 @@ impl Store {
             .into_iter()
             .filter_map(|(b, won)| Some((CutRecord::decode(&b).ok()?, won != 0)))
             .collect())
+    }
+
+    /// Finish installing cuts that a crash interrupted (the statuses are committed, the
+    /// document not yet rebuilt on the base): rebuild those documents. Own late writes left
+    /// uncarried are status 4, which [`Store::carry_forward`] carries.
+    pub(super) fn finish_cuts_at_open(&mut self) -> Result<(), StoreError> {
+        let docs: Vec<String> = self
+            .conn
+            .prepare("SELECT doc FROM cuts WHERE won = 1 AND installed = 0")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for doc in docs {
+            self.rebuild(&doc)?;
+            self.conn.execute(
+                "UPDATE cuts SET installed = 1 WHERE doc = ?1 AND won = 1",
+                params![doc],
+            )?;
+        }
+        Ok(())
     }
 
     /// Whether `doc` has a winning cut.
@@ -239,23 +261,6 @@ impl Store {
             Some(Ok(c)) => c.max_op(),
             _ => return Err(CutError::Base("the base does not parse".into()).into()),
         };
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT OR IGNORE INTO changes
-                (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, x'', ?8, 0)",
-            params![
-                bh.hash.to_vec(),
-                doc,
-                bh.actor,
-                bh.seq as i64,
-                bh.start_op as i64,
-                max_op as i64,
-                hashes_to_blob(&bh.deps),
-                base.to_vec()
-            ],
-        )?;
-        tx.commit()?;
         type Row = (Vec<u8>, Vec<u8>, i64, Vec<u8>, i64);
         let rows: Vec<Row> = self
             .conn
@@ -283,6 +288,26 @@ impl Store {
                 reason: format!("a stored change of {doc} has a malformed hash"),
             });
         }
+        // The base is inserted with the statuses below, in one transaction; it sorts last
+        // here (nothing stored yet can be built on it).
+        let base_held = cut_rows.iter().any(|r| r.hash == bh.hash);
+        let mut cut_rows = cut_rows;
+        let mut rows = rows;
+        if !base_held {
+            cut_rows.push(CutRow {
+                hash: bh.hash,
+                author: NodeId::from_slice(&bh.actor).unwrap_or(NodeId([0; 32])),
+                seq: bh.seq,
+                deps: bh.deps.clone(),
+            });
+            rows.push((
+                bh.hash.to_vec(),
+                bh.actor.clone(),
+                bh.seq as i64,
+                Vec::new(),
+                0,
+            ));
+        }
         let fates = compaction::classify(chain, &cut_rows);
         let last = chain.len() - 1;
         // This node's own late changes, carried forward from the history still held.
@@ -305,6 +330,21 @@ impl Store {
         let mut newly_void = Vec::new();
         let tx = self.conn.transaction()?;
         {
+            tx.execute(
+                "INSERT OR IGNORE INTO changes
+                    (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, x'', ?8, 0)",
+                params![
+                    bh.hash.to_vec(),
+                    doc,
+                    bh.actor,
+                    bh.seq as i64,
+                    bh.start_op as i64,
+                    max_op as i64,
+                    hashes_to_blob(&bh.deps),
+                    base.to_vec()
+                ],
+            )?;
             let mut set = tx.prepare_cached("UPDATE changes SET status = ?2 WHERE hash = ?1")?;
             let mut del = tx.prepare_cached("DELETE FROM changes WHERE hash = ?1")?;
             for ((r, (fate, folder)), row) in cut_rows.iter().zip(&fates).zip(&rows) {
@@ -336,7 +376,7 @@ impl Store {
                 }
             }
             tx.execute(
-                "UPDATE cuts SET won = (hash = ?2) WHERE doc = ?1",
+                "UPDATE cuts SET won = (hash = ?2), installed = 0 WHERE doc = ?1",
                 params![doc, chain[last].hash().to_vec()],
             )?;
         }
@@ -362,6 +402,10 @@ impl Store {
                 self.carried_total += 1;
             }
         }
+        self.conn.execute(
+            "UPDATE cuts SET installed = 1 WHERE doc = ?1 AND won = 1",
+            params![doc],
+        )?;
         // Changes waiting for the base can apply now.
         let mut report = super::IngestReport::default();
         let mut progress = true;

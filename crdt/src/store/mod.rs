@@ -480,6 +480,7 @@ impl Store {
         store.load_forks()?;
         store.load_membership()?;
         store.repair_at_open()?;
+        store.finish_cuts_at_open()?;
         Ok(store)
     }
 
