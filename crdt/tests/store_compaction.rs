@@ -364,6 +364,7 @@ fn compaction_run(seed: u64, n: usize, steps: usize) {
 /// `cargo test --release -p lichen-crdt --test store_compaction many_nodes -- --ignored --nocapture`.
 #[test]
 #[ignore = "1,000 SQLite stores: run it by hand (see docs/benchmarks.md)"]
+#[allow(clippy::needless_range_loop)] // `w` indexes both the stores and their keys
 fn many_nodes_converge_on_cuts_by_gossip() {
     let n: usize = std::env::var("LICHEN_COMPACTION_NODES")
         .ok()
