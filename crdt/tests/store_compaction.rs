@@ -56,6 +56,15 @@ fn a_cut_drops_history_and_a_peer_without_it_catches_up_from_the_base() {
     put(&mut c.stores[0], &admin, "app/x", "other", json!("o"));
     c.sync_all();
     assert_eq!(stored_changes(&mut c.stores[0], "app/x"), 21);
+    assert_eq!(c.stores[0].history_size("app/x").unwrap().0, 21);
+    assert_eq!(
+        c.stores[0].docs_due_for_cut(20, u64::MAX).unwrap(),
+        vec!["app/x".to_string()]
+    );
+    assert!(c.stores[0]
+        .docs_due_for_cut(21, u64::MAX)
+        .unwrap()
+        .is_empty());
     let before = state(&c.stores[0], "app/x").1;
     let (rec, base, applied) = c.stores[0].compact(&admin, "app/x", T0).unwrap();
     assert!(applied.won);
@@ -76,6 +85,8 @@ fn a_cut_drops_history_and_a_peer_without_it_catches_up_from_the_base() {
     let (rec2, _, applied2) = c.stores[0].compact(&admin, "app/x", T0).unwrap();
     assert_eq!((rec2.epoch, rec2.parent), (2, Some(rec.hash())));
     assert_eq!(applied2.dropped, 21, "epoch-0 history deleted");
+    // On disk: the first base and the write after it (retained one epoch), and the new base.
+    assert_eq!(c.stores[0].history_size("app/x").unwrap().0, 3);
     // A node that never saw the history (a fresh join) catches up from the newest base.
     let cluster = c.stores[0].cluster_id();
     let mut fresh = Store::join(&c.path("fresh.db"), cluster).unwrap();

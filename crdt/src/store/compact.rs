@@ -84,6 +84,41 @@ impl Store {
         Ok(())
     }
 
+    /// The history a document holds on disk: (changes, bytes of their change chunks), every
+    /// status included (retained and late changes count: they are what a cut frees). For a
+    /// compaction policy and per-document metrics.
+    pub fn history_size(&self, doc: &str) -> Result<(u64, u64), StoreError> {
+        let (n, b): (i64, Option<i64>) = self
+            .conn
+            .prepare_cached("SELECT COUNT(*), SUM(length(bytes)) FROM changes WHERE doc = ?1")?
+            .query_row(params![doc], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok((n.max(0) as u64, b.unwrap_or(0).max(0) as u64))
+    }
+
+    /// The documents whose history exceeds `max_changes` changes or `max_bytes` bytes
+    /// ([`Store::history_size`]), for an automatic compaction policy run by one admin node.
+    pub fn docs_due_for_cut(
+        &self,
+        max_changes: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT doc, COUNT(*), SUM(length(bytes)) FROM changes WHERE doc != ?1
+                 GROUP BY doc ORDER BY doc",
+            )?
+            .query_map(params![crate::MEMBERSHIP_DOC], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, n, b)| *n as u64 > max_changes || *b as u64 > max_bytes)
+            .map(|(d, _, _)| d)
+            .collect())
+    }
+
     /// Whether `doc` has a winning cut.
     pub(super) fn has_cut(&self, doc: &str) -> Result<bool, StoreError> {
         Ok(self
