@@ -193,7 +193,9 @@ pub struct HistoryEntry {
     pub hash: String,
     /// Author node id.
     pub author: NodeId,
-    /// Author's name in the membership document.
+    /// Author's name in the membership document; for the base of the document's winning
+    /// compaction cut (where its verified history starts), `cut N by ADMIN (history before it
+    /// folded)`.
     pub author_name: String,
     /// Per-author sequence number.
     pub seq: u64,
