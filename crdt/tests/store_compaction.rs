@@ -460,3 +460,24 @@ fn many_nodes_converge_on_cuts_by_gossip() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// What does not handle compacted documents yet says so instead of calling them damaged: an
+/// audit bundle is refused, and a backup holding a cut is refused by `verify` as not
+/// verifiable by this build (not as tampered).
+#[test]
+fn audit_bundles_and_backup_verify_refuse_compacted_documents_plainly() {
+    let mut c = Cluster::new(1);
+    let admin = c.admin.clone();
+    put(&mut c.stores[0], &admin, "app/x", "k", json!(1));
+    put(&mut c.stores[0], &admin, "app/y", "k", json!(1));
+    c.stores[0].compact(&admin, "app/x", T0).unwrap();
+    let e = c.stores[0]
+        .audit_bundle(&admin, "app/x", &[], T0)
+        .unwrap_err();
+    assert!(e.to_string().contains("compacted"), "{e}");
+    assert!(c.stores[0].audit_bundle(&admin, "app/y", &[], T0).is_ok());
+    let file = c.path("backup.db");
+    c.stores[0].backup_to(&file, admin.node_id(), T0).unwrap();
+    let e = lichen_crdt::store::backup::verify(&file, &c.path("scratch.db")).unwrap_err();
+    assert!(e.to_string().contains("compacted"), "{e}");
+}
