@@ -95,6 +95,20 @@
 //! winner (its own late changes first carried forward, from its own history) and then the kept
 //! changes.
 //!
+//! # Limits of this build
+//! * The sync engine does not carry cut records and bases, and the agent does not cut: a
+//!   cut is applied through `Store::compact` / `Store::apply_cut` only (tests, tools). A
+//!   node that cut would otherwise write changes its peers cannot apply.
+//! * A record is judged against the *current* membership: a record by an admin who was
+//!   removed since is refused by a node that receives it afterwards, while nodes that applied
+//!   it earlier keep it. Cuts must be made by admins that stay admins until the cut has
+//!   spread (the root admin cannot be removed).
+//! * A cut folds equivocation evidence (status-3 rows) with the rest: a key flagged in a
+//!   document is no longer flagged there once a cut folds its fork.
+//! * Audit bundles of a compacted document and `backup verify` of a store holding a cut are
+//!   refused as not supported (the base is not a signed change; verifying it means replaying
+//!   the cut records).
+//!
 //! # Encoding (versioned, golden bytes in the tests)
 //! `u8 version=1 | u16be doc_len | doc | u64be epoch | u8 has_parent | parent[32]? |
 //! u16be n_heads | heads[32]* (strictly ascending) | u32be n_clock | (author[32] u64be seq)*
