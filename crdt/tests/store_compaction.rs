@@ -401,8 +401,11 @@ fn many_nodes_converge_on_cuts_by_gossip() {
         keys.push(if i <= writers.len() {
             writers[i - 1].clone()
         } else {
-            // A non-member key: it writes nothing, so it carries nothing forward.
-            lichen_crdt::SecretKey::from_seed([(i % 250) as u8 + 3; 32])
+            // A non-member key of its own (distinct from every member's: a shared key would be
+            // a cloned key, which equivocates as soon as both copies carry a write forward).
+            let mut seed = [0xee; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            lichen_crdt::SecretKey::from_seed(seed)
         });
     }
     let mut acked: std::collections::BTreeMap<String, Vec<String>> = Default::default();
@@ -435,7 +438,28 @@ fn many_nodes_converge_on_cuts_by_gossip() {
         } else {
             0
         };
-        assert!(rounds < 200, "no convergence after 200 rounds");
+        if rounds >= 200 {
+            let mut distinct: Vec<&(Vec<[u8; 32]>, Option<serde_json::Value>)> = Vec::new();
+            for st in &after {
+                if !distinct.contains(&st) {
+                    distinct.push(st);
+                }
+            }
+            let epochs: std::collections::BTreeMap<u64, usize> = c
+                .stores
+                .iter()
+                .map(|s| s.current_cut("app/x").unwrap().map_or(0, |(r, _)| r.epoch))
+                .fold(Default::default(), |mut m, e| {
+                    *m.entry(e).or_default() += 1;
+                    m
+                });
+            panic!(
+                "no convergence after 200 rounds: {} distinct states (heads: {:?}), nodes per epoch {epochs:?}, changed in the last round: {}",
+                distinct.len(),
+                distinct.iter().map(|d| d.0.len()).collect::<Vec<_>>(),
+                before != after
+            );
+        }
     }
     let first = state(&c.stores[0], "app/x");
     let value = first.1.clone().unwrap_or(json!({}));
