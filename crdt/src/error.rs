@@ -81,6 +81,10 @@ pub enum RejectReason {
     /// [`crate::membership::validate_member`] (name, addresses, scopes).
     #[error("invalid member entry: {0}")]
     InvalidMember(String),
+    /// The change is from before a compaction cut of its document (folded into the cut's
+    /// base, or late for it and carried forward by its author): see [`crate::compaction`].
+    #[error("change predates a cut of its document's history")]
+    Compacted,
 }
 
 impl RejectReason {
@@ -92,6 +96,7 @@ impl RejectReason {
         "bad_document",
         "bad_signature",
         "bad_start_op",
+        "compacted",
         "depends_on_void",
         "equivocation",
         "hash_mismatch",
@@ -126,6 +131,7 @@ impl RejectReason {
             RejectReason::Equivocation => "equivocation",
             RejectReason::InflatedStartOp | RejectReason::BadStartOp { .. } => "bad_start_op",
             RejectReason::MissingDeps(_) => "missing_deps",
+            RejectReason::Compacted => "compacted",
             RejectReason::Automerge(_) => "automerge_error",
             RejectReason::AutomergePanic => "automerge_panic",
             RejectReason::WrongCluster => "wrong_cluster",
@@ -235,6 +241,9 @@ pub enum StoreError {
     /// Automerge failed on local data.
     #[error("automerge: {0}")]
     Automerge(String),
+    /// A compaction cut record or its base was refused (see [`crate::compaction`]).
+    #[error("cut: {0}")]
+    Cut(#[from] crate::compaction::CutError),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -279,6 +288,7 @@ mod label_tests {
             WrongCluster,
             BadDocument,
             InvalidMember(String::new()),
+            Compacted,
         ];
         for r in &all {
             match r {
@@ -302,7 +312,8 @@ mod label_tests {
                 | AutomergePanic
                 | WrongCluster
                 | BadDocument
-                | InvalidMember(_) => {}
+                | InvalidMember(_)
+                | Compacted => {}
             }
         }
         all

@@ -42,6 +42,20 @@
 //! the key's earlier standing (an admin stays an admin until another admin removes it) and its
 //! changes in other documents stand. A flagged admin key cannot edit membership any more.
 //!
+//! ## Compaction (cutting history)
+//! History grows with every write; a **cut** folds a document's causal past up to some heads
+//! into one deterministic base change (`compaction.rs`, decided from signed data alone):
+//! * an admin signs a cut record naming the document, an epoch, the heads it folds, each
+//!   author's highest folded seq and the hash of the base (the JSON value at the heads, written
+//!   by an actor derived from the record's fields at time 0: byte-identical on every node);
+//! * of all valid records of a document, the highest epoch wins, then the lowest record hash,
+//!   whatever the arrival order; a losing record only stays as evidence;
+//! * after the winning cut, a change is kept (the base or built on it), folded (in the cut's
+//!   causal past, dropped) or **late** (concurrent with the cut): a late change is void and its
+//!   author carries it forward onto the base, signed by itself, with the carry-forward machinery
+//!   of the revocation rule, before it drops anything; folded changes are retained until a cut
+//!   built on this one wins, so a concurrent cut that wins instead loses nothing.
+//!
 //! ## Modules and data flow
 //! * [`identity`]: keys, node ids, key files.
 //! * [`header`]: reads and hashes a change chunk *without* Automerge, so signatures are checked
@@ -51,6 +65,9 @@
 //! * [`equivocation`]: the rule for a key that signs two different changes at one seq (a cloned
 //!   key): both variants and what follows them are void, decided from the set of changes alone
 //!   (see "Equivocation" below).
+//! * [`compaction`]: cutting a document's history at an admin-signed point every node agrees
+//!   on without consensus (the cut record, the deterministic base, which cut wins, and late
+//!   changes carried forward by their authors; see "Compaction" below).
 //! * [`store`]: SQLite persistence, verification pipeline, local writes, materialized reads;
 //!   reading the past, diff, revert, blame, export and import (`store::history_at`,
 //!   `revert`, `blame`, `export`); [`store::backup`]: online backups, their verification and
@@ -92,6 +109,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod compaction;
 pub mod equivocation;
 pub mod error;
 pub mod header;

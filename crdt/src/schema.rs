@@ -36,13 +36,19 @@
 //!   set once the document's view, heads and snapshot were rebuilt without them (a crash in
 //!   between is finished at the next open), `healed` once the change is held again (a peer's
 //!   good copy); the bytes of a healed row are dropped. See `store::scrub`.
+//! * `cuts` (schema 6): the signed compaction records of each document (kept: they are small,
+//!   and a peer catching up needs the chain), the base bytes of the cuts that won here, which
+//!   one won, and whether the document was rebuilt on it since (`installed`; a crash in
+//!   between is finished at the next open). `changes.status` 4: void because a cut made it late (its author carries it
+//!   forward); 5: folded by the winning cut, left out of the document and kept on disk until a
+//!   cut built on that one wins (see [`crate::compaction`]).
 
 use rusqlite::Connection;
 
 /// `PRAGMA application_id` of a Lichen database ("LCHN").
 pub(crate) const APPLICATION_ID: i64 = 0x4c43_484e;
 /// The newest schema this build writes.
-pub(crate) const SCHEMA_VERSION: i64 = 5;
+pub(crate) const SCHEMA_VERSION: i64 = 6;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -114,6 +120,18 @@ const MIGRATIONS: &[&str] = &[
         rebuilt INTEGER NOT NULL DEFAULT 0,
         healed INTEGER NOT NULL DEFAULT 0
      ) WITHOUT ROWID;",
+    // 5 -> 6: compaction cut records (see `crate::compaction`), with the base of those that
+    // won; `changes.status` gains 4 (late for a cut) and 5 (folded, retained one epoch).
+    "CREATE TABLE cuts (
+        hash BLOB PRIMARY KEY,
+        doc TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        base BLOB,
+        won INTEGER NOT NULL DEFAULT 0,
+        installed INTEGER NOT NULL DEFAULT 0
+     ) WITHOUT ROWID;
+     CREATE INDEX cuts_by_doc ON cuts (doc, epoch);",
 ];
 
 /// Why a database could not be prepared.
@@ -236,6 +254,28 @@ mod tests {
             ],
             "`docs` has exactly heads and n_changes left"
         );
+    }
+
+    /// A version-5 database gains an empty `cuts` table and keeps its changes and quarantine.
+    #[test]
+    fn a_version_5_database_gains_a_cuts_table() {
+        let mut conn = database_at(5);
+        conn.execute(
+            "INSERT INTO changes (hash, doc, author, seq, start_op, max_op, time, deps, sig, bytes)
+             VALUES (x'01', 'app/x', x'02', 1, 1, 1, 0, x'', x'', x'')",
+            [],
+        )
+        .unwrap();
+        prepare(&mut conn, false).ok().unwrap();
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
+        let (changes, cuts): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM changes), (SELECT COUNT(*) FROM cuts)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((changes, cuts), (1, 0));
     }
 
     /// A version-4 database gains an empty `quarantine` table and keeps its changes.

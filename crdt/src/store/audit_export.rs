@@ -34,6 +34,13 @@ impl Store {
 
     /// The valid changes of `doc` in canonical order (see [`crate::audit`]).
     fn canonical_changes(&self, doc: &str) -> Result<Vec<SignedChange>, StoreError> {
+        if self.has_cut(doc)? {
+            // The cut's base is not a signed change; a bundle would need the cut records.
+            return Err(StoreError::Invalid(format!(
+                "`{doc}` was compacted: audit bundles of a compacted document are not supported \
+                 by this build (its verified history starts at the cut: see `history`)"
+            )));
+        }
         let mut stmt = self.conn.prepare_cached(
             "SELECT hash, author, sig, bytes, deps FROM changes WHERE doc = ?1 AND status = 0 ORDER BY id",
         )?;

@@ -126,7 +126,7 @@ impl Store {
         let docs: Vec<String> = self
             .conn
             .prepare_cached(
-                "SELECT DISTINCT doc FROM changes WHERE author = ?1 AND status IN (1, 2) AND doc != ?2",
+                "SELECT DISTINCT doc FROM changes WHERE author = ?1 AND status IN (1, 2, 4) AND doc != ?2",
             )?
             .query_map(params![me.0.to_vec(), MEMBERSHIP_DOC], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
@@ -179,7 +179,8 @@ impl Store {
         self.carried_total
     }
 
-    /// `me`'s changes of `doc` to carry: void (status 1 or 2), stored after `me`'s last valid
+    /// `me`'s changes of `doc` to carry: void (status 1 or 2, or 4: late for a compaction
+    /// cut, normally carried by `Store::apply_cut` itself, here after a crash), stored after `me`'s last valid
     /// change there, and at a seq the current membership lets `me` write (else the change is
     /// void because `me` itself was revoked, and stays so). (hash, deps) in storage order.
     fn to_carry(&self, doc: &str, me: &NodeId) -> Result<Vec<ToCarry>, StoreError> {
@@ -201,7 +202,7 @@ impl Store {
             .unwrap_or(i64::MIN);
         let mut out = Vec::new();
         for (id, hash, seq, status, deps) in rows {
-            if id < last_valid || !(status == 1 || status == 2) {
+            if id < last_valid || !matches!(status, 1 | 2 | 4) {
                 continue;
             }
             if self
@@ -222,7 +223,7 @@ impl Store {
     /// The operations that carry `todo` forward: for each change in turn, the JSON difference
     /// it made to the state it was built on (its causal past, void changes included), as puts
     /// and deletes at the paths it wrote.
-    fn intended_ops(&self, doc: &str, todo: &[ToCarry]) -> Result<Vec<Op>, StoreError> {
+    pub(super) fn intended_ops(&self, doc: &str, todo: &[ToCarry]) -> Result<Vec<Op>, StoreError> {
         let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = self
             .conn
             .prepare_cached("SELECT hash, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id")?

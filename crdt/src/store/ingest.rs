@@ -44,7 +44,7 @@ impl PendingSet {
         }
     }
 
-    fn drain(&mut self) -> Vec<(SignedChange, ChangeHeader)> {
+    pub(super) fn drain(&mut self) -> Vec<(SignedChange, ChangeHeader)> {
         self.hashes.clear();
         self.bytes = 0;
         self.queue.drain(..).collect()
@@ -79,7 +79,7 @@ impl Store {
         Ok(report)
     }
 
-    fn ingest_round(
+    pub(super) fn ingest_round(
         &mut self,
         batch: Vec<SignedChange>,
         preauthed: Vec<(SignedChange, ChangeHeader)>,
@@ -225,6 +225,13 @@ impl Store {
                 Some((false, _, true)) => return Ok(Err(RejectReason::DependsOnVoid)),
                 None => missing += 1,
             }
+        }
+        // After a cut every new change descends from its base: a change without dependencies
+        // is from before it (folded or late; see `crate::compaction`), and its seq belongs to
+        // an earlier epoch, so it must not be compared with the current chain (it would look
+        // like a fork).
+        if h.deps.is_empty() && c.doc != MEMBERSHIP_DOC && self.has_cut(&c.doc)? {
+            return Ok(Err(RejectReason::Compacted));
         }
         // Seq and equivocation.
         let last = match batch_seq.get(&c.author) {

@@ -230,7 +230,7 @@ impl Store {
         let mut flip_author: HashMap<[u8; 32], NodeId> = HashMap::new();
         {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT doc, hash, seq, status FROM changes WHERE author = ?1 AND doc != ?2 ORDER BY id",
+                "SELECT doc, hash, seq, status FROM changes WHERE author = ?1 AND doc != ?2 AND status < 4 ORDER BY id",
             )?;
             for a in authors {
                 let rows = stmt.query_map(params![a.0.to_vec(), MEMBERSHIP_DOC], |r| {

@@ -49,7 +49,8 @@
 //! path), `persist` (committing accepted
 //! changes and the view), `members` (local membership edits), `ingest` (received changes),
 //! `ingest_cross` (received crossing puts without Automerge), `carry` (voided changes noted,
-//! own void writes carried forward), `ingest_membership` (received membership changes),
+//! own void writes carried forward), `compact` (applying compaction cuts, see
+//! [`crate::compaction`]), `ingest_membership` (received membership changes),
 //! `rebuild` (re-judging a document) and `scrub` (checking what is read back from disk, the
 //! background scrub, quarantine); `backup` (an online copy of the store, its verification
 //! from scratch, and a restore). The past: `history_at` (a document at given heads, diffs),
@@ -63,6 +64,7 @@ pub mod backup;
 mod blame;
 mod cache;
 mod carry;
+mod compact;
 mod durability;
 mod export;
 mod history_at;
@@ -96,6 +98,7 @@ use crate::signed::{ClusterId, SignedChange, MEMBERSHIP_DOC};
 pub use blame::{BlameLeaf, BlameSetter};
 use cache::Loaded;
 pub use carry::{CarriedForward, Voided};
+pub use compact::CutApplied;
 pub use export::{import_content, ImportError};
 pub use history_at::{format_heads, parse_heads, DiffEntry, DiffKind, HistoryError};
 use ingest::PendingSet;
@@ -190,7 +193,9 @@ pub struct HistoryEntry {
     pub hash: String,
     /// Author node id.
     pub author: NodeId,
-    /// Author's name in the membership document.
+    /// Author's name in the membership document; for the base of the document's winning
+    /// compaction cut (where its verified history starts), `cut N by ADMIN (history before it
+    /// folded)`.
     pub author_name: String,
     /// Per-author sequence number.
     pub seq: u64,
@@ -477,6 +482,7 @@ impl Store {
         store.load_forks()?;
         store.load_membership()?;
         store.repair_at_open()?;
+        store.finish_cuts_at_open()?;
         Ok(store)
     }
 

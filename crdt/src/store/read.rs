@@ -233,6 +233,7 @@ impl Store {
     ) -> Result<Vec<SignedChange>, StoreError> {
         self.signed_rows(
             "SELECT sig, bytes, hash FROM changes WHERE doc = ?1 AND author = ?2 AND seq > ?3 AND status = 0
+                AND length(sig) = 64
              ORDER BY seq LIMIT ?4",
             doc,
             author,
@@ -449,6 +450,8 @@ impl Store {
         };
         let prefix = json::format_path(path);
         let names = self.membership.clone();
+        // The verified history starts at the winning cut's base, if any: named for the cut.
+        let cut = self.current_cut(doc)?.map(|(r, _)| r);
         let am = &self.loaded_doc_repaired(doc)?.am;
         let mut out = Vec::new();
         for (hash, author, seq, time, deps) in rows {
@@ -474,10 +477,18 @@ impl Store {
             if !path.is_empty() && edits.is_empty() {
                 continue;
             }
+            let author_name = match &cut {
+                Some(c) if c.base_hash == hash => format!(
+                    "cut {} by {} (history before it folded)",
+                    c.epoch,
+                    names.name_of(&c.author)
+                ),
+                _ => names.name_of(&author),
+            };
             out.push(HistoryEntry {
                 hash: hex(&hash),
                 author,
-                author_name: names.name_of(&author),
+                author_name,
                 seq: seq as u64,
                 time_ms: time,
                 edits,

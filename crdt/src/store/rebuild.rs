@@ -29,7 +29,7 @@ impl Store {
         type Row = (Vec<u8>, Vec<u8>, i64, i64, Vec<u8>, Vec<u8>);
         let rows: Vec<Row> = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT hash, author, seq, status, deps, bytes FROM changes WHERE doc = ?1 ORDER BY id",
+                "SELECT hash, author, seq, status, deps, bytes FROM changes WHERE doc = ?1 AND status < 4 ORDER BY id",
             )?;
             let rows = stmt.query_map(params![doc], |r| {
                 Ok((
