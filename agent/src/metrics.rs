@@ -71,7 +71,7 @@ const FAMILIES: [(&str, &str, &[&str]); 7] = [
     (
         "lichen_changes_voided_total",
         "Stored changes that became void on this node, by reason (a revoked author, a void dependency, an equivocation)",
-        &["depends_on_void", "equivocation", "revoked"],
+        &["depends_on_void", "equivocation", "late_for_cut", "revoked"],
     ),
     (
         "lichen_api_refused_total",
