@@ -79,19 +79,27 @@ fn http() -> ureq::Agent {
     )
 }
 
-/// The API token of each agent by API address (read from its data directory's `api.token`).
-static TOKENS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+/// The API token file of each agent by API address (its data directory's `api.token`), and the
+/// token once read.
+type TokenEntry = (String, PathBuf, Option<String>);
+static TOKENS: std::sync::Mutex<Vec<TokenEntry>> = std::sync::Mutex::new(Vec::new());
 
-/// `Bearer <token>` for the agent at `api` (empty until its token file exists).
+/// `Bearer <token>` for the agent at `api` (empty until its token file exists). The token is
+/// read from the file once and then kept, so that no file is read inside a timed write.
 fn bearer(api: &str) -> String {
-    let file = TOKENS
-        .lock()
-        .ok()
-        .and_then(|t| t.iter().find(|(a, _)| a == api).map(|(_, f)| f.clone()));
-    let token = file
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .unwrap_or_default();
-    format!("Bearer {}", token.trim())
+    let Ok(mut tokens) = TOKENS.lock() else {
+        return "Bearer ".to_string();
+    };
+    let Some(entry) = tokens.iter_mut().find(|(a, _, _)| a == api) else {
+        return "Bearer ".to_string();
+    };
+    if entry.2.is_none() {
+        entry.2 = std::fs::read_to_string(&entry.1)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| t.len() >= 64);
+    }
+    format!("Bearer {}", entry.2.as_deref().unwrap_or_default())
 }
 
 fn get(h: &ureq::Agent, api: &str, path: &str) -> Option<Value> {
@@ -312,7 +320,7 @@ fn start(bin: &Path, fsync: &str) -> Result<Cluster> {
         }
         let child = cmd.spawn()?;
         if let Ok(mut t) = TOKENS.lock() {
-            t.push((api.clone(), dir.join(&name).join("api.token")));
+            t.push((api.clone(), dir.join(&name).join("api.token"), None));
         }
         c.agents.push(Agent {
             name,

@@ -15,26 +15,29 @@ trap 'kill $N $V 2>/dev/null || true; rm -rf "$W"' EXIT
 cp "$T/release/lichen" "$W/lichen"
 B="$W/lichen"
 A1=127.0.0.1:27421 A2=127.0.0.1:27423
+# The API wants each agent's token (api.token in its data directory).
+la() { "$B" --api $A1 --token-file "$W/a/api.token" "$@"; }
+lb() { "$B" --api $A2 --token-file "$W/b/api.token" "$@"; }
 valgrind --tool=callgrind --demangle=no --compress-strings=no --callgrind-out-file="$W/cg" \
     "$B" --api $A1 run --data-dir "$W/a" --listen 127.0.0.1:27422 >"$W/a.log" 2>&1 &
 V=$!
-i=0; until "$B" --api $A1 status >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 120 ] || exit 1; sleep 1; done
-TOKEN=$("$B" --api $A1 --json status | sed -n 's/.*"join_token": *"\([^"]*\)".*/\1/p')
+i=0; until la status >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 120 ] || exit 1; sleep 1; done
+TOKEN=$(la --json status | sed -n 's/.*"join_token": *"\([^"]*\)".*/\1/p')
 valgrind --tool=callgrind --demangle=no --compress-strings=no --callgrind-out-file="$W/cg.b" \
     "$B" --api $A2 run --data-dir "$W/b" --listen 127.0.0.1:27424 --join "$TOKEN" >"$W/b.log" 2>&1 &
 N=$!
-i=0; until "$B" --api $A2 status >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 120 ] || exit 1; sleep 1; done
-ID=$("$B" --api $A2 --json status | tr -d '\n ' | sed -n 's/.*"node":{"id":"\([0-9a-f]*\)".*/\1/p')
-"$B" --api $A1 members add "$ID" --role writer --name b >/dev/null
+i=0; until lb status >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 120 ] || exit 1; sleep 1; done
+ID=$(lb --json status | tr -d '\n ' | sed -n 's/.*"node":{"id":"\([0-9a-f]*\)".*/\1/p')
+la members add "$ID" --role writer --name b >/dev/null
 sleep 5
-for k in 1 2 3 4 5 6 7 8 9 10; do "$B" --api $A1 put app "k$k" "{\"v\": $k}" >/dev/null; done
+for k in 1 2 3 4 5 6 7 8 9 10; do la put app "k$k" "{\"v\": $k}" >/dev/null; done
 # Scalar puts take the writer's fast path, and the followers' fast forward.
-for k in 1 2 3 4 5 6 7 8 9 10; do "$B" --api $A1 put hot n "$k" >/dev/null; done
-"$B" --api $A2 put app b '"from b"' >/dev/null
-"$B" --api $A2 put hot n '"from b"' >/dev/null
+for k in 1 2 3 4 5 6 7 8 9 10; do la put hot n "$k" >/dev/null; done
+lb put app b '"from b"' >/dev/null
+lb put hot n '"from b"' >/dev/null
 sleep 3
-"$B" --api $A1 get app >/dev/null; "$B" --api $A1 ls >/dev/null; "$B" --api $A1 status >/dev/null
-"$B" --api $A1 members ls >/dev/null; "$B" --api $A1 history app >/dev/null
+la get app >/dev/null; la ls >/dev/null; la status >/dev/null
+la members ls >/dev/null; la history app >/dev/null
 sleep 2
 kill -INT $N $V; wait $V || true; wait $N || true; V= N=
 awk '/^ob=/{ob=$0} /^fn=/{ if (ob ~ /\/lichen$/ && $0 !~ /^fn=(0x|\(below)/) print substr($0,4)}' "$W/cg" "$W/cg.b" |
