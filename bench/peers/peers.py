@@ -255,7 +255,7 @@ def main():
         for rnd in range(args.rounds):
             res = {}
             for s in systems:
-                d = os.path.join(root, f"r{rnd}")
+                d = os.path.join(root, f"r{rnd}-{s}")
                 t = time.time()
                 print(f"round {rnd + 1}/{args.rounds}: {s} ...", file=sys.stderr, flush=True)
                 res[s] = measure(s, args, d)
