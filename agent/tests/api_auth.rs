@@ -29,21 +29,7 @@ use serde_json::{json, Value};
 /// One HTTP/1.1 exchange over any stream: status, headers (lower-case names), body.
 fn exchange(mut s: impl Read + Write, request: &str) -> (u16, Vec<(String, String)>, String) {
     s.write_all(request.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, body.to_string())
+    common::read_answer(&mut s)
 }
 
 /// A request over TCP with the given Host and Authorization (None: no such header).

@@ -36,21 +36,7 @@ fn raw(api: &str, request: &[u8]) -> (u16, Vec<(String, String)>, String) {
     with_token.extend_from_slice(auth_header(api).as_bytes());
     with_token.extend_from_slice(&request[line_end..]);
     s.write_all(&with_token).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, body.to_string())
+    common::read_answer(&mut s)
 }
 
 fn request(method: &str, target: &str, headers: &str, body: &str) -> Vec<u8> {
