@@ -648,8 +648,20 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
             let mut bytes = c.get_bytes(&url)?;
             if f == history::ExportFormat::Json {
                 // Pretty, with a final newline, like `get`.
-                let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                bytes = serde_json::to_vec_pretty(&v).unwrap_or_default();
+                let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    ApiError::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "the agent's JSON export does not parse ({e}); nothing was written"
+                        ),
+                    )
+                })?;
+                bytes = serde_json::to_vec_pretty(&v).map_err(|e| {
+                    ApiError::new(
+                        ErrorKind::Internal,
+                        format!("cannot format the export: {e}"),
+                    )
+                })?;
                 bytes.push(b'\n');
             }
             write_out(out.as_deref(), &bytes)?;
@@ -658,6 +670,18 @@ fn client_command(c: &Client, cmd: &Command, as_json: bool) -> Result<(), ApiErr
             }
         }
         Command::Import { doc, file } => {
+            // The agent takes at most MAX_BODY bytes: refuse a bigger file before reading it.
+            let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+            if len > api::MAX_BODY as u64 {
+                return Err(ApiError::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "{} is {len} bytes; an import is at most {} bytes (split the document)",
+                        file.display(),
+                        api::MAX_BODY
+                    ),
+                ));
+            }
             let bytes = std::fs::read(file).map_err(|e| {
                 ApiError::new(
                     ErrorKind::Invalid,

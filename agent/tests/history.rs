@@ -154,6 +154,15 @@ fn three_nodes_write_and_a_revert_on_one_restores_the_old_state_on_all() {
     let err = String::from_utf8_lossy(&a.cli(&["import", "app/web", bad.to_str().unwrap()]).stderr)
         .to_string();
     assert!(err.contains("a document is a JSON object"), "{err}");
+    // A file bigger than the agent takes is refused before it is read or sent.
+    let big = c.dir.path().join("big.json");
+    std::fs::write(&big, vec![b' '; (1 << 20) + 1]).unwrap();
+    let out = a.cli(&["import", "app/web", big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("an import is at most"),
+        "{out:?}"
+    );
     assert_eq!(a.get("app/web", ""), Some(old));
 }
 
